@@ -1,0 +1,84 @@
+//! Reading manifests named by `-f FILE|DIR|-`, the way kubectl does.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+/// One manifest source: a file or standard input.
+#[derive(Debug)]
+pub struct Source {
+    /// How errors name it: the path as given, or `<stdin>`.
+    pub name: String,
+    /// Its text.
+    pub text: String,
+}
+
+const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+
+/// Reads every source named by `args`: files, directories (their `*.yaml`, `*.yml` and
+/// `*.json` files in name order, recursing when asked) and `-` for standard input.
+pub fn read_sources(args: &[String], recursive: bool) -> anyhow::Result<Vec<Source>> {
+    let mut out = Vec::new();
+    for arg in args {
+        if arg == "-" {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading manifests from standard input")?;
+            out.push(Source {
+                name: "<stdin>".into(),
+                text,
+            });
+            continue;
+        }
+        let path = Path::new(arg);
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("cannot read {arg}: check the path given to -f"))?;
+        if meta.is_dir() {
+            let mut files = Vec::new();
+            collect(path, recursive, &mut files)?;
+            if files.is_empty() {
+                bail!("no manifests in {arg}: -f DIR reads its *.yaml, *.yml and *.json files");
+            }
+            for file in files {
+                out.push(read_file(&file)?);
+            }
+        } else {
+            out.push(read_file(path)?);
+        }
+    }
+    Ok(out)
+}
+
+fn collect(dir: &Path, recursive: bool, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("cannot list {}", dir.display()))?;
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            if recursive {
+                collect(&path, recursive, files)?;
+            }
+        } else if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| EXTENSIONS.contains(&e))
+        {
+            files.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path) -> anyhow::Result<Source> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
+    Ok(Source {
+        name: path.display().to_string(),
+        text,
+    })
+}
