@@ -105,7 +105,13 @@ impl Decode for bool {
 }
 
 /// Reads an integer in `min..=max`, with a message that names the bound.
-pub(crate) fn int_in(node: &Node, path: &str, errs: &mut Errors, min: i64, max: i64) -> Option<i64> {
+pub(crate) fn int_in(
+    node: &Node,
+    path: &str,
+    errs: &mut Errors,
+    min: i64,
+    max: i64,
+) -> Option<i64> {
     match node.value {
         Value::Int(i) if i < min => {
             errs.add(path, node.pos, format!("must be >= {min}, got {i}"));
@@ -212,11 +218,11 @@ fn scalar_text(node: &Node) -> Option<String> {
 
 impl Decode for Quantity {
     fn decode(node: &Node, path: &str, errs: &mut Errors) -> Option<Self> {
-        if let Value::Int(i) = node.value {
-            if i < 0 {
-                errs.add(path, node.pos, format!("must be >= 0, got {i}"));
-                return None;
-            }
+        if let Value::Int(i) = node.value
+            && i < 0
+        {
+            errs.add(path, node.pos, format!("must be >= 0, got {i}"));
+            return None;
         }
         let Some(text) = scalar_text(node) else {
             type_error(node, path, errs, "a quantity such as 512Mi or 8Gi");
@@ -337,7 +343,11 @@ impl<'a> Fields<'a> {
 
     /// A field that must be present.
     pub(crate) fn req<T: Decode>(&mut self, name: &'static str) -> Option<T> {
-        if self.entries.iter().all(|(k, v)| k.name != name || v.value == Value::Null) {
+        if self
+            .entries
+            .iter()
+            .all(|(k, v)| k.name != name || v.value == Value::Null)
+        {
             self.node(name);
             let path = self.path_of(name);
             self.errs.add(&path, self.pos, "required field is missing");
@@ -396,8 +406,11 @@ impl<'a> Fields<'a> {
                 Some(near) => format!("; did you mean {near:?}?"),
                 None => format!("; known fields: {}", self.known.join(", ")),
             };
-            self.errs
-                .add(&join(&self.path, &key.name), key.pos, format!("unknown field{hint}"));
+            self.errs.add(
+                &join(&self.path, &key.name),
+                key.pos,
+                format!("unknown field{hint}"),
+            );
         }
     }
 }
@@ -433,8 +446,14 @@ mod tests {
 
     #[test]
     fn typo_suggestions() {
-        assert_eq!(closest("replica", &["replicas", "resources"]), Some("replicas"));
-        assert_eq!(closest("imagePullpolicy", &["image", "imagePullPolicy"]), Some("imagePullPolicy"));
+        assert_eq!(
+            closest("replica", &["replicas", "resources"]),
+            Some("replicas")
+        );
+        assert_eq!(
+            closest("imagePullpolicy", &["image", "imagePullPolicy"]),
+            Some("imagePullPolicy")
+        );
         assert_eq!(closest("zzz", &["model", "image"]), None);
     }
 }

@@ -23,8 +23,8 @@ pub mod yaml;
 pub use decode::FieldError;
 pub use manifest::{
     API_VERSION, CpuPinning, DEFAULT_IMAGE, DEFAULT_MODELS_PATH, EPHEMERAL_PORT_START, FleetSpec,
-    KIND, MIN_MEMORY, Metadata, Models, Network, OllamaFleet, Probe, Probes, PullPolicy,
-    Replicas, Resources, RestartBackoff, Rollout, Rotation, RuntimeSpec, is_dns_label,
+    KIND, MIN_MEMORY, Metadata, Models, Network, OllamaFleet, Probe, Probes, PullPolicy, Replicas,
+    Resources, RestartBackoff, Rollout, Rotation, RuntimeSpec, is_dns_label,
 };
 pub use refs::{ImageRef, ModelRef};
 pub use schema::schema_json;

@@ -51,7 +51,10 @@ pub struct OllamaFleet {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Metadata {
     /// The fleet's name: a DNS label of 1 to 40 characters (`[a-z0-9]([-a-z0-9]*[a-z0-9])?`).
-    #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 40),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Free-form labels, shown by `ollama-fleet get`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -619,8 +622,7 @@ fn is_label_name(s: &str) -> bool {
         && b.len() <= 63
         && b.first().is_some_and(u8::is_ascii_alphanumeric)
         && b.last().is_some_and(u8::is_ascii_alphanumeric)
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
@@ -634,9 +636,7 @@ fn check_label_key(key: &str) -> Result<(), String> {
         None => (None, key),
     };
     if let Some(p) = prefix {
-        let ok = !p.is_empty()
-            && p.len() <= 253
-            && p.split('.').all(|part| is_dns_label(part, 63));
+        let ok = !p.is_empty() && p.len() <= 253 && p.split('.').all(|part| is_dns_label(part, 63));
         if !ok {
             return Err(format!(
                 "invalid label key {key:?}: the prefix before '/' must be a lowercase DNS name"
@@ -675,8 +675,11 @@ fn decode_spec(f: &mut Fields<'_>) -> FleetSpec {
     let command: Vec<String> = f.or("command", Vec::new());
     if command.first().is_some_and(String::is_empty) {
         let pos = f.pos_of("command");
-        f.errs
-            .add("spec.command[0]", pos, "the program to run must not be empty");
+        f.errs.add(
+            "spec.command[0]",
+            pos,
+            "the program to run must not be empty",
+        );
     }
     let env = env(f);
     let replicas = decode_replicas(f);
@@ -755,7 +758,10 @@ fn env(f: &mut Fields<'_>) -> BTreeMap<String, String> {
     if let Value::Map(entries) = &node.value {
         for (key, _) in entries {
             let k = &key.name;
-            let ok = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            let ok = k
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !ok {
                 f.errs.add(
@@ -784,9 +790,7 @@ fn decode_replicas(f: &mut Fields<'_>) -> Replicas {
         let node = r.node(name)?;
         int_in(node, &r.path_of(name), r.errs, 0, 100_000).map(|n| n as u32)
     };
-    let present = |name: &str| {
-        matches!(&node.value, Value::Map(e) if e.iter().any(|(k, v)| k.name == name && v.value != Value::Null))
-    };
+    let present = |name: &str| matches!(&node.value, Value::Map(e) if e.iter().any(|(k, v)| k.name == name && v.value != Value::Null));
     let (has_socket, has_node) = (present("perSocket"), present("perNode"));
     let per_socket = count(&mut r, "perSocket");
     let per_node = count(&mut r, "perNode");
@@ -828,8 +832,11 @@ fn decode_resources(f: &mut Fields<'_>) -> Resources {
             match value {
                 Ok(c) if c >= 0.01 => Some(c),
                 Ok(c) => {
-                    f.errs
-                        .add(&path, node.pos, format!("must be at least 0.01 cores, got {c}"));
+                    f.errs.add(
+                        &path,
+                        node.pos,
+                        format!("must be at least 0.01 cores, got {c}"),
+                    );
                     None
                 }
                 Err(()) => {
@@ -885,9 +892,7 @@ fn decode_network(f: &mut Fields<'_>) -> Network {
         .unwrap_or_else(default_host_ip);
     let base_port = f
         .node("basePort")
-        .and_then(|node| {
-            int_in(node, &f.path_of("basePort"), f.errs, 1, 65535).map(|p| p as u16)
-        })
+        .and_then(|node| int_in(node, &f.path_of("basePort"), f.errs, 1, 65535).map(|p| p as u16))
         .unwrap_or_else(default_base_port);
     Network { host_ip, base_port }
 }
@@ -899,7 +904,9 @@ fn decode_models(f: &mut Fields<'_>) -> Models {
                 return Ok(String::new());
             }
             if !p.starts_with('/') {
-                return Err(format!("{p:?} must be an absolute path (or empty for no cache)"));
+                return Err(format!(
+                    "{p:?} must be an absolute path (or empty for no cache)"
+                ));
             }
             if p == "/" || p.split('/').any(|c| c == "..") || p.contains('\0') {
                 return Err(format!("{p:?} must be a directory below / without '..'"));
@@ -936,7 +943,9 @@ fn decode_probe(f: &mut Fields<'_>, defaults: Probe) -> Option<Probe> {
             if p.starts_with('/') && !p.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 Ok(p.clone())
             } else {
-                Err(format!("invalid path {p:?}: must start with '/' and contain no spaces"))
+                Err(format!(
+                    "invalid path {p:?}: must start with '/' and contain no spaces"
+                ))
             }
         })
         .unwrap_or(defaults.path);

@@ -44,7 +44,9 @@ impl ImageRef {
         if let Some(t) = tag {
             let ok = !t.is_empty()
                 && t.len() <= 128
-                && t.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+                && t.chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
                 && t.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
             if !ok {
@@ -55,7 +57,9 @@ impl ImageRef {
         }
         let (domain, path) = match name.split_once('/') {
             Some((first, remainder))
-                if first.contains(['.', ':']) || first == "localhost" || first.chars().any(|c| c.is_ascii_uppercase()) =>
+                if first.contains(['.', ':'])
+                    || first == "localhost"
+                    || first.chars().any(|c| c.is_ascii_uppercase()) =>
             {
                 check_domain(first).map_err(|why| bad(&why))?;
                 (first.to_string(), remainder.to_string())
@@ -110,10 +114,10 @@ fn check_domain(domain: &str) -> Result<(), String> {
         Some((h, p)) if !h.ends_with(']') || domain.starts_with('[') => (h, Some(p)),
         _ => (domain, None),
     };
-    if let Some(p) = port {
-        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) || p.parse::<u16>().is_err() {
-            return Err(format!("registry port {p:?} is not a port number"));
-        }
+    if let Some(p) = port
+        && (p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) || p.parse::<u16>().is_err())
+    {
+        return Err(format!("registry port {p:?} is not a port number"));
     }
     if host.starts_with('[') && host.ends_with(']') {
         return host[1..host.len() - 1]
@@ -157,7 +161,13 @@ fn check_path_component(c: &str) -> Result<(), String> {
         let start = i;
         match b {
             b'.' => i += 1,
-            b'_' => i += if bytes.get(i + 1) == Some(&b'_') { 2 } else { 1 },
+            b'_' => {
+                i += if bytes.get(i + 1) == Some(&b'_') {
+                    2
+                } else {
+                    1
+                }
+            }
             b'-' => {
                 while bytes.get(i) == Some(&b'-') {
                     i += 1;
@@ -186,7 +196,9 @@ fn check_digest(d: &str) -> Result<(), String> {
     if algo_ok && hex_ok && len_ok {
         Ok(())
     } else {
-        Err(format!("digest {d:?} must look like sha256:<64 hex digits>"))
+        Err(format!(
+            "digest {d:?} must look like sha256:<64 hex digits>"
+        ))
     }
 }
 
@@ -280,7 +292,11 @@ impl ModelRef {
 
 impl fmt::Display for ModelRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}:{}", self.host, self.namespace, self.model, self.tag)
+        write!(
+            f,
+            "{}/{}/{}:{}",
+            self.host, self.namespace, self.model, self.tag
+        )
     }
 }
 
@@ -294,11 +310,17 @@ mod tests {
             ("ollama/ollama", "docker.io/ollama/ollama:latest"),
             ("ollama/ollama:0.4.0", "docker.io/ollama/ollama:0.4.0"),
             ("busybox", "docker.io/library/busybox:latest"),
-            ("docker.io/ollama/ollama:0.4.0", "docker.io/ollama/ollama:0.4.0"),
+            (
+                "docker.io/ollama/ollama:0.4.0",
+                "docker.io/ollama/ollama:0.4.0",
+            ),
             ("localhost/ollama-sim:dev", "localhost/ollama-sim:dev"),
             ("localhost:5000/a/b/c:v1.2", "localhost:5000/a/b/c:v1.2"),
             ("127.0.0.1:5000/sim:1", "127.0.0.1:5000/sim:1"),
-            ("ghcr.io/org/my_image__x-y:tag_1", "ghcr.io/org/my_image__x-y:tag_1"),
+            (
+                "ghcr.io/org/my_image__x-y:tag_1",
+                "ghcr.io/org/my_image__x-y:tag_1",
+            ),
             (
                 "ollama/ollama@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
                 "docker.io/ollama/ollama@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
@@ -337,14 +359,22 @@ mod tests {
     #[test]
     fn model_references() {
         let m = ModelRef::parse("llama3.1:8b-instruct-q4_0").expect("ok");
-        assert_eq!(m.to_string(), "registry.ollama.ai/library/llama3.1:8b-instruct-q4_0");
+        assert_eq!(
+            m.to_string(),
+            "registry.ollama.ai/library/llama3.1:8b-instruct-q4_0"
+        );
         assert_eq!(m.short(), "llama3.1:8b-instruct-q4_0");
         let m = ModelRef::parse("hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M").expect("ok");
         assert_eq!(m.host, "hf.co");
         assert_eq!(m.namespace, "bartowski");
         assert_eq!(ModelRef::parse("smollm2").expect("ok").tag, "latest");
-        assert_eq!(ModelRef::parse("me/mine:v1").expect("ok").short(), "me/mine:v1");
-        for bad in ["", "a/b/c/d", "-model", "model:", "model:-x", "mo del", "x/:t"] {
+        assert_eq!(
+            ModelRef::parse("me/mine:v1").expect("ok").short(),
+            "me/mine:v1"
+        );
+        for bad in [
+            "", "a/b/c/d", "-model", "model:", "model:-x", "mo del", "x/:t",
+        ] {
             assert!(ModelRef::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -8,8 +8,7 @@ use schemars::generate::SchemaSettings;
 use crate::manifest::OllamaFleet;
 
 /// The schema's `$id`, where editors may fetch it from.
-pub const SCHEMA_ID: &str =
-    "https://raw.githubusercontent.com/ollama-fleet/ollama-fleet/main/schemas/ollamafleet.schema.json";
+pub const SCHEMA_ID: &str = "https://raw.githubusercontent.com/ollama-fleet/ollama-fleet/main/schemas/ollamafleet.schema.json";
 
 /// The schema as pretty-printed JSON with a final newline: the exact bytes of the checked-in file.
 pub fn schema_json() -> String {

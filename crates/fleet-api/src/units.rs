@@ -47,7 +47,8 @@ impl Quantity {
 
     /// Parses the text form; the error says what is allowed.
     pub fn parse(text: &str) -> Result<Quantity, String> {
-        let help = "use a number of bytes or a number with a suffix Ki, Mi, Gi, Ti (e.g. 512Mi, 8Gi)";
+        let help =
+            "use a number of bytes or a number with a suffix Ki, Mi, Gi, Ti (e.g. 512Mi, 8Gi)";
         let s = text.trim();
         let split = s
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -93,7 +94,7 @@ impl fmt::Display for Quantity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0 != 0 {
             for (name, m) in BINARY {
-                if self.0 % m == 0 {
+                if self.0.is_multiple_of(m) {
                     return write!(f, "{}{name}", self.0 / m);
                 }
             }
@@ -338,7 +339,17 @@ mod tests {
         for (text, bytes) in ok {
             assert_eq!(Quantity::parse(text), Ok(Quantity(bytes)), "{text}");
         }
-        for bad in ["", "12Qi", "Gi", "-1Gi", "1.2.3Mi", "8 GB", "1e9", ".5Gi", "99999999999Ei"] {
+        for bad in [
+            "",
+            "12Qi",
+            "Gi",
+            "-1Gi",
+            "1.2.3Mi",
+            "8 GB",
+            "1e9",
+            ".5Gi",
+            "99999999999Ei",
+        ] {
             assert!(Quantity::parse(bad).is_err(), "{bad} should fail");
         }
         assert!(

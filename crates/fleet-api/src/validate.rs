@@ -102,25 +102,25 @@ pub(crate) fn validate_except(
         );
     }
 
-    if let Some(age) = spec.rotation.max_age {
-        if age < Duration::secs(60) {
-            add(
-                &spec_path("rotation.maxAge"),
-                &["rotation.maxAge"],
-                format!("must be at least 1m, got {age}"),
-            );
-        }
+    if let Some(age) = spec.rotation.max_age
+        && age < Duration::secs(60)
+    {
+        add(
+            &spec_path("rotation.maxAge"),
+            &["rotation.maxAge"],
+            format!("must be at least 1m, got {age}"),
+        );
     }
-    if let (Some(max), Some(limit)) = (spec.rotation.max_memory, spec.resources.memory) {
-        if max >= limit {
-            add(
-                &spec_path("rotation.maxMemory"),
-                &["rotation.maxMemory", "resources.memory"],
-                format!(
-                    "must be below spec.resources.memory ({limit}), got {max}: the instance would be OOM-killed before it is rotated"
-                ),
-            );
-        }
+    if let (Some(max), Some(limit)) = (spec.rotation.max_memory, spec.resources.memory)
+        && max >= limit
+    {
+        add(
+            &spec_path("rotation.maxMemory"),
+            &["rotation.maxMemory", "resources.memory"],
+            format!(
+                "must be below spec.resources.memory ({limit}), got {max}: the instance would be OOM-killed before it is rotated"
+            ),
+        );
     }
     errs
 }

@@ -325,10 +325,7 @@ impl Builder {
                         }
                     };
                     if entries.iter().any(|(k, _)| k.name == name) {
-                        return Err(SyntaxError::at(
-                            node.pos,
-                            format!("duplicate key {name:?}"),
-                        ));
+                        return Err(SyntaxError::at(node.pos, format!("duplicate key {name:?}")));
                     }
                     *key = Some(Key {
                         name,
@@ -370,7 +367,10 @@ fn resolve_scalar(
                         (_, v) => v,
                     })
                 } else {
-                    Err(SyntaxError::at(pos, format!("{text:?} is not a valid !!{suffix}")))
+                    Err(SyntaxError::at(
+                        pos,
+                        format!("{text:?} is not a valid !!{suffix}"),
+                    ))
                 }
             }
             _ => Err(SyntaxError::at(
@@ -398,26 +398,27 @@ fn resolve_plain(text: &str) -> Value {
         ".nan" | ".NaN" | ".NAN" => return Value::Float(f64::NAN),
         _ => {}
     }
-    if let Some(hex) = text.strip_prefix("0x") {
-        if let Ok(i) = i64::from_str_radix(hex, 16) {
-            return Value::Int(i);
-        }
+    if let Some(hex) = text.strip_prefix("0x")
+        && let Ok(i) = i64::from_str_radix(hex, 16)
+    {
+        return Value::Int(i);
     }
-    if let Some(oct) = text.strip_prefix("0o") {
-        if let Ok(i) = i64::from_str_radix(oct, 8) {
-            return Value::Int(i);
-        }
+    if let Some(oct) = text.strip_prefix("0o")
+        && let Ok(i) = i64::from_str_radix(oct, 8)
+    {
+        return Value::Int(i);
     }
     let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
-    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        if let Ok(i) = text.parse::<i64>() {
-            return Value::Int(i);
-        }
+    if !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(i) = text.parse::<i64>()
+    {
+        return Value::Int(i);
     }
-    if is_yaml_float(digits) {
-        if let Ok(f) = text.parse::<f64>() {
-            return Value::Float(f);
-        }
+    if is_yaml_float(digits)
+        && let Ok(f) = text.parse::<f64>()
+    {
+        return Value::Float(f);
     }
     Value::Str(text.to_string())
 }
@@ -515,7 +516,10 @@ mod tests {
     #[test]
     fn aliases_expand() {
         let node = one("a: &x {b: 1}\nc: *x\n");
-        assert_eq!(node.to_json(), serde_json::json!({"a": {"b": 1}, "c": {"b": 1}}));
+        assert_eq!(
+            node.to_json(),
+            serde_json::json!({"a": {"b": 1}, "c": {"b": 1}})
+        );
     }
 
     #[test]
@@ -523,7 +527,9 @@ mod tests {
         let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x]\n");
         for i in 1..12 {
             let p = i - 1;
-            bomb.push_str(&format!("a{i}: &a{i} [*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p}]\n"));
+            bomb.push_str(&format!(
+                "a{i}: &a{i} [*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p}]\n"
+            ));
         }
         let err = parse_stream(&bomb).expect_err("alias bomb");
         assert!(err.message.contains("more than"), "{err:?}");

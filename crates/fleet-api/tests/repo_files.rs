@@ -76,8 +76,9 @@ fn serialised_fleets_decode_to_themselves() {
         for fleet in parse_fleets(&text, &Context::default()) {
             let fleet = fleet.expect("valid example");
             let json = serde_json::to_string(&fleet).expect("serialise");
-            let again = fleet_api::parse_fleet(&json, &Context::default())
-                .unwrap_or_else(|e| panic!("{}: re-decoding {json} failed: {e:#?}", file.display()));
+            let again = fleet_api::parse_fleet(&json, &Context::default()).unwrap_or_else(|e| {
+                panic!("{}: re-decoding {json} failed: {e:#?}", file.display())
+            });
             assert_eq!(again, fleet, "{}", file.display());
         }
     }

@@ -12,14 +12,24 @@ use crate::input::{Source, read_sources};
 pub struct Args {
     /// A manifest file, a directory of them (*.yaml, *.yml, *.json), or - for standard input.
     /// May be given more than once.
-    #[arg(short = 'f', long = "filename", value_name = "FILE|DIR|-", required = true)]
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE|DIR|-",
+        required = true
+    )]
     pub files: Vec<String>,
     /// Also read the directories below a directory given to -f.
     #[arg(short = 'R', long)]
     pub recursive: bool,
     /// CPU sockets assumed for `replicas.perSocket` when checking port ranges (the agent checks
     /// again with the real count of its node).
-    #[arg(long, value_name = "N", default_value_t = 2, env = "OLLAMA_FLEET_VALIDATE_SOCKETS")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2,
+        env = "OLLAMA_FLEET_VALIDATE_SOCKETS"
+    )]
     pub sockets: u32,
     /// Also print a line for every valid fleet.
     #[arg(short, long)]

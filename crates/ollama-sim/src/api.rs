@@ -1,0 +1,604 @@
+//! The HTTP API, with Ollama's routes and JSON shapes, plus `/sim/*` for fault injection.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use fleet_api::ModelRef;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, KeepAlive, cgroup_cpu_allowance};
+use crate::faults::{Faults, exit_now};
+use crate::models::{ModelInfo, Store, parameters_text, parse_modelfile};
+use crate::runner::{Lease, Refusal, Runner};
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct App {
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// The model store.
+    pub store: Store,
+    /// Loaded models and the scheduler.
+    pub runner: Arc<Runner>,
+    /// Faults in effect.
+    pub faults: Arc<Faults>,
+    /// When the process started.
+    pub started: Instant,
+}
+
+impl App {
+    /// A new app for `cfg`.
+    pub fn new(cfg: Config) -> Arc<App> {
+        let cfg = Arc::new(cfg);
+        Arc::new(App {
+            store: Store::new(cfg.models_dir.clone()),
+            runner: Runner::new(cfg.clone()),
+            faults: Arc::new(Faults::default()),
+            started: Instant::now(),
+            cfg,
+        })
+    }
+}
+
+type Shared = State<Arc<App>>;
+
+/// The router with every route.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/", get(root))
+        .route("/api/version", get(version))
+        .route("/api/tags", get(tags))
+        .route("/api/ps", get(ps))
+        .route("/api/pull", post(pull))
+        .route("/api/generate", post(generate))
+        .route("/api/chat", post(chat))
+        .route("/api/create", post(create))
+        .route("/api/show", post(show))
+        .route("/api/delete", delete(delete_model))
+        .route("/sim/state", get(sim_state))
+        .route("/sim/exit", post(sim_exit))
+        .route("/sim/hang", post(sim_hang))
+        .route("/sim/leak", post(sim_leak))
+        .layer(middleware::from_fn_with_state(app.clone(), hang_guard))
+        .with_state(app)
+}
+
+/// Once hung, no request gets an answer.
+async fn hang_guard(State(app): Shared, req: Request, next: Next) -> Response {
+    if app.faults.is_hung() {
+        std::future::pending::<()>().await;
+    }
+    next.run(req).await
+}
+
+/// An error answer: a status and Ollama's `{"error": "..."}` body.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError(status, message.into())
+}
+
+fn not_found_pull(name: &str) -> ApiError {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("model {name:?} not found, try pulling it first"),
+    )
+}
+
+fn now() -> String {
+    timestamp(SystemTime::now())
+}
+
+fn timestamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_nanos(t).to_string()
+}
+
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    if body.is_empty() {
+        return Err(error(StatusCode::BAD_REQUEST, "missing request body"));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "request body must be a JSON object",
+        )),
+        Err(e) => Err(error(StatusCode::BAD_REQUEST, e.to_string())),
+    }
+}
+
+/// The model named by `model` (or the older `name`) field.
+fn model_field(body: &Value) -> Result<(String, ModelRef), ApiError> {
+    let name = body["model"]
+        .as_str()
+        .or_else(|| body["name"].as_str())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "model is required"))?;
+    let r =
+        ModelRef::parse(name).map_err(|_| error(StatusCode::BAD_REQUEST, "invalid model name"))?;
+    Ok((name.to_string(), r))
+}
+
+fn streaming(body: &Value) -> bool {
+    body["stream"].as_bool().unwrap_or(true)
+}
+
+fn keep_alive(app: &App, body: &Value) -> Result<KeepAlive, ApiError> {
+    match &body["keep_alive"] {
+        Value::Null => Ok(app.cfg.keep_alive),
+        v => KeepAlive::from_json(v).map_err(|e| error(StatusCode::BAD_REQUEST, e)),
+    }
+}
+
+fn ndjson(rx: mpsc::Receiver<Value>) -> Response {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|v| {
+            let mut line = v.to_string();
+            line.push('\n');
+            (Ok::<_, Infallible>(Bytes::from(line)), rx)
+        })
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+fn details() -> Value {
+    json!({
+        "parent_model": "",
+        "format": "gguf",
+        "family": "llama",
+        "families": ["llama"],
+        "parameter_size": "135M",
+        "quantization_level": "Q4_0",
+    })
+}
+
+fn short_digest(d: &str) -> &str {
+    d.strip_prefix("sha256:").unwrap_or(d)
+}
+
+async fn root() -> &'static str {
+    "Ollama is running"
+}
+
+async fn version(State(app): Shared) -> Response {
+    axum::Json(json!({"version": app.cfg.version})).into_response()
+}
+
+async fn tags(State(app): Shared) -> Response {
+    let models: Vec<Value> = app
+        .store
+        .list()
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.name,
+                "model": m.name,
+                "modified_at": timestamp(m.modified),
+                "size": m.size,
+                "digest": short_digest(&m.digest),
+                "details": details(),
+            })
+        })
+        .collect();
+    axum::Json(json!({"models": models})).into_response()
+}
+
+async fn ps(State(app): Shared) -> Response {
+    let forever = SystemTime::UNIX_EPOCH + Duration::from_secs(10_999_999_999);
+    let models: Vec<Value> = app
+        .runner
+        .running()
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.info.name,
+                "model": r.info.name,
+                "size": r.info.memory,
+                "digest": short_digest(&r.info.digest),
+                "details": details(),
+                "expires_at": timestamp(r.expires_at.unwrap_or(forever)),
+                "size_vram": 0,
+                "num_thread": r.num_thread,
+            })
+        })
+        .collect();
+    axum::Json(json!({"models": models})).into_response()
+}
+
+async fn pull(State(app): Shared, body: Bytes) -> ApiResult {
+    let body = parse_body(&body)?;
+    let (name, r) = model_field(&body)?;
+    let stream = streaming(&body);
+    let (tx, mut rx) = mpsc::channel(64);
+    let missing = app
+        .cfg
+        .pull_missing
+        .iter()
+        .any(|m| *m == name || ModelRef::parse(m).is_ok_and(|mr| mr == r));
+    let task = tokio::spawn(run_pull(app.clone(), r, missing, tx));
+    if stream {
+        return Ok(ndjson(rx));
+    }
+    let mut last = json!({"status": "success"});
+    while let Some(v) = rx.recv().await {
+        last = v;
+    }
+    let _ = task.await;
+    match last.get("error").and_then(Value::as_str) {
+        Some(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        None => Ok(axum::Json(json!({"status": "success"})).into_response()),
+    }
+}
+
+/// Pulls `r`: progress as Ollama reports it, blobs first and the manifest last.
+async fn run_pull(app: Arc<App>, r: ModelRef, missing: bool, tx: mpsc::Sender<Value>) {
+    let send = |v: Value| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(v).await;
+        }
+    };
+    send(json!({"status": "pulling manifest"})).await;
+    if missing {
+        tokio::time::sleep(app.cfg.pull_time / 10).await;
+        send(json!({"error": "pull model manifest: file does not exist"})).await;
+        return;
+    }
+    let (weights, config) = Store::pulled_blobs(&r, app.cfg.model_size);
+    let store = app.store.clone();
+    let staged = tokio::task::spawn_blocking(move || {
+        store
+            .stage_blob(&weights)
+            .map(|s| (s, weights.len() as u64))
+    })
+    .await;
+    let ((digest, partial), weights_size) = match staged {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return send(json!({"error": format!("write blob: {e}")})).await,
+        Err(e) => return send(json!({"error": e.to_string()})).await,
+    };
+    let total = app.cfg.model_size;
+    let steps = 10u64;
+    let label = format!("pulling {}", &short_digest(&digest)[..12]);
+    for step in 0..=steps {
+        send(json!({"status": label, "digest": digest, "total": total, "completed": total * step / steps})).await;
+        if step < steps {
+            tokio::time::sleep(app.cfg.pull_time / steps as u32).await;
+        }
+    }
+    if let Err(e) = app.store.commit_blob(&digest, &partial) {
+        return send(json!({"error": format!("rename blob: {e}")})).await;
+    }
+    send(json!({"status": "verifying sha256 digest"})).await;
+    send(json!({"status": "writing manifest"})).await;
+    if let Err(e) = app.store.finish_pull(&r, &digest, weights_size, &config) {
+        return send(json!({"error": format!("write manifest: {e}")})).await;
+    }
+    send(json!({"status": "success"})).await;
+}
+
+/// Looks up the model of a request: 404 with Ollama's hint when absent.
+fn find_model(app: &App, name: &str, r: &ModelRef) -> Result<ModelInfo, ApiError> {
+    app.store.get(r).ok_or_else(|| not_found_pull(name))
+}
+
+fn refusal(r: Refusal) -> ApiError {
+    match r {
+        Refusal::Busy => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server busy, please try again.  maximum pending requests exceeded",
+        ),
+        Refusal::LoadFailed(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+/// How a generation answers: `generate` (response text) or `chat` (a message).
+#[derive(Clone, Copy)]
+enum Shape {
+    Generate,
+    Chat,
+}
+
+impl Shape {
+    fn chunk(self, model: &str, text: &str) -> Value {
+        match self {
+            Shape::Generate => {
+                json!({"model": model, "created_at": now(), "response": text, "done": false})
+            }
+            Shape::Chat => {
+                json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": text}, "done": false})
+            }
+        }
+    }
+
+    fn done(self, model: &str, text: &str, reason: &str) -> Value {
+        match self {
+            Shape::Generate => {
+                json!({"model": model, "created_at": now(), "response": text, "done": true, "done_reason": reason})
+            }
+            Shape::Chat => {
+                json!({"model": model, "created_at": now(), "message": {"role": "assistant", "content": text}, "done": true, "done_reason": reason})
+            }
+        }
+    }
+}
+
+const WORDS: [&str; 12] = [
+    " The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", ".", " It",
+    " runs",
+];
+
+async fn generate(State(app): Shared, body: Bytes) -> ApiResult {
+    let body = parse_body(&body)?;
+    let prompt = body["prompt"].as_str().unwrap_or("").to_string();
+    infer(app, body, prompt, Shape::Generate).await
+}
+
+async fn chat(State(app): Shared, body: Bytes) -> ApiResult {
+    let body = parse_body(&body)?;
+    let prompt = body["messages"]
+        .as_array()
+        .map(|msgs| {
+            msgs.iter()
+                .filter_map(|m| m["content"].as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default();
+    infer(app, body, prompt, Shape::Chat).await
+}
+
+async fn infer(app: Arc<App>, body: Value, prompt: String, shape: Shape) -> ApiResult {
+    let (name, r) = model_field(&body)?;
+    let info = find_model(&app, &name, &r)?;
+    let keep = keep_alive(&app, &body)?;
+    if prompt.is_empty() {
+        let reason = app.runner.load_only(&info, keep).await.map_err(refusal)?;
+        return Ok(axum::Json(shape.done(&name, "", reason)).into_response());
+    }
+    let options = &body["options"];
+    let num_thread = options["num_thread"].as_u64().map(|n| n as usize);
+    let requested = options["num_predict"].as_i64().filter(|n| *n > 0);
+    let tokens = requested.map_or(app.cfg.num_predict, |n| n as usize);
+    let reason = if requested.is_some() {
+        "length"
+    } else {
+        "stop"
+    };
+    let started = Instant::now();
+    let lease = app
+        .runner
+        .acquire(&info, keep, num_thread)
+        .await
+        .map_err(refusal)?;
+    let prompt_tokens = prompt.split_whitespace().count().max(1);
+    let job = Generation {
+        model: name,
+        shape,
+        tokens,
+        reason,
+        prompt_tokens,
+        started,
+    };
+    if streaming(&body) {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move { job.run(lease, Some(tx)).await });
+        Ok(ndjson(rx))
+    } else {
+        Ok(axum::Json(job.run(lease, None).await).into_response())
+    }
+}
+
+struct Generation {
+    model: String,
+    shape: Shape,
+    tokens: usize,
+    reason: &'static str,
+    prompt_tokens: usize,
+    started: Instant,
+}
+
+impl Generation {
+    /// Produces the tokens at the lease's speed; streams them when `tx` is given. Returns the
+    /// final object (with the whole text when not streaming).
+    async fn run(self, lease: Lease, tx: Option<mpsc::Sender<Value>>) -> Value {
+        let per_token = Duration::from_secs_f64(1.0 / lease.tokens_per_second);
+        let eval_started = Instant::now();
+        let mut text = String::new();
+        for i in 0..self.tokens {
+            tokio::time::sleep(per_token).await;
+            let word = WORDS[i % WORDS.len()];
+            match &tx {
+                Some(tx) => {
+                    if tx.send(self.shape.chunk(&self.model, word)).await.is_err() {
+                        return Value::Null; // the client left
+                    }
+                }
+                None => text.push_str(word),
+            }
+        }
+        let eval = eval_started.elapsed();
+        let mut done = self.shape.done(&self.model, &text, self.reason);
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        done["total_duration"] = json!(ns(self.started.elapsed()));
+        done["load_duration"] = json!(ns(lease.load_duration));
+        done["prompt_eval_count"] = json!(self.prompt_tokens);
+        done["prompt_eval_duration"] = json!(ns(Duration::from_millis(self.prompt_tokens as u64)));
+        done["eval_count"] = json!(self.tokens);
+        done["eval_duration"] = json!(ns(eval));
+        if let Shape::Generate = self.shape {
+            done["context"] =
+                json!((1..=(self.prompt_tokens + self.tokens) as u64).collect::<Vec<_>>());
+        }
+        drop(lease);
+        if let Some(tx) = tx {
+            let _ = tx.send(done.clone()).await;
+        }
+        done
+    }
+}
+
+async fn create(State(app): Shared, body: Bytes) -> ApiResult {
+    let body = parse_body(&body)?;
+    let (_, new) = model_field(&body)?;
+    let (from, mut params) = match body["modelfile"].as_str() {
+        Some(mf) => parse_modelfile(mf),
+        None => (body["from"].as_str().map(str::to_string), BTreeMap::new()),
+    };
+    if let Some(p) = body["parameters"].as_object() {
+        params.extend(p.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    let Some(from) = from else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "neither 'from' nor 'modelfile' was specified",
+        ));
+    };
+    let Ok(base_ref) = ModelRef::parse(&from) else {
+        return Err(error(StatusCode::BAD_REQUEST, "invalid model name"));
+    };
+    let base = find_model(&app, &from, &base_ref)?;
+    if let Err(e) = app.store.create(&new, &base, &params) {
+        return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+    }
+    let statuses = [
+        json!({"status": format!("using existing layer {}", base.model_blob)}),
+        json!({"status": "creating new layer"}),
+        json!({"status": "writing manifest"}),
+        json!({"status": "success"}),
+    ];
+    if streaming(&body) {
+        let (tx, rx) = mpsc::channel(statuses.len());
+        for s in statuses {
+            let _ = tx.try_send(s);
+        }
+        Ok(ndjson(rx))
+    } else {
+        Ok(axum::Json(json!({"status": "success"})).into_response())
+    }
+}
+
+async fn show(State(app): Shared, body: Bytes) -> ApiResult {
+    let body = parse_body(&body)?;
+    let (name, r) = model_field(&body)?;
+    let Some(info) = app.store.get(&r) else {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("model {name:?} not found"),
+        ));
+    };
+    let mut modelfile = format!(
+        "# Modelfile generated by \"ollama show\"\n# To build a new Modelfile based on this, replace FROM with:\n# FROM {}\n\nFROM {}\nTEMPLATE {{{{ .Prompt }}}}\n",
+        info.name,
+        app.store.blob_path(&info.model_blob).display()
+    );
+    for (k, v) in &info.parameters {
+        modelfile.push_str(&format!(
+            "PARAMETER {k} {}\n",
+            v.as_str().map_or_else(|| v.to_string(), str::to_string)
+        ));
+    }
+    Ok(axum::Json(json!({
+        "license": "",
+        "modelfile": modelfile,
+        "parameters": parameters_text(&info.parameters),
+        "template": "{{ .Prompt }}",
+        "details": details(),
+        "model_info": {
+            "general.architecture": "llama",
+            "general.parameter_count": 134_515_008u64,
+            "llama.context_length": 8192,
+        },
+        "modified_at": timestamp(info.modified),
+    }))
+    .into_response())
+}
+
+async fn delete_model(State(app): Shared, body: Bytes) -> ApiResult {
+    let body = parse_body(&body)?;
+    let (name, r) = model_field(&body)?;
+    match app.store.delete(&r) {
+        Ok(()) => Ok(StatusCode::OK.into_response()),
+        Err(_) => Err(error(
+            StatusCode::NOT_FOUND,
+            format!("model {name:?} not found"),
+        )),
+    }
+}
+
+async fn sim_state(State(app): Shared) -> Response {
+    axum::Json(json!({
+        "pid": std::process::id(),
+        "uptimeSeconds": app.started.elapsed().as_secs_f64(),
+        "inFlight": app.runner.in_flight(),
+        "loaded": app.runner.running().iter().map(|r| r.info.name.clone()).collect::<Vec<_>>(),
+        "leakedBytes": app.faults.leaked_bytes(),
+        "leakRate": app.faults.leak_rate(),
+        "numParallel": app.cfg.num_parallel,
+        "maxQueue": app.cfg.max_queue,
+        "hostCores": app.cfg.host_cores,
+        "cpuAllowance": cgroup_cpu_allowance(),
+        "modelsDir": app.cfg.models_dir,
+    }))
+    .into_response()
+}
+
+/// `POST /sim/exit {"code": 3}`: answer, then exit with the code (default 1).
+async fn sim_exit(body: Bytes) -> Response {
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let code = v["code"]
+        .as_i64()
+        .and_then(|c| i32::try_from(c).ok())
+        .unwrap_or(1);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        exit_now(code, "POST /sim/exit");
+    });
+    axum::Json(json!({"exiting": code})).into_response()
+}
+
+/// `POST /sim/hang`: answer this request, then answer nothing ever again.
+async fn sim_hang(State(app): Shared) -> Response {
+    app.faults.hang();
+    axum::Json(json!({"hung": true})).into_response()
+}
+
+/// `POST /sim/leak {"rate": "10Mi"}`: leak that many bytes per second (0 stops).
+async fn sim_leak(State(app): Shared, body: Bytes) -> ApiResult {
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let rate = match &v["rate"] {
+        Value::Number(n) => n.as_u64().ok_or_else(|| "rate must be >= 0".to_string()),
+        Value::String(s) => fleet_api::Quantity::parse(s).map(fleet_api::Quantity::bytes),
+        _ => Err("give {\"rate\": BYTES_PER_SECOND} (a number or a quantity like 10Mi)".into()),
+    };
+    match rate {
+        Ok(r) => {
+            app.faults.set_leak_rate(r);
+            Ok(axum::Json(json!({"leakRate": r})).into_response())
+        }
+        Err(e) => Err(error(StatusCode::BAD_REQUEST, e)),
+    }
+}

@@ -1,0 +1,73 @@
+//! `ollama-sim`: an Ollama-compatible test workload, the way Kubernetes' e2e tests use
+//! `agnhost`.
+//!
+//! It serves Ollama's routes with Ollama's JSON shapes (`/`, `/api/version`, `/api/tags`,
+//! `/api/ps`, `/api/pull`, `/api/generate`, `/api/chat`, `/api/create`, `/api/show`,
+//! `/api/delete`), honours `OLLAMA_HOST`, `OLLAMA_MODELS`, `OLLAMA_NUM_PARALLEL`,
+//! `OLLAMA_MAX_QUEUE`, `OLLAMA_MAX_LOADED_MODELS`, `OLLAMA_KEEP_ALIVE` and `OLLAMA_NOPRUNE`,
+//! and has realistic costs: a loaded model really holds its memory, loading and generating take
+//! time, and requests queue. Faults are injected by `SIM_*` variables or `/sim/*` endpoints:
+//! see [`config::Config`] and the README of this crate's binary (`ollama-sim --help`).
+
+pub mod api;
+pub mod config;
+pub mod faults;
+pub mod models;
+pub mod runner;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+pub use api::{App, router};
+pub use config::Config;
+
+/// Starts the background work of an app: keep-alive reaping, the memory leak, and timed
+/// faults (`SIM_EXIT_AFTER`, `SIM_HANG_AFTER`).
+pub fn start_background(app: &Arc<App>) {
+    let a = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            a.runner.reap();
+        }
+    });
+    let a = app.clone();
+    a.faults.set_leak_rate(a.cfg.leak_rate);
+    tokio::spawn(async move {
+        let step = Duration::from_millis(100);
+        let mut tick = tokio::time::interval(step);
+        loop {
+            tick.tick().await;
+            let faults = a.faults.clone();
+            let _ = tokio::task::spawn_blocking(move || faults.leak_tick(step)).await;
+        }
+    });
+    if let Some(after) = app.cfg.exit_after {
+        let code = app.cfg.exit_code;
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            faults::exit_now(code, "SIM_EXIT_AFTER");
+        });
+    }
+    if let Some(after) = app.cfg.hang_after {
+        let a = app.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            a.faults.hang();
+        });
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` completes.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,145 @@
+//! The `ollama-sim` binary: `ollama-sim [serve]`, configured by the environment.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ollama_sim::{App, Config, faults, start_background};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+const HELP: &str = "\
+ollama-sim: an Ollama-compatible test workload with realistic costs and fault injection.
+
+Usage: ollama-sim [serve]        (also installed as /bin/ollama in the test image)
+       ollama-sim --version
+
+Ollama's variables:
+  OLLAMA_HOST               where to listen          (default 127.0.0.1:11434)
+  OLLAMA_MODELS             model store              (default ~/.ollama/models)
+  OLLAMA_NUM_PARALLEL       requests served at once  (default 1)
+  OLLAMA_MAX_QUEUE          requests waiting beyond that; more get 503 (default 512)
+  OLLAMA_MAX_LOADED_MODELS  models held at once      (default 3)
+  OLLAMA_KEEP_ALIVE         default keep-alive: 5m, 0, -1 (forever) (default 5m)
+  OLLAMA_NOPRUNE            when unset, unreferenced blobs are deleted at start
+
+Costs:
+  SIM_MODEL_SIZE            memory a pulled model holds when loaded (default 64Mi)
+  SIM_LOAD_TIME             time to load a model     (default 500ms)
+  SIM_PULL_TIME             time a pull takes        (default 1s)
+  SIM_PULL_MISSING          comma-separated models the registry does not have
+  SIM_TOKENS_PER_SECOND     speed with enough CPU    (default 50; slower when num_thread
+                            exceeds the cgroup's CPU quota)
+  SIM_NUM_PREDICT           tokens per answer        (default 16)
+  SIM_START_DELAY           wait before listening
+  SIM_VERSION               what /api/version says   (default 0.4.0)
+
+Faults:
+  SIM_CRASH_AFTER=500ms     exit with SIM_EXIT_CODE before ever listening
+  SIM_EXIT_AFTER=10s        serve, then exit with SIM_EXIT_CODE
+  SIM_EXIT_CODE             (default 1)
+  SIM_HANG_AFTER=10s        stop answering anything
+  SIM_LEAK_RATE=10Mi        leak that many bytes per second
+  SIM_IGNORE_SIGTERM=1      keep running on SIGTERM
+  POST /sim/exit {\"code\":3}   POST /sim/hang   POST /sim/leak {\"rate\":\"10Mi\"}   GET /sim/state
+";
+
+fn main() -> ExitCode {
+    match std::env::args().nth(1).as_deref() {
+        None | Some("serve") => {}
+        Some("-v" | "--version" | "version") => {
+            let v = std::env::var("SIM_VERSION").unwrap_or_else(|_| "0.4.0".into());
+            println!("ollama version is {v} (ollama-sim)");
+            return ExitCode::SUCCESS;
+        }
+        Some("-h" | "--help" | "help") => {
+            print!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!(
+                "Error: unknown command {other:?} for \"ollama\"; ollama-sim only serves (try --help)"
+            );
+            return ExitCode::from(2);
+        }
+    }
+    let cfg = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run(cfg))
+}
+
+async fn run(cfg: Config) -> ExitCode {
+    if let Some(after) = cfg.crash_after {
+        tokio::time::sleep(after).await;
+        faults::exit_now(cfg.exit_code, "SIM_CRASH_AFTER");
+    }
+    tokio::time::sleep(cfg.start_delay).await;
+    let app = App::new(cfg);
+    if !app.cfg.no_prune {
+        let removed = app.store.prune();
+        eprintln!("level=INFO source=images.go msg=\"total unused blobs removed: {removed}\"");
+    }
+    let listener = match TcpListener::bind(app.cfg.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("Error: listen tcp {}: bind: {e}", app.cfg.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "level=INFO source=routes.go msg=\"Listening on {} (version {})\" sim=true models={} parallel={} max_queue={}",
+        app.cfg.listen,
+        app.cfg.version,
+        app.cfg.models_dir.display(),
+        app.cfg.num_parallel,
+        app.cfg.max_queue
+    );
+    start_background(&app);
+    let ignore = app.cfg.ignore_sigterm;
+    let shutdown = async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if ignore {
+                eprintln!("level=WARN source=sim msg=\"ignoring SIGTERM (SIM_IGNORE_SIGTERM)\"");
+                continue;
+            }
+            eprintln!("level=INFO source=sim msg=\"shutting down\"");
+            // Requests in flight get a moment to finish; open streams do not hold us up.
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                std::process::exit(0);
+            });
+            return;
+        }
+    };
+    match ollama_sim::serve(app, listener, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

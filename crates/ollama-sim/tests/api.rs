@@ -1,0 +1,473 @@
+//! The sim's HTTP API, served in-process on a loopback port.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use ollama_sim::{App, Config};
+use serde_json::json;
+
+/// Starts a sim with fast defaults plus `vars`; returns its base URL.
+async fn start(tag: &str, vars: &[(&str, &str)]) -> String {
+    let dir = temp_dir(tag);
+    let mut env: HashMap<String, String> = [
+        ("OLLAMA_MODELS", dir.to_str().expect("utf-8")),
+        ("SIM_PULL_TIME", "50ms"),
+        ("SIM_LOAD_TIME", "20ms"),
+        ("SIM_MODEL_SIZE", "2Mi"),
+        ("SIM_TOKENS_PER_SECOND", "1000"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let cfg = Config::from_vars(&env).expect("config");
+    let app = App::new(cfg);
+    ollama_sim::start_background(&app);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(ollama_sim::serve(app, listener, std::future::pending()));
+    url
+}
+
+async fn pulled(tag: &str, vars: &[(&str, &str)]) -> String {
+    let url = start(tag, vars).await;
+    let (status, lines) =
+        post_lines(&format!("{url}/api/pull"), json!({"model": "smollm2:135m"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(lines.last(), Some(&json!({"status": "success"})));
+    url
+}
+
+#[tokio::test]
+async fn health_and_version() {
+    let url = start("health", &[("SIM_VERSION", "0.5.7")]).await;
+    assert_eq!(
+        get(&format!("{url}/")).await,
+        (200, "Ollama is running".into())
+    );
+    let (status, body) = request("HEAD", &format!("{url}/"), None, Duration::from_secs(5))
+        .await
+        .expect("HEAD");
+    assert_eq!((status, body.as_str()), (200, ""));
+    let (status, body) = get(&format!("{url}/api/version")).await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body), json!({"version": "0.5.7"}));
+    assert_eq!(
+        get(&format!("{url}/health")).await.0,
+        404,
+        "Ollama has no /health"
+    );
+}
+
+#[tokio::test]
+async fn generate_needs_a_pulled_model() {
+    let url = start("notpulled", &[]).await;
+    let (status, body) = post(
+        &format!("{url}/api/generate"),
+        json!({"model": "smollm2:135m", "prompt": "hi"}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        json(&body)["error"],
+        "model \"smollm2:135m\" not found, try pulling it first"
+    );
+    let (status, body) = post(&format!("{url}/api/generate"), json!({"prompt": "hi"})).await;
+    assert_eq!(
+        (status, json(&body)["error"].clone()),
+        (400, json!("model is required"))
+    );
+    let (status, _) = request(
+        "POST",
+        &format!("{url}/api/generate"),
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("post");
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn pull_streams_progress_and_is_idempotent() {
+    let url = start("pull", &[]).await;
+    let (status, lines) =
+        post_lines(&format!("{url}/api/pull"), json!({"model": "smollm2:135m"})).await;
+    assert_eq!(status, 200);
+    let statuses: Vec<&str> = lines.iter().filter_map(|l| l["status"].as_str()).collect();
+    assert_eq!(statuses.first(), Some(&"pulling manifest"));
+    assert!(
+        statuses
+            .iter()
+            .any(|s| s.starts_with("pulling ") && *s != "pulling manifest")
+    );
+    assert_eq!(
+        &statuses[statuses.len() - 3..],
+        ["verifying sha256 digest", "writing manifest", "success"]
+    );
+    let progress: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l["completed"].as_u64())
+        .collect();
+    assert!(
+        progress.windows(2).all(|w| w[0] <= w[1]),
+        "progress only grows: {progress:?}"
+    );
+    assert_eq!(
+        lines.iter().filter_map(|l| l["total"].as_u64()).next(),
+        Some(2 << 20)
+    );
+
+    let (_, tags) = get(&format!("{url}/api/tags")).await;
+    let tags = json(&tags);
+    assert_eq!(tags["models"][0]["name"], "smollm2:135m");
+    let digest = tags["models"][0]["digest"].clone();
+
+    // Again, not streamed: same model, same digest.
+    let (status, body) = post(
+        &format!("{url}/api/pull"),
+        json!({"model": "smollm2:135m", "stream": false}),
+    )
+    .await;
+    assert_eq!((status, json(&body)), (200, json!({"status": "success"})));
+    let (_, tags) = get(&format!("{url}/api/tags")).await;
+    assert_eq!(json(&tags)["models"].as_array().map(Vec::len), Some(1));
+    assert_eq!(json(&tags)["models"][0]["digest"], digest);
+}
+
+#[tokio::test]
+async fn pull_of_a_missing_model_fails() {
+    let url = start("missing", &[("SIM_PULL_MISSING", "nope:1b")]).await;
+    let (status, lines) = post_lines(&format!("{url}/api/pull"), json!({"model": "nope:1b"})).await;
+    assert_eq!(status, 200, "errors in a stream come as a line");
+    assert!(
+        lines
+            .last()
+            .and_then(|l| l["error"].as_str())
+            .is_some_and(|e| e.contains("file does not exist"))
+    );
+    let (status, body) = post(
+        &format!("{url}/api/pull"),
+        json!({"model": "nope:1b", "stream": false}),
+    )
+    .await;
+    assert_eq!(status, 500);
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("file does not exist"))
+    );
+    let (_, tags) = get(&format!("{url}/api/tags")).await;
+    assert_eq!(json(&tags)["models"], json!([]));
+}
+
+#[tokio::test]
+async fn empty_prompt_loads_and_keep_alive_zero_unloads() {
+    let url = pulled("load", &[]).await;
+    let (status, body) = post(
+        &format!("{url}/api/generate"),
+        json!({"model": "smollm2:135m", "keep_alive": -1}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let body = json(&body);
+    assert_eq!(
+        (body["done"].clone(), body["done_reason"].clone()),
+        (json!(true), json!("load"))
+    );
+    let (_, ps) = get(&format!("{url}/api/ps")).await;
+    let ps = json(&ps);
+    assert_eq!(ps["models"][0]["name"], "smollm2:135m");
+    assert_eq!(ps["models"][0]["size"], 2 << 20);
+    assert!(
+        ps["models"][0]["expires_at"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("23")),
+        "forever: {ps}"
+    );
+
+    let (_, body) = post(
+        &format!("{url}/api/generate"),
+        json!({"model": "smollm2:135m", "prompt": "", "keep_alive": 0}),
+    )
+    .await;
+    assert_eq!(json(&body)["done_reason"], "unload");
+    let (_, ps) = get(&format!("{url}/api/ps")).await;
+    assert_eq!(json(&ps)["models"], json!([]));
+}
+
+#[tokio::test]
+async fn keep_alive_expires() {
+    let url = pulled("expire", &[("OLLAMA_KEEP_ALIVE", "300ms")]).await;
+    post(
+        &format!("{url}/api/generate"),
+        json!({"model": "smollm2:135m", "prompt": "hi", "stream": false}),
+    )
+    .await;
+    let (_, ps) = get(&format!("{url}/api/ps")).await;
+    assert_eq!(
+        json(&ps)["models"].as_array().map(Vec::len),
+        Some(1),
+        "loaded right after the request"
+    );
+    wait_for(
+        "the model to unload after its keep-alive",
+        Duration::from_secs(5),
+        || async {
+            let (_, ps) = get(&format!("{url}/api/ps")).await;
+            (json(&ps)["models"] == json!([])).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn generate_streams_tokens_then_stats() {
+    let url = pulled("gen", &[]).await;
+    let req = json!({"model": "smollm2:135m", "prompt": "why is the sky blue", "options": {"num_predict": 5}});
+    let (status, lines) = post_lines(&format!("{url}/api/generate"), req.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(lines.len(), 6, "5 tokens and a final line: {lines:?}");
+    assert!(
+        lines[..5]
+            .iter()
+            .all(|l| l["done"] == false && l["response"].as_str().is_some_and(|r| !r.is_empty()))
+    );
+    let last = &lines[5];
+    assert_eq!(last["done"], true);
+    assert_eq!(last["done_reason"], "length");
+    assert_eq!(last["eval_count"], 5);
+    assert_eq!(last["prompt_eval_count"], 5);
+    for field in [
+        "total_duration",
+        "load_duration",
+        "eval_duration",
+        "created_at",
+        "context",
+    ] {
+        assert!(!last[field].is_null(), "{field} missing in {last}");
+    }
+
+    let mut req = req;
+    req["stream"] = json!(false);
+    let (status, body) = post(&format!("{url}/api/generate"), req).await;
+    let body = json(&body);
+    assert_eq!(status, 200);
+    assert_eq!(body["done"], true);
+    assert_eq!(body["response"], " The quick brown fox jumps");
+}
+
+#[tokio::test]
+async fn chat_answers_with_a_message() {
+    let url = pulled("chat", &[]).await;
+    let msgs = json!([{"role": "user", "content": "hello"}]);
+    let (status, lines) = post_lines(
+        &format!("{url}/api/chat"),
+        json!({"model": "smollm2:135m", "messages": msgs}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(lines.len() > 1);
+    assert_eq!(lines[0]["message"]["role"], "assistant");
+    assert_eq!(lines.last().map(|l| l["done"].clone()), Some(json!(true)));
+    let (_, body) = post(
+        &format!("{url}/api/chat"),
+        json!({"model": "smollm2:135m", "messages": msgs, "stream": false}),
+    )
+    .await;
+    assert!(
+        json(&body)["message"]["content"]
+            .as_str()
+            .is_some_and(|c| c.starts_with(" The"))
+    );
+    let (_, body) = post(
+        &format!("{url}/api/chat"),
+        json!({"model": "smollm2:135m", "messages": []}),
+    )
+    .await;
+    assert_eq!(json(&body)["done_reason"], "load");
+}
+
+#[tokio::test]
+async fn requests_beyond_parallel_queue_and_beyond_the_queue_get_503() {
+    let url = pulled(
+        "queue",
+        &[
+            ("OLLAMA_NUM_PARALLEL", "1"),
+            ("OLLAMA_MAX_QUEUE", "1"),
+            ("SIM_TOKENS_PER_SECOND", "20"),
+        ],
+    )
+    .await;
+    let slow = json!({"model": "smollm2:135m", "prompt": "long", "stream": false, "options": {"num_predict": 20}});
+    let a = tokio::spawn({
+        let (url, slow) = (url.clone(), slow.clone());
+        async move { post(&format!("{url}/api/generate"), slow).await }
+    });
+    let b = tokio::spawn({
+        let (url, slow) = (url.clone(), slow.clone());
+        async move { post(&format!("{url}/api/generate"), slow).await }
+    });
+    wait_for(
+        "two requests in flight (one running, one queued)",
+        Duration::from_secs(5),
+        || async {
+            let (_, s) = get(&format!("{url}/sim/state")).await;
+            (json(&s)["inFlight"] == 2).then_some(())
+        },
+    )
+    .await;
+    let (status, body) = post(&format!("{url}/api/generate"), slow).await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        json(&body)["error"],
+        "server busy, please try again.  maximum pending requests exceeded"
+    );
+    let (ra, rb) = (a.await.expect("a"), b.await.expect("b"));
+    assert_eq!(
+        (ra.0, rb.0),
+        (200, 200),
+        "queued requests are served, not refused"
+    );
+}
+
+#[tokio::test]
+async fn create_derives_a_model_with_parameters() {
+    let url = pulled("create", &[]).await;
+    let (status, lines) = post_lines(
+        &format!("{url}/api/create"),
+        json!({"model": "smol-2t", "from": "smollm2:135m", "parameters": {"num_thread": 2}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(lines.last(), Some(&json!({"status": "success"})));
+    // The older modelfile form too.
+    let (status, _) = post(
+        &format!("{url}/api/create"),
+        json!({"name": "smol-3t", "modelfile": "FROM smollm2:135m\nPARAMETER num_thread 3", "stream": false}),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let (status, show) = post(&format!("{url}/api/show"), json!({"model": "smol-2t"})).await;
+    assert_eq!(status, 200);
+    let show = json(&show);
+    assert!(
+        show["parameters"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("num_thread") && p.ends_with(" 2")),
+        "{show}"
+    );
+    assert!(
+        show["modelfile"]
+            .as_str()
+            .is_some_and(|m| m.contains("PARAMETER num_thread 2"))
+    );
+    assert_eq!(
+        post(&format!("{url}/api/show"), json!({"model": "absent"}))
+            .await
+            .0,
+        404
+    );
+
+    post(
+        &format!("{url}/api/generate"),
+        json!({"model": "smol-3t", "keep_alive": -1}),
+    )
+    .await;
+    let (_, ps) = get(&format!("{url}/api/ps")).await;
+    assert_eq!(
+        json(&ps)["models"][0]["num_thread"],
+        3,
+        "the runner uses the model's num_thread"
+    );
+
+    let (_, tags) = get(&format!("{url}/api/tags")).await;
+    assert_eq!(json(&tags)["models"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        post(
+            &format!("{url}/api/create"),
+            json!({"model": "x", "from": "absent:1"})
+        )
+        .await
+        .0,
+        404
+    );
+}
+
+#[tokio::test]
+async fn loaded_models_are_capped() {
+    let url = pulled("cap", &[("OLLAMA_MAX_LOADED_MODELS", "1")]).await;
+    post(
+        &format!("{url}/api/create"),
+        json!({"model": "other", "from": "smollm2:135m", "stream": false}),
+    )
+    .await;
+    post(
+        &format!("{url}/api/generate"),
+        json!({"model": "smollm2:135m"}),
+    )
+    .await;
+    post(&format!("{url}/api/generate"), json!({"model": "other"})).await;
+    let (_, ps) = get(&format!("{url}/api/ps")).await;
+    let ps = json(&ps);
+    assert_eq!(ps["models"].as_array().map(Vec::len), Some(1));
+    assert_eq!(ps["models"][0]["name"], "other:latest");
+}
+
+#[tokio::test]
+async fn leak_grows_memory() {
+    let url = start("leak", &[]).await;
+    let (status, _) = post(&format!("{url}/sim/leak"), json!({"rate": "20Mi"})).await;
+    assert_eq!(status, 200);
+    wait_for(
+        "leaked memory to grow past 2 MiB",
+        Duration::from_secs(5),
+        || async {
+            let (_, s) = get(&format!("{url}/sim/state")).await;
+            (json(&s)["leakedBytes"].as_u64().unwrap_or(0) > 2 << 20).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        post(&format!("{url}/sim/leak"), json!({"rate": "lots"}))
+            .await
+            .0,
+        400
+    );
+}
+
+#[tokio::test]
+async fn hang_stops_all_answers() {
+    let url = start("hang", &[]).await;
+    assert_eq!(post(&format!("{url}/sim/hang"), json!({})).await.0, 200);
+    let after = request(
+        "GET",
+        &format!("{url}/api/version"),
+        None,
+        Duration::from_millis(500),
+    )
+    .await;
+    assert!(after.is_err(), "a hung sim must not answer, got {after:?}");
+}
+
+#[tokio::test]
+async fn delete_removes_a_model() {
+    let url = pulled("delete", &[]).await;
+    let (status, _) = request(
+        "DELETE",
+        &format!("{url}/api/delete"),
+        Some(&json!({"model": "smollm2:135m"})),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("delete");
+    assert_eq!(status, 200);
+    let (_, tags) = get(&format!("{url}/api/tags")).await;
+    assert_eq!(json(&tags)["models"], json!([]));
+}
