@@ -286,8 +286,8 @@ impl Drop for Lease {
 /// Allocates `bytes` and writes every page, so the memory is resident and charged to the
 /// cgroup (an OOM kill happens here when the limit is too small).
 pub fn hold_memory(bytes: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(bytes);
-    v.resize(bytes, 0xA5u8);
+    // `vec![byte; n]` with a non-zero byte is a memset: every page is written.
+    let v = vec![0xA5u8; bytes];
     std::hint::black_box(&v);
     v
 }

@@ -1,11 +1,9 @@
 //! The sim's HTTP API, served in-process on a loopback port.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use fleet_e2e::{get, json, post, post_lines, request, temp_dir, wait_for};
 use ollama_sim::{App, Config};
 use serde_json::json;
 

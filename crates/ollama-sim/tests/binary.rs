@@ -1,11 +1,9 @@
 //! The `ollama-sim` binary: where it listens, how it exits, signals, pruning at start.
 
-mod common;
-
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use fleet_e2e::{free_port, get, post, request, temp_dir, wait_for};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ollama-sim");

@@ -1,8 +1,6 @@
-//! Helpers shared by the sim's tests: a tiny HTTP client and condition waits.
+//! A tiny HTTP/1 client for tests.
 
-#![allow(dead_code)]
-
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -41,14 +39,16 @@ pub async fn request(
         .map_err(|_| format!("no answer from {url} within {timeout:?}"))?
 }
 
+/// GET, panicking on connection failure.
 pub async fn get(url: &str) -> (u16, String) {
     request("GET", url, None, Duration::from_secs(10))
         .await
         .expect("GET")
 }
 
+/// POST a JSON body, panicking on connection failure.
 pub async fn post(url: &str, body: Value) -> (u16, String) {
-    request("POST", url, Some(&body), Duration::from_secs(20))
+    request("POST", url, Some(&body), Duration::from_secs(30))
         .await
         .expect("POST")
 }
@@ -64,41 +64,7 @@ pub async fn post_lines(url: &str, body: Value) -> (u16, Vec<Value>) {
     (status, lines)
 }
 
+/// Parses JSON, panicking with the text when it is not.
 pub fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
-
-/// Polls `check` until it returns `Some`, or panics with `what` after `deadline`.
-pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A fresh temporary directory.
-pub fn temp_dir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("ollama-sim-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }

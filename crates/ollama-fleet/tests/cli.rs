@@ -1,0 +1,164 @@
+//! The `ollama-fleet` binary's offline commands: `schema` and `validate`, with their exit codes.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ollama-fleet");
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn run(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(repo())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ollama-fleet");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write stdin");
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().expect("wait")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn schema_prints_the_checked_in_file() {
+    let out = run(&["schema"], None);
+    assert_eq!(out.status.code(), Some(0));
+    let file = std::fs::read(repo().join("schemas/ollamafleet.schema.json")).expect("schema file");
+    assert!(
+        out.stdout == file,
+        "`ollama-fleet schema` must print exactly schemas/ollamafleet.schema.json"
+    );
+}
+
+#[test]
+fn valid_examples_are_silent() {
+    let out = run(&["validate", "-f", "manifests/examples/"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(out.stdout.is_empty() && out.stderr.is_empty());
+    let out = run(
+        &["validate", "-v", "-f", "manifests/examples/sim.yaml"],
+        None,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "manifests/examples/sim.yaml: ollamafleet/sim valid\n"
+    );
+}
+
+const BAD: &str = "apiVersion: ollama-fleet.io/v1alpha1
+kind: OllamaFleet
+metadata:
+  name: devassist
+spec:
+  replicas: {perNode: -3}
+  surprise: true
+  resources:
+    memory: 12Qi
+";
+
+#[test]
+fn every_error_at_once_with_field_paths() {
+    let out = run(&["validate", "-f", "-"], Some(BAD));
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 5, "four errors and a summary:\n{err}");
+    assert_eq!(
+        lines[0],
+        "<stdin>:6:3: spec.model: required field is missing"
+    );
+    assert_eq!(
+        lines[1],
+        "<stdin>:6:23: spec.replicas.perNode: must be >= 0, got -3"
+    );
+    assert!(
+        lines[2].starts_with("<stdin>:7:3: spec.surprise: unknown field"),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        lines[3].starts_with("<stdin>:9:13: spec.resources.memory: invalid quantity \"12Qi\""),
+        "{}",
+        lines[3]
+    );
+    assert!(
+        lines[4].starts_with("error: 4 errors in 1 file"),
+        "{}",
+        lines[4]
+    );
+}
+
+#[test]
+fn directories_mix_of_valid_and_invalid_and_duplicate_names() {
+    let dir = std::env::temp_dir().join(format!("cli-validate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
+    let good =
+        std::fs::read_to_string(repo().join("manifests/examples/minimal.yaml")).expect("read");
+    std::fs::write(dir.join("a.yaml"), &good).expect("write");
+    std::fs::write(dir.join("b.yml"), &good).expect("write");
+    std::fs::write(dir.join("notes.txt"), "not a manifest").expect("write");
+    std::fs::write(dir.join("sub/c.yaml"), BAD).expect("write");
+    let d = dir.display().to_string();
+
+    let out = run(&["validate", "-f", &d], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("fleet \"minimal\" is also defined in"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !stderr(&out).contains("sub/c.yaml"),
+        "subdirectories need -R"
+    );
+
+    let out = run(&["validate", "-R", "-f", &d], None);
+    assert!(
+        stderr(&out).contains("sub/c.yaml:6:23: spec.replicas.perNode"),
+        "{}",
+        stderr(&out)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn exit_codes() {
+    let out = run(&["validate"], None);
+    assert_eq!(out.status.code(), Some(2), "usage error");
+    let out = run(&["frobnicate"], None);
+    assert_eq!(out.status.code(), Some(2), "usage error");
+    let out = run(&["validate", "-f", "/nonexistent/fleet.yaml"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).starts_with("error: cannot read /nonexistent/fleet.yaml"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["validate", "-f", "-"], Some("a: [unclosed\n"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).starts_with("<stdin>:"),
+        "syntax errors carry a position: {}",
+        stderr(&out)
+    );
+    let out = run(&["--help"], None);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("validate"));
+}

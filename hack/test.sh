@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The project's test command (the one in the README; .ci/run calls it).
+#
+# On a fresh Debian machine as root: installs the packages it needs, starts a private etcd and
+# containerd (hack/dev-env.sh, in $OLLAMA_FLEET_DEV_DIR, default /tmp/ollama-fleet-test), builds
+# the workspace and the ollama-sim image, runs every test (unit, conformance and end-to-end against
+# the real etcd and containerd), then stops the environment (KEEP_ENV=1 keeps it running).
+# Extra arguments go to `cargo test`, e.g. `hack/test.sh -p fleet-api`.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export OLLAMA_FLEET_DEV_DIR=${OLLAMA_FLEET_DEV_DIR:-/tmp/ollama-fleet-test}
+
+command -v cargo >/dev/null || { echo "test: cargo is not installed (https://rustup.rs)" >&2; exit 1; }
+hack/install-deps.sh
+
+if [[ ${KEEP_ENV:-0} != 1 ]]; then
+  trap 'hack/dev-env.sh down --purge' EXIT
+fi
+eval "$(hack/dev-env.sh up)"
+
+echo "test: building" >&2
+cargo build --locked --workspace --all-targets
+export OLLAMA_FLEET_SIM_IMAGE_TAR=$ROOT/target/images/ollama-sim.oci.tar
+hack/sim-image.sh --binary "$ROOT/target/debug/ollama-sim" >/dev/null
+
+echo "test: running tests (etcd $OLLAMA_FLEET_ETCD_ENDPOINTS, containerd $OLLAMA_FLEET_CONTAINERD_SOCKET)" >&2
+timeout 1800 cargo test --locked --workspace "$@"
+echo "test: all tests passed" >&2

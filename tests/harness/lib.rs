@@ -1,0 +1,99 @@
+//! The test kit shared by the end-to-end tests (and the sim's own tests): a small HTTP client,
+//! waits on conditions with deadlines, and access to the dev environment's real containerd and
+//! etcd (started by `hack/dev-env.sh`, which `hack/test.sh` runs first).
+
+pub mod containerd;
+pub mod http;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub use containerd::Namespace;
+pub use http::{get, json, post, post_lines, request};
+
+/// The root of the repository.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Polls `check` until it returns `Some`, or panics naming `what` after `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A fresh, empty temporary directory named after `tag` and this process.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fleet-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The dev environment: where the real containerd and etcd listen.
+#[derive(Clone, Debug)]
+pub struct DevEnv {
+    /// containerd's socket.
+    pub containerd_socket: String,
+    /// etcd client URLs.
+    pub etcd_endpoints: String,
+    /// The sim image archive made by `hack/sim-image.sh`.
+    pub sim_image_tar: PathBuf,
+    /// The sim image's name.
+    pub sim_image: String,
+}
+
+impl DevEnv {
+    /// Reads the environment printed by `hack/dev-env.sh` (from the process environment, or
+    /// from the env file of `$OLLAMA_FLEET_DEV_DIR`); panics with what to run when absent.
+    pub fn get() -> DevEnv {
+        let dir = std::env::var("OLLAMA_FLEET_DEV_DIR")
+            .unwrap_or_else(|_| "/tmp/ollama-fleet-dev".into());
+        let file = std::fs::read_to_string(format!("{dir}/env")).unwrap_or_default();
+        let var = |name: &str| -> Option<String> {
+            std::env::var(name).ok().or_else(|| {
+                file.lines()
+                    .filter_map(|l| l.strip_prefix("export "))
+                    .find_map(|l| l.strip_prefix(&format!("{name}=")).map(str::to_string))
+            })
+        };
+        let missing = "no dev environment: run the tests with hack/test.sh, or start one with \
+                       `hack/dev-env.sh up && hack/sim-image.sh`";
+        let env = DevEnv {
+            containerd_socket: var("OLLAMA_FLEET_CONTAINERD_SOCKET").expect(missing),
+            etcd_endpoints: var("OLLAMA_FLEET_ETCD_ENDPOINTS").expect(missing),
+            sim_image_tar: var("OLLAMA_FLEET_SIM_IMAGE_TAR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo_root().join("target/images/ollama-sim.oci.tar")),
+            sim_image: var("OLLAMA_FLEET_SIM_IMAGE")
+                .unwrap_or_else(|| "localhost/ollama-sim:dev".into()),
+        };
+        assert!(
+            env.sim_image_tar.exists(),
+            "{} is missing: build it with hack/sim-image.sh",
+            env.sim_image_tar.display()
+        );
+        env
+    }
+}
