@@ -158,7 +158,7 @@ cmd_down() {
   # Shims of our containerd that outlived it.
   pkill -9 -f "containerd-shim-runc-v2 .*-address $SOCK( |$)" 2>/dev/null || true
   # Mounts left under our directory (snapshots of killed tasks), deepest first.
-  grep -F " $DIR/" /proc/mounts | awk '{print $2}' | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  { grep -F " $DIR/" /proc/mounts || true; } | awk '{print $2}' | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   if [[ ${1:-} == --purge ]]; then rm -rf "$DIR"; log "removed $DIR"; fi
 }
 
