@@ -16,6 +16,7 @@ mod decode;
 mod manifest;
 pub mod refs;
 mod schema;
+mod status;
 pub mod units;
 mod validate;
 pub mod yaml;
@@ -28,6 +29,10 @@ pub use manifest::{
 };
 pub use refs::{ImageRef, ModelRef};
 pub use schema::schema_json;
+pub use status::{
+    Capacity, Condition, FleetStatus, InstanceStatus, LABEL_CREATED_AT, LABEL_FLEET, LABEL_PORT,
+    LABEL_SLOT, LABEL_SPEC_HASH, LastExit, NodeInfo, Phase, Versions, spec_hash,
+};
 pub use units::{Duration, IntOrPercent, Quantity};
 pub use validate::{Context, validate};
 

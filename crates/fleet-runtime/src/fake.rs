@@ -1,0 +1,268 @@
+//! An in-memory [`Runtime`] for controller tests: containers and tasks as plain state, with
+//! hooks to make a task exit or be OOM-killed, and a record of every call.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::broadcast;
+
+use crate::{
+    ContainerSpec, ImageInfo, Observed, Result, Runtime, RuntimeError, RuntimeEvent, TaskState,
+};
+
+#[derive(Debug, Clone)]
+struct FakeContainer {
+    spec: ContainerSpec,
+    state: TaskState,
+    pid: u32,
+    exit_code: Option<u32>,
+    exited_at: Option<SystemTime>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    images: BTreeMap<String, ImageInfo>,
+    containers: BTreeMap<String, FakeContainer>,
+    next_pid: u32,
+    calls: Vec<String>,
+    down: bool,
+}
+
+/// The fake runtime. Cloning shares the state.
+#[derive(Clone, Debug)]
+pub struct FakeRuntime {
+    state: Arc<Mutex<State>>,
+    events: broadcast::Sender<RuntimeEvent>,
+}
+
+impl Default for FakeRuntime {
+    fn default() -> Self {
+        FakeRuntime {
+            state: Arc::new(Mutex::new(State {
+                next_pid: 1000,
+                ..State::default()
+            })),
+            events: broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl FakeRuntime {
+    /// An empty runtime.
+    pub fn new() -> FakeRuntime {
+        FakeRuntime::default()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes an image present.
+    pub fn add_image(&self, image: ImageInfo) {
+        self.state().images.insert(image.name.clone(), image);
+    }
+
+    /// A typical image named `name`.
+    pub fn image_named(name: &str) -> ImageInfo {
+        ImageInfo {
+            name: name.to_string(),
+            digest: format!("sha256:{:0>64}", name.len()),
+            chain_id: "sha256:chain".into(),
+            config: crate::ImageConfig {
+                entrypoint: vec!["/bin/ollama".into()],
+                cmd: vec!["serve".into()],
+                env: vec!["PATH=/usr/bin:/bin".into()],
+                working_dir: String::new(),
+            },
+        }
+    }
+
+    /// Makes a running task exit with `code` (and emits the event).
+    pub fn exit(&self, id: &str, code: u32) {
+        let mut s = self.state();
+        if let Some(c) = s.containers.get_mut(id) {
+            c.state = TaskState::Stopped;
+            c.exit_code = Some(code);
+            c.exited_at = Some(SystemTime::now());
+        }
+        drop(s);
+        let _ = self.events.send(RuntimeEvent::Exit {
+            id: id.to_string(),
+            code,
+            at: SystemTime::now(),
+        });
+    }
+
+    /// An OOM kill: the OOM event, then an exit with 137.
+    pub fn oom(&self, id: &str) {
+        let _ = self.events.send(RuntimeEvent::Oom { id: id.to_string() });
+        self.exit(id, 137);
+    }
+
+    /// Adds a container that the agent did not create (e.g. unlabelled, or left by a previous
+    /// agent), running.
+    pub fn add_running(&self, spec: ContainerSpec) {
+        let mut s = self.state();
+        s.next_pid += 1;
+        let pid = s.next_pid;
+        s.containers.insert(
+            spec.id.clone(),
+            FakeContainer {
+                spec,
+                state: TaskState::Running,
+                pid,
+                exit_code: None,
+                exited_at: None,
+            },
+        );
+    }
+
+    /// Makes every call fail as if containerd were down (or back up).
+    pub fn set_down(&self, down: bool) {
+        self.state().down = down;
+        if !down {
+            let _ = self.events.send(RuntimeEvent::Resync);
+        }
+    }
+
+    /// The calls made so far (`create sim-0-abc`, `start ...`, ...).
+    pub fn calls(&self) -> Vec<String> {
+        self.state().calls.clone()
+    }
+
+    /// IDs of every container, labelled or not.
+    pub fn all_ids(&self) -> Vec<String> {
+        self.state().containers.keys().cloned().collect()
+    }
+
+    /// The spec a container was created with.
+    pub fn spec_of(&self, id: &str) -> Option<ContainerSpec> {
+        self.state().containers.get(id).map(|c| c.spec.clone())
+    }
+
+    fn call(&self, what: String) -> Result<MutexGuard<'_, State>> {
+        let mut s = self.state();
+        if s.down {
+            return Err(RuntimeError::Unavailable("fake runtime is down".into()));
+        }
+        s.calls.push(what);
+        Ok(s)
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for FakeRuntime {
+    async fn version(&self) -> Result<String> {
+        let _state = self.call("version".into())?;
+        Ok("fake 1.0".into())
+    }
+
+    async fn image(&self, name: &str) -> Result<Option<ImageInfo>> {
+        let s = self.call(format!("image {name}"))?;
+        Ok(s.images.get(name).cloned())
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<()> {
+        let mut s = self.call(format!("create {}", spec.id))?;
+        if s.containers.contains_key(&spec.id) {
+            return Err(RuntimeError::AlreadyExists(spec.id.clone()));
+        }
+        s.containers.insert(
+            spec.id.clone(),
+            FakeContainer {
+                spec: spec.clone(),
+                state: TaskState::NoTask,
+                pid: 0,
+                exit_code: None,
+                exited_at: None,
+            },
+        );
+        Ok(())
+    }
+
+    async fn start(&self, id: &str) -> Result<u32> {
+        let mut s = self.call(format!("start {id}"))?;
+        s.next_pid += 1;
+        let pid = s.next_pid;
+        let c = s
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.to_string()))?;
+        c.state = TaskState::Running;
+        c.pid = pid;
+        c.exit_code = None;
+        c.exited_at = None;
+        Ok(pid)
+    }
+
+    async fn kill(&self, id: &str, signal: u32) -> Result<()> {
+        let mut s = self.call(format!("kill {id} {signal}"))?;
+        let c = s
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.to_string()))?;
+        if c.state != TaskState::Running {
+            return Err(RuntimeError::NotFound(format!("task {id}")));
+        }
+        c.state = TaskState::Stopped;
+        c.exit_code = Some(128 + signal);
+        c.exited_at = Some(SystemTime::now());
+        drop(s);
+        let _ = self.events.send(RuntimeEvent::Exit {
+            id: id.to_string(),
+            code: 128 + signal,
+            at: SystemTime::now(),
+        });
+        Ok(())
+    }
+
+    async fn remove(&self, id: &str) -> Result<Option<u32>> {
+        let mut s = self.call(format!("remove {id}"))?;
+        Ok(s.containers.remove(id).and_then(|c| c.exit_code))
+    }
+
+    async fn list(&self) -> Result<Vec<Observed>> {
+        let s = self.call("list".into())?;
+        Ok(s.containers
+            .values()
+            .filter(|c| c.spec.labels.contains_key(fleet_api::LABEL_FLEET))
+            .map(|c| Observed {
+                id: c.spec.id.clone(),
+                labels: c.spec.labels.clone(),
+                state: c.state,
+                pid: c.pid,
+                exit_code: c.exit_code,
+                exited_at: c.exited_at,
+            })
+            .collect())
+    }
+
+    async fn state(&self, id: &str) -> Result<TaskState> {
+        let s = self.call(format!("state {id}"))?;
+        s.containers
+            .get(id)
+            .map(|c| c.state)
+            .ok_or_else(|| RuntimeError::NotFound(id.to_string()))
+    }
+
+    fn events(&self) -> BoxStream<'static, RuntimeEvent> {
+        let rx = self.events.subscribe();
+        let first = futures::stream::once(async { RuntimeEvent::Resync });
+        let rest = futures::stream::unfold(rx, |mut rx| async move {
+            match rx.recv().await {
+                Ok(e) => Some((e, rx)),
+                Err(broadcast::error::RecvError::Lagged(_)) => Some((RuntimeEvent::Resync, rx)),
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        });
+        first.chain(rest).boxed()
+    }
+
+    fn log_path(&self, id: &str) -> PathBuf {
+        PathBuf::from(format!("/fake/logs/{id}.log"))
+    }
+}
