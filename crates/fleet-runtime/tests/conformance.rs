@@ -110,10 +110,10 @@ async fn conformance(rt: &dyn Runtime, image: &str) {
     rt.kill(id, SIGKILL).await.expect("kill");
     let exit = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(e) = events.next().await {
-            if let RuntimeEvent::Exit { id: eid, code, .. } = e {
-                if eid == id {
-                    return code;
-                }
+            if let RuntimeEvent::Exit { id: eid, code, .. } = e
+                && eid == id
+            {
+                return code;
             }
         }
         panic!("event stream ended");
