@@ -29,6 +29,11 @@ impl Namespace {
             name: format!("e2e-{tag}-{}-{n}", std::process::id()),
             env,
         };
+        assert!(
+            ns.env.sim_image_tar.exists(),
+            "{} is missing: build it with hack/sim-image.sh",
+            ns.env.sim_image_tar.display()
+        );
         let tar = ns.env.sim_image_tar.display().to_string();
         ns.ctr_ok(&["images", "import", &tar]);
         ns

@@ -1,0 +1,424 @@
+//! The etcd implementation of [`Store`].
+//!
+//! Unary calls have a deadline; the watch re-lists after every gap (a reconnect, or a compaction
+//! that removed the revision it was at) and sends the full set as [`FleetEvent::Resync`]. The
+//! session's lease is kept alive by a background task that replaces it when it was lost.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+use crate::{Entry, Expect, FleetDoc, FleetEvent, Keys, Result, Store, StoreError, check_segment};
+
+/// Deadline of unary requests.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to reach etcd.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdConfig {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// User and password for etcd auth.
+    pub auth: Option<(String, String)>,
+    /// CA certificate (PEM) to verify etcd's TLS certificate.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The etcd store.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    keys: Keys,
+    lease: Arc<AtomicI64>,
+    generation: Arc<AtomicU64>,
+    keeper: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+async fn deadline<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+        Ok(r) => r.map_err(unavailable),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "{what}: no answer within {REQUEST_TIMEOUT:?}"
+        ))),
+    }
+}
+
+impl EtcdStore {
+    /// Connects to etcd; keys go under `prefix`.
+    pub async fn connect(config: &EtcdConfig, prefix: &str) -> Result<EtcdStore> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        if let Some((user, password)) = &config.auth {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        if config.ca_pem.is_some() || config.identity_pem.is_some() {
+            let mut tls = etcd_client::TlsOptions::new();
+            if let Some(ca) = &config.ca_pem {
+                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &config.identity_pem {
+                tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(tls);
+        }
+        let client = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            Client::connect(&config.endpoints, Some(options)),
+        )
+        .await
+        .map_err(|_| {
+            StoreError::Unavailable(format!(
+                "cannot reach etcd at {}",
+                config.endpoints.join(",")
+            ))
+        })?
+        .map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot reach etcd at {}: {e}",
+                config.endpoints.join(",")
+            ))
+        })?;
+        Ok(EtcdStore {
+            client,
+            keys: Keys::new(prefix),
+            lease: Arc::new(AtomicI64::new(0)),
+            generation: Arc::new(AtomicU64::new(0)),
+            keeper: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// The current session lease's ID (0 without a session).
+    pub fn lease_id(&self) -> i64 {
+        self.lease.load(Ordering::SeqCst)
+    }
+
+    /// The key layout.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Compacts etcd's history up to the current revision (for tests of watch recovery).
+    pub async fn compact_now(&self) -> Result<i64> {
+        let mut c = self.client.clone();
+        let rev = deadline("get", c.get(self.keys.fleets(), None))
+            .await?
+            .header()
+            .map_or(0, |h| h.revision());
+        deadline("compact", c.compact(rev, None)).await?;
+        Ok(rev)
+    }
+
+    async fn prefixed(&self, prefix: &str) -> Result<(Vec<(String, String, i64)>, i64)> {
+        let mut c = self.client.clone();
+        let resp = deadline("get", c.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let kvs = resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                    kv.mod_revision(),
+                )
+            })
+            .collect();
+        Ok((kvs, revision))
+    }
+
+    async fn list_with_revision(&self) -> Result<(Vec<FleetDoc>, i64)> {
+        let prefix = self.keys.fleets();
+        let (kvs, rev) = self.prefixed(&prefix).await?;
+        let docs = kvs
+            .into_iter()
+            .filter_map(|(k, value, revision)| {
+                let name = k.strip_prefix(&prefix)?;
+                (!name.is_empty() && !name.contains('/')).then(|| FleetDoc {
+                    name: name.to_string(),
+                    value,
+                    revision,
+                })
+            })
+            .collect();
+        Ok((docs, rev))
+    }
+
+    async fn put_leased(&self, key: String, value: &str) -> Result<()> {
+        let lease = self.lease.load(Ordering::SeqCst);
+        if lease == 0 {
+            return Err(StoreError::Unavailable(
+                "no session: call start_session first".into(),
+            ));
+        }
+        let mut c = self.client.clone();
+        deadline(
+            "put",
+            c.put(key, value, Some(PutOptions::new().with_lease(lease))),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<i64> {
+        let mut c = self.client.clone();
+        let secs = i64::try_from(ttl.as_secs().max(2)).unwrap_or(15);
+        let id = deadline("lease grant", c.lease_grant(secs, None))
+            .await?
+            .id();
+        self.lease.store(id, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        Ok(id)
+    }
+
+    /// Keeps the lease alive; when it is lost (etcd away longer than the TTL), grants a new one.
+    async fn keep_alive(self, ttl: Duration) {
+        let interval = ttl / 3;
+        loop {
+            let id = self.lease.load(Ordering::SeqCst);
+            let mut c = self.client.clone();
+            match deadline("lease keep-alive", c.lease_keep_alive(id)).await {
+                Ok((mut keeper, mut stream)) => loop {
+                    if keeper.keep_alive().await.is_err() {
+                        break;
+                    }
+                    match tokio::time::timeout(REQUEST_TIMEOUT, stream.message()).await {
+                        Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+                        Ok(Ok(Some(_))) => {
+                            tracing::warn!(lease = id, "etcd lease expired; granting a new one");
+                            while self.grant(ttl).await.is_err() {
+                                tokio::time::sleep(interval).await;
+                            }
+                            break;
+                        }
+                        _ => break,
+                    }
+                    tokio::time::sleep(interval).await;
+                },
+                Err(e) => tracing::debug!(error = %e, "etcd lease keep-alive failed; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(500).min(interval)).await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for EtcdStore {
+    async fn get_fleet(&self, name: &str) -> Result<Option<FleetDoc>> {
+        let mut c = self.client.clone();
+        let resp = deadline("get", c.get(self.keys.fleet(name), None)).await?;
+        Ok(resp.kvs().first().map(|kv| FleetDoc {
+            name: name.to_string(),
+            value: String::from_utf8_lossy(kv.value()).into_owned(),
+            revision: kv.mod_revision(),
+        }))
+    }
+
+    async fn list_fleets(&self) -> Result<Vec<FleetDoc>> {
+        Ok(self.list_with_revision().await?.0)
+    }
+
+    async fn put_fleet(&self, name: &str, value: &str, expect: Expect) -> Result<i64> {
+        check_segment("fleet", name)?;
+        let key = self.keys.fleet(name);
+        let compare = match expect {
+            Expect::Absent => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            Expect::Revision(r) => Compare::mod_revision(key.clone(), CompareOp::Equal, r),
+        };
+        let txn =
+            Txn::new()
+                .when(vec![compare])
+                .and_then(vec![TxnOp::put(key.clone(), value, None)]);
+        let mut c = self.client.clone();
+        let resp = deadline("txn", c.txn(txn)).await?;
+        if !resp.succeeded() {
+            return Err(StoreError::Conflict(key));
+        }
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    async fn delete_fleet(&self, name: &str) -> Result<bool> {
+        let mut c = self.client.clone();
+        let resp = deadline("delete", c.delete(self.keys.fleet(name), None)).await?;
+        Ok(resp.deleted() > 0)
+    }
+
+    fn watch_fleets(&self) -> BoxStream<'static, FleetEvent> {
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let prefix = this.keys.fleets();
+            let mut delay = Duration::from_millis(100);
+            loop {
+                let (docs, rev) = match this.list_with_revision().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "etcd list failed; retrying");
+                        if tx.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                };
+                if tx.send(FleetEvent::Resync(docs)).await.is_err() {
+                    return;
+                }
+                let mut c = this.client.clone();
+                let options = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(rev + 1);
+                let mut stream =
+                    match deadline("watch", c.watch(prefix.clone(), Some(options))).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "etcd watch failed; retrying");
+                            tokio::time::sleep(delay).await;
+                            continue;
+                        }
+                    };
+                delay = Duration::from_millis(100);
+                loop {
+                    let msg = match stream.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) | Err(_) => break,
+                    };
+                    if msg.canceled() || msg.compact_revision() > 0 {
+                        tracing::info!(
+                            compact_revision = msg.compact_revision(),
+                            "etcd watch canceled; re-listing"
+                        );
+                        break;
+                    }
+                    for event in msg.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        let Some(name) = key
+                            .strip_prefix(&prefix)
+                            .filter(|n| !n.is_empty() && !n.contains('/'))
+                        else {
+                            continue;
+                        };
+                        let out = match event.event_type() {
+                            EventType::Put => FleetEvent::Put(FleetDoc {
+                                name: name.to_string(),
+                                value: String::from_utf8_lossy(kv.value()).into_owned(),
+                                revision: kv.mod_revision(),
+                            }),
+                            EventType::Delete => FleetEvent::Delete(name.to_string()),
+                        };
+                        if tx.send(out).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tracing::warn!("etcd watch ended; re-listing");
+                tokio::time::sleep(delay).await;
+            }
+        });
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
+            .boxed()
+    }
+
+    async fn start_session(&self, ttl: Duration) -> Result<()> {
+        self.grant(ttl).await?;
+        let task = tokio::spawn(self.clone().keep_alive(ttl));
+        let mut keeper = self.keeper.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = keeper.replace(task) {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    fn session_generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    async fn put_node(&self, node: &str, value: &str) -> Result<()> {
+        check_segment("node", node)?;
+        self.put_leased(format!("{}{node}", self.keys.nodes()), value)
+            .await
+    }
+
+    async fn put_status(&self, fleet: &str, node: &str, value: &str) -> Result<()> {
+        check_segment("fleet", fleet)?;
+        check_segment("node", node)?;
+        self.put_leased(format!("{}{node}", self.keys.status(Some(fleet))), value)
+            .await
+    }
+
+    async fn delete_status(&self, fleet: &str, node: &str) -> Result<()> {
+        let mut c = self.client.clone();
+        deadline(
+            "delete",
+            c.delete(format!("{}{node}", self.keys.status(Some(fleet))), None),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn list_status(&self, fleet: Option<&str>) -> Result<Vec<Entry>> {
+        let (kvs, _) = self.prefixed(&self.keys.status(fleet)).await?;
+        Ok(kvs
+            .into_iter()
+            .filter_map(|(k, value, _)| {
+                let (fleet, node) = self.keys.parse_status(&k)?;
+                Some(Entry { fleet, node, value })
+            })
+            .collect())
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<Entry>> {
+        let prefix = self.keys.nodes();
+        let (kvs, _) = self.prefixed(&prefix).await?;
+        Ok(kvs
+            .into_iter()
+            .map(|(k, value, _)| Entry {
+                fleet: String::new(),
+                node: k[prefix.len()..].to_string(),
+                value,
+            })
+            .collect())
+    }
+
+    async fn end_session(&self) -> Result<()> {
+        if let Some(task) = self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+        let lease = self.lease.swap(0, Ordering::SeqCst);
+        if lease != 0 {
+            let mut c = self.client.clone();
+            deadline("lease revoke", c.lease_revoke(lease)).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,182 @@
+//! The etcd layout of ollama-fleet (interface.md §2), behind a [`Store`] trait with an etcd
+//! implementation ([`etcd::EtcdStore`]) and an in-memory one ([`memory::MemoryStore`]); one
+//! conformance suite runs against both.
+//!
+//! ```text
+//! <prefix>/fleets/<name>           manifests (YAML or JSON), written by `apply` or etcdctl
+//! <prefix>/nodes/<node>            node records, on the node's lease
+//! <prefix>/status/<fleet>/<node>   per-node fleet status, on the same lease
+//! ```
+//!
+//! A fleet's generation is the `mod_revision` of its key. Writes of fleets are compare-and-swap;
+//! a lost race is [`StoreError::Conflict`], not a failure.
+
+pub mod etcd;
+pub mod memory;
+
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "/ollama-fleet";
+
+/// A fleet document as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetDoc {
+    /// The fleet's name (the last part of its key).
+    pub name: String,
+    /// The stored text.
+    pub value: String,
+    /// Its `mod_revision`: the fleet's generation.
+    pub revision: i64,
+}
+
+/// What a compare-and-swap write expects to find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// The key must not exist.
+    Absent,
+    /// The key must be at this `mod_revision`.
+    Revision(i64),
+}
+
+/// A change to the fleets, as seen by a watch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FleetEvent {
+    /// The complete set of fleets: sent first, and again after any gap (reconnect, compaction),
+    /// so a watcher never has to guess what it missed.
+    Resync(Vec<FleetDoc>),
+    /// A fleet was created or changed.
+    Put(FleetDoc),
+    /// A fleet was deleted.
+    Delete(String),
+}
+
+/// A status or node entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The fleet (empty for node entries).
+    pub fleet: String,
+    /// The node.
+    pub node: String,
+    /// The stored JSON.
+    pub value: String,
+}
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A compare-and-swap lost: the key changed since it was read. Re-read and try again.
+    #[error("conflict: {0} changed since it was read")]
+    Conflict(String),
+    /// etcd cannot be reached or answered with an error.
+    #[error("etcd: {0}")]
+    Unavailable(String),
+    /// A key or value is not valid.
+    #[error("invalid {0}")]
+    Invalid(String),
+}
+
+/// Result of store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The shared state of ollama-fleet, scoped to one key prefix.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// One fleet document.
+    async fn get_fleet(&self, name: &str) -> Result<Option<FleetDoc>>;
+
+    /// Every fleet document, sorted by name.
+    async fn list_fleets(&self) -> Result<Vec<FleetDoc>>;
+
+    /// Writes a fleet document if `expect` holds; returns the new revision.
+    async fn put_fleet(&self, name: &str, value: &str, expect: Expect) -> Result<i64>;
+
+    /// Deletes a fleet document; false when there was none.
+    async fn delete_fleet(&self, name: &str) -> Result<bool>;
+
+    /// Changes to the fleets, starting with a [`FleetEvent::Resync`]; reconnects by itself.
+    fn watch_fleets(&self) -> BoxStream<'static, FleetEvent>;
+
+    /// Starts (or restarts) this process's session: a lease of `ttl` kept alive in the
+    /// background. Node and status keys written afterwards are attached to it and vanish
+    /// when the process dies.
+    async fn start_session(&self, ttl: Duration) -> Result<()>;
+
+    /// Counts the leases this store has had: it changes when the lease was lost and replaced
+    /// (etcd was away longer than the TTL), and then every key on it must be written again.
+    fn session_generation(&self) -> u64;
+
+    /// Writes this node's record on the session lease.
+    async fn put_node(&self, node: &str, value: &str) -> Result<()>;
+
+    /// Writes a fleet's status for a node on the session lease.
+    async fn put_status(&self, fleet: &str, node: &str, value: &str) -> Result<()>;
+
+    /// Deletes a fleet's status for a node.
+    async fn delete_status(&self, fleet: &str, node: &str) -> Result<()>;
+
+    /// Status entries, of one fleet or of all.
+    async fn list_status(&self, fleet: Option<&str>) -> Result<Vec<Entry>>;
+
+    /// Node entries.
+    async fn list_nodes(&self) -> Result<Vec<Entry>>;
+
+    /// Ends the session: revokes the lease, so node and status keys disappear at once.
+    async fn end_session(&self) -> Result<()>;
+}
+
+/// The keys under a prefix.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Keys under `prefix` (a trailing `/` is ignored).
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// `<prefix>/fleets/`
+    pub fn fleets(&self) -> String {
+        format!("{}/fleets/", self.prefix)
+    }
+
+    /// `<prefix>/fleets/<name>`
+    pub fn fleet(&self, name: &str) -> String {
+        format!("{}{name}", self.fleets())
+    }
+
+    /// `<prefix>/nodes/`
+    pub fn nodes(&self) -> String {
+        format!("{}/nodes/", self.prefix)
+    }
+
+    /// `<prefix>/status/` or `<prefix>/status/<fleet>/`
+    pub fn status(&self, fleet: Option<&str>) -> String {
+        match fleet {
+            Some(f) => format!("{}/status/{f}/", self.prefix),
+            None => format!("{}/status/", self.prefix),
+        }
+    }
+
+    /// Splits a status key into (fleet, node).
+    pub fn parse_status(&self, key: &str) -> Option<(String, String)> {
+        let rest = key.strip_prefix(&self.status(None))?;
+        let (fleet, node) = rest.split_once('/')?;
+        Some((fleet.to_string(), node.to_string()))
+    }
+}
+
+/// Checks a name used as a key segment (fleet or node): non-empty, no `/`.
+pub fn check_segment(what: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.contains('/') || name.chars().any(char::is_control) {
+        Err(StoreError::Invalid(format!("{what} name {name:?}")))
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,277 @@
+//! One conformance suite for every [`Store`]: in memory and etcd (the real one from the dev
+//! environment, each test under its own prefix), plus etcd's own recovery cases.
+
+use std::time::Duration;
+
+use fleet_e2e::{DevEnv, PrivateEtcd, wait_for};
+use fleet_store::etcd::{EtcdConfig, EtcdStore};
+use fleet_store::memory::MemoryStore;
+use fleet_store::{Expect, FleetEvent, Store, StoreError};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+async fn next(w: &mut BoxStream<'static, FleetEvent>) -> FleetEvent {
+    tokio::time::timeout(Duration::from_secs(15), w.next())
+        .await
+        .expect("a watch event within 15s")
+        .expect("watch stream open")
+}
+
+/// The behaviour every store must have. `other` sees the same data under another prefix.
+async fn conformance(s: &dyn Store, other: &dyn Store) {
+    assert_eq!(s.get_fleet("a").await.expect("get"), None);
+    assert!(s.list_fleets().await.expect("list").is_empty());
+
+    let r1 = s
+        .put_fleet("a", "v1", Expect::Absent)
+        .await
+        .expect("create");
+    assert!(r1 > 0);
+    let doc = s.get_fleet("a").await.expect("get").expect("present");
+    assert_eq!((doc.value.as_str(), doc.revision), ("v1", r1));
+    // Compare-and-swap: create twice, or update from a stale revision, is a conflict.
+    assert!(matches!(
+        s.put_fleet("a", "v2", Expect::Absent).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.put_fleet("a", "v2", Expect::Revision(r1 - 1)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let r2 = s
+        .put_fleet("a", "v2", Expect::Revision(r1))
+        .await
+        .expect("update");
+    assert!(r2 > r1, "the generation grows");
+    assert!(matches!(
+        s.put_fleet("a", "v3", Expect::Revision(r1)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.put_fleet("bad/name", "x", Expect::Absent).await,
+        Err(StoreError::Invalid(_))
+    ));
+
+    // A watch starts with the complete set, then sees changes in order.
+    let mut w = s.watch_fleets();
+    match next(&mut w).await {
+        FleetEvent::Resync(docs) => {
+            assert_eq!(docs.len(), 1);
+            assert_eq!(
+                (
+                    docs[0].name.as_str(),
+                    docs[0].value.as_str(),
+                    docs[0].revision
+                ),
+                ("a", "v2", r2)
+            );
+        }
+        e => panic!("expected a resync first, got {e:?}"),
+    }
+    let rb = s
+        .put_fleet("b", "b1", Expect::Absent)
+        .await
+        .expect("create b");
+    assert_eq!(
+        next(&mut w).await,
+        FleetEvent::Put(fleet_store::FleetDoc {
+            name: "b".into(),
+            value: "b1".into(),
+            revision: rb
+        })
+    );
+    assert!(s.delete_fleet("a").await.expect("delete"));
+    assert_eq!(next(&mut w).await, FleetEvent::Delete("a".into()));
+    assert!(!s.delete_fleet("a").await.expect("delete again"));
+    let names: Vec<String> = s
+        .list_fleets()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, ["b"]);
+
+    // Prefixes isolate: the other store sees none of it.
+    assert!(other.list_fleets().await.expect("list other").is_empty());
+
+    // Node and status keys live on the session.
+    assert!(
+        matches!(
+            s.put_node("n1", "{}").await,
+            Err(StoreError::Unavailable(_))
+        ),
+        "no session yet"
+    );
+    s.start_session(Duration::from_secs(15))
+        .await
+        .expect("session");
+    let generation = s.session_generation();
+    s.put_node("n1", "{\"name\":\"n1\"}").await.expect("node");
+    s.put_status("b", "n1", "{\"ready\":1}")
+        .await
+        .expect("status");
+    s.put_status("c", "n1", "{}").await.expect("status");
+    let nodes = s.list_nodes().await.expect("nodes");
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].node, "n1");
+    let all = s.list_status(None).await.expect("status");
+    assert_eq!(all.len(), 2);
+    let b = s.list_status(Some("b")).await.expect("status b");
+    assert_eq!(
+        (b[0].fleet.as_str(), b[0].node.as_str(), b[0].value.as_str()),
+        ("b", "n1", "{\"ready\":1}")
+    );
+    s.delete_status("c", "n1").await.expect("delete status");
+    assert_eq!(s.list_status(None).await.expect("status").len(), 1);
+    assert_eq!(
+        s.session_generation(),
+        generation,
+        "a healthy session keeps its lease"
+    );
+
+    // Ending the session removes its keys at once.
+    s.end_session().await.expect("end");
+    assert!(s.list_nodes().await.expect("nodes").is_empty());
+    assert!(s.list_status(None).await.expect("status").is_empty());
+    assert_eq!(
+        s.list_fleets().await.expect("fleets").len(),
+        1,
+        "fleets are not on the lease"
+    );
+}
+
+#[tokio::test]
+async fn memory_store_conforms() {
+    let s = MemoryStore::new("/t");
+    let other = s.with_prefix("/other");
+    tokio::time::timeout(Duration::from_secs(30), conformance(&s, &other))
+        .await
+        .expect("in time");
+}
+
+fn config(endpoint: &str) -> EtcdConfig {
+    EtcdConfig {
+        endpoints: vec![endpoint.to_string()],
+        ..EtcdConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn etcd_store_conforms() {
+    let env = DevEnv::get();
+    let prefix = format!("/test-conformance-{}", std::process::id());
+    let s = EtcdStore::connect(&config(&env.etcd_endpoints), &prefix)
+        .await
+        .expect("connect");
+    let other = EtcdStore::connect(&config(&env.etcd_endpoints), &format!("{prefix}-other"))
+        .await
+        .expect("connect");
+    tokio::time::timeout(Duration::from_secs(60), conformance(&s, &other))
+        .await
+        .expect("in time");
+    s.delete_fleet("b").await.expect("cleanup");
+}
+
+/// After a compaction past the watch's revision, and after etcd itself dies and comes back,
+/// the watch re-lists and carries on.
+#[tokio::test]
+async fn etcd_watch_survives_compaction_and_restart() {
+    let mut etcd = PrivateEtcd::start("watch");
+    let s = EtcdStore::connect(&config(&etcd.endpoint()), "/w")
+        .await
+        .expect("connect");
+    s.put_fleet("a", "1", Expect::Absent).await.expect("put");
+    let mut w = s.watch_fleets();
+    assert!(matches!(next(&mut w).await, FleetEvent::Resync(d) if d.len() == 1));
+
+    let r = s.put_fleet("b", "1", Expect::Absent).await.expect("put");
+    assert!(matches!(next(&mut w).await, FleetEvent::Put(d) if d.revision == r));
+    s.compact_now().await.expect("compact");
+
+    etcd.kill();
+    etcd.resume();
+    // While etcd was away nothing was watched; whatever happened, the watch re-lists.
+    let writer = EtcdStore::connect(&config(&etcd.endpoint()), "/w")
+        .await
+        .expect("reconnect");
+    wait_for(
+        "etcd to answer after the restart",
+        Duration::from_secs(30),
+        || async { writer.put_fleet("c", "1", Expect::Absent).await.ok() },
+    )
+    .await;
+    let seen_c = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match next(&mut w).await {
+                FleetEvent::Resync(docs) if docs.iter().any(|d| d.name == "c") => return,
+                FleetEvent::Put(d) if d.name == "c" => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        seen_c.is_ok(),
+        "the watch saw the write made after etcd restarted"
+    );
+    s.put_fleet("d", "1", Expect::Absent)
+        .await
+        .expect("put after restart");
+    let seen_d = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let FleetEvent::Put(d) = next(&mut w).await {
+                if d.name == "d" {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(seen_d.is_ok(), "and keeps watching");
+}
+
+/// When the lease is lost (etcd was away longer than its TTL, or someone revoked it), its keys
+/// are gone; the session grants a new lease and says so, so the owner writes its keys again.
+#[tokio::test]
+async fn etcd_session_replaces_a_lost_lease() {
+    let etcd = PrivateEtcd::start("lease");
+    let s = EtcdStore::connect(&config(&etcd.endpoint()), "/l")
+        .await
+        .expect("connect");
+    s.start_session(Duration::from_secs(3))
+        .await
+        .expect("session");
+    let first = s.session_generation();
+    s.put_node("n1", "{}").await.expect("node");
+    let revoked = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            "--endpoints",
+            &etcd.endpoint(),
+            "lease",
+            "revoke",
+            &format!("{:x}", s.lease_id()),
+        ])
+        .output()
+        .expect("etcdctl");
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    assert!(
+        s.list_nodes().await.expect("nodes").is_empty(),
+        "the lease's keys went with it"
+    );
+    wait_for(
+        "the session to replace the lost lease",
+        Duration::from_secs(20),
+        || async { (s.session_generation() > first).then_some(()) },
+    )
+    .await;
+    s.put_node("n1", "{}")
+        .await
+        .expect("writes work on the new lease");
+    assert_eq!(s.list_nodes().await.expect("nodes").len(), 1);
+}
