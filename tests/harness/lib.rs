@@ -82,7 +82,7 @@ impl DevEnv {
         };
         let missing = "no dev environment: run the tests with hack/test.sh, or start one with \
                        `hack/dev-env.sh up && hack/sim-image.sh`";
-        let env = DevEnv {
+        DevEnv {
             containerd_socket: var("OLLAMA_FLEET_CONTAINERD_SOCKET").expect(missing),
             etcd_endpoints: var("OLLAMA_FLEET_ETCD_ENDPOINTS").expect(missing),
             sim_image_tar: var("OLLAMA_FLEET_SIM_IMAGE_TAR")
@@ -90,7 +90,6 @@ impl DevEnv {
                 .unwrap_or_else(|| repo_root().join("target/images/ollama-sim.oci.tar")),
             sim_image: var("OLLAMA_FLEET_SIM_IMAGE")
                 .unwrap_or_else(|| "localhost/ollama-sim:dev".into()),
-        };
-        env
+        }
     }
 }
