@@ -220,10 +220,10 @@ async fn etcd_watch_survives_compaction_and_restart() {
         .expect("put after restart");
     let seen_d = tokio::time::timeout(Duration::from_secs(15), async {
         loop {
-            if let FleetEvent::Put(d) = next(&mut w).await {
-                if d.name == "d" {
-                    return;
-                }
+            if let FleetEvent::Put(d) = next(&mut w).await
+                && d.name == "d"
+            {
+                return;
             }
         }
     })
