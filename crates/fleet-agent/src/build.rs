@@ -1,0 +1,378 @@
+//! From a fleet's spec to one instance's container: the process, environment, mounts, cgroup
+//! limits and labels (interface.md §3). Pure functions.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use fleet_api::{
+    CpuPinning, FleetSpec, LABEL_CREATED_AT, LABEL_FLEET, LABEL_PORT, LABEL_SLOT, LABEL_SPEC_HASH,
+    LastExit, Replicas,
+};
+use fleet_runtime::{BindMount, ContainerSpec, ImageInfo, Limits};
+use sha2::{Digest, Sha256};
+
+use crate::topology::{Topology, format_cpulist};
+
+/// Label: restarts of the slot before this instance (carried from instance to instance).
+pub const LABEL_RESTARTS: &str = "ollama-fleet.io/restarts";
+/// Label: consecutive quick crashes behind this instance (drives the backoff).
+pub const LABEL_CRASHLOOP: &str = "ollama-fleet.io/crashloop";
+/// Label: how the slot's previous instance ended, `code:reason:RFC3339`.
+pub const LABEL_LAST_EXIT: &str = "ollama-fleet.io/last-exit";
+
+/// What is known of the node an instance runs on.
+#[derive(Clone, Debug)]
+pub struct NodeCtx {
+    /// Sockets counted for `perSocket`.
+    pub sockets: u32,
+    /// CPU topology, for `cpuPinning: socket`.
+    pub topology: Topology,
+    /// cgroup parent of every instance.
+    pub cgroup_parent: String,
+}
+
+/// What a new instance inherits from its slot's history.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Carry {
+    /// Restarts of the slot so far.
+    pub restarts: u32,
+    /// Consecutive quick crashes so far.
+    pub crashloop: u32,
+    /// How the previous instance ended.
+    pub last_exit: Option<LastExit>,
+}
+
+/// The labels of an instance, parsed back (adoption needs nothing else).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceLabels {
+    /// Fleet.
+    pub fleet: String,
+    /// Slot.
+    pub slot: u32,
+    /// Port.
+    pub port: u16,
+    /// Spec hash.
+    pub spec_hash: String,
+    /// Creation time.
+    pub created_at: SystemTime,
+    /// History carried from the slot's previous instances.
+    pub carry: Carry,
+}
+
+/// Parses an instance's labels; `None` when they are not ours or are broken.
+pub fn parse_labels(labels: &BTreeMap<String, String>) -> Option<InstanceLabels> {
+    let get = |k: &str| labels.get(k).map(String::as_str);
+    let last_exit = get(LABEL_LAST_EXIT).and_then(|v| {
+        let mut parts = v.splitn(3, ':');
+        Some(LastExit {
+            code: parts.next()?.parse().ok()?,
+            reason: parts.next()?.to_string(),
+            at: parts.next()?.to_string(),
+        })
+    });
+    Some(InstanceLabels {
+        fleet: get(LABEL_FLEET)?.to_string(),
+        slot: get(LABEL_SLOT)?.parse().ok()?,
+        port: get(LABEL_PORT)?.parse().ok()?,
+        spec_hash: get(LABEL_SPEC_HASH).unwrap_or("").to_string(),
+        created_at: get(LABEL_CREATED_AT)
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH),
+        carry: Carry {
+            restarts: get(LABEL_RESTARTS)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            crashloop: get(LABEL_CRASHLOOP)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            last_exit,
+        },
+    })
+}
+
+/// A new container ID, `<fleet>-<slot>-<6 hex>`, different for every incarnation.
+pub fn new_id(fleet: &str, slot: u32, now: SystemTime, salt: u64) -> String {
+    let nanos = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let hash = Sha256::digest(format!(
+        "{fleet}/{slot}/{nanos}/{salt}/{}",
+        std::process::id()
+    ));
+    let hex: String = hash.iter().take(3).map(|b| format!("{b:02x}")).collect();
+    format!("{fleet}-{slot}-{hex}")
+}
+
+/// The port of a slot.
+pub fn port(spec: &FleetSpec, slot: u32) -> u16 {
+    u16::try_from(u32::from(spec.network.base_port) + slot).unwrap_or(u16::MAX)
+}
+
+/// The agent's default environment (the manifest's `env` overrides it).
+pub fn default_env(spec: &FleetSpec, slot: u32) -> BTreeMap<String, String> {
+    let host = match spec.network.host_ip {
+        std::net::IpAddr::V6(ip) => format!("[{ip}]:{}", port(spec, slot)),
+        ip => format!("{ip}:{}", port(spec, slot)),
+    };
+    let mut env = BTreeMap::from([
+        ("OLLAMA_HOST".to_string(), host),
+        ("OLLAMA_NUM_PARALLEL".to_string(), "1".to_string()),
+        ("OLLAMA_MAX_LOADED_MODELS".to_string(), "1".to_string()),
+        ("OLLAMA_KEEP_ALIVE".to_string(), "-1".to_string()),
+        ("OLLAMA_NOPRUNE".to_string(), "1".to_string()),
+    ]);
+    if !spec.models.host_path.is_empty() {
+        env.insert("OLLAMA_MODELS".into(), "/models".into());
+    }
+    env
+}
+
+/// The socket an instance of `slot` is pinned to.
+pub fn socket_of(spec: &FleetSpec, slot: u32, sockets: u32) -> u32 {
+    let sockets = sockets.max(1);
+    match spec.replicas {
+        Replicas::PerSocket(n) if n > 0 => (slot / n).min(sockets - 1),
+        _ => slot % sockets,
+    }
+}
+
+/// The container of one instance.
+#[allow(clippy::too_many_arguments)]
+pub fn container_spec(
+    fleet: &str,
+    spec: &FleetSpec,
+    hash: &str,
+    image: &ImageInfo,
+    node: &NodeCtx,
+    slot: u32,
+    id: String,
+    carry: &Carry,
+    now: SystemTime,
+) -> ContainerSpec {
+    let mut env: BTreeMap<String, String> = image
+        .config
+        .env
+        .iter()
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    env.extend(default_env(spec, slot));
+    env.extend(spec.env.clone());
+    let args = if spec.command.is_empty() {
+        image
+            .config
+            .entrypoint
+            .iter()
+            .chain(&image.config.cmd)
+            .cloned()
+            .collect()
+    } else {
+        spec.command.clone()
+    };
+    let mut mounts = Vec::new();
+    if !spec.models.host_path.is_empty() {
+        mounts.push(BindMount {
+            source: spec.models.host_path.clone().into(),
+            destination: "/models".into(),
+            read_only: false,
+        });
+    }
+    let r = &spec.resources;
+    let (cpuset_cpus, cpuset_mems) = match r.cpu_pinning {
+        CpuPinning::Socket => node
+            .topology
+            .sockets
+            .get(socket_of(spec, slot, node.sockets) as usize)
+            .map_or((None, None), |s| {
+                (
+                    Some(format_cpulist(&s.cpus)),
+                    (!s.mems.is_empty()).then(|| format_cpulist(&s.mems)),
+                )
+            }),
+        CpuPinning::None => (None, None),
+    };
+    let limits = Limits {
+        memory_bytes: r.memory.map(|m| m.bytes()),
+        cpu_quota_us: r.cpus.map(|c| (c * 100_000.0).round() as i64),
+        cpu_period_us: 100_000,
+        cpu_shares: r.cpu_shares,
+        pids: r.pids.map(|p| i64::try_from(p).unwrap_or(i64::MAX)),
+        cpuset_cpus,
+        cpuset_mems,
+    };
+    let mut labels = BTreeMap::from([
+        (LABEL_FLEET.to_string(), fleet.to_string()),
+        (LABEL_SLOT.to_string(), slot.to_string()),
+        (LABEL_PORT.to_string(), port(spec, slot).to_string()),
+        (LABEL_SPEC_HASH.to_string(), hash.to_string()),
+        (
+            LABEL_CREATED_AT.to_string(),
+            humantime::format_rfc3339_seconds(now).to_string(),
+        ),
+        (LABEL_RESTARTS.to_string(), carry.restarts.to_string()),
+        (LABEL_CRASHLOOP.to_string(), carry.crashloop.to_string()),
+    ]);
+    if let Some(e) = &carry.last_exit {
+        labels.insert(
+            LABEL_LAST_EXIT.to_string(),
+            format!("{}:{}:{}", e.code, e.reason, e.at),
+        );
+    }
+    ContainerSpec {
+        id,
+        image: image.clone(),
+        labels,
+        args,
+        env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        cwd: if image.config.working_dir.is_empty() {
+            "/".into()
+        } else {
+            image.config.working_dir.clone()
+        },
+        mounts,
+        limits,
+        cgroup_parent: node.cgroup_parent.clone(),
+        runtime: spec.runtime.name.clone(),
+        runtime_binary: spec.runtime.binary_name.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::Socket;
+    use fleet_api::{Context, parse_fleet};
+
+    fn fleet(extra: &str) -> FleetSpec {
+        let src = format!(
+            "apiVersion: ollama-fleet.io/v1alpha1\nkind: OllamaFleet\nmetadata: {{name: f}}\nspec:\n  model: m\n  replicas: {{perSocket: 2}}\n{extra}"
+        );
+        parse_fleet(&src, &Context::default()).expect("valid").spec
+    }
+
+    fn node() -> NodeCtx {
+        NodeCtx {
+            sockets: 2,
+            topology: Topology {
+                sockets: vec![
+                    Socket {
+                        cpus: vec![0, 1],
+                        mems: vec![0],
+                    },
+                    Socket {
+                        cpus: vec![2, 3],
+                        mems: vec![1],
+                    },
+                ],
+            },
+            cgroup_parent: "/ollama-fleet/ns".into(),
+        }
+    }
+
+    fn image() -> ImageInfo {
+        let mut i = fleet_runtime::fake::FakeRuntime::image_named("docker.io/ollama/ollama:0.4.0");
+        i.config.env = vec!["PATH=/bin".into(), "OLLAMA_HOST=0.0.0.0:11434".into()];
+        i
+    }
+
+    #[test]
+    fn environment_layers_image_then_agent_then_manifest() {
+        let spec = fleet("  env: {OLLAMA_KEEP_ALIVE: 10m, EXTRA: x}\n");
+        let c = container_spec(
+            "f",
+            &spec,
+            "h",
+            &image(),
+            &node(),
+            3,
+            "f-3-abcdef".into(),
+            &Carry::default(),
+            SystemTime::UNIX_EPOCH,
+        );
+        let env: BTreeMap<&str, &str> = c.env.iter().filter_map(|kv| kv.split_once('=')).collect();
+        assert_eq!(
+            env["OLLAMA_HOST"], "127.0.0.1:11437",
+            "the agent's OLLAMA_HOST beats the image's"
+        );
+        assert_eq!(
+            env["OLLAMA_KEEP_ALIVE"], "10m",
+            "the manifest beats the agent"
+        );
+        assert_eq!(env["OLLAMA_NOPRUNE"], "1");
+        assert_eq!(env["OLLAMA_MODELS"], "/models");
+        assert_eq!(env["PATH"], "/bin");
+        assert_eq!(env["EXTRA"], "x");
+        assert_eq!(c.args, ["/bin/ollama", "serve"]);
+        assert_eq!(c.mounts[0].destination, "/models");
+        assert_eq!(c.labels[LABEL_PORT], "11437");
+        assert_eq!(c.labels[LABEL_SLOT], "3");
+    }
+
+    #[test]
+    fn command_limits_and_pinning() {
+        let spec = fleet(
+            "  command: [/bin/ollama, serve, --x]\n  resources: {cpus: 1.5, memory: 1Gi, pids: 64, cpuShares: 100, cpuPinning: socket}\n  models: {hostPath: \"\"}\n",
+        );
+        let c = container_spec(
+            "f",
+            &spec,
+            "h",
+            &image(),
+            &node(),
+            2,
+            "f-2-abcdef".into(),
+            &Carry::default(),
+            SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!(c.args, ["/bin/ollama", "serve", "--x"]);
+        assert_eq!(c.limits.cpu_quota_us, Some(150_000));
+        assert_eq!(c.limits.memory_bytes, Some(1 << 30));
+        assert_eq!(c.limits.pids, Some(64));
+        // perSocket 2: slots 0-1 on socket 0, slots 2-3 on socket 1.
+        assert_eq!(c.limits.cpuset_cpus.as_deref(), Some("2-3"));
+        assert_eq!(c.limits.cpuset_mems.as_deref(), Some("1"));
+        assert!(c.mounts.is_empty(), "no cache, no mount");
+        assert!(!c.env.iter().any(|e| e.starts_with("OLLAMA_MODELS=")));
+    }
+
+    #[test]
+    fn labels_round_trip() {
+        let spec = fleet("");
+        let carry = Carry {
+            restarts: 3,
+            crashloop: 2,
+            last_exit: Some(LastExit {
+                code: 137,
+                reason: "OOMKilled".into(),
+                at: "2026-11-28T10:00:00Z".into(),
+            }),
+        };
+        let now = humantime::parse_rfc3339("2026-11-28T11:00:00Z").expect("time");
+        let c = container_spec(
+            "f",
+            &spec,
+            "abc",
+            &image(),
+            &node(),
+            1,
+            new_id("f", 1, now, 0),
+            &carry,
+            now,
+        );
+        assert!(
+            c.id.starts_with("f-1-") && c.id.len() == "f-1-".len() + 6,
+            "{}",
+            c.id
+        );
+        let parsed = parse_labels(&c.labels).expect("ours");
+        assert_eq!(parsed.fleet, "f");
+        assert_eq!((parsed.slot, parsed.port), (1, 11435));
+        assert_eq!(parsed.spec_hash, "abc");
+        assert_eq!(parsed.created_at, now);
+        assert_eq!(parsed.carry, carry);
+        assert!(parse_labels(&BTreeMap::new()).is_none());
+        assert_ne!(new_id("f", 1, now, 0), new_id("f", 1, now, 1));
+    }
+}

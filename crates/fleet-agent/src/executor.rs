@@ -1,0 +1,190 @@
+//! Runs the planner's actions against the runtime: at most `concurrency` at once, one at a time
+//! per slot. Outcomes only wake the controller, which observes afresh (level-triggered); a
+//! failed action is simply planned again.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use fleet_runtime::{ContainerSpec, Runtime};
+use tokio::sync::{Notify, Semaphore};
+
+/// A unit of work.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Create and start a container.
+    Create(Box<ContainerSpec>),
+    /// Stop and remove `old` (SIGTERM, SIGKILL after `grace`), then create and start `new`.
+    Replace {
+        /// The container replaced.
+        old: String,
+        /// Its grace period.
+        grace: Duration,
+        /// The new container.
+        new: Box<ContainerSpec>,
+    },
+    /// Stop and remove a container.
+    Remove {
+        /// The container.
+        id: String,
+        /// Its grace period.
+        grace: Duration,
+    },
+}
+
+/// What a finished action left behind, for status and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// The last error of the slot, if its last action failed.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    busy: HashSet<String>,
+    terminating: HashSet<String>,
+    outcomes: HashMap<String, Outcome>,
+    completed: u64,
+    failed: u64,
+}
+
+/// The executor.
+#[derive(Debug)]
+pub struct Executor<R: Runtime> {
+    runtime: Arc<R>,
+    permits: Arc<Semaphore>,
+    state: Arc<Mutex<State>>,
+    wake: Arc<Notify>,
+}
+
+impl<R: Runtime> Clone for Executor<R> {
+    fn clone(&self) -> Self {
+        Executor {
+            runtime: self.runtime.clone(),
+            permits: self.permits.clone(),
+            state: self.state.clone(),
+            wake: self.wake.clone(),
+        }
+    }
+}
+
+impl<R: Runtime> Executor<R> {
+    /// An executor running at most `concurrency` actions at once; `wake` is notified after each.
+    pub fn new(runtime: Arc<R>, concurrency: usize, wake: Arc<Notify>) -> Executor<R> {
+        Executor {
+            runtime,
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            state: Arc::new(Mutex::new(State::default())),
+            wake,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Slot keys with work in flight.
+    pub fn busy(&self) -> HashSet<String> {
+        self.state().busy.clone()
+    }
+
+    /// Containers being stopped right now.
+    pub fn terminating(&self) -> HashSet<String> {
+        self.state().terminating.clone()
+    }
+
+    /// The last error of a slot, if its last action failed.
+    pub fn last_error(&self, slot_key: &str) -> Option<String> {
+        self.state()
+            .outcomes
+            .get(slot_key)
+            .and_then(|o| o.error.clone())
+    }
+
+    /// (completed, failed) actions so far.
+    pub fn counts(&self) -> (u64, u64) {
+        let s = self.state();
+        (s.completed, s.failed)
+    }
+
+    /// Starts `op` for `slot_key` unless that slot is busy; returns whether it started.
+    pub fn submit(&self, slot_key: String, op: Op) -> bool {
+        {
+            let mut s = self.state();
+            if !s.busy.insert(slot_key.clone()) {
+                return false;
+            }
+            match &op {
+                Op::Replace { old, .. } => {
+                    s.terminating.insert(old.clone());
+                }
+                Op::Remove { id, .. } => {
+                    s.terminating.insert(id.clone());
+                }
+                Op::Create(_) => {}
+            }
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let permit = this.permits.clone().acquire_owned().await;
+            let started = Instant::now();
+            let result = this.run(&op).await;
+            drop(permit);
+            let mut s = this.state();
+            s.busy.remove(&slot_key);
+            match &op {
+                Op::Replace { old, .. } => {
+                    s.terminating.remove(old);
+                }
+                Op::Remove { id, .. } => {
+                    s.terminating.remove(id);
+                }
+                Op::Create(_) => {}
+            }
+            match result {
+                Ok(()) => {
+                    s.completed += 1;
+                    s.outcomes.remove(&slot_key);
+                    tracing::debug!(slot = %slot_key, elapsed_ms = started.elapsed().as_millis() as u64, "action done");
+                }
+                Err(e) => {
+                    s.failed += 1;
+                    tracing::warn!(slot = %slot_key, error = %e, "action failed; it will be planned again");
+                    s.outcomes.insert(slot_key, Outcome { error: Some(e) });
+                }
+            }
+            drop(s);
+            this.wake.notify_one();
+        });
+        true
+    }
+
+    async fn run(&self, op: &Op) -> Result<(), String> {
+        let rt = &self.runtime;
+        match op {
+            Op::Create(spec) => {
+                rt.create(spec).await.map_err(|e| e.to_string())?;
+                rt.start(&spec.id).await.map_err(|e| e.to_string())?;
+            }
+            Op::Replace { old, grace, new } => {
+                // Prepare the new container while the old one stops; start it once the old one
+                // (and its port) is gone.
+                let (stopped, created) = tokio::join!(
+                    async {
+                        rt.stop(old, *grace).await?;
+                        rt.remove(old).await
+                    },
+                    rt.create(new),
+                );
+                stopped.map_err(|e| e.to_string())?;
+                created.map_err(|e| e.to_string())?;
+                rt.start(&new.id).await.map_err(|e| e.to_string())?;
+            }
+            Op::Remove { id, grace } => {
+                rt.stop(id, *grace).await.map_err(|e| e.to_string())?;
+                rt.remove(id).await.map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,18 @@
+//! The ollama-fleet node agent.
+//!
+//! - [`planner`]: pure decisions, `plan(fleets, instances, busy, now) -> Plan`;
+//! - [`build`]: pure construction of an instance's container;
+//! - [`backoff`], [`topology`]: small pure pieces;
+//! - [`executor`]: runs actions with bounded concurrency, one at a time per slot;
+//! - [`prober`]: HTTP probes;
+//! - [`status`]: status computation (pure) and the writer that writes only changes;
+//! - [`controller`]: the level-triggered loop that ties them together;
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/instances`.
+
+pub mod backoff;
+pub mod build;
+pub mod executor;
+pub mod planner;
+pub mod prober;
+pub mod status;
+pub mod topology;

@@ -1,0 +1,172 @@
+//! HTTP readiness probes, one task per running instance.
+//!
+//! Until an instance is first ready it is probed every 200 ms (so a fresh instance joins the
+//! endpoints as soon as it answers); afterwards every `periodSeconds`. Ready after one success;
+//! unready after `failureThreshold` consecutive failures. Any 2xx or 3xx answer within
+//! `timeoutSeconds` is a success. Changes wake the controller.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleet_api::Probe;
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+/// How often a not-yet-ready instance is probed.
+pub const STARTUP_PERIOD: Duration = Duration::from_millis(200);
+
+/// What the probes say of an instance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeState {
+    /// Ready now.
+    pub ready: bool,
+    /// Was ever ready.
+    pub was_ready: bool,
+    /// Consecutive failures.
+    pub failures: u32,
+}
+
+/// One instance to probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Container ID.
+    pub id: String,
+    /// The URL to GET.
+    pub url: String,
+    /// The probe's settings.
+    pub probe: Probe,
+}
+
+type Http = Client<HttpConnector, Empty<Bytes>>;
+
+/// The prober.
+#[derive(Debug)]
+pub struct Prober {
+    states: Arc<Mutex<HashMap<String, ProbeState>>>,
+    tasks: Mutex<HashMap<String, (Target, JoinHandle<()>)>>,
+    wake: Arc<Notify>,
+    client: Http,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Prober {
+    /// A prober that notifies `wake` when an instance's readiness changes.
+    pub fn new(wake: Arc<Notify>) -> Prober {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        Prober {
+            states: Arc::new(Mutex::new(HashMap::new())),
+            tasks: Mutex::new(HashMap::new()),
+            wake,
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_max_idle_per_host(1)
+                .build(connector),
+        }
+    }
+
+    /// The probe state of an instance (not ready when unknown).
+    pub fn state(&self, id: &str) -> ProbeState {
+        lock(&self.states).get(id).copied().unwrap_or_default()
+    }
+
+    /// Probes exactly these targets: starts new ones, stops those gone, restarts changed ones.
+    pub fn sync(&self, targets: Vec<Target>) {
+        let mut tasks = lock(&self.tasks);
+        let wanted: HashMap<String, Target> =
+            targets.into_iter().map(|t| (t.id.clone(), t)).collect();
+        tasks.retain(|id, (target, handle)| {
+            let keep = wanted.get(id) == Some(target);
+            if !keep {
+                handle.abort();
+            }
+            keep
+        });
+        lock(&self.states).retain(|id, _| wanted.contains_key(id));
+        for (id, target) in wanted {
+            if tasks.contains_key(&id) {
+                continue;
+            }
+            let handle = tokio::spawn(probe_loop(
+                target.clone(),
+                self.client.clone(),
+                self.states.clone(),
+                self.wake.clone(),
+            ));
+            tasks.insert(id, (target, handle));
+        }
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        for (_, (_, handle)) in lock(&self.tasks).drain() {
+            handle.abort();
+        }
+    }
+}
+
+/// One GET: true for 2xx/3xx within the timeout.
+pub async fn probe_once(client: &Http, url: &str, timeout: Duration) -> bool {
+    let Ok(uri) = url.parse::<hyper::Uri>() else {
+        return false;
+    };
+    match tokio::time::timeout(timeout, client.get(uri)).await {
+        Ok(Ok(resp)) => {
+            let ok = resp.status().is_success() || resp.status().is_redirection();
+            // Drain the (small) body so the connection can be reused.
+            let _ =
+                tokio::time::timeout(timeout, http_body_util::BodyExt::collect(resp.into_body()))
+                    .await;
+            ok
+        }
+        _ => false,
+    }
+}
+
+async fn probe_loop(
+    target: Target,
+    client: Http,
+    states: Arc<Mutex<HashMap<String, ProbeState>>>,
+    wake: Arc<Notify>,
+) {
+    let timeout = Duration::from_secs(u64::from(target.probe.timeout_seconds.max(1)));
+    let period = Duration::from_secs(u64::from(target.probe.period_seconds.max(1)));
+    let threshold = target.probe.failure_threshold.max(1);
+    let mut state = lock(&states).get(&target.id).copied().unwrap_or_default();
+    loop {
+        let ok = probe_once(&client, &target.url, timeout).await;
+        let before = state;
+        if ok {
+            state.failures = 0;
+            state.ready = true;
+            state.was_ready = true;
+        } else {
+            state.failures = state.failures.saturating_add(1);
+            if state.failures >= threshold {
+                state.ready = false;
+            }
+        }
+        lock(&states).insert(target.id.clone(), state);
+        if state.ready != before.ready {
+            tracing::debug!(id = %target.id, ready = state.ready, "readiness changed");
+            wake.notify_one();
+        }
+        tokio::time::sleep(if state.was_ready {
+            period
+        } else {
+            STARTUP_PERIOD
+        })
+        .await;
+    }
+}

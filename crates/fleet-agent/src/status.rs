@@ -1,0 +1,289 @@
+//! Status: per-instance phases and per-fleet status (pure), and the writer that writes a
+//! fleet's status key only when it changed (plus a slow heartbeat), so an idle fleet costs etcd
+//! almost nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime};
+
+use fleet_api::{Condition, FleetStatus, InstanceStatus, Phase};
+use fleet_store::Store;
+
+use crate::planner::Instance;
+
+/// The phase of an instance.
+pub fn phase(i: &Instance, terminating: bool, backing_off: bool) -> Phase {
+    if terminating {
+        Phase::Terminating
+    } else if i.is_dead() || backing_off {
+        Phase::BackOff
+    } else if !i.is_running() {
+        Phase::Pending
+    } else if i.ready {
+        Phase::Ready
+    } else if i.was_ready {
+        Phase::Unready
+    } else {
+        Phase::Starting
+    }
+}
+
+/// An instance's status entry.
+pub fn instance_status(i: &Instance, phase: Phase, message: Option<String>) -> InstanceStatus {
+    InstanceStatus {
+        id: i.id.clone(),
+        slot: i.slot,
+        port: i.port,
+        phase,
+        ready: phase == Phase::Ready,
+        started_at: Some(humantime::format_rfc3339_seconds(i.created_at).to_string()),
+        restarts: i.carry.restarts,
+        spec_hash: i.spec_hash.clone(),
+        last_exit: i.exit().or_else(|| i.carry.last_exit.clone()),
+        message,
+    }
+}
+
+/// A condition.
+pub fn condition(kind: &str, ok: bool, reason: &str, message: impl Into<String>) -> Condition {
+    Condition {
+        kind: kind.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: String::new(),
+    }
+}
+
+/// Sums up instances into a fleet status (without times; the writer sets them).
+pub fn summarize(
+    fleet: &str,
+    node: &str,
+    generation: i64,
+    desired: u32,
+    hash: Option<&str>,
+    mut instances: Vec<InstanceStatus>,
+    conditions: Vec<Condition>,
+) -> FleetStatus {
+    instances.sort_by(|a, b| (a.slot, &a.id).cmp(&(b.slot, &b.id)));
+    let in_range = |i: &&InstanceStatus| i.slot < desired;
+    FleetStatus {
+        fleet: fleet.into(),
+        node: node.into(),
+        observed_generation: generation,
+        desired_replicas: desired,
+        replicas: instances
+            .iter()
+            .filter(|i| i.phase != Phase::Terminating)
+            .count() as u32,
+        ready_replicas: instances
+            .iter()
+            .filter(in_range)
+            .filter(|i| i.ready)
+            .count() as u32,
+        updated_replicas: instances
+            .iter()
+            .filter(in_range)
+            .filter(|i| {
+                hash == Some(i.spec_hash.as_str())
+                    && i.phase != Phase::Terminating
+                    && i.phase != Phase::BackOff
+            })
+            .count() as u32,
+        instances,
+        conditions,
+        updated_at: String::new(),
+    }
+}
+
+/// Writes fleet statuses for one node, only when they change (ignoring times) or when the
+/// heartbeat is due, and again after the session lease was replaced.
+#[derive(Debug)]
+pub struct StatusWriter {
+    node: String,
+    heartbeat: Duration,
+    written: HashMap<String, (FleetStatus, Instant)>,
+    session: u64,
+    writes: u64,
+}
+
+impl StatusWriter {
+    /// A writer for `node`, rewriting unchanged statuses every `heartbeat`.
+    pub fn new(node: &str, heartbeat: Duration) -> StatusWriter {
+        StatusWriter {
+            node: node.into(),
+            heartbeat,
+            written: HashMap::new(),
+            session: 0,
+            writes: 0,
+        }
+    }
+
+    /// Status writes so far.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// The last status written for each fleet.
+    pub fn current(&self) -> BTreeMap<String, FleetStatus> {
+        self.written
+            .iter()
+            .map(|(k, (s, _))| (k.clone(), s.clone()))
+            .collect()
+    }
+
+    /// Writes what changed; deletes the keys of fleets no longer in `statuses`.
+    pub async fn write<S: Store>(
+        &mut self,
+        store: &S,
+        statuses: Vec<FleetStatus>,
+    ) -> fleet_store::Result<()> {
+        let session = store.session_generation();
+        let fresh_session = session != self.session;
+        let now = SystemTime::now();
+        let stamp = humantime::format_rfc3339_seconds(now).to_string();
+        let mut seen = Vec::new();
+        for mut status in statuses {
+            let fleet = status.fleet.clone();
+            seen.push(fleet.clone());
+            let previous = self.written.get(&fleet);
+            // Conditions keep their transition time while their status stays the same.
+            for c in &mut status.conditions {
+                let before = previous.and_then(|(p, _)| p.condition(&c.kind));
+                c.last_transition_time = match before {
+                    Some(b) if b.status == c.status => b.last_transition_time.clone(),
+                    _ => stamp.clone(),
+                };
+            }
+            let unchanged = previous.is_some_and(|(p, at)| {
+                let mut p = p.clone();
+                p.updated_at = String::new();
+                p == status && at.elapsed() < self.heartbeat
+            });
+            if unchanged && !fresh_session {
+                continue;
+            }
+            status.updated_at = stamp.clone();
+            let json = serde_json::to_string(&status).unwrap_or_default();
+            store.put_status(&fleet, &self.node, &json).await?;
+            self.writes += 1;
+            status.updated_at = String::new();
+            self.written.insert(fleet, (status, Instant::now()));
+        }
+        let gone: Vec<String> = self
+            .written
+            .keys()
+            .filter(|f| !seen.contains(f))
+            .cloned()
+            .collect();
+        for fleet in gone {
+            store.delete_status(&fleet, &self.node).await?;
+            self.written.remove(&fleet);
+        }
+        self.session = session;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::Carry;
+    use fleet_runtime::TaskState;
+    use fleet_store::memory::MemoryStore;
+
+    fn inst(state: TaskState, ready: bool, was_ready: bool) -> Instance {
+        Instance {
+            id: "f-0-abc".into(),
+            fleet: "f".into(),
+            slot: 0,
+            port: 1,
+            spec_hash: "h".into(),
+            created_at: SystemTime::UNIX_EPOCH,
+            carry: Carry::default(),
+            state,
+            exit_code: Some(1),
+            exited_at: None,
+            ready,
+            was_ready,
+            oom: false,
+        }
+    }
+
+    #[test]
+    fn phases() {
+        assert_eq!(
+            phase(&inst(TaskState::Running, true, true), false, false),
+            Phase::Ready
+        );
+        assert_eq!(
+            phase(&inst(TaskState::Running, false, true), false, false),
+            Phase::Unready
+        );
+        assert_eq!(
+            phase(&inst(TaskState::Running, false, false), false, false),
+            Phase::Starting
+        );
+        assert_eq!(
+            phase(&inst(TaskState::Stopped, false, false), false, true),
+            Phase::BackOff
+        );
+        assert_eq!(
+            phase(&inst(TaskState::NoTask, false, false), false, false),
+            Phase::Pending
+        );
+        assert_eq!(
+            phase(&inst(TaskState::Running, true, true), true, false),
+            Phase::Terminating
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_only_changes() {
+        let store = MemoryStore::default();
+        store
+            .start_session(Duration::from_secs(15))
+            .await
+            .expect("session");
+        let mut w = StatusWriter::new("n1", Duration::from_secs(300));
+        let i = instance_status(&inst(TaskState::Running, true, true), Phase::Ready, None);
+        let s = summarize(
+            "f",
+            "n1",
+            7,
+            1,
+            Some("h"),
+            vec![i.clone()],
+            vec![condition("Available", true, "MinimumReplicasAvailable", "")],
+        );
+        assert_eq!(
+            (s.ready_replicas, s.updated_replicas, s.replicas),
+            (1, 1, 1)
+        );
+        w.write(&store, vec![s.clone()]).await.expect("write");
+        let first = store.revision();
+        w.write(&store, vec![s.clone()]).await.expect("write");
+        assert_eq!(
+            store.revision(),
+            first,
+            "an unchanged status is not written"
+        );
+        let mut changed = s.clone();
+        changed.instances[0].phase = Phase::Unready;
+        changed.instances[0].ready = false;
+        w.write(&store, vec![changed]).await.expect("write");
+        assert_eq!(store.revision(), first + 1);
+        let stored: FleetStatus =
+            serde_json::from_str(&store.list_status(Some("f")).await.expect("list")[0].value)
+                .expect("json");
+        assert_eq!(stored.observed_generation, 7);
+        assert!(!stored.updated_at.is_empty());
+        assert!(!stored.conditions[0].last_transition_time.is_empty());
+        // A lost lease means every key is written again.
+        store.expire_session();
+        w.write(&store, vec![s.clone()]).await.expect("write");
+        assert_eq!(store.list_status(Some("f")).await.expect("list").len(), 1);
+        // A fleet no longer reported loses its key.
+        w.write(&store, vec![]).await.expect("write");
+        assert!(store.list_status(None).await.expect("list").is_empty());
+    }
+}
