@@ -11,7 +11,9 @@
 
 pub mod backoff;
 pub mod build;
+pub mod controller;
 pub mod executor;
+pub mod http;
 pub mod planner;
 pub mod prober;
 pub mod status;

@@ -45,6 +45,65 @@ pub struct Target {
 
 type Http = Client<HttpConnector, Empty<Bytes>>;
 
+/// Where probe results come from: the HTTP [`Prober`], or [`ScriptedProbes`] in tests.
+pub trait Probes: Send + Sync + 'static {
+    /// The probe state of an instance (not ready when unknown).
+    fn state(&self, id: &str) -> ProbeState;
+    /// Probes exactly these targets.
+    fn sync(&self, targets: Vec<Target>);
+}
+
+/// Probes whose answers a test decides: every target is ready unless marked failing.
+#[derive(Debug, Default)]
+pub struct ScriptedProbes {
+    targets: Mutex<HashMap<String, Target>>,
+    failing: Mutex<std::collections::HashSet<String>>,
+    wake: Option<Arc<Notify>>,
+}
+
+impl ScriptedProbes {
+    /// Scripted probes that wake `wake` when a test changes an answer.
+    pub fn new(wake: Option<Arc<Notify>>) -> ScriptedProbes {
+        ScriptedProbes {
+            wake,
+            ..ScriptedProbes::default()
+        }
+    }
+
+    /// Makes an instance's probe fail (or pass again).
+    pub fn set_failing(&self, id: &str, failing: bool) {
+        if failing {
+            lock(&self.failing).insert(id.to_string());
+        } else {
+            lock(&self.failing).remove(id);
+        }
+        if let Some(w) = &self.wake {
+            w.notify_one();
+        }
+    }
+
+    /// The targets last synced.
+    pub fn targets(&self) -> Vec<Target> {
+        lock(&self.targets).values().cloned().collect()
+    }
+}
+
+impl Probes for ScriptedProbes {
+    fn state(&self, id: &str) -> ProbeState {
+        let known = lock(&self.targets).contains_key(id);
+        let ready = known && !lock(&self.failing).contains(id);
+        ProbeState {
+            ready,
+            was_ready: known,
+            failures: u32::from(!ready),
+        }
+    }
+
+    fn sync(&self, targets: Vec<Target>) {
+        *lock(&self.targets) = targets.into_iter().map(|t| (t.id.clone(), t)).collect();
+    }
+}
+
 /// The prober.
 #[derive(Debug)]
 pub struct Prober {
@@ -74,14 +133,15 @@ impl Prober {
                 .build(connector),
         }
     }
+}
 
-    /// The probe state of an instance (not ready when unknown).
-    pub fn state(&self, id: &str) -> ProbeState {
+impl Probes for Prober {
+    fn state(&self, id: &str) -> ProbeState {
         lock(&self.states).get(id).copied().unwrap_or_default()
     }
 
-    /// Probes exactly these targets: starts new ones, stops those gone, restarts changed ones.
-    pub fn sync(&self, targets: Vec<Target>) {
+    /// Starts new targets, stops those gone, restarts changed ones.
+    fn sync(&self, targets: Vec<Target>) {
         let mut tasks = lock(&self.tasks);
         let wanted: HashMap<String, Target> =
             targets.into_iter().map(|t| (t.id.clone(), t)).collect();

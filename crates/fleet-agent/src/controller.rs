@@ -1,0 +1,828 @@
+//! The controller: one level-triggered loop per node.
+//!
+//! Every pass observes afresh (containerd's containers, the fleets last seen in etcd, the
+//! probes), evaluates each fleet for this node, asks the pure planner what to do, hands the
+//! actions to the executor, points the prober at the running instances, and writes status.
+//! Watch events, containerd events, probe changes and finished actions only wake the loop; a
+//! resync timer wakes it anyway.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use fleet_api::{
+    Capacity, Context, FleetStatus, InstanceStatus, NodeInfo, OllamaFleet, Phase, PullPolicy,
+    Versions, spec_hash,
+};
+use fleet_runtime::{ImageInfo, Runtime, RuntimeEvent};
+use fleet_store::{FleetDoc, FleetEvent, Store};
+use futures::StreamExt;
+use tokio::sync::Notify;
+
+use crate::build::{self, NodeCtx};
+use crate::executor::{Executor, Op};
+use crate::planner::{self, Action, Desired, Instance, Target};
+use crate::prober::{self, Probes};
+use crate::status::{self, StatusWriter};
+use crate::topology::Topology;
+
+/// The agent's settings.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This node's name.
+    pub node: String,
+    /// This node's labels (matched by `nodeSelector`).
+    pub labels: BTreeMap<String, String>,
+    /// Sockets counted for `perSocket`.
+    pub sockets: u32,
+    /// CPU topology.
+    pub topology: Topology,
+    /// containerd namespace (for messages).
+    pub namespace: String,
+    /// cgroup parent of the instances.
+    pub cgroup_parent: String,
+    /// Actions at once.
+    pub concurrency: usize,
+    /// Plan at least this often.
+    pub resync: Duration,
+    /// Rewrite unchanged status this often.
+    pub status_heartbeat: Duration,
+    /// Rewrite the node record this often.
+    pub node_heartbeat: Duration,
+    /// TTL of the session lease.
+    pub session_ttl: Duration,
+    /// The agent's version.
+    pub version: String,
+}
+
+impl AgentConfig {
+    /// Defaults for a node.
+    pub fn new(node: &str, namespace: &str) -> AgentConfig {
+        let topology = Topology::read(std::path::Path::new("/"));
+        AgentConfig {
+            node: node.into(),
+            labels: BTreeMap::new(),
+            sockets: topology.sockets.len().max(1) as u32,
+            topology,
+            namespace: namespace.into(),
+            cgroup_parent: format!("/ollama-fleet/{namespace}"),
+            concurrency: 16,
+            resync: Duration::from_secs(10),
+            status_heartbeat: Duration::from_secs(300),
+            node_heartbeat: Duration::from_secs(60),
+            session_ttl: Duration::from_secs(15),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// An instance as the HTTP endpoints show it.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// Fleet.
+    pub fleet: String,
+    /// Container ID.
+    pub id: String,
+    /// Slot.
+    pub slot: u32,
+    /// `host:port` to send requests to.
+    pub address: String,
+    /// Phase.
+    pub phase: Phase,
+    /// Whether to route to it.
+    pub ready: bool,
+    /// Spec hash.
+    pub spec_hash: String,
+}
+
+/// What the agent last saw and did, for `/instances`, `/metrics` and the health endpoints.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    /// The node.
+    pub node: String,
+    /// Every instance.
+    pub endpoints: Vec<Endpoint>,
+    /// Every fleet's status on this node.
+    pub statuses: Vec<FleetStatus>,
+    /// The fleet list is known (etcd or the manifests answered).
+    pub fleets_known: bool,
+    /// containerd answered the last pass.
+    pub containerd_up: bool,
+    /// The store accepted the last writes.
+    pub store_up: bool,
+    /// When the last pass ended.
+    pub last_pass: Option<Instant>,
+    /// Passes so far.
+    pub passes: u64,
+    /// Duration of the last pass.
+    pub last_pass_seconds: f64,
+    /// Actions (completed, failed).
+    pub actions: (u64, u64),
+    /// Status writes so far.
+    pub status_writes: u64,
+    /// Restarts by fleet.
+    pub restarts: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug)]
+struct CachedImage {
+    found: Result<Option<ImageInfo>, String>,
+    at: Instant,
+}
+
+/// One fleet, evaluated for this node.
+#[derive(Debug)]
+enum Eval {
+    Run {
+        fleet: Box<OllamaFleet>,
+        replicas: u32,
+        hash: String,
+        image: Option<Box<ImageInfo>>,
+        image_error: Option<String>,
+    },
+    Paused(Box<OllamaFleet>),
+    Invalid(String),
+}
+
+/// The agent.
+pub struct Agent<R: Runtime, S: Store> {
+    cfg: AgentConfig,
+    runtime: Arc<R>,
+    store: Arc<S>,
+    exec: Executor<R>,
+    prober: Arc<dyn Probes>,
+    wake: Arc<Notify>,
+    fleets: Arc<Mutex<Option<BTreeMap<String, FleetDoc>>>>,
+    ooms: Arc<Mutex<HashSet<String>>>,
+    images: HashMap<String, CachedImage>,
+    last_valid: HashMap<String, OllamaFleet>,
+    writer: StatusWriter,
+    view: Arc<RwLock<View>>,
+    salt: u64,
+    node_written: Option<(Instant, u64)>,
+}
+
+impl<R: Runtime, S: Store> std::fmt::Debug for Agent<R, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("node", &self.cfg.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<R: Runtime, S: Store> Agent<R, S> {
+    /// An agent for `cfg`, probing over HTTP.
+    pub fn new(cfg: AgentConfig, runtime: Arc<R>, store: Arc<S>) -> Agent<R, S> {
+        let wake = Arc::new(Notify::new());
+        let prober = Arc::new(prober::Prober::new(wake.clone()));
+        Agent::with_probes(cfg, runtime, store, prober, wake)
+    }
+
+    /// An agent with the given probes; `wake` must be the one the probes notify.
+    pub fn with_probes(
+        cfg: AgentConfig,
+        runtime: Arc<R>,
+        store: Arc<S>,
+        probes: Arc<dyn Probes>,
+        wake: Arc<Notify>,
+    ) -> Agent<R, S> {
+        Agent {
+            exec: Executor::new(runtime.clone(), cfg.concurrency, wake.clone()),
+            prober: probes,
+            writer: StatusWriter::new(&cfg.node, cfg.status_heartbeat),
+            view: Arc::new(RwLock::new(View {
+                node: cfg.node.clone(),
+                ..View::default()
+            })),
+            cfg,
+            runtime,
+            store,
+            wake,
+            fleets: Arc::new(Mutex::new(None)),
+            ooms: Arc::new(Mutex::new(HashSet::new())),
+            images: HashMap::new(),
+            last_valid: HashMap::new(),
+            salt: 0,
+            node_written: None,
+        }
+    }
+
+    /// The view shared with the HTTP endpoints.
+    pub fn view(&self) -> Arc<RwLock<View>> {
+        self.view.clone()
+    }
+
+    /// Runs until `shutdown` completes. Running instances are left running.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        self.spawn_watchers();
+        let mut next_wake: Option<SystemTime> = None;
+        loop {
+            let started = Instant::now();
+            match self.reconcile().await {
+                Ok(wake_at) => next_wake = wake_at,
+                Err(e) => tracing::warn!(error = %e, "reconcile pass failed; retrying"),
+            }
+            let elapsed = started.elapsed();
+            {
+                let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
+                v.passes += 1;
+                v.last_pass_seconds = elapsed.as_secs_f64();
+                v.last_pass = Some(Instant::now());
+            }
+            let mut sleep = self.cfg.resync;
+            if let Some(at) = next_wake {
+                sleep = sleep.min(planner::until(SystemTime::now(), at) + Duration::from_millis(5));
+            }
+            if !self
+                .view
+                .read()
+                .map(|v| v.containerd_up && v.store_up)
+                .unwrap_or(false)
+            {
+                sleep = sleep.min(Duration::from_secs(1));
+            }
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+        tracing::info!(node = %self.cfg.node, "agent stopping; instances keep running");
+    }
+
+    fn spawn_watchers(&self) {
+        let fleets = self.fleets.clone();
+        let wake = self.wake.clone();
+        let mut watch = self.store.watch_fleets();
+        tokio::spawn(async move {
+            while let Some(event) = watch.next().await {
+                {
+                    let mut f = lock(&fleets);
+                    match event {
+                        FleetEvent::Resync(docs) => {
+                            *f = Some(docs.into_iter().map(|d| (d.name.clone(), d)).collect());
+                        }
+                        FleetEvent::Put(doc) => {
+                            f.get_or_insert_with(BTreeMap::new)
+                                .insert(doc.name.clone(), doc);
+                        }
+                        FleetEvent::Delete(name) => {
+                            if let Some(m) = f.as_mut() {
+                                m.remove(&name);
+                            }
+                        }
+                    }
+                }
+                wake.notify_one();
+            }
+        });
+        let ooms = self.ooms.clone();
+        let wake = self.wake.clone();
+        let mut events = self.runtime.events();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match &event {
+                    RuntimeEvent::Oom { id } => {
+                        lock(&ooms).insert(id.clone());
+                    }
+                    RuntimeEvent::Exit { id, code, .. } => {
+                        tracing::info!(id = %id, code, "instance exited");
+                    }
+                    RuntimeEvent::Resync => {}
+                }
+                wake.notify_one();
+            }
+        });
+    }
+
+    async fn image(&mut self, name: &str, fresh: bool) -> Result<Option<ImageInfo>, String> {
+        if let Some(c) = self.images.get(name) {
+            let ttl = match &c.found {
+                Ok(Some(_)) => Duration::from_secs(60),
+                _ => Duration::from_secs(2),
+            };
+            if !fresh && c.at.elapsed() < ttl {
+                return c.found.clone();
+            }
+        }
+        let found = self.runtime.image(name).await.map_err(|e| e.to_string());
+        self.images.insert(
+            name.into(),
+            CachedImage {
+                found: found.clone(),
+                at: Instant::now(),
+            },
+        );
+        found
+    }
+
+    fn evaluate(&self, doc: &FleetDoc) -> Result<(OllamaFleet, u32), String> {
+        let ctx = Context {
+            sockets: self.cfg.sockets,
+        };
+        let fleet = fleet_api::parse_fleet(&doc.value, &ctx).map_err(|errs| {
+            errs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        })?;
+        if fleet.name() != doc.name {
+            return Err(format!(
+                "metadata.name {:?} does not match the key's name {:?}",
+                fleet.name(),
+                doc.name
+            ));
+        }
+        let selected = fleet
+            .spec
+            .node_selector
+            .iter()
+            .all(|(k, v)| self.cfg.labels.get(k) == Some(v));
+        let replicas = if selected {
+            fleet.spec.replicas.count(self.cfg.sockets)
+        } else {
+            0
+        };
+        Ok((fleet, replicas))
+    }
+
+    async fn reconcile(&mut self) -> Result<Option<SystemTime>, String> {
+        let now = SystemTime::now();
+        self.ensure_session().await;
+        let observed = match self.runtime.list().await {
+            Ok(o) => o,
+            Err(e) => {
+                self.set_up(false, None);
+                return Err(format!("cannot list containers: {e}"));
+            }
+        };
+        let docs = lock(&self.fleets).clone();
+
+        // Evaluate each fleet for this node.
+        let mut evals: BTreeMap<String, (i64, Eval)> = BTreeMap::new();
+        for doc in docs.iter().flat_map(|d| d.values()) {
+            let eval = match self.evaluate(doc) {
+                Err(e) => Eval::Invalid(e),
+                Ok((fleet, _)) if fleet.spec.paused => Eval::Paused(Box::new(fleet)),
+                Ok((fleet, replicas)) => {
+                    let name = fleet
+                        .spec
+                        .image_ref()
+                        .map(|r| r.to_string())
+                        .unwrap_or_default();
+                    let changed = self
+                        .last_valid
+                        .get(&doc.name)
+                        .is_none_or(|f| f.spec != fleet.spec);
+                    let (image, image_error) = match self.image(&name, changed).await {
+                        Ok(Some(i)) => (Some(Box::new(i)), None),
+                        Ok(None) => (
+                            None,
+                            Some(missing_image(
+                                &name,
+                                fleet.spec.image_pull_policy,
+                                &self.cfg.namespace,
+                            )),
+                        ),
+                        Err(e) => (None, Some(format!("ErrImageInspect: {e}"))),
+                    };
+                    let hash = spec_hash(
+                        &fleet.spec,
+                        image.as_ref().map_or("", |i| i.digest.as_str()),
+                    );
+                    Eval::Run {
+                        fleet: Box::new(fleet),
+                        replicas,
+                        hash,
+                        image,
+                        image_error,
+                    }
+                }
+            };
+            if let Eval::Run { fleet, .. } | Eval::Paused(fleet) = &eval {
+                self.last_valid.insert(doc.name.clone(), (**fleet).clone());
+            }
+            evals.insert(doc.name.clone(), (doc.revision, eval));
+        }
+        if docs.is_some() {
+            self.last_valid.retain(|name, _| evals.contains_key(name));
+        }
+
+        // What runs.
+        let live: HashSet<&str> = observed.iter().map(|o| o.id.as_str()).collect();
+        lock(&self.ooms).retain(|id| live.contains(id.as_str()));
+        let ooms = lock(&self.ooms).clone();
+        let instances: Vec<Instance> = observed
+            .iter()
+            .filter_map(|o| {
+                let l = build::parse_labels(&o.labels)?;
+                let probe = self.prober.state(&o.id);
+                Some(Instance {
+                    id: o.id.clone(),
+                    fleet: l.fleet,
+                    slot: l.slot,
+                    port: l.port,
+                    spec_hash: l.spec_hash,
+                    created_at: l.created_at,
+                    carry: l.carry,
+                    state: o.state,
+                    exit_code: o.exit_code,
+                    exited_at: o.exited_at,
+                    ready: probe.ready && o.state == fleet_runtime::TaskState::Running,
+                    was_ready: probe.was_ready,
+                    oom: ooms.contains(&o.id),
+                })
+            })
+            .collect();
+
+        // Plan.
+        let targets: Vec<Target<'_>> = evals
+            .iter()
+            .map(|(name, (_, eval))| Target {
+                name,
+                desired: match eval {
+                    Eval::Run {
+                        fleet,
+                        replicas,
+                        hash,
+                        image,
+                        ..
+                    } => Desired::Run {
+                        spec: &fleet.spec,
+                        replicas: *replicas,
+                        hash,
+                        can_create: image.is_some(),
+                    },
+                    Eval::Paused(_) | Eval::Invalid(_) => Desired::Keep,
+                },
+            })
+            .collect();
+        let busy = self.exec.busy();
+        let plan = planner::plan(&planner::Input {
+            fleets: docs.as_ref().map(|_| targets.as_slice()),
+            instances: &instances,
+            busy: &busy,
+            now,
+        });
+        drop(targets);
+
+        // Act.
+        let node = NodeCtx {
+            sockets: self.cfg.sockets,
+            topology: self.cfg.topology.clone(),
+            cgroup_parent: self.cfg.cgroup_parent.clone(),
+        };
+        for action in &plan.actions {
+            if let Some(op) = self.op_for(action, &evals, &node, now) {
+                tracing::info!(action = ?action, "acting");
+                self.exec.submit(action.slot_key(), op);
+            }
+        }
+
+        // Probe what runs.
+        let targets: Vec<prober::Target> = instances
+            .iter()
+            .filter(|i| i.is_running())
+            .filter_map(|i| {
+                let spec = &self.last_valid.get(&i.fleet)?.spec;
+                let host = match spec.network.host_ip {
+                    std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
+                    std::net::IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_string(),
+                    std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                    ip => ip.to_string(),
+                };
+                Some(prober::Target {
+                    id: i.id.clone(),
+                    url: format!("http://{host}:{}{}", i.port, spec.probes.readiness.path),
+                    probe: spec.probes.readiness.clone(),
+                })
+            })
+            .collect();
+        self.prober.sync(targets);
+
+        // Report.
+        let statuses = self.statuses(&evals, &instances, &plan);
+        let endpoints = self.endpoints(&instances, &statuses);
+        let stored = self.writer.write(&*self.store, statuses.clone()).await;
+        if let Err(e) = &stored {
+            tracing::warn!(error = %e, "cannot write status");
+        }
+        self.set_up(true, Some(stored.is_ok()));
+        {
+            let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
+            v.endpoints = endpoints;
+            v.statuses = statuses;
+            v.fleets_known = docs.is_some();
+            v.actions = self.exec.counts();
+            v.status_writes = self.writer.writes();
+            v.restarts = BTreeMap::new();
+            for i in &instances {
+                *v.restarts.entry(i.fleet.clone()).or_default() += u64::from(i.carry.restarts);
+            }
+        }
+        Ok(plan.wake_at)
+    }
+
+    fn set_up(&self, containerd: bool, store: Option<bool>) {
+        let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
+        v.containerd_up = containerd;
+        if let Some(s) = store {
+            v.store_up = s;
+        }
+    }
+
+    /// Starts the session when there is none, and writes the node record when it is due.
+    async fn ensure_session(&mut self) {
+        let generation = self.store.session_generation();
+        if generation == 0
+            && let Err(e) = self.store.start_session(self.cfg.session_ttl).await
+        {
+            tracing::warn!(error = %e, "cannot start the etcd session; retrying");
+            return;
+        }
+        let generation = self.store.session_generation();
+        let due = self
+            .node_written
+            .is_none_or(|(at, g)| g != generation || at.elapsed() >= self.cfg.node_heartbeat);
+        if !due {
+            return;
+        }
+        let containerd = self.runtime.version().await.unwrap_or_default();
+        let info = NodeInfo {
+            name: self.cfg.node.clone(),
+            labels: self.cfg.labels.clone(),
+            capacity: Capacity {
+                sockets: self.cfg.sockets,
+                cpus: self.cfg.topology.cpus(),
+                memory_bytes: crate::topology::memory_bytes(),
+            },
+            versions: Versions {
+                agent: self.cfg.version.clone(),
+                containerd,
+                runtime: "io.containerd.runc.v2".into(),
+            },
+            heartbeat: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        };
+        let json = serde_json::to_string(&info).unwrap_or_default();
+        match self.store.put_node(&self.cfg.node, &json).await {
+            Ok(()) => self.node_written = Some((Instant::now(), generation)),
+            Err(e) => tracing::warn!(error = %e, "cannot write the node record"),
+        }
+    }
+
+    fn op_for(
+        &mut self,
+        action: &Action,
+        evals: &BTreeMap<String, (i64, Eval)>,
+        node: &NodeCtx,
+        now: SystemTime,
+    ) -> Option<Op> {
+        let grace = |fleet: &str| {
+            self.last_valid
+                .get(fleet)
+                .map_or(Duration::from_secs(30), |f| {
+                    f.spec.termination_grace_period.std()
+                })
+        };
+        let mut new_spec = |fleet: &str, slot: u32, carry: &build::Carry| {
+            let (
+                _,
+                Eval::Run {
+                    fleet: f,
+                    hash,
+                    image: Some(image),
+                    ..
+                },
+            ) = evals.get(fleet)?
+            else {
+                return None;
+            };
+            self.salt += 1;
+            let id = build::new_id(fleet, slot, now, self.salt);
+            Some(Box::new(build::container_spec(
+                fleet, &f.spec, hash, image, node, slot, id, carry, now,
+            )))
+        };
+        match action {
+            Action::Create { fleet, slot, carry } => new_spec(fleet, *slot, carry).map(Op::Create),
+            Action::Replace {
+                old,
+                fleet,
+                slot,
+                carry,
+                ..
+            } => {
+                let new = new_spec(fleet, *slot, carry)?;
+                Some(Op::Replace {
+                    old: old.clone(),
+                    grace: grace(fleet),
+                    new,
+                })
+            }
+            Action::Remove { id, fleet, .. } => Some(Op::Remove {
+                id: id.clone(),
+                grace: grace(fleet),
+            }),
+        }
+    }
+
+    fn statuses(
+        &self,
+        evals: &BTreeMap<String, (i64, Eval)>,
+        instances: &[Instance],
+        plan: &planner::Plan,
+    ) -> Vec<FleetStatus> {
+        let terminating = self.exec.terminating();
+        let mut by_fleet: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
+        for i in instances {
+            by_fleet.entry(&i.fleet).or_default().push(i);
+        }
+        let mut names: Vec<&str> = evals.keys().map(String::as_str).collect();
+        names.extend(by_fleet.keys().copied());
+        names.sort_unstable();
+        names.dedup();
+        let mut out = Vec::new();
+        for name in names {
+            let mine = by_fleet.get(name).cloned().unwrap_or_default();
+            let inst: Vec<InstanceStatus> = mine
+                .iter()
+                .map(|i| {
+                    let phase = status::phase(
+                        i,
+                        terminating.contains(&i.id),
+                        plan.backing_off.contains(&i.id),
+                    );
+                    let message = self.exec.last_error(&planner::slot_key(&i.fleet, i.slot));
+                    status::instance_status(i, phase, message)
+                })
+                .collect();
+            let (generation, desired, hash, conditions) = match evals.get(name) {
+                None => (
+                    0,
+                    0,
+                    None,
+                    vec![status::condition(
+                        "Progressing",
+                        true,
+                        "FleetDeleted",
+                        "the fleet was deleted; removing its instances",
+                    )],
+                ),
+                Some((generation, eval)) => match eval {
+                    Eval::Invalid(e) => (
+                        *generation,
+                        inst.len() as u32,
+                        None,
+                        vec![
+                            status::condition("SpecValid", false, "Invalid", e.clone()),
+                            status::condition(
+                                "Progressing",
+                                false,
+                                "SpecInvalid",
+                                "running instances are left as they are",
+                            ),
+                        ],
+                    ),
+                    Eval::Paused(f) => (
+                        *generation,
+                        f.spec.replicas.count(self.cfg.sockets),
+                        None,
+                        vec![
+                            status::condition("SpecValid", true, "Parsed", ""),
+                            status::condition(
+                                "Progressing",
+                                false,
+                                "Paused",
+                                "spec.paused is true: no changes are made",
+                            ),
+                        ],
+                    ),
+                    Eval::Run {
+                        fleet,
+                        replicas,
+                        hash,
+                        image_error,
+                        ..
+                    } => {
+                        let ready = inst
+                            .iter()
+                            .filter(|s| s.slot < *replicas && s.ready)
+                            .count() as u32;
+                        let updated = inst
+                            .iter()
+                            .filter(|s| s.slot < *replicas && s.spec_hash == *hash && s.ready)
+                            .count() as u32;
+                        let (max_unavailable, _) = fleet.spec.rollout.budget(*replicas);
+                        let available = ready + max_unavailable >= *replicas;
+                        let converged = updated == *replicas && inst.len() as u32 == *replicas;
+                        let progressing = match image_error {
+                            Some(e) if *replicas > 0 => status::condition(
+                                "Progressing",
+                                false,
+                                e.split(':').next().unwrap_or("ErrImage"),
+                                e.clone(),
+                            ),
+                            _ if converged => {
+                                status::condition("Progressing", false, "Converged", "")
+                            }
+                            _ => status::condition(
+                                "Progressing",
+                                true,
+                                "Reconciling",
+                                format!(
+                                    "{updated} of {replicas} instances ready on the current spec"
+                                ),
+                            ),
+                        };
+                        (
+                            *generation,
+                            *replicas,
+                            Some(hash.as_str()),
+                            vec![
+                                status::condition("SpecValid", true, "Parsed", ""),
+                                status::condition(
+                                    "Available",
+                                    available,
+                                    if available {
+                                        "MinimumReplicasAvailable"
+                                    } else {
+                                        "MinimumReplicasUnavailable"
+                                    },
+                                    format!("{ready} of {replicas} instances ready"),
+                                ),
+                                progressing,
+                            ],
+                        )
+                    }
+                },
+            };
+            // A fleet this node does not run, with nothing left of it here, has no status here.
+            if desired == 0
+                && inst.is_empty()
+                && matches!(evals.get(name), Some((_, Eval::Run { .. })) | None)
+            {
+                continue;
+            }
+            out.push(status::summarize(
+                name,
+                &self.cfg.node,
+                generation,
+                desired,
+                hash,
+                inst,
+                conditions,
+            ));
+        }
+        out
+    }
+
+    fn endpoints(&self, instances: &[Instance], statuses: &[FleetStatus]) -> Vec<Endpoint> {
+        let phases: HashMap<&str, &InstanceStatus> = statuses
+            .iter()
+            .flat_map(|s| s.instances.iter())
+            .map(|i| (i.id.as_str(), i))
+            .collect();
+        instances
+            .iter()
+            .filter_map(|i| {
+                let s = phases.get(i.id.as_str())?;
+                let host = self.last_valid.get(&i.fleet).map_or_else(
+                    || "127.0.0.1".to_string(),
+                    |f| f.spec.network.host_ip.to_string(),
+                );
+                let address = if host.contains(':') {
+                    format!("[{host}]:{}", i.port)
+                } else {
+                    format!("{host}:{}", i.port)
+                };
+                Some(Endpoint {
+                    fleet: i.fleet.clone(),
+                    id: i.id.clone(),
+                    slot: i.slot,
+                    address,
+                    phase: s.phase,
+                    ready: s.ready,
+                    spec_hash: i.spec_hash.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The status message for an image that is not in containerd.
+fn missing_image(name: &str, policy: PullPolicy, namespace: &str) -> String {
+    match policy {
+        PullPolicy::Never => format!(
+            "ErrImageNeverPull: image {name:?} is not present in containerd namespace {namespace:?} and imagePullPolicy is Never; import it (ctr -n {namespace} images import) or change the policy"
+        ),
+        _ => format!(
+            "ErrImagePull: image {name:?} is not present in containerd namespace {namespace:?}; this agent cannot pull yet, import it (ctr -n {namespace} images import)"
+        ),
+    }
+}

@@ -1,0 +1,581 @@
+//! The controller on fakes: an in-memory store, a fake runtime and scripted probes. Fast, and
+//! every test runs under a timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_agent::controller::{Agent, AgentConfig};
+use fleet_agent::prober::ScriptedProbes;
+use fleet_api::{FleetStatus, LABEL_FLEET, Phase};
+use fleet_e2e::wait_for;
+use fleet_runtime::fake::FakeRuntime;
+use fleet_runtime::{ContainerSpec, Limits, Runtime, TaskState};
+use fleet_store::memory::MemoryStore;
+use fleet_store::{Expect, Store};
+use tokio::sync::{Notify, oneshot};
+
+const IMAGE: &str = "localhost/ollama-sim:dev";
+
+fn manifest(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: ollama-fleet.io/v1alpha1\nkind: OllamaFleet\nmetadata: {{name: {name}}}\nspec:\n  model: m\n  image: {IMAGE}\n  imagePullPolicy: Never\n  restartBackoff: {{initial: 100ms, max: 1s}}\n  terminationGracePeriod: 1s\n{extra}"
+    )
+}
+
+struct Running {
+    runtime: FakeRuntime,
+    store: MemoryStore,
+    probes: Arc<ScriptedProbes>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+fn config() -> AgentConfig {
+    let mut cfg = AgentConfig::new("node-a", "test");
+    cfg.sockets = 2;
+    cfg.resync = Duration::from_millis(200);
+    cfg
+}
+
+fn start(runtime: FakeRuntime, store: MemoryStore, cfg: AgentConfig) -> Running {
+    let wake = Arc::new(Notify::new());
+    let probes = Arc::new(ScriptedProbes::new(Some(wake.clone())));
+    let agent = Agent::with_probes(
+        cfg,
+        Arc::new(runtime.clone()),
+        Arc::new(store.clone()),
+        probes.clone(),
+        wake,
+    );
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async {
+        let _ = rx.await;
+    }));
+    Running {
+        runtime,
+        store,
+        probes,
+        stop: Some(tx),
+        task,
+    }
+}
+
+fn fresh() -> (FakeRuntime, MemoryStore) {
+    let rt = FakeRuntime::new();
+    rt.add_image(FakeRuntime::image_named(IMAGE));
+    (rt, MemoryStore::default())
+}
+
+async fn status(store: &MemoryStore, fleet: &str) -> Option<FleetStatus> {
+    let entries = store.list_status(Some(fleet)).await.ok()?;
+    serde_json::from_str(&entries.first()?.value).ok()
+}
+
+async fn wait_status(
+    store: &MemoryStore,
+    fleet: &str,
+    what: &str,
+    check: impl Fn(&FleetStatus) -> bool,
+) -> FleetStatus {
+    wait_for(what, Duration::from_secs(10), || async {
+        status(store, fleet).await.filter(|s| check(s))
+    })
+    .await
+}
+
+async fn running(rt: &FakeRuntime) -> Vec<String> {
+    let mut ids: Vec<String> = rt
+        .list()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|o| o.state == TaskState::Running)
+        .map(|o| o.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn converges_reports_and_stays_idle() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (rt, store) = fresh();
+        let generation = store
+            .put_fleet(
+                "f",
+                &manifest(
+                    "f",
+                    "  replicas: {perSocket: 2}\n  resources: {memory: 64Mi, cpus: 0.5}\n",
+                ),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        let a = start(rt, store, config());
+        let s = wait_status(&a.store, "f", "4 ready instances", |s| {
+            s.ready_replicas == 4
+        })
+        .await;
+        assert_eq!(
+            (
+                s.desired_replicas,
+                s.replicas,
+                s.updated_replicas,
+                s.observed_generation
+            ),
+            (4, 4, 4, generation)
+        );
+        assert_eq!(
+            s.condition("Available").map(|c| c.status.as_str()),
+            Some("True")
+        );
+        assert_eq!(
+            s.condition("Progressing").map(|c| c.reason.as_str()),
+            Some("Converged")
+        );
+        assert!(
+            s.instances
+                .iter()
+                .all(|i| i.phase == Phase::Ready && i.restarts == 0)
+        );
+        let ports: Vec<u16> = s.instances.iter().map(|i| i.port).collect();
+        assert_eq!(ports, [11434, 11435, 11436, 11437]);
+        // The limits reach the runtime.
+        let spec = a.runtime.spec_of(&s.instances[0].id).expect("spec");
+        assert_eq!(spec.limits.memory_bytes, Some(64 << 20));
+        assert_eq!(spec.limits.cpu_quota_us, Some(50_000));
+        assert_eq!(spec.cgroup_parent, "/ollama-fleet/test");
+        // The node is registered.
+        let nodes = a.store.list_nodes().await.expect("nodes");
+        assert_eq!(nodes.len(), 1);
+        assert!(nodes[0].value.contains("\"sockets\":2"));
+        // Idle: several passes later, nothing more was written.
+        let writes = a.store.revision();
+        let calls = a.runtime.calls().len();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert_eq!(
+            a.store.revision(),
+            writes,
+            "an idle fleet writes nothing to the store"
+        );
+        let new_calls: Vec<String> = a.runtime.calls()[calls..]
+            .iter()
+            .filter(|c| !c.starts_with("list") && !c.starts_with("image"))
+            .cloned()
+            .collect();
+        assert!(
+            new_calls.is_empty(),
+            "an idle fleet changes nothing: {new_calls:?}"
+        );
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn crashes_and_ooms_are_replaced_with_history() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (rt, store) = fresh();
+        store
+            .put_fleet(
+                "f",
+                &manifest("f", "  replicas: {perNode: 2}\n"),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        let a = start(rt, store, config());
+        let s = wait_status(&a.store, "f", "2 ready", |s| s.ready_replicas == 2).await;
+        let victim = s.instances[0].id.clone();
+
+        a.runtime.exit(&victim, 3);
+        let s = wait_status(&a.store, "f", "slot 0 replaced after a crash", |s| {
+            s.ready_replicas == 2 && s.instances.iter().all(|i| i.id != victim)
+        })
+        .await;
+        let slot0 = s.instances.iter().find(|i| i.slot == 0).expect("slot 0");
+        assert_eq!(slot0.restarts, 1);
+        let exit = slot0.last_exit.as_ref().expect("last exit");
+        assert_eq!((exit.code, exit.reason.as_str()), (3, "Error"));
+
+        let victim = slot0.id.clone();
+        a.runtime.oom(&victim);
+        let s = wait_status(&a.store, "f", "slot 0 replaced after an OOM kill", |s| {
+            s.ready_replicas == 2 && s.instances.iter().all(|i| i.id != victim)
+        })
+        .await;
+        let slot0 = s.instances.iter().find(|i| i.slot == 0).expect("slot 0");
+        assert_eq!(slot0.restarts, 2);
+        let exit = slot0.last_exit.as_ref().expect("last exit");
+        assert_eq!((exit.code, exit.reason.as_str()), (137, "OOMKilled"));
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn crash_loops_back_off() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (rt, store) = fresh();
+        store
+            .put_fleet(
+                "f",
+                &manifest("f", "  replicas: {perNode: 1}\n")
+                    .replace("initial: 100ms, max: 1s", "initial: 2s, max: 10s"),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        let a = start(rt, store, config());
+        let s = wait_status(&a.store, "f", "1 ready", |s| s.ready_replicas == 1).await;
+        // The first crash is restarted at once, the second waits 2s in BackOff.
+        a.runtime.exit(&s.instances[0].id, 1);
+        let s = wait_status(&a.store, "f", "the first restart", |s| {
+            s.instances
+                .first()
+                .is_some_and(|i| i.restarts == 1 && i.ready)
+        })
+        .await;
+        a.runtime.exit(&s.instances[0].id, 1);
+        let s = wait_status(&a.store, "f", "BackOff after the second crash", |s| {
+            s.instances
+                .first()
+                .is_some_and(|i| i.phase == Phase::BackOff)
+        })
+        .await;
+        assert_eq!(s.ready_replicas, 0);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let still = status(&a.store, "f").await.expect("status");
+        assert_eq!(
+            still.instances[0].phase,
+            Phase::BackOff,
+            "still waiting 1s into a 2s backoff"
+        );
+        wait_status(&a.store, "f", "the restart after the backoff", |s| {
+            s.instances
+                .first()
+                .is_some_and(|i| i.restarts == 2 && i.ready)
+        })
+        .await;
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn a_restarted_agent_adopts_without_restarting() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (rt, store) = fresh();
+        store
+            .put_fleet(
+                "f",
+                &manifest("f", "  replicas: {perNode: 3}\n"),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        let a = start(rt.clone(), store.clone(), config());
+        wait_status(&a.store, "f", "3 ready", |s| s.ready_replicas == 3).await;
+        let before = running(&rt).await;
+        a.stop().await;
+
+        let calls = rt.calls().len();
+        let b = start(rt.clone(), store, config());
+        wait_status(&b.store, "f", "3 ready again", |s| s.ready_replicas == 3).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            running(&rt).await,
+            before,
+            "the same containers keep running"
+        );
+        let changes: Vec<String> = rt.calls()[calls..]
+            .iter()
+            .filter(|c| {
+                c.starts_with("create")
+                    || c.starts_with("remove")
+                    || c.starts_with("kill")
+                    || c.starts_with("start")
+            })
+            .cloned()
+            .collect();
+        assert!(changes.is_empty(), "adoption changes nothing: {changes:?}");
+        b.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn scale_delete_and_unlabelled_containers() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (rt, store) = fresh();
+        // A container that is not ours, in the same namespace.
+        rt.add_running(ContainerSpec {
+            id: "someone-else".into(),
+            image: FakeRuntime::image_named(IMAGE),
+            labels: [("team".to_string(), "x".to_string())].into(),
+            args: vec![],
+            env: vec![],
+            cwd: "/".into(),
+            mounts: vec![],
+            limits: Limits::default(),
+            cgroup_parent: "/".into(),
+            runtime: "io.containerd.runc.v2".into(),
+            runtime_binary: String::new(),
+        });
+        let r = store
+            .put_fleet(
+                "f",
+                &manifest("f", "  replicas: {perNode: 3}\n"),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        let a = start(rt, store, config());
+        wait_status(&a.store, "f", "3 ready", |s| s.ready_replicas == 3).await;
+
+        let r = a
+            .store
+            .put_fleet(
+                "f",
+                &manifest("f", "  replicas: {perNode: 5}\n"),
+                Expect::Revision(r),
+            )
+            .await
+            .expect("scale up");
+        let s = wait_status(&a.store, "f", "5 ready", |s| s.ready_replicas == 5).await;
+        assert_eq!(s.observed_generation, r);
+        a.store
+            .put_fleet(
+                "f",
+                &manifest("f", "  replicas: {perNode: 2}\n"),
+                Expect::Revision(r),
+            )
+            .await
+            .expect("scale down");
+        let s = wait_status(&a.store, "f", "2 instances", |s| {
+            s.replicas == 2 && s.instances.len() == 2
+        })
+        .await;
+        let slots: Vec<u32> = s.instances.iter().map(|i| i.slot).collect();
+        assert_eq!(slots, [0, 1], "the highest slots go first");
+
+        a.store.delete_fleet("f").await.expect("delete");
+        wait_for(
+            "every instance and the status to be gone",
+            Duration::from_secs(10),
+            || async {
+                let left = a.runtime.list().await.unwrap_or_default().len();
+                let status = a
+                    .store
+                    .list_status(Some("f"))
+                    .await
+                    .unwrap_or_default()
+                    .len();
+                (left == 0 && status == 0).then_some(())
+            },
+        )
+        .await;
+        assert!(
+            a.runtime.all_ids().contains(&"someone-else".to_string()),
+            "an unlabelled container is never touched"
+        );
+        assert!(!a.runtime.calls().iter().any(|c| c.contains("someone-else")));
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn invalid_documents_and_pauses_leave_instances_alone() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (rt, store) = fresh();
+        let r = store
+            .put_fleet(
+                "f",
+                &manifest("f", "  replicas: {perNode: 2}\n"),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        let a = start(rt.clone(), store, config());
+        wait_status(&a.store, "f", "2 ready", |s| s.ready_replicas == 2).await;
+        let before = running(&rt).await;
+
+        let r = a
+            .store
+            .put_fleet("f", "spec: [this is: not a fleet", Expect::Revision(r))
+            .await
+            .expect("garbage");
+        let s = wait_status(&a.store, "f", "SpecValid=False", |s| {
+            s.condition("SpecValid")
+                .is_some_and(|c| c.status == "False")
+        })
+        .await;
+        assert_eq!(s.observed_generation, r);
+        assert!(
+            !s.condition("SpecValid").expect("c").message.is_empty(),
+            "the error is reported"
+        );
+        assert_eq!(running(&rt).await, before, "nothing that runs is disturbed");
+
+        let r = a
+            .store
+            .put_fleet(
+                "f",
+                &manifest("f", "  replicas: {perNode: -1}\n"),
+                Expect::Revision(r),
+            )
+            .await
+            .expect("invalid");
+        wait_status(&a.store, "f", "the validation error", |s| {
+            s.observed_generation == r
+                && s.condition("SpecValid")
+                    .is_some_and(|c| c.message.contains("spec.replicas.perNode"))
+        })
+        .await;
+        assert_eq!(running(&rt).await, before);
+
+        let r = a
+            .store
+            .put_fleet(
+                "f",
+                &manifest("f", "  replicas: {perNode: 4}\n  paused: true\n"),
+                Expect::Revision(r),
+            )
+            .await
+            .expect("paused");
+        let s = wait_status(&a.store, "f", "Paused", |s| {
+            s.observed_generation == r
+                && s.condition("Progressing")
+                    .is_some_and(|c| c.reason == "Paused")
+        })
+        .await;
+        assert_eq!(s.replicas, 2);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(running(&rt).await, before, "paused: no changes");
+
+        a.store
+            .put_fleet(
+                "f",
+                &manifest("f", "  replicas: {perNode: 4}\n"),
+                Expect::Revision(r),
+            )
+            .await
+            .expect("unpause");
+        wait_status(&a.store, "f", "4 ready after unpausing", |s| {
+            s.ready_replicas == 4
+        })
+        .await;
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn missing_image_and_node_selector() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let rt = FakeRuntime::new();
+        let store = MemoryStore::default();
+        store
+            .put_fleet(
+                "f",
+                &manifest("f", "  replicas: {perNode: 2}\n"),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        store
+            .put_fleet(
+                "g",
+                &manifest(
+                    "g",
+                    "  replicas: {perNode: 2}\n  nodeSelector: {pool: gpu}\n",
+                ),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        let mut cfg = config();
+        cfg.labels.insert("pool".into(), "cpu".into());
+        let a = start(rt, store, cfg);
+        let s = wait_status(&a.store, "f", "ErrImageNeverPull", |s| {
+            s.condition("Progressing")
+                .is_some_and(|c| c.reason == "ErrImageNeverPull")
+        })
+        .await;
+        assert!(
+            s.condition("Progressing")
+                .expect("c")
+                .message
+                .contains(IMAGE)
+        );
+        assert!(
+            a.runtime.list().await.expect("list").is_empty(),
+            "nothing is started without the image"
+        );
+        assert!(
+            status(&a.store, "g").await.is_none(),
+            "a fleet that does not select this node has no status here"
+        );
+
+        a.runtime.add_image(FakeRuntime::image_named(IMAGE));
+        wait_status(&a.store, "f", "2 ready once the image is there", |s| {
+            s.ready_replicas == 2
+        })
+        .await;
+        assert!(
+            a.runtime
+                .list()
+                .await
+                .expect("list")
+                .iter()
+                .all(|o| o.labels[LABEL_FLEET] == "f")
+        );
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn unready_instances_are_reported() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (rt, store) = fresh();
+        store
+            .put_fleet(
+                "f",
+                &manifest("f", "  replicas: {perNode: 2}\n"),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        let a = start(rt, store, config());
+        let s = wait_status(&a.store, "f", "2 ready", |s| s.ready_replicas == 2).await;
+        a.probes.set_failing(&s.instances[1].id, true);
+        let s = wait_status(&a.store, "f", "one unready", |s| s.ready_replicas == 1).await;
+        assert_eq!(s.instances[1].phase, Phase::Unready);
+        assert_eq!(
+            s.condition("Available").map(|c| c.status.as_str()),
+            Some("True"),
+            "25% of 2 rounds to 1 allowed"
+        );
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
