@@ -364,14 +364,32 @@ fn plan_fleet(
             continue;
         }
         if matches!(i.state, TaskState::NoTask | TaskState::Created) {
-            if can_create {
+            // A task that could not start (or a create cut short): a crash for the backoff, so a
+            // container that cannot start is not retried in a tight loop.
+            let k = i.carry.crashloop.saturating_add(1);
+            let due = i.created_at + backoff::delay(k, backoff.initial.std(), backoff.max.std());
+            let carry = Carry {
+                restarts: i.carry.restarts + 1,
+                crashloop: k,
+                last_exit: Some(LastExit {
+                    code: -1,
+                    reason: "StartError".into(),
+                    at: humantime::format_rfc3339_seconds(i.created_at).to_string(),
+                }),
+            };
+            if now >= due && can_create {
                 out.actions.push(Action::Replace {
                     old: i.id.clone(),
                     fleet: fleet.into(),
                     slot,
-                    carry: i.carry.clone(),
+                    carry,
                     why: Why::NeverStarted,
                 });
+            } else {
+                out.backing_off.insert(i.id.clone());
+                if now < due {
+                    out.wake_at = Some(out.wake_at.map_or(due, |w| w.min(due)));
+                }
             }
             continue;
         }
@@ -631,15 +649,32 @@ mod tests {
     }
 
     #[test]
-    fn interrupted_creates_are_replaced_without_counting_a_restart() {
-        let s = spec("");
-        let half = inst(0, "h1", TaskState::NoTask, false);
-        let p = plan_of(Some(&run(&s, 1)), &[half], &[], t(1));
-        assert_eq!(kinds(&p), ["replace f-0-h1 NeverStarted"]);
+    fn containers_that_cannot_start_back_off_too() {
+        let s = spec("  restartBackoff: {initial: 1s, max: 5m}\n");
+        let mut half = inst(0, "h1", TaskState::NoTask, false);
+        let p = plan_of(Some(&run(&s, 1)), std::slice::from_ref(&half), &[], t(1));
+        assert_eq!(
+            kinds(&p),
+            ["replace f-0-h1 NeverStarted"],
+            "the first is retried at once"
+        );
         let Action::Replace { carry, .. } = &p.actions[0] else {
             panic!()
         };
-        assert_eq!(carry.restarts, 0);
+        assert_eq!((carry.restarts, carry.crashloop), (1, 1));
+        assert_eq!(
+            carry.last_exit.as_ref().map(|e| e.reason.as_str()),
+            Some("StartError")
+        );
+        // The third failure in a row waits 2s after its creation.
+        half.carry.crashloop = 2;
+        let p = plan_of(Some(&run(&s, 1)), std::slice::from_ref(&half), &[], t(1));
+        assert!(p.actions.is_empty());
+        assert_eq!(p.wake_at, Some(t(2)));
+        assert_eq!(
+            kinds(&plan_of(Some(&run(&s, 1)), &[half], &[], t(2))),
+            ["replace f-0-h1 NeverStarted"]
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! ```
 
 mod decode;
+pub mod emit;
 mod manifest;
 pub mod refs;
 mod schema;

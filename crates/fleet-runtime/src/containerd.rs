@@ -593,6 +593,14 @@ impl Containerd {
     }
 
     async fn create_leased(&self, c: &ContainerSpec, lease: &str) -> Result<()> {
+        // Bind-mount sources are created when missing (like a hostPath DirectoryOrCreate).
+        for m in &c.mounts {
+            std::fs::create_dir_all(&m.source).map_err(|e| RuntimeError::Failed {
+                op: "create mount source",
+                id: m.source.display().to_string(),
+                message: e.to_string(),
+            })?;
+        }
         let mut snapshots = SnapshotsClient::new(self.channel.clone());
         match snapshots
             .prepare(self.req_leased(

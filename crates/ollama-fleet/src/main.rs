@@ -4,7 +4,13 @@
 //! mapping of outcomes to exit codes (0 success, 1 invalid input or failed operation,
 //! 2 usage error).
 
+mod agent;
+mod apply;
+mod delete;
+mod get;
+mod global;
 mod input;
+mod table;
 mod validate;
 
 use std::process::ExitCode;
@@ -12,24 +18,42 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// Run fleets of identical Ollama servers on bare-metal containerd, declared once in an
-/// `OllamaFleet` manifest.
+/// `OllamaFleet` manifest stored in etcd and converged by an agent on every node.
 #[derive(Debug, Parser)]
 #[command(name = "ollama-fleet", version, propagate_version = true)]
 #[command(after_help = "Examples:\n  \
-    ollama-fleet validate -f fleets/          # check every manifest in a directory\n  \
-    ollama-fleet schema > ollamafleet.schema.json")]
+    ollama-fleet validate -f fleets/               # check manifests offline (CI)\n  \
+    ollama-fleet apply -f fleets/devassist.yaml    # store a fleet in etcd\n  \
+    ollama-fleet agent --node-name epyc-07         # run the node agent\n  \
+    ollama-fleet get fleets                        # the fleets, summed over nodes\n  \
+    ollama-fleet get instances devassist -o wide   # every instance of a fleet\n  \
+    ollama-fleet delete fleet devassist            # agents remove its instances")]
 struct Cli {
+    #[command(flatten)]
+    global: global::Global,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the node agent: converge this node's containerd to the fleets in etcd (or in a
+    /// directory, with --manifests).
+    Agent(agent::Args),
+    /// Validate manifests, then store each in etcd (created, configured or unchanged).
+    Apply(apply::Args),
     /// Check manifests offline and print every error with its file, line and field path.
     ///
     /// Prints nothing and exits 0 when every manifest is valid; otherwise prints one line per
     /// error (FILE:LINE:COLUMN: FIELD: MESSAGE) to stderr and exits 1.
     Validate(validate::Args),
+    /// List fleets, instances or nodes, aggregated over every node's status.
+    Get(get::Args),
+    /// Delete a fleet: agents stop and remove its instances.
+    Delete {
+        #[command(subcommand)]
+        what: delete::What,
+    },
     /// Print the JSON Schema of the OllamaFleet manifest (the same bytes as
     /// schemas/ollamafleet.schema.json).
     Schema,
@@ -42,6 +66,31 @@ fn main() -> ExitCode {
         Command::Schema => {
             print!("{}", fleet_api::schema_json());
             Ok(ExitCode::SUCCESS)
+        }
+        command => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                match command {
+                    Command::Agent(args) => {
+                        cli.global.init_logging();
+                        agent::run(&cli.global, &args).await
+                    }
+                    Command::Apply(args) => apply::run(&cli.global, &args).await,
+                    Command::Get(args) => get::run(&cli.global, &args).await,
+                    Command::Delete { what } => delete::run(&cli.global, &what).await,
+                    Command::Validate(_) | Command::Schema => unreachable!("handled above"),
+                }
+            })
         }
     };
     match outcome {

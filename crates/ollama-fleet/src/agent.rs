@@ -1,0 +1,255 @@
+//! `ollama-fleet agent`: the node agent.
+//!
+//! With etcd (the default) fleets come from `<prefix>/fleets/` and status goes back to etcd.
+//! With `--manifests DIR` (one node, no etcd) the directory is mirrored into an in-memory store,
+//! so the very same loop runs; status is served on the HTTP endpoints.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use fleet_agent::controller::{Agent, AgentConfig};
+use fleet_runtime::containerd::Containerd;
+use fleet_store::Store;
+use fleet_store::etcd::EtcdStore;
+use fleet_store::memory::MemoryStore;
+
+use crate::apply::{apply_one, same_content};
+use crate::global::Global;
+
+/// Arguments of `agent`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// This node's name (default: the host name).
+    #[arg(long, env = "OLLAMA_FLEET_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// A node label matched by fleets' nodeSelector, KEY=VALUE; may be repeated.
+    #[arg(
+        long = "label",
+        value_name = "KEY=VALUE",
+        env = "OLLAMA_FLEET_NODE_LABELS",
+        value_delimiter = ','
+    )]
+    pub labels: Vec<String>,
+    /// containerd's socket.
+    #[arg(
+        long,
+        env = "OLLAMA_FLEET_CONTAINERD_SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub containerd_socket: PathBuf,
+    /// containerd namespace of the instances.
+    #[arg(long, env = "OLLAMA_FLEET_NAMESPACE", default_value = "ollama-fleet")]
+    pub namespace: String,
+    /// Address of the HTTP endpoints (/healthz, /readyz, /metrics, /instances).
+    #[arg(long, env = "OLLAMA_FLEET_LISTEN", default_value = "127.0.0.1:9477")]
+    pub listen: SocketAddr,
+    /// The agent's state directory (instance logs go to STATE_DIR/logs).
+    #[arg(
+        long,
+        env = "OLLAMA_FLEET_STATE_DIR",
+        default_value = "/var/lib/ollama-fleet"
+    )]
+    pub state_dir: PathBuf,
+    /// CPU sockets of this node (default: detected from sysfs).
+    #[arg(long, env = "OLLAMA_FLEET_SOCKETS")]
+    pub sockets: Option<u32>,
+    /// Read fleets from the YAML/JSON files in this directory instead of etcd (single node,
+    /// no etcd needed); re-read when they change.
+    #[arg(long, env = "OLLAMA_FLEET_MANIFESTS", value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// Container operations at once.
+    #[arg(long, env = "OLLAMA_FLEET_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+    /// cgroup parent of the instances (default /ollama-fleet/NAMESPACE).
+    #[arg(long, env = "OLLAMA_FLEET_CGROUP_PARENT")]
+    pub cgroup_parent: Option<String>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
+    let node = args.node_name.clone().unwrap_or_else(hostname);
+    fleet_store::check_segment("node", &node)
+        .map_err(|_| anyhow::anyhow!("--node-name {node:?} must not be empty or contain '/'"))?;
+    let mut cfg = AgentConfig::new(&node, &args.namespace);
+    for label in &args.labels {
+        let (k, v) = label
+            .split_once('=')
+            .with_context(|| format!("--label {label:?} must be KEY=VALUE"))?;
+        cfg.labels
+            .insert(k.trim().to_string(), v.trim().to_string());
+    }
+    if let Some(s) = args.sockets {
+        anyhow::ensure!(s > 0, "--sockets must be at least 1");
+        cfg.sockets = s;
+    }
+    cfg.concurrency = args.concurrency.max(1);
+    if let Some(p) = &args.cgroup_parent {
+        cfg.cgroup_parent = p.clone();
+    }
+    if !args.containerd_socket.exists() {
+        tracing::warn!(socket = %args.containerd_socket.display(), "containerd socket not found yet; will keep trying (see --containerd-socket)");
+    }
+    let runtime = Arc::new(
+        Containerd::new(
+            &args.containerd_socket,
+            &args.namespace,
+            args.state_dir.join("logs"),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (see --listen)", args.listen))?;
+    tracing::info!(node = %node, namespace = %args.namespace, sockets = cfg.sockets, listen = %args.listen, "agent starting");
+
+    match &args.manifests {
+        Some(dir) => {
+            anyhow::ensure!(
+                dir.is_dir(),
+                "--manifests {} is not a directory",
+                dir.display()
+            );
+            let store = Arc::new(MemoryStore::new(&global.etcd_prefix));
+            tokio::spawn(mirror_manifests(dir.clone(), store.clone()));
+            serve(cfg, runtime, store, listener).await
+        }
+        None => {
+            let config = global.etcd_config()?;
+            let mut delay = Duration::from_millis(500);
+            let store = loop {
+                match EtcdStore::connect(&config, &global.etcd_prefix).await {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot reach etcd yet; retrying (running instances are not touched)");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                    }
+                }
+            };
+            serve(cfg, runtime, Arc::new(store), listener).await
+        }
+    }
+}
+
+async fn serve<S: Store>(
+    cfg: AgentConfig,
+    runtime: Arc<Containerd>,
+    store: Arc<S>,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<ExitCode> {
+    let agent = Agent::new(cfg, runtime, store);
+    let router = fleet_agent::http::router(agent.view());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    agent.run(shutdown_signal()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Mirrors the fleets in `dir` into `store`, re-reading every second. A file that cannot be
+/// read leaves its fleets as they were; a fleet whose file is gone is deleted.
+async fn mirror_manifests(dir: PathBuf, store: Arc<MemoryStore>) {
+    let mut by_file: HashMap<PathBuf, Vec<String>> = HashMap::new();
+    let mut reported: HashMap<PathBuf, String> = HashMap::new();
+    loop {
+        let mut wanted: BTreeMap<String, String> = BTreeMap::new();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.retain(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            )
+        });
+        files.sort();
+        let present: Vec<PathBuf> = files.clone();
+        for file in files {
+            match read_fleets(&file) {
+                Ok(fleets) => {
+                    reported.remove(&file);
+                    by_file.insert(
+                        file.clone(),
+                        fleets.iter().map(|(n, _)| n.clone()).collect(),
+                    );
+                    wanted.extend(fleets);
+                }
+                Err(e) => {
+                    if reported.get(&file) != Some(&e) {
+                        tracing::error!(file = %file.display(), error = %e, "cannot read manifest; its fleets are left as they were");
+                        reported.insert(file.clone(), e);
+                    }
+                    // Keep what this file defined before.
+                    for name in by_file.get(&file).cloned().unwrap_or_default() {
+                        if let Ok(Some(doc)) = store.get_fleet(&name).await {
+                            wanted.insert(name, doc.value);
+                        }
+                    }
+                }
+            }
+        }
+        by_file.retain(|f, _| present.contains(f));
+        for (name, text) in &wanted {
+            let unchanged = matches!(store.get_fleet(name).await, Ok(Some(doc)) if same_content(&doc.value, text));
+            if !unchanged && let Err(e) = apply_one(&*store, name, text).await {
+                tracing::error!(fleet = %name, error = %e, "cannot load fleet");
+            }
+        }
+        for doc in store.list_fleets().await.unwrap_or_default() {
+            if !wanted.contains_key(&doc.name) {
+                let _ = store.delete_fleet(&doc.name).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The fleets of one file, as (name, document text). Documents are stored even when invalid
+/// (the agent reports them), as long as they name a fleet.
+fn read_fleets(path: &Path) -> Result<Vec<(String, String)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let docs = fleet_api::yaml::parse_stream(&text).map_err(|e| match e.pos {
+        Some(p) => format!("{}:{}: {}", p.line, p.col, e.message),
+        None => e.message,
+    })?;
+    docs.iter()
+        .map(|doc| {
+            let name = doc.to_json()["metadata"]["name"]
+                .as_str()
+                .map(str::to_string)
+                .filter(|n| fleet_store::check_segment("fleet", n).is_ok())
+                .ok_or_else(|| "a document without metadata.name".to_string())?;
+            Ok((name, fleet_api::emit::to_yaml(doc)))
+        })
+        .collect()
+}

@@ -1,0 +1,102 @@
+//! Options every subcommand accepts (before or after its name), each with an env fallback.
+
+use anyhow::Context as _;
+use fleet_store::etcd::{EtcdConfig, EtcdStore};
+
+/// How to reach etcd, and logging.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Global {
+    /// etcd client URLs, comma separated.
+    #[arg(
+        long,
+        global = true,
+        env = "OLLAMA_FLEET_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of everything ollama-fleet stores in etcd.
+    #[arg(long, global = true, env = "OLLAMA_FLEET_ETCD_PREFIX", default_value = fleet_store::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) that signed etcd's certificate.
+    #[arg(
+        long,
+        global = true,
+        env = "OLLAMA_FLEET_ETCD_CACERT",
+        value_name = "FILE"
+    )]
+    pub etcd_cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for etcd's mutual TLS (with --etcd-key).
+    #[arg(
+        long,
+        global = true,
+        env = "OLLAMA_FLEET_ETCD_CERT",
+        value_name = "FILE",
+        requires = "etcd_key"
+    )]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// Client key (PEM) for etcd's mutual TLS (with --etcd-cert).
+    #[arg(
+        long,
+        global = true,
+        env = "OLLAMA_FLEET_ETCD_KEY",
+        value_name = "FILE",
+        requires = "etcd_cert"
+    )]
+    pub etcd_key: Option<std::path::PathBuf>,
+    /// etcd user; the password comes from OLLAMA_FLEET_ETCD_PASSWORD.
+    #[arg(long, global = true, env = "OLLAMA_FLEET_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// Log format: text or json (the level comes from RUST_LOG, default info).
+    #[arg(long, global = true, env = "OLLAMA_FLEET_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl Global {
+    /// The etcd connection settings.
+    pub fn etcd_config(&self) -> anyhow::Result<EtcdConfig> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        let auth = match &self.etcd_user {
+            Some(user) => {
+                let password = std::env::var("OLLAMA_FLEET_ETCD_PASSWORD")
+                    .context("--etcd-user needs the password in OLLAMA_FLEET_ETCD_PASSWORD")?;
+                Some((user.clone(), password))
+            }
+            None => None,
+        };
+        Ok(EtcdConfig {
+            endpoints: self.etcd_endpoints.clone(),
+            auth,
+            ca_pem: self.etcd_cacert.as_deref().map(read).transpose()?,
+            identity_pem: match (&self.etcd_cert, &self.etcd_key) {
+                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                _ => None,
+            },
+        })
+    }
+
+    /// Connects to etcd once (for the CLI commands).
+    pub async fn store(&self) -> anyhow::Result<EtcdStore> {
+        EtcdStore::connect(&self.etcd_config()?, &self.etcd_prefix)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("{e}; check --etcd-endpoints (or OLLAMA_FLEET_ETCD_ENDPOINTS)")
+            })
+    }
+
+    /// Sets up logging to stderr.
+    pub fn init_logging(&self) {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        if self.log_format == "json" {
+            builder.json().init();
+        } else {
+            builder.init();
+        }
+    }
+}

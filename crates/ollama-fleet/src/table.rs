@@ -1,0 +1,73 @@
+//! Plain-text tables (kubectl style) and ages.
+
+use std::time::{Duration, SystemTime};
+
+/// Columns padded to their widest cell, three spaces apart.
+pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let last = cells.len().saturating_sub(1);
+        let mut s = String::new();
+        for (i, cell) in cells.into_iter().enumerate() {
+            if i == last {
+                s.push_str(&cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}   ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+/// An age the way kubectl prints it: 45s, 12m, 3h, 5d.
+pub fn age(since: Option<SystemTime>, now: SystemTime) -> String {
+    let Some(since) = since else {
+        return "-".into();
+    };
+    let d = now
+        .duration_since(since)
+        .unwrap_or(Duration::ZERO)
+        .as_secs();
+    match d {
+        0..=119 => format!("{d}s"),
+        120..=7199 => format!("{}m", d / 60),
+        7200..=172_799 => format!("{}h", d / 3600),
+        _ => format!("{}d", d / 86400),
+    }
+}
+
+/// Parses an RFC 3339 time.
+pub fn time(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(s).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_and_ages() {
+        let t = render(
+            &["NAME", "READY"],
+            &[vec!["devassist".into(), "1/2".into()]],
+        );
+        assert_eq!(t, "NAME        READY\ndevassist   1/2\n");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(age(Some(now - Duration::from_secs(30)), now), "30s");
+        assert_eq!(age(Some(now - Duration::from_secs(600)), now), "10m");
+        assert_eq!(age(Some(now - Duration::from_secs(3 * 86400)), now), "3d");
+        assert_eq!(age(None, now), "-");
+    }
+}
