@@ -4,6 +4,7 @@
 
 pub mod containerd;
 pub mod etcd;
+pub mod fleet;
 pub mod http;
 
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub use containerd::Namespace;
 pub use etcd::PrivateEtcd;
+pub use fleet::{AgentProcess, World, free_port_range};
 pub use http::{get, json, post, post_lines, request};
 
 /// The root of the repository.

@@ -246,13 +246,8 @@ async fn etcd_session_replaces_a_lost_lease() {
     s.put_node("n1", "{}").await.expect("node");
     let revoked = std::process::Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
-        .args([
-            "--endpoints",
-            &etcd.endpoint(),
-            "lease",
-            "revoke",
-            &format!("{:x}", s.lease_id()),
-        ])
+        .env("ETCDCTL_ENDPOINTS", etcd.endpoint())
+        .args(["lease", "revoke", &format!("{:x}", s.lease_id())])
         .output()
         .expect("etcdctl");
     assert!(

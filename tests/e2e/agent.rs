@@ -1,0 +1,393 @@
+//! The reconcile loop end to end: the real `ollama-fleet` binary, a real etcd, a real
+//! containerd with runc, and the ollama-sim image. Everything is driven through the public
+//! interface: the CLI, etcdctl, ctr, and the agent's HTTP endpoints.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fleet_e2e::containerd::cgroup_v1_dir;
+use fleet_e2e::{World, free_port, free_port_range, get, json, post, request, wait_for};
+use serde_json::{Value, json};
+
+/// The fleet's per-node statuses, from `ollama-fleet get fleets NAME -o json`.
+fn statuses(world: &World, fleet: &str) -> Vec<Value> {
+    let out = world.cli(&["get", "fleets", fleet, "-o", "json"], None);
+    if !out.status.success() {
+        return Vec::new();
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["items"][0]["status"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits until the fleet's status on the node satisfies `check`.
+async fn wait_status(
+    world: &World,
+    fleet: &str,
+    what: &str,
+    secs: u64,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    wait_for(what, Duration::from_secs(secs), || {
+        let found = statuses(world, fleet).into_iter().find(|s| check(s));
+        async move { found }
+    })
+    .await
+}
+
+fn ids(status: &Value) -> BTreeMap<u64, String> {
+    status["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| {
+                    (
+                        i["slot"].as_u64().unwrap_or(0),
+                        i["id"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn ready(n: u64) -> impl Fn(&Value) -> bool {
+    move |s: &Value| {
+        s["readyReplicas"] == n
+            && s["replicas"] == n
+            && s["instances"]
+                .as_array()
+                .is_some_and(|a| a.len() as u64 == n)
+    }
+}
+
+#[tokio::test]
+async fn the_reconcile_loop_end_to_end() {
+    let world = World::new("agent");
+    let base = free_port_range(6);
+    let manifest_path = world.dir.join("sim.yaml");
+    std::fs::write(&manifest_path, world.sim_fleet("sim", 4, base, "")).expect("write manifest");
+
+    // A container that is not ours, in the same namespace: it must survive everything.
+    let stranger_port = free_port();
+    world.ns.ctr_ok(&[
+        "run",
+        "-d",
+        "--net-host",
+        "--env",
+        &format!("OLLAMA_HOST=127.0.0.1:{stranger_port}"),
+        &world.ns.env.sim_image,
+        "stranger",
+    ]);
+
+    // apply: created, then unchanged.
+    let out = world.cli_ok(
+        &["apply", "-f", manifest_path.to_str().expect("utf-8")],
+        None,
+    );
+    assert_eq!(out, "ollamafleet/sim created\n");
+    let out = world.cli_ok(
+        &["apply", "-f", manifest_path.to_str().expect("utf-8")],
+        None,
+    );
+    assert_eq!(out, "ollamafleet/sim unchanged\n");
+
+    let mut agent = world.agent("node-1", &[]);
+    let s = wait_status(&world, "sim", "4 instances ready", 60, ready(4)).await;
+    assert_eq!(s["desiredReplicas"], 4);
+    assert_eq!(s["updatedReplicas"], 4);
+    let table = world.cli_ok(&["get", "fleets"], None);
+    assert!(table.starts_with("NAME   MODEL          NODES   DESIRED   READY   UP-TO-DATE   AGE\nsim    smollm2:135m   1       4         4       4"), "{table}");
+
+    // Every task runs with the fleet's limits in its cgroups, on its port.
+    for (slot, id) in ids(&s) {
+        let (state, pid) = world.ns.task(&id).expect("task");
+        assert_eq!(state, "RUNNING", "{id}");
+        let mem = cgroup_v1_dir(pid, "memory").expect("memory cgroup");
+        assert_eq!(
+            std::fs::read_to_string(mem.join("memory.limit_in_bytes"))
+                .expect("limit")
+                .trim(),
+            (128u64 << 20).to_string()
+        );
+        let cpu = cgroup_v1_dir(pid, "cpu").expect("cpu cgroup");
+        assert_eq!(
+            std::fs::read_to_string(cpu.join("cpu.cfs_quota_us"))
+                .expect("quota")
+                .trim(),
+            "50000"
+        );
+        let port = base + slot as u16;
+        let (code, body) = get(&format!("http://127.0.0.1:{port}/api/version")).await;
+        assert_eq!(
+            (code, json(&body)["version"].clone()),
+            (200, json!("0.4.0"))
+        );
+    }
+    // /instances lists every instance for load balancers.
+    let listed = agent.instances().await.expect("/instances");
+    assert_eq!(listed["node"], "node-1");
+    let endpoints = listed["instances"].as_array().expect("instances");
+    assert_eq!(endpoints.len(), 4);
+    assert!(
+        endpoints
+            .iter()
+            .all(|e| e["ready"] == true && e["fleet"] == "sim")
+    );
+    assert!(
+        endpoints
+            .iter()
+            .any(|e| e["address"] == format!("127.0.0.1:{base}"))
+    );
+
+    // A killed task is replaced; its exit is in status.
+    let before = ids(&s);
+    let victim = before[&1].clone();
+    world
+        .ns
+        .ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &victim]);
+    let s = wait_status(&world, "sim", "slot 1 replaced after a kill", 30, |s| {
+        ready(4)(s) && ids(s).get(&1).is_some_and(|id| *id != victim)
+    })
+    .await;
+    let slot1 = s["instances"]
+        .as_array()
+        .expect("i")
+        .iter()
+        .find(|i| i["slot"] == 1)
+        .cloned()
+        .expect("slot 1");
+    assert_eq!(slot1["restarts"], 1);
+    assert_eq!(slot1["lastExit"]["code"], 137);
+    assert!(
+        world.ns.task(&victim).is_none(),
+        "the old container is gone"
+    );
+
+    // An instance that outgrows its memory is OOM-killed, reported as such, and replaced.
+    let victim = ids(&s)[&2].clone();
+    let (code, _) = post(
+        &format!("http://127.0.0.1:{}/sim/leak", base + 2),
+        json!({"rate": "400Mi"}),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let s = wait_status(&world, "sim", "slot 2 OOMKilled and replaced", 30, |s| {
+        ready(4)(s)
+            && s["instances"].as_array().is_some_and(|a| {
+                a.iter().any(|i| {
+                    i["slot"] == 2
+                        && i["id"] != victim.as_str()
+                        && i["lastExit"]["reason"] == "OOMKilled"
+                })
+            })
+    })
+    .await;
+
+    // kill -9 the agent and start it again: the same containers keep running.
+    let before = ids(&s);
+    agent.kill9();
+    agent.resume();
+    wait_for(
+        "the restarted agent to answer",
+        Duration::from_secs(30),
+        || async {
+            agent.instances().await.filter(|v| {
+                v["instances"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == 4 && a.iter().all(|e| e["ready"] == true))
+            })
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = wait_status(
+        &world,
+        "sim",
+        "4 ready after the agent restart",
+        30,
+        ready(4),
+    )
+    .await;
+    assert_eq!(ids(&s), before, "adoption: no instance was restarted");
+    for id in before.values() {
+        assert_eq!(world.ns.task(id).map(|t| t.0).as_deref(), Some("RUNNING"));
+    }
+
+    // etcdctl put of a changed count converges.
+    world.etcdctl_put("sim", &world.sim_fleet("sim", 2, base, ""));
+    let s = wait_status(&world, "sim", "2 instances after etcdctl put", 30, ready(2)).await;
+    let kept = ids(&s);
+    assert_eq!(kept.keys().copied().collect::<Vec<_>>(), [0, 1]);
+    wait_for(
+        "slots 2 and 3 to leave containerd",
+        Duration::from_secs(30),
+        || {
+            let gone = world.ns.task(&before[&2]).is_none() && world.ns.task(&before[&3]).is_none();
+            async move { gone.then_some(()) }
+        },
+    )
+    .await;
+
+    // A malformed document is reported, and nothing that runs is disturbed.
+    world.etcdctl_put("sim", "spec: {replicas: [oops");
+    let s = wait_status(&world, "sim", "SpecValid=False", 30, |s| {
+        s["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "SpecValid" && c["status"] == "False")
+        })
+    })
+    .await;
+    assert_eq!(ids(&s), kept);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for id in kept.values() {
+        assert_eq!(
+            world.ns.task(id).map(|t| t.0).as_deref(),
+            Some("RUNNING"),
+            "{id} still runs"
+        );
+    }
+
+    // delete: every instance goes, and its status.
+    world.etcdctl_put("sim", &world.sim_fleet("sim", 2, base, ""));
+    wait_status(&world, "sim", "valid again", 30, ready(2)).await;
+    assert_eq!(
+        world.cli_ok(&["delete", "fleet", "sim"], None),
+        "ollamafleet/sim deleted\n"
+    );
+    wait_for(
+        "every instance of the fleet to be removed",
+        Duration::from_secs(30),
+        || {
+            let left = world
+                .ns
+                .ctr_ok(&["containers", "ls", "-q"])
+                .lines()
+                .filter(|id| id.starts_with("sim-"))
+                .count();
+            async move { (left == 0).then_some(()) }
+        },
+    )
+    .await;
+    let status_keys = world.cli_ok(&["get", "instances", "-o", "json"], None);
+    wait_for("the status keys to go", Duration::from_secs(15), || {
+        let v: Value =
+            serde_json::from_str(&world.cli_ok(&["get", "instances", "-o", "json"], None))
+                .unwrap_or_default();
+        async move {
+            v["items"]
+                .as_array()
+                .is_some_and(|a| a.is_empty())
+                .then_some(())
+        }
+    })
+    .await;
+    let _ = status_keys;
+    let out = world.cli(&["delete", "fleet", "sim"], None);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "deleting what is gone is an error"
+    );
+
+    // The stranger was never touched.
+    assert_eq!(
+        world.ns.task("stranger").map(|t| t.0).as_deref(),
+        Some("RUNNING")
+    );
+    assert!(
+        !agent.log_text().contains("stranger"),
+        "the agent never acted on the unlabelled container"
+    );
+    let nodes = world.cli_ok(&["get", "nodes"], None);
+    assert!(nodes.contains("node-1"), "{nodes}");
+}
+
+#[tokio::test]
+async fn standalone_mode_reads_a_manifests_directory() {
+    let world = World::new("standalone");
+    let base = free_port_range(4);
+    let dir = world.dir.join("fleets");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("sim.yaml"), world.sim_fleet("solo", 2, base, "")).expect("write");
+    // No etcd at all: point at a port nobody listens on.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let agent = world.agent(
+        "solo-node",
+        &[
+            "--manifests",
+            dir.to_str().expect("utf-8"),
+            "--etcd-endpoints",
+            &dead,
+        ],
+    );
+
+    let ready_count = |v: &Value| {
+        v["instances"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|e| e["ready"] == true).count())
+    };
+    wait_for(
+        "2 ready instances from the directory",
+        Duration::from_secs(60),
+        || async { agent.instances().await.filter(|v| ready_count(v) == 2) },
+    )
+    .await;
+    let (code, body) = request(
+        "GET",
+        &format!("http://{}/healthz", agent.listen),
+        None,
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("healthz");
+    assert_eq!((code, body.trim()), (200, "ok"));
+
+    // Edits are picked up.
+    std::fs::write(dir.join("sim.yaml"), world.sim_fleet("solo", 3, base, "")).expect("rewrite");
+    wait_for(
+        "3 ready after the edit",
+        Duration::from_secs(60),
+        || async { agent.instances().await.filter(|v| ready_count(v) == 3) },
+    )
+    .await;
+
+    // A broken file disturbs nothing.
+    std::fs::write(dir.join("sim.yaml"), "spec: [broken").expect("break");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = agent.instances().await.expect("instances");
+    assert_eq!(
+        ready_count(&v),
+        3,
+        "a file that cannot be read leaves its fleet running"
+    );
+
+    // Removing the file removes the fleet.
+    std::fs::remove_file(dir.join("sim.yaml")).expect("rm");
+    wait_for(
+        "no instances after the file is gone",
+        Duration::from_secs(60),
+        || async {
+            agent
+                .instances()
+                .await
+                .filter(|v| v["instances"].as_array().is_some_and(|a| a.is_empty()))
+        },
+    )
+    .await;
+    let metrics = request(
+        "GET",
+        &format!("http://{}/metrics", agent.listen),
+        None,
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("metrics")
+    .1;
+    assert!(
+        metrics.contains("ollama_fleet_reconcile_passes_total"),
+        "{metrics}"
+    );
+}

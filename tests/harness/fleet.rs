@@ -1,0 +1,240 @@
+//! Running the real `ollama-fleet` binary (CLI and agent) in a test's own containerd namespace,
+//! etcd prefix, state directory and port range.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::{Namespace, free_port, repo_root, request, temp_dir};
+
+/// The `ollama-fleet` binary built by `cargo build` (hack/test.sh builds it first).
+pub fn binary() -> PathBuf {
+    let path = repo_root().join("target/debug/ollama-fleet");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p ollama-fleet` (hack/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+static NEXT_RANGE: AtomicU32 = AtomicU32::new(0);
+
+/// `count` consecutive free loopback ports below the ephemeral range.
+pub fn free_port_range(count: u16) -> u16 {
+    loop {
+        let n = NEXT_RANGE.fetch_add(1, Ordering::SeqCst);
+        let base = 20000 + ((std::process::id() * 131 + n * 97) % 12000) as u16;
+        let all_free =
+            (base..base + count).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if all_free && base + count < 32768 {
+            return base;
+        }
+    }
+}
+
+/// One test's world: a containerd namespace (with the sim image), an etcd prefix, a models
+/// directory and a state directory.
+#[derive(Debug)]
+pub struct World {
+    /// The containerd namespace.
+    pub ns: Namespace,
+    /// The etcd prefix.
+    pub prefix: String,
+    /// Scratch space (models, state, manifests).
+    pub dir: PathBuf,
+}
+
+impl World {
+    /// A new world named after `tag`.
+    pub fn new(tag: &str) -> World {
+        let ns = Namespace::new(tag);
+        let dir = temp_dir(&ns.name);
+        World {
+            prefix: format!("/e2e/{}", ns.name),
+            ns,
+            dir,
+        }
+    }
+
+    /// Runs the CLI against this world's etcd prefix.
+    pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(binary());
+        cmd.args(args)
+            .env("OLLAMA_FLEET_ETCD_ENDPOINTS", &self.ns.env.etcd_endpoints)
+            .env("OLLAMA_FLEET_ETCD_PREFIX", &self.prefix)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("run ollama-fleet");
+        if let Some(text) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("write");
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().expect("wait")
+    }
+
+    /// Runs the CLI and returns its stdout, panicking with stderr on failure.
+    pub fn cli_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.cli(args, stdin);
+        assert!(
+            out.status.success(),
+            "ollama-fleet {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `etcdctl put` of a fleet document under this world's prefix (as an SRE would).
+    pub fn etcdctl_put(&self, fleet: &str, value: &str) {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .env("ETCDCTL_ENDPOINTS", &self.ns.env.etcd_endpoints)
+            .args(["put", &format!("{}/fleets/{fleet}", self.prefix), value])
+            .output()
+            .expect("etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl put: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A sim fleet manifest: `replicas` per node from `base_port`, Never pulling the test image.
+    pub fn sim_fleet(&self, name: &str, replicas: u32, base_port: u16, extra: &str) -> String {
+        let models = self.dir.join("models");
+        format!(
+            "apiVersion: ollama-fleet.io/v1alpha1\nkind: OllamaFleet\nmetadata:\n  name: {name}\nspec:\n  model: smollm2:135m\n  image: {image}\n  imagePullPolicy: Never\n  env: {{SIM_MODEL_SIZE: 8Mi, SIM_LOAD_TIME: 50ms}}\n  replicas: {{perNode: {replicas}}}\n  resources: {{cpus: 0.5, memory: 128Mi, pids: 256}}\n  network: {{hostIP: 127.0.0.1, basePort: {base_port}}}\n  models: {{hostPath: {models}}}\n  probes: {{readiness: {{periodSeconds: 1, timeoutSeconds: 1}}}}\n  restartBackoff: {{initial: 200ms, max: 2s}}\n  terminationGracePeriod: 2s\n{extra}",
+            image = self.ns.env.sim_image,
+            models = models.display(),
+        )
+    }
+
+    /// Starts an agent for node `node` with extra arguments.
+    pub fn agent(&self, node: &str, extra: &[&str]) -> AgentProcess {
+        AgentProcess::start(self, node, extra)
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .env("ETCDCTL_ENDPOINTS", &self.ns.env.etcd_endpoints)
+            .args(["del", "--prefix", &format!("{}/", self.prefix)])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `ollama-fleet agent`.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Option<Child>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    /// Where its HTTP endpoints listen.
+    pub listen: SocketAddr,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    fn start(world: &World, node: &str, extra: &[&str]) -> AgentProcess {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "--node-name".into(),
+            node.into(),
+            "--namespace".into(),
+            world.ns.name.clone(),
+            "--containerd-socket".into(),
+            world.ns.env.containerd_socket.clone(),
+            "--listen".into(),
+            listen.to_string(),
+            "--state-dir".into(),
+            world
+                .dir
+                .join(format!("state-{node}"))
+                .display()
+                .to_string(),
+            "--sockets".into(),
+            "1".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let env = vec![
+            (
+                "OLLAMA_FLEET_ETCD_ENDPOINTS".to_string(),
+                world.ns.env.etcd_endpoints.clone(),
+            ),
+            ("OLLAMA_FLEET_ETCD_PREFIX".to_string(), world.prefix.clone()),
+            ("RUST_LOG".to_string(), "info".to_string()),
+        ];
+        let mut agent = AgentProcess {
+            child: None,
+            args,
+            env,
+            listen,
+            log: world.dir.join(format!("agent-{node}.log")),
+        };
+        agent.resume();
+        agent
+    }
+
+    /// Starts it again with the same arguments (after [`AgentProcess::kill9`]).
+    pub fn resume(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(binary())
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start ollama-fleet agent");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `GET /instances`, if the agent answers.
+    pub async fn instances(&self) -> Option<Value> {
+        let url = format!("http://{}/instances", self.listen);
+        let (status, body) = request("GET", &url, None, Duration::from_secs(2))
+            .await
+            .ok()?;
+        (status == 200)
+            .then(|| serde_json::from_str(&body).ok())
+            .flatten()
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
