@@ -152,6 +152,7 @@ stop_pid() {
 
 cmd_down() {
   [[ -d $DIR ]] || { log "nothing in $DIR"; return; }
+  stop_pid "$DIR/agent/pid" "ollama-fleet agent"
   if alive "$CD_DIR/pid"; then clean_containerd; fi
   stop_pid "$CD_DIR/pid" containerd
   stop_pid "$ETCD_DIR/pid" etcd

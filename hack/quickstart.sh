@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The README's "run it" command: a private etcd and containerd, the ollama-sim image, and the
-# demo fleet (manifests/examples/sim.yaml).
+# The README's "run it" command: a private etcd and containerd, the ollama-sim image, the demo
+# fleet (manifests/examples/sim.yaml) applied to etcd, and a node agent converging it.
 #
-# Today (before the node agent lands) it validates the demo fleet and runs one instance of it
-# straight through containerd, then asks it for a streamed answer. Stop everything with:
-#   hack/dev-env.sh down
+#   hack/quickstart.sh         set everything up and show the fleet converging
+#   hack/dev-env.sh down       stop it all (the agent, every instance, containerd, etcd)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,43 +13,56 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 step "Starting a private etcd and containerd in $OLLAMA_FLEET_DEV_DIR"
 eval "$(hack/dev-env.sh up)"
-hack/dev-env.sh status
+hack/dev-env.sh status || true
 
 step "Building ollama-fleet and ollama-sim"
 cargo build --locked --quiet -p ollama-fleet -p ollama-sim
 FLEET=$ROOT/target/debug/ollama-fleet
 
 step "Importing the ollama-sim image into containerd namespace ollama-fleet"
-hack/sim-image.sh --binary target/debug/ollama-sim --import --namespace ollama-fleet
+hack/sim-image.sh --binary target/debug/ollama-sim --import --namespace ollama-fleet >/dev/null
 
-step "Validating the demo fleet: ollama-fleet validate -f manifests/examples/sim.yaml"
-"$FLEET" validate -v -f manifests/examples/sim.yaml
+step "ollama-fleet validate -f manifests/examples/sim.yaml && ollama-fleet apply -f manifests/examples/sim.yaml"
+"$FLEET" validate -f manifests/examples/sim.yaml
+"$FLEET" apply -f manifests/examples/sim.yaml
 
-step "Running slot 0 of the demo fleet through containerd (0.25 cpu, 128Mi, port 21434)"
-ID=sim-0-quick
-ctr -n ollama-fleet tasks kill -s SIGKILL "$ID" >/dev/null 2>&1 || true
-ctr -n ollama-fleet tasks rm -f "$ID" >/dev/null 2>&1 || true
-ctr -n ollama-fleet containers rm "$ID" >/dev/null 2>&1 || true
-mkdir -p "$OLLAMA_FLEET_DEV_DIR/models"
-ctr -n ollama-fleet run -d --net-host --memory-limit $((128 << 20)) --cpus 0.25 \
-  --label ollama-fleet.io/fleet=sim --label ollama-fleet.io/slot=0 --label ollama-fleet.io/port=21434 \
-  --env OLLAMA_HOST=127.0.0.1:21434 --env OLLAMA_MODELS=/models --env OLLAMA_NOPRUNE=1 \
-  --env OLLAMA_KEEP_ALIVE=-1 --env SIM_MODEL_SIZE=32Mi --env SIM_LOAD_TIME=300ms \
-  --mount "type=bind,src=$OLLAMA_FLEET_DEV_DIR/models,dst=/models,options=rbind:rw" \
-  localhost/ollama-sim:dev "$ID" >/dev/null
-for _ in $(seq 100); do curl -sf http://127.0.0.1:21434/api/version >/dev/null && break; sleep 0.1; done
-ctr -n ollama-fleet tasks ls
+step "Starting the node agent (log: $OLLAMA_FLEET_DEV_DIR/agent/agent.log)"
+mkdir -p "$OLLAMA_FLEET_DEV_DIR/agent"
+if [[ -f $OLLAMA_FLEET_DEV_DIR/agent/pid ]] && kill -0 "$(cat "$OLLAMA_FLEET_DEV_DIR/agent/pid")" 2>/dev/null; then
+  echo "already running (pid $(cat "$OLLAMA_FLEET_DEV_DIR/agent/pid"))"
+else
+  setsid "$FLEET" agent --node-name "$(hostname)" --label pool=dev \
+    --containerd-socket "$OLLAMA_FLEET_CONTAINERD_SOCKET" \
+    --state-dir "$OLLAMA_FLEET_DEV_DIR/agent/state" --listen 127.0.0.1:9477 \
+    >>"$OLLAMA_FLEET_DEV_DIR/agent/agent.log" 2>&1 </dev/null &
+  echo $! >"$OLLAMA_FLEET_DEV_DIR/agent/pid"
+fi
 
-step "curl http://127.0.0.1:21434/api/pull (model smollm2:135m)"
-curl -sf http://127.0.0.1:21434/api/pull -d '{"model":"smollm2:135m","stream":false}'; echo
-step "curl http://127.0.0.1:21434/api/generate (streamed)"
-curl -sf http://127.0.0.1:21434/api/generate -d '{"model":"smollm2:135m","prompt":"hello","options":{"num_predict":6}}' | cut -c1-150
+step "Watching: ollama-fleet get fleets"
+for _ in $(seq 60); do
+  out=$("$FLEET" get fleets 2>/dev/null || true)
+  echo "$out" | tail -n +2
+  if echo "$out" | awk 'NR==2 && $4==$5 && $4>0 {ok=1} END {exit !ok}'; then break; fi
+  sleep 1
+done
+"$FLEET" get fleets
+
+step "ollama-fleet get instances"
+"$FLEET" get instances
+
+step "curl http://127.0.0.1:9477/instances (what a load balancer reads)"
+curl -s http://127.0.0.1:9477/instances; echo
+step "curl http://127.0.0.1:21434/api/generate (slot 0 of the fleet)"
+curl -s http://127.0.0.1:21434/api/pull -d '{"model":"smollm2:135m","stream":false}' >/dev/null
+curl -s http://127.0.0.1:21434/api/generate -d '{"model":"smollm2:135m","prompt":"hello","options":{"num_predict":4}}' | cut -c1-120
 
 cat <<MSG
 
-The demo instance is running. Try:
-  eval "\$(hack/dev-env.sh env)"; ctr -n ollama-fleet tasks ls
-  curl -s http://127.0.0.1:21434/api/ps
-Stop everything (containers, containerd, etcd):
+The demo fleet runs. Try, in a shell with: eval "\$(hack/dev-env.sh env)"
+  target/debug/ollama-fleet get instances -o wide
+  ctr -n ollama-fleet tasks kill -s SIGKILL <an instance ID>      # it is replaced
+  etcdctl get --prefix /ollama-fleet/status/                      # per-node status
+  sed 's/perNode: 4/perNode: 6/' manifests/examples/sim.yaml | target/debug/ollama-fleet apply -f -
+Stop everything (agent, instances, containerd, etcd):
   hack/dev-env.sh down
 MSG
