@@ -11,9 +11,12 @@ use serde_json::Value;
 
 use crate::{Namespace, free_port, repo_root, request, temp_dir};
 
-/// The `ollama-fleet` binary built by `cargo build` (hack/test.sh builds it first).
+/// The `ollama-fleet` binary: `$OLLAMA_FLEET_BINARY`, else the one `cargo build` made
+/// (hack/test.sh builds it first).
 pub fn binary() -> PathBuf {
-    let path = repo_root().join("target/debug/ollama-fleet");
+    let path = std::env::var_os("OLLAMA_FLEET_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/debug/ollama-fleet"));
     assert!(
         path.exists(),
         "{} is missing: run `cargo build -p ollama-fleet` (hack/test.sh does)",
@@ -206,6 +209,11 @@ impl AgentProcess {
             .spawn()
             .expect("start ollama-fleet agent");
         self.child = Some(child);
+    }
+
+    /// The agent's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL, as a crash would.

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The issue-3 benchmark (not a test): release builds, a private etcd and containerd, then
+# fleet-bench, which prints
+#   - converge time from empty to all ready for N sim instances: the agent vs a baseline that
+#     creates and starts the same containers straight through containerd's API (ratio);
+#   - crash replacement: kill -> replacement running / ready, p50 and p99;
+#   - the agent's peak RSS and idle CPU with N instances.
+# Usage: hack/bench.sh [--n 58,116] [--kills 20] [--concurrency 16] [--idle 30]
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export OLLAMA_FLEET_DEV_DIR=${OLLAMA_FLEET_DEV_DIR:-/tmp/ollama-fleet-bench}
+hack/install-deps.sh
+trap 'hack/dev-env.sh down --purge' EXIT
+eval "$(hack/dev-env.sh up)"
+echo "bench: building release binaries" >&2
+cargo build --locked --release -p ollama-fleet -p ollama-sim -p fleet-e2e --bin ollama-fleet --bin ollama-sim --bin fleet-bench
+export OLLAMA_FLEET_BINARY=$ROOT/target/release/ollama-fleet
+export OLLAMA_FLEET_SIM_IMAGE_TAR=$ROOT/target/images-bench/ollama-sim.oci.tar
+hack/sim-image.sh --binary "$ROOT/target/release/ollama-sim" --out "$ROOT/target/images-bench" >/dev/null
+echo "bench: $(nproc) cpus, $(free -g | awk '/Mem:/ {print $2}') GiB, containerd $(containerd --version | awk '{print $3}'), runc $(runc --version | awk 'NR==1 {print $3}')" >&2
+"$ROOT/target/release/fleet-bench" "$@"

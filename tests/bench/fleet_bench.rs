@@ -1,0 +1,314 @@
+//! `fleet-bench`: the agent against the floor (run by `hack/bench.sh`; not a test).
+//!
+//! 1. Converge N sim instances from empty to all ready, through the agent (`apply` to etcd,
+//!    ready when the agent's /instances lists N ready), against a baseline that creates and
+//!    starts the same N containers (the agent's own container specs) straight through
+//!    containerd's API with the same concurrency, and polls each port every 20 ms.
+//! 2. Crash replacement: SIGKILL a running task K times (backoff initial 0); time from the kill
+//!    to the replacement's task running, and to it being listed ready.
+//! 3. The agent's peak RSS, and its CPU use over 30 s of idling with N instances.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use fleet_agent::build::{Carry, NodeCtx, container_spec, new_id};
+use fleet_agent::topology::Topology;
+use fleet_e2e::{AgentProcess, World, free_port_range, request};
+use fleet_runtime::containerd::Containerd;
+use fleet_runtime::{Runtime, SIGKILL, TaskState};
+use serde_json::Value;
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
+async fn port_ready(port: u16) -> bool {
+    matches!(
+        request(
+            "GET",
+            &format!("http://127.0.0.1:{port}/api/version"),
+            None,
+            Duration::from_millis(500)
+        )
+        .await,
+        Ok((200, _))
+    )
+}
+
+/// The floor: the same containers, created and started straight through containerd's API.
+async fn baseline(world: &World, n: u32, concurrency: usize, base: u16) -> Duration {
+    let rt = Arc::new(
+        Containerd::new(
+            &world.ns.env.containerd_socket,
+            &world.ns.name,
+            world.dir.join("base-logs"),
+        )
+        .expect("client"),
+    );
+    let image = rt
+        .image(&world.ns.env.sim_image)
+        .await
+        .expect("image")
+        .expect("present");
+    let fleet = fleet_api::parse_fleet(
+        &world.sim_fleet("base", n, base, ""),
+        &fleet_api::Context { sockets: 1 },
+    )
+    .expect("valid");
+    let node = NodeCtx {
+        sockets: 1,
+        topology: Topology::read(std::path::Path::new("/")),
+        cgroup_parent: format!("/ollama-fleet/{}", world.ns.name),
+    };
+    let hash = fleet_api::spec_hash(&fleet.spec, &image.digest);
+    let now = SystemTime::now();
+    let specs: Vec<_> = (0..n)
+        .map(|slot| {
+            container_spec(
+                "base",
+                &fleet.spec,
+                &hash,
+                &image,
+                &node,
+                slot,
+                new_id("base", slot, now, u64::from(slot)),
+                &Carry::default(),
+                now,
+            )
+        })
+        .collect();
+    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for spec in specs.clone() {
+        let (rt, permits) = (rt.clone(), permits.clone());
+        let port = base
+            + spec.labels[fleet_api::LABEL_SLOT]
+                .parse::<u16>()
+                .expect("slot");
+        tasks.push(tokio::spawn(async move {
+            {
+                let _p = permits.acquire().await.expect("permit");
+                rt.create(&spec).await.expect("create");
+                rt.start(&spec.id).await.expect("start");
+            }
+            while !port_ready(port).await {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let elapsed = started.elapsed();
+    for spec in specs {
+        let _ = rt.remove(&spec.id).await;
+    }
+    elapsed
+}
+
+fn ready_ids(v: &Value) -> BTreeMap<u64, String> {
+    v["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["ready"] == true)
+                .map(|e| {
+                    (
+                        e["slot"].as_u64().unwrap_or(0),
+                        e["id"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn until_ready(agent: &AgentProcess, n: usize, deadline: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = agent.instances().await
+            && ready_ids(&v).len() == n
+        {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "not converged within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn proc_field(pid: u32, file: &str, key: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // utime and stime are fields 14 and 15; after the ')' field 3 is the first.
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let sizes: Vec<u32> = arg("--n", "58,116")
+        .split(',')
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let kills: usize = arg("--kills", "20").parse().unwrap_or(20);
+    let concurrency: usize = arg("--concurrency", "16").parse().unwrap_or(16);
+    let idle_secs: u64 = arg("--idle", "30").parse().unwrap_or(30);
+    println!(
+        "fleet-bench: sizes {sizes:?}, concurrency {concurrency}, {kills} kills, {idle_secs}s idle"
+    );
+
+    for (round, &n) in sizes.iter().enumerate() {
+        let last = round + 1 == sizes.len();
+        // The floor.
+        let world = World::new(&format!("bench-base-{n}"));
+        let base = free_port_range(n as u16 + 2);
+        let floor = baseline(&world, n, concurrency, base).await;
+        drop(world);
+
+        // The agent.
+        let world = World::new(&format!("bench-agent-{n}"));
+        let base = free_port_range(n as u16 + 2);
+        // Backoff initial 0 for the crash run: every kill is replaced at once.
+        let manifest = world
+            .sim_fleet("bench", n, base, "")
+            .replace("initial: 200ms, max: 2s", "initial: 0, max: 5m");
+        let mut agent = world.agent("bench-node", &["--concurrency", &concurrency.to_string()]);
+        // Let the agent start and register before timing, as it would be on a node.
+        let started = Instant::now();
+        while agent.instances().await.is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "agent did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        world.cli_ok(&["apply", "-f", "-"], Some(&manifest));
+        let converge = until_ready(&agent, n as usize, Duration::from_secs(600)).await;
+        println!(
+            "converge N={n:<4} baseline {:>7.2}s   agent {:>7.2}s   ratio {:.2}",
+            floor.as_secs_f64(),
+            converge.as_secs_f64(),
+            converge.as_secs_f64() / floor.as_secs_f64()
+        );
+
+        if last {
+            let pid = agent_pid(&agent);
+            // Idle CPU and memory with N instances.
+            let ticks = cpu_ticks(pid);
+            let t0 = Instant::now();
+            tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+            let used = (cpu_ticks(pid) - ticks) as f64 / 100.0;
+            println!(
+                "agent idle with N={n}: {:.2}% of a core over {:.0}s; RSS {} MiB now, peak {} MiB",
+                100.0 * used / t0.elapsed().as_secs_f64(),
+                t0.elapsed().as_secs_f64(),
+                proc_field(pid, "status", "VmRSS:").unwrap_or(0) / 1024,
+                proc_field(pid, "status", "VmHWM:").unwrap_or(0) / 1024,
+            );
+
+            // Crash replacement.
+            let rt = Containerd::new(
+                &world.ns.env.containerd_socket,
+                &world.ns.name,
+                world.dir.join("x"),
+            )
+            .expect("client");
+            let (mut to_running, mut to_ready) = (Vec::new(), Vec::new());
+            for k in 0..kills {
+                let v = agent.instances().await.expect("instances");
+                let slot = (k as u64 * 7) % u64::from(n);
+                let old = ready_ids(&v)[&slot].clone();
+                let killed = Instant::now();
+                rt.kill(&old, SIGKILL).await.expect("kill");
+                // The replacement's task running (as containerd sees it).
+                let running = loop {
+                    let list = rt.list().await.expect("list");
+                    if list.iter().any(|o| {
+                        o.id != old
+                            && o.labels.get(fleet_api::LABEL_SLOT).map(String::as_str)
+                                == Some(&slot.to_string())
+                            && o.state == TaskState::Running
+                    }) {
+                        break killed.elapsed();
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                };
+                let ready = loop {
+                    if let Some(v) = agent.instances().await
+                        && ready_ids(&v).get(&slot).is_some_and(|id| *id != old)
+                    {
+                        break killed.elapsed();
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                };
+                to_running.push(running);
+                to_ready.push(ready);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            to_running.sort();
+            to_ready.sort();
+            println!(
+                "crash replacement ({kills} kills): to running p50 {:.0}ms p99 {:.0}ms; to ready p50 {:.0}ms p99 {:.0}ms",
+                percentile(&to_running, 0.5).as_secs_f64() * 1000.0,
+                percentile(&to_running, 0.99).as_secs_f64() * 1000.0,
+                percentile(&to_ready, 0.5).as_secs_f64() * 1000.0,
+                percentile(&to_ready, 0.99).as_secs_f64() * 1000.0,
+            );
+            println!(
+                "agent peak RSS after the crash run: {} MiB",
+                proc_field(pid, "status", "VmHWM:").unwrap_or(0) / 1024
+            );
+        }
+
+        // Clean up through the agent, as a user would.
+        world.cli_ok(&["delete", "fleet", "bench"], None);
+        let started = Instant::now();
+        while agent
+            .instances()
+            .await
+            .is_some_and(|v| v["instances"].as_array().is_some_and(|a| !a.is_empty()))
+        {
+            if started.elapsed() > Duration::from_secs(300) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!("removed N={n} in {:.2}s", started.elapsed().as_secs_f64());
+        agent.kill9();
+    }
+}
+
+fn agent_pid(agent: &AgentProcess) -> u32 {
+    agent.pid().expect("agent running")
+}
