@@ -96,6 +96,14 @@ async fn the_reconcile_loop_end_to_end() {
 
     let mut agent = world.agent("node-1", &[]);
     let s = wait_status(&world, "sim", "4 instances ready", 60, ready(4)).await;
+    assert!(
+        s["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .all(|i| i["restarts"] == 0),
+        "a clean start restarts nothing: {s}"
+    );
     assert_eq!(s["desiredReplicas"], 4);
     assert_eq!(s["updatedReplicas"], 4);
     let table = world.cli_ok(&["get", "fleets"], None);
@@ -390,4 +398,52 @@ async fn standalone_mode_reads_a_manifests_directory() {
         metrics.contains("ollama_fleet_reconcile_passes_total"),
         "{metrics}"
     );
+}
+
+/// containerd dies and comes back: instances keep serving meanwhile, the agent restarts nothing
+/// when containerd returns, and still replaces a task killed afterwards (its event stream and
+/// view are rebuilt).
+#[tokio::test]
+async fn containerd_restarts_disturb_nothing() {
+    let mut cd = fleet_e2e::containerd::PrivateContainerd::start("restart");
+    let world = World::with_containerd("cdrestart", &cd.socket());
+    let base = free_port_range(3);
+    world.cli_ok(
+        &["apply", "-f", "-"],
+        Some(&world.sim_fleet("sim", 2, base, "")),
+    );
+    let _agent = world.agent("node-r", &[]);
+    let s = wait_status(&world, "sim", "2 ready", 60, ready(2)).await;
+    let before = ids(&s);
+
+    cd.kill9();
+    for port in [base, base + 1] {
+        let (code, _) = get(&format!("http://127.0.0.1:{port}/api/version")).await;
+        assert_eq!(code, 200, "instances keep serving while containerd is down");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cd.resume();
+
+    let s = wait_status(
+        &world,
+        "sim",
+        "2 ready after containerd came back",
+        60,
+        |s| ready(2)(s) && s["updatedAt"].as_str().is_some(),
+    )
+    .await;
+    assert_eq!(ids(&s), before, "nothing was restarted");
+    let victim = before[&0].clone();
+    world
+        .ns
+        .ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &victim]);
+    let s = wait_status(
+        &world,
+        "sim",
+        "the killed task replaced after the containerd restart",
+        60,
+        |s| ready(2)(s) && ids(s).get(&0).is_some_and(|id| *id != victim),
+    )
+    .await;
+    assert_eq!(ids(&s)[&1], before[&1]);
 }

@@ -21,9 +21,14 @@ pub struct Namespace {
 }
 
 impl Namespace {
-    /// Creates `e2e-<tag>-<pid>-<n>` and imports the sim image into it.
+    /// Creates `e2e-<tag>-<pid>-<n>` in the dev environment's containerd and imports the sim
+    /// image into it.
     pub fn new(tag: &str) -> Namespace {
-        let env = DevEnv::get();
+        Namespace::in_env(tag, DevEnv::get())
+    }
+
+    /// The same, in the containerd of `env`.
+    pub fn in_env(tag: &str, env: DevEnv) -> Namespace {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let ns = Namespace {
             name: format!("e2e-{tag}-{}-{n}", std::process::id()),
@@ -174,4 +179,123 @@ pub fn cgroup_v1_dir(pid: u32, controller: &str) -> Option<std::path::PathBuf> {
             .any(|c| c == controller)
             .then(|| std::path::PathBuf::from(format!("/sys/fs/cgroup/{controller}{path}")))
     })
+}
+
+/// A containerd of a test's own (own config, root, state and socket), for tests that kill and
+/// restart it; the shared one must stay up for the other tests.
+#[derive(Debug)]
+pub struct PrivateContainerd {
+    child: Option<std::process::Child>,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateContainerd {
+    /// Starts one and waits until it answers.
+    pub fn start(tag: &str) -> PrivateContainerd {
+        let dir = std::path::PathBuf::from(format!("/tmp/pcd-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let config = format!(
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{d}/c.sock\"\n[ttrpc]\n  address = \"{d}/c.sock.ttrpc\"\n[debug]\n  address = \"{d}/debug.sock\"\n[plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("config.toml"), config).expect("config");
+        let mut c = PrivateContainerd { child: None, dir };
+        c.resume();
+        c
+    }
+
+    /// Its socket.
+    pub fn socket(&self) -> String {
+        self.dir.join("c.sock").display().to_string()
+    }
+
+    /// Starts it again (same root and state) and waits until it answers.
+    pub fn resume(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("containerd.log"))
+            .expect("log");
+        let _ = std::fs::remove_file(self.dir.join("c.sock"));
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(self.dir.join("config.toml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        self.child = Some(child);
+        let start = std::time::Instant::now();
+        while !Command::new("ctr")
+            .args(["--address", &self.socket(), "version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "private containerd did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL (the shims and their tasks keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateContainerd {
+    fn drop(&mut self) {
+        let sock = self.socket();
+        let ctr = |args: &[&str]| {
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&sock)
+                .args(args)
+                .output()
+                .ok()
+        };
+        let list = |args: &[&str]| -> Vec<String> {
+            ctr(args)
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for ns in list(&["namespaces", "ls", "-q"]) {
+            for t in list(&["-n", &ns, "tasks", "ls", "-q"]) {
+                ctr(&["-n", &ns, "tasks", "kill", "-s", "SIGKILL", &t]);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            for t in list(&["-n", &ns, "tasks", "ls", "-q"]) {
+                ctr(&["-n", &ns, "tasks", "rm", "-f", &t]);
+            }
+            for c in list(&["-n", &ns, "containers", "ls", "-q"]) {
+                ctr(&["-n", &ns, "containers", "rm", &c]);
+            }
+        }
+        self.kill9();
+        let _ = Command::new("pkill")
+            .args(["-9", "-f", &format!("-address {sock}")])
+            .status();
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let mut ours: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| m.starts_with(&self.dir.display().to_string()))
+            .collect();
+        ours.sort_by(|a, b| b.cmp(a));
+        for m in ours {
+            let _ = Command::new("umount").args(["-l", m]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

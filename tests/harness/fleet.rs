@@ -55,7 +55,17 @@ pub struct World {
 impl World {
     /// A new world named after `tag`.
     pub fn new(tag: &str) -> World {
-        let ns = Namespace::new(tag);
+        World::in_namespace(Namespace::new(tag))
+    }
+
+    /// A world on the containerd at `socket` (a [`crate::containerd::PrivateContainerd`]).
+    pub fn with_containerd(tag: &str, socket: &str) -> World {
+        let mut env = crate::DevEnv::get();
+        env.containerd_socket = socket.to_string();
+        World::in_namespace(Namespace::in_env(tag, env))
+    }
+
+    fn in_namespace(ns: Namespace) -> World {
         let dir = temp_dir(&ns.name);
         World {
             prefix: format!("/e2e/{}", ns.name),
@@ -244,5 +254,13 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- last lines of the agent log {} ---", self.log.display());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }

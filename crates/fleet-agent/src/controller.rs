@@ -53,6 +53,8 @@ pub struct AgentConfig {
     pub session_ttl: Duration,
     /// The agent's version.
     pub version: String,
+    /// Passes woken by events start at most this often (bursts are coalesced).
+    pub min_pass_interval: Duration,
 }
 
 impl AgentConfig {
@@ -72,6 +74,7 @@ impl AgentConfig {
             node_heartbeat: Duration::from_secs(60),
             session_ttl: Duration::from_secs(15),
             version: env!("CARGO_PKG_VERSION").into(),
+            min_pass_interval: Duration::from_millis(100),
         }
     }
 }
@@ -222,9 +225,20 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         tokio::pin!(shutdown);
         self.spawn_watchers();
         let mut next_wake: Option<SystemTime> = None;
+        let mut last_start: Option<Instant> = None;
         loop {
+            // Coalesce bursts of wake-ups (a wave of finished actions, probe changes) into one
+            // pass; the first wake-up after a quiet spell runs at once.
+            if let Some(at) = last_start {
+                let since = at.elapsed();
+                if since < self.cfg.min_pass_interval {
+                    tokio::time::sleep(self.cfg.min_pass_interval - since).await;
+                }
+            }
             let started = Instant::now();
-            match self.reconcile().await {
+            last_start = Some(started);
+            let span = tracing::info_span!("reconcile", node = %self.cfg.node);
+            match tracing::Instrument::instrument(self.reconcile(), span).await {
                 Ok(wake_at) => next_wake = wake_at,
                 Err(e) => tracing::warn!(error = %e, "reconcile pass failed; retrying"),
             }
@@ -355,6 +369,10 @@ impl<R: Runtime, S: Store> Agent<R, S> {
     async fn reconcile(&mut self) -> Result<Option<SystemTime>, String> {
         let now = SystemTime::now();
         self.ensure_session().await;
+        // Slots with work in flight are taken before observing: an action that finishes while
+        // we list may have left a half-made container in the listing (created, not yet
+        // started), which must not be mistaken for one that failed to start.
+        let busy_before = self.exec.busy();
         let observed = match self.runtime.list().await {
             Ok(o) => o,
             Err(e) => {
@@ -463,7 +481,8 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 },
             })
             .collect();
-        let busy = self.exec.busy();
+        let mut busy = self.exec.busy();
+        busy.extend(busy_before);
         let plan = planner::plan(&planner::Input {
             fleets: docs.as_ref().map(|_| targets.as_slice()),
             instances: &instances,
@@ -480,7 +499,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         };
         for action in &plan.actions {
             if let Some(op) = self.op_for(action, &evals, &node, now) {
-                tracing::info!(action = ?action, "acting");
+                tracing::info!(slot = %action.slot_key(), action = ?action, "acting");
                 self.exec.submit(action.slot_key(), op);
             }
         }
@@ -526,7 +545,11 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 *v.restarts.entry(i.fleet.clone()).or_default() += u64::from(i.carry.restarts);
             }
         }
-        Ok(plan.wake_at)
+        let flush = self.writer.pending_until().map(|d| SystemTime::now() + d);
+        Ok(match (plan.wake_at, flush) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
     }
 
     fn set_up(&self, containerd: bool, store: Option<bool>) {

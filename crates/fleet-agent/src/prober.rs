@@ -1,6 +1,6 @@
 //! HTTP readiness probes, one task per running instance.
 //!
-//! Until an instance is first ready it is probed every 200 ms (so a fresh instance joins the
+//! Until an instance is first ready it is probed every 50 ms (so a fresh instance joins the
 //! endpoints as soon as it answers); afterwards every `periodSeconds`. Ready after one success;
 //! unready after `failureThreshold` consecutive failures. Any 2xx or 3xx answer within
 //! `timeoutSeconds` is a success. Changes wake the controller.
@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 /// How often a not-yet-ready instance is probed.
-pub const STARTUP_PERIOD: Duration = Duration::from_millis(200);
+pub const STARTUP_PERIOD: Duration = Duration::from_millis(50);
 
 /// What the probes say of an instance.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -96,12 +96,16 @@ pub fn summarize(
 }
 
 /// Writes fleet statuses for one node, only when they change (ignoring times) or when the
-/// heartbeat is due, and again after the session lease was replaced.
+/// heartbeat is due, and again after the session lease was replaced. While a fleet churns
+/// (many changes in a row) its key is written at most once per `min_interval`; the last change
+/// is written when the interval has passed ([`StatusWriter::pending_until`] says when).
 #[derive(Debug)]
 pub struct StatusWriter {
     node: String,
     heartbeat: Duration,
+    min_interval: Duration,
     written: HashMap<String, (FleetStatus, Instant)>,
+    pending: HashMap<String, Instant>,
     session: u64,
     writes: u64,
 }
@@ -112,10 +116,26 @@ impl StatusWriter {
         StatusWriter {
             node: node.into(),
             heartbeat,
+            min_interval: Duration::from_secs(1),
             written: HashMap::new(),
+            pending: HashMap::new(),
             session: 0,
             writes: 0,
         }
+    }
+
+    /// Writes of one fleet's key are at least this far apart while it changes (default 1s).
+    pub fn with_min_interval(mut self, min_interval: Duration) -> StatusWriter {
+        self.min_interval = min_interval;
+        self
+    }
+
+    /// How long until a held-back change is due to be written, if any.
+    pub fn pending_until(&self) -> Option<Duration> {
+        self.pending
+            .values()
+            .map(|due| due.saturating_duration_since(Instant::now()))
+            .min()
     }
 
     /// Status writes so far.
@@ -160,8 +180,22 @@ impl StatusWriter {
                 p == status && at.elapsed() < self.heartbeat
             });
             if unchanged && !fresh_session {
+                self.pending.remove(&fleet);
                 continue;
             }
+            // Churning: hold the change back until the interval since the last write passed.
+            if let Some((_, at)) = previous
+                && !fresh_session
+                && at.elapsed() < self.min_interval
+            {
+                self.pending.insert(fleet.clone(), *at + self.min_interval);
+                // Remember the conditions' transition times for when it is written.
+                if let Some(w) = self.written.get_mut(&fleet) {
+                    w.0.conditions.clone_from(&status.conditions);
+                }
+                continue;
+            }
+            self.pending.remove(&fleet);
             status.updated_at = stamp.clone();
             let json = serde_json::to_string(&status).unwrap_or_default();
             store.put_status(&fleet, &self.node, &json).await?;
@@ -178,6 +212,7 @@ impl StatusWriter {
         for fleet in gone {
             store.delete_status(&fleet, &self.node).await?;
             self.written.remove(&fleet);
+            self.pending.remove(&fleet);
         }
         self.session = session;
         Ok(())
@@ -244,7 +279,8 @@ mod tests {
             .start_session(Duration::from_secs(15))
             .await
             .expect("session");
-        let mut w = StatusWriter::new("n1", Duration::from_secs(300));
+        let mut w =
+            StatusWriter::new("n1", Duration::from_secs(300)).with_min_interval(Duration::ZERO);
         let i = instance_status(&inst(TaskState::Running, true, true), Phase::Ready, None);
         let s = summarize(
             "f",
@@ -285,5 +321,47 @@ mod tests {
         // A fleet no longer reported loses its key.
         w.write(&store, vec![]).await.expect("write");
         assert!(store.list_status(None).await.expect("list").is_empty());
+    }
+
+    #[tokio::test]
+    async fn churn_is_written_at_most_once_per_interval() {
+        let store = MemoryStore::default();
+        store
+            .start_session(Duration::from_secs(15))
+            .await
+            .expect("session");
+        let mut w = StatusWriter::new("n1", Duration::from_secs(300))
+            .with_min_interval(Duration::from_millis(300));
+        let i = instance_status(
+            &inst(TaskState::Running, false, false),
+            Phase::Starting,
+            None,
+        );
+        let s = summarize("f", "n1", 1, 1, Some("h"), vec![i], vec![]);
+        w.write(&store, vec![s.clone()]).await.expect("write");
+        let after_first = store.revision();
+        let mut ready = s.clone();
+        ready.instances[0].phase = Phase::Ready;
+        ready.instances[0].ready = true;
+        w.write(&store, vec![ready.clone()]).await.expect("write");
+        assert_eq!(
+            store.revision(),
+            after_first,
+            "held back within the interval"
+        );
+        let due = w.pending_until().expect("a pending write");
+        assert!(due <= Duration::from_millis(300));
+        tokio::time::sleep(due).await;
+        w.write(&store, vec![ready]).await.expect("write");
+        assert_eq!(
+            store.revision(),
+            after_first + 1,
+            "written once the interval passed"
+        );
+        assert!(w.pending_until().is_none());
+        let stored: FleetStatus =
+            serde_json::from_str(&store.list_status(Some("f")).await.expect("list")[0].value)
+                .expect("json");
+        assert_eq!(stored.instances[0].phase, Phase::Ready);
     }
 }

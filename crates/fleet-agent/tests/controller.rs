@@ -579,3 +579,48 @@ async fn unready_instances_are_reported() {
     .await
     .expect("in time");
 }
+
+/// Regression: a pass that lists while a create is half done (created, not yet started) and
+/// reads the busy slots after the action finished must not take the new container for one that
+/// failed to start (it would replace, i.e. kill, a healthy new instance).
+#[tokio::test]
+async fn half_done_actions_are_not_mistaken_for_failed_starts() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (rt, store) = fresh();
+        // A listing outlasts a start: whatever was starting when it looked has finished by the
+        // time it answers.
+        rt.set_start_delay(Duration::from_millis(100));
+        rt.set_list_delay(Duration::from_millis(200));
+        let mut cfg = config();
+        cfg.concurrency = 4;
+        cfg.min_pass_interval = Duration::from_millis(10);
+        store
+            .put_fleet(
+                "f",
+                &manifest("f", "  replicas: {perNode: 8}\n"),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        let a = start(rt, store, cfg);
+        let s = wait_status(&a.store, "f", "8 ready", |s| s.ready_replicas == 8).await;
+        assert!(
+            s.instances.iter().all(|i| i.restarts == 0),
+            "{:?}",
+            s.instances
+        );
+        let replaced: Vec<String> = a
+            .runtime
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("remove") || c.starts_with("kill"))
+            .collect();
+        assert!(
+            replaced.is_empty(),
+            "nothing is replaced during a clean convergence: {replaced:?}"
+        );
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}

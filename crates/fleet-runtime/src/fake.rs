@@ -30,6 +30,8 @@ struct State {
     next_pid: u32,
     calls: Vec<String>,
     down: bool,
+    start_delay: std::time::Duration,
+    list_delay: std::time::Duration,
 }
 
 /// The fake runtime. Cloning shares the state.
@@ -121,6 +123,18 @@ impl FakeRuntime {
         );
     }
 
+    /// Makes every start take this long (between creating the task and it running), to
+    /// exercise observations made while an action is half done.
+    pub fn set_start_delay(&self, delay: std::time::Duration) {
+        self.state().start_delay = delay;
+    }
+
+    /// Makes `list` answer this long after it took its snapshot (a slow RPC), so the
+    /// world can move on between the observation and its use.
+    pub fn set_list_delay(&self, delay: std::time::Duration) {
+        self.state().list_delay = delay;
+    }
+
     /// Makes every call fail as if containerd were down (or back up).
     pub fn set_down(&self, down: bool) {
         self.state().down = down;
@@ -185,7 +199,9 @@ impl Runtime for FakeRuntime {
     }
 
     async fn start(&self, id: &str) -> Result<u32> {
-        let mut s = self.call(format!("start {id}"))?;
+        let delay = self.call(format!("start {id}"))?.start_delay;
+        tokio::time::sleep(delay).await;
+        let mut s = self.state();
         s.next_pid += 1;
         let pid = s.next_pid;
         let c = s
@@ -226,8 +242,12 @@ impl Runtime for FakeRuntime {
     }
 
     async fn list(&self) -> Result<Vec<Observed>> {
-        let s = self.call("list".into())?;
-        Ok(s.containers
+        let (delay, snapshot) = {
+            let s = self.call("list".into())?;
+            (s.list_delay, s.containers.clone())
+        };
+        tokio::time::sleep(delay).await;
+        Ok(snapshot
             .values()
             .filter(|c| c.spec.labels.contains_key(fleet_api::LABEL_FLEET))
             .map(|c| Observed {
