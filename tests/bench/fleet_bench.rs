@@ -159,12 +159,11 @@ fn proc_field(pid: u32, file: &str, key: &str) -> Option<u64> {
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // utime and stime are fields 14 and 15; after the ')' field 3 is the first.
-    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+    // After the ')' come fields 3 (the state, not a number) onwards: utime and stime (fields 14
+    // and 15) are the 12th and 13th.
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    num(11) + num(12)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -228,11 +227,13 @@ async fn main() {
             let ticks = cpu_ticks(pid);
             let t0 = Instant::now();
             tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-            let used = (cpu_ticks(pid) - ticks) as f64 / 100.0;
+            let after = cpu_ticks(pid);
+            let used = (after - ticks) as f64 / 100.0;
             println!(
-                "agent idle with N={n}: {:.2}% of a core over {:.0}s; RSS {} MiB now, peak {} MiB",
+                "agent idle with N={n}: {:.2}% of a core over {:.0}s ({} CPU ticks of 10ms, {ticks} -> {after}); RSS {} MiB now, peak {} MiB",
                 100.0 * used / t0.elapsed().as_secs_f64(),
                 t0.elapsed().as_secs_f64(),
+                after - ticks,
                 proc_field(pid, "status", "VmRSS:").unwrap_or(0) / 1024,
                 proc_field(pid, "status", "VmHWM:").unwrap_or(0) / 1024,
             );

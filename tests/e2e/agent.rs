@@ -447,3 +447,56 @@ async fn containerd_restarts_disturb_nothing() {
     .await;
     assert_eq!(ids(&s)[&1], before[&1]);
 }
+
+/// etcd dies and comes back: every instance keeps running and serving meanwhile, the agent does
+/// not restart anything, and converges to a change made once etcd is back.
+#[tokio::test]
+async fn etcd_outages_disturb_nothing() {
+    let mut etcd = fleet_e2e::PrivateEtcd::start("outage");
+    let world = World::with_etcd("etcdout", &etcd.endpoint());
+    let base = free_port_range(4);
+    world.cli_ok(
+        &["apply", "-f", "-"],
+        Some(&world.sim_fleet("sim", 2, base, "")),
+    );
+    let agent = world.agent("node-e", &[]);
+    let s = wait_status(&world, "sim", "2 ready", 60, ready(2)).await;
+    let before = ids(&s);
+
+    etcd.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for port in [base, base + 1] {
+        let (code, _) = get(&format!("http://127.0.0.1:{port}/api/version")).await;
+        assert_eq!(code, 200, "instances keep serving while etcd is down");
+    }
+    let listed = agent
+        .instances()
+        .await
+        .expect("the agent keeps answering while etcd is down");
+    assert_eq!(listed["instances"].as_array().map(Vec::len), Some(2));
+    for id in before.values() {
+        assert_eq!(world.ns.task(id).map(|t| t.0).as_deref(), Some("RUNNING"));
+    }
+
+    etcd.resume();
+    wait_for(
+        "the CLI to reach etcd again",
+        Duration::from_secs(30),
+        || {
+            let ok = world.cli(&["get", "fleets"], None).status.success();
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    world.cli_ok(
+        &["apply", "-f", "-"],
+        Some(&world.sim_fleet("sim", 3, base, "")),
+    );
+    let s = wait_status(&world, "sim", "3 ready after the outage", 60, ready(3)).await;
+    let after = ids(&s);
+    assert_eq!(
+        (after[&0].clone(), after[&1].clone()),
+        (before[&0].clone(), before[&1].clone()),
+        "the first two were never restarted"
+    );
+}

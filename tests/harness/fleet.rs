@@ -65,6 +65,13 @@ impl World {
         World::in_namespace(Namespace::in_env(tag, env))
     }
 
+    /// A world whose fleets live in the etcd at `endpoint` (a [`crate::PrivateEtcd`]).
+    pub fn with_etcd(tag: &str, endpoint: &str) -> World {
+        let mut env = crate::DevEnv::get();
+        env.etcd_endpoints = endpoint.to_string();
+        World::in_namespace(Namespace::in_env(tag, env))
+    }
+
     fn in_namespace(ns: Namespace) -> World {
         let dir = temp_dir(&ns.name);
         World {
