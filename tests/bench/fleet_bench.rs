@@ -201,7 +201,12 @@ async fn main() {
         // Backoff initial 0 for the crash run: every kill is replaced at once.
         let manifest = world
             .sim_fleet("bench", n, base, "")
-            .replace("initial: 200ms, max: 2s", "initial: 0, max: 5m");
+            .replace("initial: 200ms, max: 2s", "initial: 0, max: 5m")
+            // Default probes (readiness every 5s), as a production fleet has them.
+            .replace(
+                "  probes: {readiness: {periodSeconds: 1, timeoutSeconds: 1}}\n",
+                "",
+            );
         let mut agent = world.agent("bench-node", &["--concurrency", &concurrency.to_string()]);
         // Let the agent start and register before timing, as it would be on a node.
         let started = Instant::now();
