@@ -86,22 +86,8 @@ impl World {
         let mut cmd = Command::new(binary());
         cmd.args(args)
             .env("OLLAMA_FLEET_ETCD_ENDPOINTS", &self.ns.env.etcd_endpoints)
-            .env("OLLAMA_FLEET_ETCD_PREFIX", &self.prefix)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("run ollama-fleet");
-        if let Some(text) = stdin {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(text.as_bytes())
-                .expect("write");
-        }
-        drop(child.stdin.take());
-        child.wait_with_output().expect("wait")
+            .env("OLLAMA_FLEET_ETCD_PREFIX", &self.prefix);
+        crate::run_with_stdin(cmd, stdin)
     }
 
     /// Runs the CLI and returns its stdout, panicking with stderr on failure.

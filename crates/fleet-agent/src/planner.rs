@@ -333,57 +333,46 @@ fn plan_fleet(
             }
             continue;
         };
-        if i.is_dead() {
-            let ran = i
-                .exited_at
-                .unwrap_or(now)
-                .duration_since(i.created_at)
-                .unwrap_or_default();
-            let k = backoff::next_count(i.carry.crashloop, ran);
-            let due = i.exited_at.unwrap_or(now)
-                + backoff::delay(k, backoff.initial.std(), backoff.max.std());
-            let carry = Carry {
-                restarts: i.carry.restarts + 1,
-                crashloop: k,
-                last_exit: i.exit(),
+        // A dead instance, or a container whose task never started (a start error, or a create
+        // cut short): both count as a crash for the slot's backoff, so nothing that cannot run
+        // is retried in a tight loop.
+        let restart = if i.is_dead() {
+            let exited = i.exited_at.unwrap_or(now);
+            let ran = exited.duration_since(i.created_at).unwrap_or_default();
+            Some((
+                exited,
+                backoff::next_count(i.carry.crashloop, ran),
+                i.exit(),
+                Why::Crashed,
+            ))
+        } else if matches!(i.state, TaskState::NoTask | TaskState::Created) {
+            let start_error = LastExit {
+                code: -1,
+                reason: "StartError".into(),
+                at: humantime::format_rfc3339_seconds(i.created_at).to_string(),
             };
+            Some((
+                i.created_at,
+                i.carry.crashloop.saturating_add(1),
+                Some(start_error),
+                Why::NeverStarted,
+            ))
+        } else {
+            None
+        };
+        if let Some((since, k, last_exit, why)) = restart {
+            let due = since + backoff::delay(k, backoff.initial.std(), backoff.max.std());
             if now >= due && can_create {
                 out.actions.push(Action::Replace {
                     old: i.id.clone(),
                     fleet: fleet.into(),
                     slot,
-                    carry,
-                    why: Why::Crashed,
-                });
-            } else {
-                out.backing_off.insert(i.id.clone());
-                if now < due {
-                    out.wake_at = Some(out.wake_at.map_or(due, |w| w.min(due)));
-                }
-            }
-            continue;
-        }
-        if matches!(i.state, TaskState::NoTask | TaskState::Created) {
-            // A task that could not start (or a create cut short): a crash for the backoff, so a
-            // container that cannot start is not retried in a tight loop.
-            let k = i.carry.crashloop.saturating_add(1);
-            let due = i.created_at + backoff::delay(k, backoff.initial.std(), backoff.max.std());
-            let carry = Carry {
-                restarts: i.carry.restarts + 1,
-                crashloop: k,
-                last_exit: Some(LastExit {
-                    code: -1,
-                    reason: "StartError".into(),
-                    at: humantime::format_rfc3339_seconds(i.created_at).to_string(),
-                }),
-            };
-            if now >= due && can_create {
-                out.actions.push(Action::Replace {
-                    old: i.id.clone(),
-                    fleet: fleet.into(),
-                    slot,
-                    carry,
-                    why: Why::NeverStarted,
+                    carry: Carry {
+                        restarts: i.carry.restarts + 1,
+                        crashloop: k,
+                        last_exit,
+                    },
+                    why,
                 });
             } else {
                 out.backing_off.insert(i.id.clone());

@@ -2,36 +2,18 @@
 
 use std::process::ExitCode;
 
-use fleet_api::{Context, yaml};
+use fleet_api::yaml;
 use fleet_store::{Expect, Store, StoreError};
 
 use crate::global::Global;
-use crate::input::read_sources;
+use crate::input::ManifestArgs;
 use crate::validate::error_line;
 
 /// Arguments of `apply`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A manifest file, a directory of them (*.yaml, *.yml, *.json), or - for standard input.
-    /// May be given more than once.
-    #[arg(
-        short = 'f',
-        long = "filename",
-        value_name = "FILE|DIR|-",
-        required = true
-    )]
-    pub files: Vec<String>,
-    /// Also read the directories below a directory given to -f.
-    #[arg(short = 'R', long)]
-    pub recursive: bool,
-    /// CPU sockets assumed for `replicas.perSocket` when checking port ranges.
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 2,
-        env = "OLLAMA_FLEET_VALIDATE_SOCKETS"
-    )]
-    pub sockets: u32,
+    #[command(flatten)]
+    pub manifests: ManifestArgs,
 }
 
 /// Whether two stored documents say the same thing (formatting aside).
@@ -48,10 +30,8 @@ pub fn same_content(a: &str, b: &str) -> bool {
 /// Validates everything first (nothing is written if anything is invalid), then stores each
 /// fleet and says `created`, `configured` or `unchanged`.
 pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
-    let sources = read_sources(&args.files, args.recursive)?;
-    let ctx = Context {
-        sockets: args.sockets.max(1),
-    };
+    let sources = args.manifests.read()?;
+    let ctx = args.manifests.context();
     let mut fleets: Vec<(String, String)> = Vec::new();
     let mut errors = Vec::new();
     for source in &sources {

@@ -5,6 +5,7 @@ use fleet_store::etcd::{EtcdConfig, EtcdStore};
 
 /// How to reach etcd, and logging.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Global options (etcd, logging)")]
 pub struct Global {
     /// etcd client URLs, comma separated.
     #[arg(

@@ -5,6 +5,47 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
+/// Where manifests come from, as `validate` and `apply` take them.
+#[derive(Debug, clap::Args)]
+pub struct ManifestArgs {
+    /// A manifest file, a directory of them (*.yaml, *.yml, *.json), or - for standard input.
+    /// May be given more than once.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE|DIR|-",
+        required = true
+    )]
+    pub files: Vec<String>,
+    /// Also read the directories below a directory given to -f.
+    #[arg(short = 'R', long)]
+    pub recursive: bool,
+    /// CPU sockets assumed for `replicas.perSocket` when checking port ranges (the agent checks
+    /// again with the real count of its node).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2,
+        env = "OLLAMA_FLEET_VALIDATE_SOCKETS"
+    )]
+    pub sockets: u32,
+}
+
+impl ManifestArgs {
+    /// Reads every source named.
+    pub fn read(&self) -> anyhow::Result<Vec<Source>> {
+        anyhow::ensure!(self.sockets > 0, "--sockets must be at least 1");
+        read_sources(&self.files, self.recursive)
+    }
+
+    /// The validation context.
+    pub fn context(&self) -> fleet_api::Context {
+        fleet_api::Context {
+            sockets: self.sockets.max(1),
+        }
+    }
+}
+
 /// One manifest source: a file or standard input.
 #[derive(Debug)]
 pub struct Source {

@@ -5,32 +5,13 @@ use std::process::ExitCode;
 
 use fleet_api::{Context, FieldError};
 
-use crate::input::{Source, read_sources};
+use crate::input::{ManifestArgs, Source};
 
 /// Arguments of `validate`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A manifest file, a directory of them (*.yaml, *.yml, *.json), or - for standard input.
-    /// May be given more than once.
-    #[arg(
-        short = 'f',
-        long = "filename",
-        value_name = "FILE|DIR|-",
-        required = true
-    )]
-    pub files: Vec<String>,
-    /// Also read the directories below a directory given to -f.
-    #[arg(short = 'R', long)]
-    pub recursive: bool,
-    /// CPU sockets assumed for `replicas.perSocket` when checking port ranges (the agent checks
-    /// again with the real count of its node).
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 2,
-        env = "OLLAMA_FLEET_VALIDATE_SOCKETS"
-    )]
-    pub sockets: u32,
+    #[command(flatten)]
+    pub manifests: ManifestArgs,
     /// Also print a line for every valid fleet.
     #[arg(short, long)]
     pub verbose: bool,
@@ -46,13 +27,8 @@ pub fn error_line(source: &str, e: &FieldError) -> String {
 
 /// Validates every manifest named by `args`; exit 1 when any is invalid.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    if args.sockets == 0 {
-        anyhow::bail!("--sockets must be at least 1");
-    }
-    let sources = read_sources(&args.files, args.recursive)?;
-    let ctx = Context {
-        sockets: args.sockets,
-    };
+    let sources = args.manifests.read()?;
+    let ctx = args.manifests.context();
     let (valid, errors) = check(&sources, &ctx);
     if args.verbose {
         for (source, name) in &valid {

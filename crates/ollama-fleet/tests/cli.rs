@@ -1,8 +1,7 @@
 //! The `ollama-fleet` binary's offline commands: `schema` and `validate`, with their exit codes.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ollama-fleet");
 
@@ -11,24 +10,9 @@ fn repo() -> PathBuf {
 }
 
 fn run(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .current_dir(repo())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run ollama-fleet");
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("write stdin");
-    }
-    drop(child.stdin.take());
-    child.wait_with_output().expect("wait")
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).current_dir(repo());
+    fleet_e2e::run_with_stdin(cmd, stdin)
 }
 
 fn stderr(o: &Output) -> String {
