@@ -3,7 +3,7 @@
 # Safe to run again: it does nothing when everything is present.
 set -euo pipefail
 
-PACKAGES=(etcd-server etcd-client containerd runc protobuf-compiler busybox-static curl binutils)
+PACKAGES=(etcd-server etcd-client containerd runc protobuf-compiler busybox-static curl binutils docker-registry skopeo)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

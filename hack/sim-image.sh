@@ -9,6 +9,7 @@
 #   --out DIR       where the layout and archive go (default target/images)
 #   --import        import the archive into containerd ($CONTAINERD_ADDRESS, see hack/dev-env.sh)
 #   --namespace NS  containerd namespace for --import (default ollama-fleet)
+#   --env KEY=VALUE bake a variable into the image config (e.g. SIM_VERSION=0.4.1); repeatable
 #
 # The image mirrors the real ollama/ollama one: /bin/ollama (the sim) as entrypoint, `serve` as
 # command, OLLAMA_HOST=0.0.0.0:11434, plus the C libraries the binary needs. The build is
@@ -17,7 +18,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BINARY="" NAME=localhost/ollama-sim:dev OUT=$ROOT/target/images IMPORT=0 NS=ollama-fleet
+BINARY="" NAME=localhost/ollama-sim:dev OUT=$ROOT/target/images IMPORT=0 NS=ollama-fleet EXTRA_ENV=""
 while (($#)); do
   case $1 in
     --binary) BINARY=$2; shift 2 ;;
@@ -25,7 +26,9 @@ while (($#)); do
     --out) OUT=$2; shift 2 ;;
     --import) IMPORT=1; shift ;;
     --namespace) NS=$2; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --env) [[ $2 == *=* && $2 != *'"'* ]] || { echo "sim-image: --env wants KEY=VALUE" >&2; exit 2; }
+           EXTRA_ENV="$EXTRA_ENV,\"$2\""; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "sim-image: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -69,7 +72,7 @@ mv "$WORK/layer.tar.gz" "$LAYOUT/blobs/sha256/$LAYER"
 blob() { # blob FILE: stores FILE by digest, prints "digest size"
   local d; d=$(sha "$1"); cp "$1" "$LAYOUT/blobs/sha256/$d"; echo "$d $(size "$1")"
 }
-printf '%s' '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin","OLLAMA_HOST=0.0.0.0:11434"],"Entrypoint":["/bin/ollama"],"Cmd":["serve"],"WorkingDir":"/","ExposedPorts":{"11434/tcp":{}},"Labels":{"org.opencontainers.image.title":"ollama-sim"}},"rootfs":{"type":"layers","diff_ids":["sha256:'"$DIFF_ID"'"]},"history":[{"created_by":"hack/sim-image.sh"}]}' >"$WORK/config.json"
+printf '%s' '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin","OLLAMA_HOST=0.0.0.0:11434"'"$EXTRA_ENV"'],"Entrypoint":["/bin/ollama"],"Cmd":["serve"],"WorkingDir":"/","ExposedPorts":{"11434/tcp":{}},"Labels":{"org.opencontainers.image.title":"ollama-sim"}},"rootfs":{"type":"layers","diff_ids":["sha256:'"$DIFF_ID"'"]},"history":[{"created_by":"hack/sim-image.sh"}]}' >"$WORK/config.json"
 read -r CONFIG CONFIG_SIZE < <(blob "$WORK/config.json")
 printf '%s' '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'"$CONFIG"'","size":'"$CONFIG_SIZE"'},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:'"$LAYER"'","size":'"$LAYER_SIZE"'}]}' >"$WORK/manifest.json"
 read -r MANIFEST MANIFEST_SIZE < <(blob "$WORK/manifest.json")

@@ -27,6 +27,15 @@ impl Namespace {
         Namespace::in_env(tag, DevEnv::get())
     }
 
+    /// A namespace with no image in it.
+    pub fn empty(tag: &str) -> Namespace {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        Namespace {
+            name: format!("e2e-{tag}-{}-{n}", std::process::id()),
+            env: DevEnv::get(),
+        }
+    }
+
     /// The same, in the containerd of `env`.
     pub fn in_env(tag: &str, env: DevEnv) -> Namespace {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);

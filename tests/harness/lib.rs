@@ -6,6 +6,7 @@ pub mod containerd;
 pub mod etcd;
 pub mod fleet;
 pub mod http;
+pub mod registry;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ pub use containerd::Namespace;
 pub use etcd::PrivateEtcd;
 pub use fleet::{AgentProcess, World, free_port_range};
 pub use http::{get, json, post, post_lines, request};
+pub use registry::PrivateRegistry;
 
 /// The root of the repository.
 pub fn repo_root() -> PathBuf {

@@ -110,6 +110,11 @@ impl Containerd {
         &self.namespace
     }
 
+    /// The gRPC channel (cheap to clone).
+    pub(crate) fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     fn req<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         if let Ok(ns) = self.namespace.parse() {

@@ -9,6 +9,8 @@
 pub mod containerd;
 pub mod fake;
 pub mod image;
+pub mod pull;
+pub mod registry;
 pub mod spec;
 
 use std::collections::BTreeMap;
