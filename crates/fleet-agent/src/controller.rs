@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use fleet_api::{
-    Capacity, Context, FleetStatus, InstanceStatus, NodeInfo, OllamaFleet, Phase, PullPolicy,
-    Versions, spec_hash,
+    Capacity, Context, FleetStatus, InstanceStatus, NodeInfo, OllamaFleet, Phase, Versions,
+    spec_hash,
 };
 use fleet_runtime::{ImageInfo, Runtime, RuntimeEvent};
 use fleet_store::{FleetDoc, FleetEvent, Store};
@@ -55,6 +55,10 @@ pub struct AgentConfig {
     pub version: String,
     /// Passes woken by events start at most this often (bursts are coalesced).
     pub min_pass_interval: Duration,
+    /// `imagePullPolicy: Always` tags are re-resolved this often.
+    pub image_refresh: Duration,
+    /// First retry after a failed image pull (doubling up to 5 minutes).
+    pub pull_backoff: Duration,
 }
 
 impl AgentConfig {
@@ -75,6 +79,8 @@ impl AgentConfig {
             session_ttl: Duration::from_secs(15),
             version: env!("CARGO_PKG_VERSION").into(),
             min_pass_interval: Duration::from_millis(100),
+            image_refresh: Duration::from_secs(600),
+            pull_backoff: Duration::from_secs(10),
         }
     }
 }
@@ -126,12 +132,8 @@ pub struct View {
     pub status_writes: u64,
     /// Restarts by fleet.
     pub restarts: BTreeMap<String, u64>,
-}
-
-#[derive(Clone, Debug)]
-struct CachedImage {
-    found: Result<Option<ImageInfo>, String>,
-    at: Instant,
+    /// Image pulls.
+    pub pulls: crate::images::PullStats,
 }
 
 /// One fleet, evaluated for this node.
@@ -158,7 +160,7 @@ pub struct Agent<R: Runtime, S: Store> {
     wake: Arc<Notify>,
     fleets: Arc<Mutex<Option<BTreeMap<String, FleetDoc>>>>,
     ooms: Arc<Mutex<HashSet<String>>>,
-    images: HashMap<String, CachedImage>,
+    images: crate::images::Images<R>,
     last_valid: HashMap<String, OllamaFleet>,
     writer: StatusWriter,
     view: Arc<RwLock<View>>,
@@ -196,6 +198,8 @@ impl<R: Runtime, S: Store> Agent<R, S> {
     ) -> Agent<R, S> {
         Agent {
             exec: Executor::new(runtime.clone(), cfg.concurrency, wake.clone()),
+            images: crate::images::Images::new(runtime.clone(), wake.clone(), cfg.image_refresh)
+                .with_backoff(cfg.pull_backoff),
             prober: probes,
             writer: StatusWriter::new(&cfg.node, cfg.status_heartbeat),
             view: Arc::new(RwLock::new(View {
@@ -208,7 +212,6 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             wake,
             fleets: Arc::new(Mutex::new(None)),
             ooms: Arc::new(Mutex::new(HashSet::new())),
-            images: HashMap::new(),
             last_valid: HashMap::new(),
             salt: 0,
             node_written: None,
@@ -315,27 +318,6 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         });
     }
 
-    async fn image(&mut self, name: &str, fresh: bool) -> Result<Option<ImageInfo>, String> {
-        if let Some(c) = self.images.get(name) {
-            let ttl = match &c.found {
-                Ok(Some(_)) => Duration::from_secs(60),
-                _ => Duration::from_secs(2),
-            };
-            if !fresh && c.at.elapsed() < ttl {
-                return c.found.clone();
-            }
-        }
-        let found = self.runtime.image(name).await.map_err(|e| e.to_string());
-        self.images.insert(
-            name.into(),
-            CachedImage {
-                found: found.clone(),
-                at: Instant::now(),
-            },
-        );
-        found
-    }
-
     fn evaluate(&self, doc: &FleetDoc) -> Result<(OllamaFleet, u32), String> {
         let ctx = Context {
             sockets: self.cfg.sockets,
@@ -398,17 +380,18 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                         .last_valid
                         .get(&doc.name)
                         .is_none_or(|f| f.spec != fleet.spec);
-                    let (image, image_error) = match self.image(&name, changed).await {
-                        Ok(Some(i)) => (Some(Box::new(i)), None),
-                        Ok(None) => (
-                            None,
-                            Some(missing_image(
-                                &name,
-                                fleet.spec.image_pull_policy,
-                                &self.cfg.namespace,
-                            )),
-                        ),
-                        Err(e) => (None, Some(format!("ErrImageInspect: {e}"))),
+                    let (image, image_error) = if replicas == 0 {
+                        (None, None)
+                    } else {
+                        let policy = fleet.spec.image_pull_policy;
+                        match self
+                            .images
+                            .ensure(&name, policy, doc.revision, changed)
+                            .await
+                        {
+                            crate::images::Resolution::Ready(i) => (Some(i), None),
+                            crate::images::Resolution::Waiting(m) => (None, Some(m)),
+                        }
                     };
                     let hash = spec_hash(
                         &fleet.spec,
@@ -540,6 +523,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             v.fleets_known = docs.is_some();
             v.actions = self.exec.counts();
             v.status_writes = self.writer.writes();
+            v.pulls = self.images.stats();
             v.restarts = BTreeMap::new();
             for i in &instances {
                 *v.restarts.entry(i.fleet.clone()).or_default() += u64::from(i.carry.restarts);
@@ -673,7 +657,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         let mut out = Vec::new();
         for name in names {
             let mine = by_fleet.get(name).cloned().unwrap_or_default();
-            let inst: Vec<InstanceStatus> = mine
+            let mut inst: Vec<InstanceStatus> = mine
                 .iter()
                 .map(|i| {
                     let phase = status::phase(
@@ -685,6 +669,28 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                     status::instance_status(i, phase, message)
                 })
                 .collect();
+            // Slots waiting for their image show as Pending, with the reason.
+            if let Some((
+                _,
+                Eval::Run {
+                    fleet,
+                    replicas,
+                    image: None,
+                    image_error: Some(why),
+                    ..
+                },
+            )) = evals.get(name)
+            {
+                for slot in 0..*replicas {
+                    if !inst.iter().any(|i| i.slot == slot) {
+                        inst.push(status::pending_slot(
+                            slot,
+                            crate::build::port(&fleet.spec, slot),
+                            why,
+                        ));
+                    }
+                }
+            }
             let (generation, desired, hash, conditions) = match evals.get(name) {
                 None => (
                     0,
@@ -835,17 +841,5 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 })
             })
             .collect()
-    }
-}
-
-/// The status message for an image that is not in containerd.
-fn missing_image(name: &str, policy: PullPolicy, namespace: &str) -> String {
-    match policy {
-        PullPolicy::Never => format!(
-            "ErrImageNeverPull: image {name:?} is not present in containerd namespace {namespace:?} and imagePullPolicy is Never; import it (ctr -n {namespace} images import) or change the policy"
-        ),
-        _ => format!(
-            "ErrImagePull: image {name:?} is not present in containerd namespace {namespace:?}; this agent cannot pull yet, import it (ctr -n {namespace} images import)"
-        ),
     }
 }

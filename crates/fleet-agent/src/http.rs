@@ -189,6 +189,30 @@ async fn metrics(State(view): Shared) -> Response {
             "The store accepted the last writes.",
             f64::from(u8::from(v.store_up)),
         ),
+        (
+            "ollama_fleet_image_pulls_total",
+            "counter",
+            "Image pulls that finished.",
+            v.pulls.succeeded as f64,
+        ),
+        (
+            "ollama_fleet_image_pull_failures_total",
+            "counter",
+            "Image pulls that failed.",
+            v.pulls.failed as f64,
+        ),
+        (
+            "ollama_fleet_image_pull_bytes_total",
+            "counter",
+            "Bytes fetched by finished image pulls.",
+            v.pulls.bytes as f64,
+        ),
+        (
+            "ollama_fleet_image_pull_seconds_total",
+            "counter",
+            "Seconds spent in finished image pulls.",
+            v.pulls.seconds,
+        ),
     ];
     for (name, kind, help, value) in scalars {
         let _ = writeln!(

@@ -3,6 +3,7 @@
 //! - [`planner`]: pure decisions, `plan(fleets, instances, busy, now) -> Plan`;
 //! - [`build`]: pure construction of an instance's container;
 //! - [`backoff`], [`topology`]: small pure pieces;
+//! - [`images`]: images present, pulled per policy, once per node, with backoff;
 //! - [`executor`]: runs actions with bounded concurrency, one at a time per slot;
 //! - [`prober`]: HTTP probes;
 //! - [`status`]: status computation (pure) and the writer that writes only changes;
@@ -14,6 +15,7 @@ pub mod build;
 pub mod controller;
 pub mod executor;
 pub mod http;
+pub mod images;
 pub mod planner;
 pub mod prober;
 pub mod status;

@@ -43,6 +43,23 @@ pub fn instance_status(i: &Instance, phase: Phase, message: Option<String>) -> I
     }
 }
 
+/// A slot with no container yet because its image is not ready: `Pending`, with the reason.
+/// Its ID is empty (there is no container).
+pub fn pending_slot(slot: u32, port: u16, why: &str) -> InstanceStatus {
+    InstanceStatus {
+        id: String::new(),
+        slot,
+        port,
+        phase: Phase::Pending,
+        ready: false,
+        started_at: None,
+        restarts: 0,
+        spec_hash: String::new(),
+        last_exit: None,
+        message: Some(why.to_string()),
+    }
+}
+
 /// A condition.
 pub fn condition(kind: &str, ok: bool, reason: &str, message: impl Into<String>) -> Condition {
     Condition {
@@ -73,7 +90,7 @@ pub fn summarize(
         desired_replicas: desired,
         replicas: instances
             .iter()
-            .filter(|i| i.phase != Phase::Terminating)
+            .filter(|i| !i.id.is_empty() && i.phase != Phase::Terminating)
             .count() as u32,
         ready_replicas: instances
             .iter()

@@ -624,3 +624,165 @@ async fn half_done_actions_are_not_mistaken_for_failed_starts() {
     .await
     .expect("in time");
 }
+
+fn pulled_manifest(name: &str, policy: &str, extra: &str) -> String {
+    manifest(name, extra).replace(
+        "imagePullPolicy: Never",
+        &format!("imagePullPolicy: {policy}"),
+    )
+}
+
+#[tokio::test]
+async fn images_are_pulled_once_per_node_before_any_instance() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let rt = FakeRuntime::new();
+        rt.add_remote(FakeRuntime::image_named(IMAGE));
+        rt.set_pull_delay(Duration::from_millis(500));
+        let store = MemoryStore::default();
+        // Two fleets of the same image (on different ports).
+        store
+            .put_fleet(
+                "f",
+                &pulled_manifest("f", "IfNotPresent", "  replicas: {perNode: 3}\n"),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        store
+            .put_fleet(
+                "g",
+                &pulled_manifest(
+                    "g",
+                    "IfNotPresent",
+                    "  replicas: {perNode: 3}\n  network: {basePort: 20000}\n",
+                ),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        let a = start(rt, store, config());
+        let s = wait_status(&a.store, "f", "Pending while pulling", |s| {
+            s.instances.len() == 3
+                && s.instances
+                    .iter()
+                    .all(|i| i.phase == Phase::Pending && i.id.is_empty())
+        })
+        .await;
+        assert!(
+            s.instances[0]
+                .message
+                .as_deref()
+                .is_some_and(|m| m.starts_with("Pulling:")),
+            "{:?}",
+            s.instances[0]
+        );
+        assert_eq!(s.replicas, 0, "placeholders are not instances");
+        assert!(
+            a.runtime.list().await.expect("list").is_empty(),
+            "nothing is created before the image is there"
+        );
+        wait_status(&a.store, "f", "3 ready after the pull", |s| {
+            s.ready_replicas == 3
+        })
+        .await;
+        wait_status(&a.store, "g", "3 ready after the pull", |s| {
+            s.ready_replicas == 3
+        })
+        .await;
+        assert_eq!(
+            a.runtime.pulls(),
+            [IMAGE],
+            "one pull for two fleets and six instances"
+        );
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn failed_pulls_back_off_and_recover() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let rt = FakeRuntime::new();
+        rt.add_remote(FakeRuntime::image_named(IMAGE));
+        rt.set_pull_error(Some("manifest unknown: tag not found"));
+        let store = MemoryStore::default();
+        store
+            .put_fleet(
+                "f",
+                &pulled_manifest("f", "IfNotPresent", "  replicas: {perNode: 2}\n"),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        let mut cfg = config();
+        cfg.pull_backoff = Duration::from_millis(300);
+        let a = start(rt, store, cfg);
+        let s = wait_status(&a.store, "f", "ImagePullBackOff", |s| {
+            s.condition("Progressing")
+                .is_some_and(|c| c.reason == "ImagePullBackOff")
+        })
+        .await;
+        let why = s.instances[0].message.clone().unwrap_or_default();
+        assert!(
+            why.contains("manifest unknown: tag not found"),
+            "the registry's answer is in status: {why}"
+        );
+        wait_for("a retry", Duration::from_secs(10), || async {
+            (a.runtime.pulls().len() >= 2).then_some(())
+        })
+        .await;
+        a.runtime.set_pull_error(None);
+        wait_status(&a.store, "f", "2 ready once the registry answers", |s| {
+            s.ready_replicas == 2
+        })
+        .await;
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn always_rolls_out_a_new_digest_of_the_same_tag() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let rt = FakeRuntime::new();
+        let v1 = FakeRuntime::image_named(IMAGE);
+        rt.add_remote(v1.clone());
+        let store = MemoryStore::default();
+        store
+            .put_fleet(
+                "f",
+                &pulled_manifest(
+                    "f",
+                    "Always",
+                    "  replicas: {perNode: 3}\n  rollout: {maxUnavailable: 1}\n",
+                ),
+                Expect::Absent,
+            )
+            .await
+            .expect("put");
+        let mut cfg = config();
+        cfg.image_refresh = Duration::from_millis(300);
+        let a = start(rt, store, cfg);
+        let s = wait_status(&a.store, "f", "3 ready on v1", |s| s.ready_replicas == 3).await;
+        let old_hash = s.instances[0].spec_hash.clone();
+        let old_ids: Vec<String> = s.instances.iter().map(|i| i.id.clone()).collect();
+
+        let mut v2 = v1.clone();
+        v2.digest = format!("sha256:{:0>64}", "2");
+        a.runtime.add_remote(v2);
+        let s = wait_status(&a.store, "f", "all on the new digest", |s| {
+            s.ready_replicas == 3 && s.instances.iter().all(|i| i.spec_hash != old_hash)
+        })
+        .await;
+        assert!(
+            s.instances.iter().all(|i| !old_ids.contains(&i.id)),
+            "every instance was replaced"
+        );
+        assert_eq!(a.runtime.pulls().len(), 2, "v1 once, v2 once");
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}

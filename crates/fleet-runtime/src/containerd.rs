@@ -55,6 +55,7 @@ pub struct Containerd {
     namespace: String,
     snapshotter: String,
     log_dir: PathBuf,
+    registry: crate::registry::RegistryOptions,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> RuntimeError {
@@ -102,7 +103,14 @@ impl Containerd {
             namespace: namespace.to_string(),
             snapshotter: "overlayfs".into(),
             log_dir: log_dir.into(),
+            registry: crate::registry::RegistryOptions::default(),
         })
+    }
+
+    /// The same client, pulling with these registry settings.
+    pub fn with_registry(mut self, registry: crate::registry::RegistryOptions) -> Containerd {
+        self.registry = registry;
+        self
     }
 
     /// The namespace.
@@ -549,6 +557,14 @@ impl Runtime for Containerd {
 
     fn log_path(&self, id: &str) -> PathBuf {
         self.log_dir.join(format!("{id}.log"))
+    }
+
+    async fn pull(&self, name: &str, progress: &crate::PullProgress) -> Result<ImageInfo> {
+        self.pull_with(name, &self.registry, progress).await
+    }
+
+    async fn resolve(&self, name: &str) -> Result<String> {
+        crate::pull::resolve(name, &self.registry).await
     }
 }
 

@@ -32,6 +32,10 @@ struct State {
     down: bool,
     start_delay: std::time::Duration,
     list_delay: std::time::Duration,
+    remote: BTreeMap<String, ImageInfo>,
+    pulls: Vec<String>,
+    pull_error: Option<String>,
+    pull_delay: std::time::Duration,
 }
 
 /// The fake runtime. Cloning shares the state.
@@ -133,6 +137,26 @@ impl FakeRuntime {
     /// world can move on between the observation and its use.
     pub fn set_list_delay(&self, delay: std::time::Duration) {
         self.state().list_delay = delay;
+    }
+
+    /// Puts an image in the (simulated) registry; a pull copies it into the runtime.
+    pub fn add_remote(&self, image: ImageInfo) {
+        self.state().remote.insert(image.name.clone(), image);
+    }
+
+    /// Makes pulls fail with this registry answer (or succeed again with `None`).
+    pub fn set_pull_error(&self, error: Option<&str>) {
+        self.state().pull_error = error.map(str::to_string);
+    }
+
+    /// Makes pulls take this long.
+    pub fn set_pull_delay(&self, delay: std::time::Duration) {
+        self.state().pull_delay = delay;
+    }
+
+    /// The images pulled so far, in order.
+    pub fn pulls(&self) -> Vec<String> {
+        self.state().pulls.clone()
     }
 
     /// Makes every call fail as if containerd were down (or back up).
@@ -284,5 +308,53 @@ impl Runtime for FakeRuntime {
 
     fn log_path(&self, id: &str) -> PathBuf {
         PathBuf::from(format!("/fake/logs/{id}.log"))
+    }
+
+    async fn pull(&self, name: &str, progress: &crate::PullProgress) -> Result<ImageInfo> {
+        let delay = self.call(format!("pull {name}"))?.pull_delay;
+        progress.set_total(100);
+        tokio::time::sleep(delay / 2).await;
+        progress.add_done(50);
+        tokio::time::sleep(delay / 2).await;
+        let mut s = self.state();
+        s.pulls.push(name.to_string());
+        if let Some(e) = s.pull_error.clone() {
+            return Err(RuntimeError::Failed {
+                op: "pull",
+                id: name.to_string(),
+                message: format!("registry: {e}"),
+            });
+        }
+        let image = s
+            .remote
+            .get(name)
+            .cloned()
+            .ok_or_else(|| RuntimeError::Failed {
+                op: "pull",
+                id: name.to_string(),
+                message: "registry: manifest unknown".into(),
+            })?;
+        s.images.insert(name.to_string(), image.clone());
+        progress.add_done(50);
+        Ok(image)
+    }
+
+    async fn resolve(&self, name: &str) -> Result<String> {
+        let s = self.call(format!("resolve {name}"))?;
+        if let Some(e) = s.pull_error.clone() {
+            return Err(RuntimeError::Failed {
+                op: "resolve",
+                id: name.to_string(),
+                message: format!("registry: {e}"),
+            });
+        }
+        s.remote
+            .get(name)
+            .map(|i| i.digest.clone())
+            .ok_or_else(|| RuntimeError::Failed {
+                op: "resolve",
+                id: name.to_string(),
+                message: "registry: manifest unknown".into(),
+            })
     }
 }

@@ -158,6 +158,32 @@ pub enum RuntimeEvent {
     Resync,
 }
 
+/// Progress of a pull: bytes fetched of the bytes to fetch (blobs already present are not
+/// counted). Cloning shares the counters.
+#[derive(Clone, Debug, Default)]
+pub struct PullProgress {
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    total: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl PullProgress {
+    /// (done, total) bytes.
+    pub fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.done.load(Relaxed), self.total.load(Relaxed))
+    }
+
+    /// Adds fetched bytes.
+    pub fn add_done(&self, n: u64) {
+        self.done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sets the bytes to fetch.
+    pub fn set_total(&self, n: u64) {
+        self.total.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Runtime errors. `NotFound` and `AlreadyExists` are outcomes callers handle, not failures.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -250,6 +276,12 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// The log file of a container.
     fn log_path(&self, id: &str) -> PathBuf;
+
+    /// Pulls an image from its registry and unpacks it; `progress` follows the download.
+    async fn pull(&self, name: &str, progress: &PullProgress) -> Result<ImageInfo>;
+
+    /// The digest the registry serves for the image's tag now (for `imagePullPolicy: Always`).
+    async fn resolve(&self, name: &str) -> Result<String>;
 
     /// Task exits and OOM kills of this namespace; reconnects by itself and yields
     /// [`RuntimeEvent::Resync`] after every (re)connection.

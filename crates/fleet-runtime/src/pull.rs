@@ -4,8 +4,6 @@
 //! under a lease so garbage collection cannot take a half-done pull.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use containerd_client::services::v1::content_client::ContentClient;
@@ -31,24 +29,7 @@ use tonic::{Code, Request};
 
 use crate::containerd::Containerd;
 use crate::registry::RegistryOptions;
-use crate::{ImageInfo, Result, RuntimeError, image};
-
-/// Progress of a pull: bytes fetched of the bytes to fetch (blobs already present not counted).
-#[derive(Clone, Debug, Default)]
-pub struct PullProgress {
-    done: Arc<AtomicU64>,
-    total: Arc<AtomicU64>,
-}
-
-impl PullProgress {
-    /// (done, total) bytes.
-    pub fn get(&self) -> (u64, u64) {
-        (
-            self.done.load(Ordering::Relaxed),
-            self.total.load(Ordering::Relaxed),
-        )
-    }
-}
+use crate::{ImageInfo, PullProgress, Result, RuntimeError, image};
 
 const MANIFEST_TYPES: [&str; 4] = [
     "application/vnd.oci.image.index.v1+json",
@@ -247,7 +228,7 @@ impl Containerd {
                 .map_err(|s| failed("write content", digest, s.message()))?
                 .ok_or_else(|| failed("write content", digest, "stream ended"))?;
             *offset += len;
-            progress.done.fetch_add(len as u64, Ordering::Relaxed);
+            progress.add_done(len as u64);
             Ok(())
         };
         while let Some(chunk) = chunks.next().await {
@@ -270,7 +251,7 @@ impl Containerd {
 
     /// Pulls `name` (normalised) and unpacks it for the snapshotter; returns the image as
     /// [`crate::Runtime::image`] would.
-    pub async fn pull(
+    pub async fn pull_with(
         &self,
         name: &str,
         opts: &RegistryOptions,
@@ -428,9 +409,7 @@ impl Containerd {
             v
         };
         let total: i64 = layers_to_fetch.iter().map(|i| p.layers[*i].2).sum();
-        p.progress
-            .total
-            .store(u64::try_from(total).unwrap_or(0), Ordering::Relaxed);
+        p.progress.set_total(u64::try_from(total).unwrap_or(0));
 
         // Layers, three at a time; each carries its uncompressed digest.
         let fetches = futures::stream::iter(layers_to_fetch.into_iter().map(|i| {

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use fleet_e2e::{Namespace, PrivateRegistry, free_port, temp_dir};
+use fleet_runtime::PullProgress;
 use fleet_runtime::containerd::Containerd;
-use fleet_runtime::pull::{PullProgress, resolve};
+use fleet_runtime::pull::resolve;
 use fleet_runtime::registry::RegistryOptions;
 use fleet_runtime::{Runtime, TaskState};
 
@@ -27,10 +28,13 @@ async fn pulls_unpacks_and_runs_from_a_registry() {
     );
 
     let progress = PullProgress::default();
-    let pulled = tokio::time::timeout(Duration::from_secs(120), rt.pull(&name, &opts, &progress))
-        .await
-        .expect("in time")
-        .expect("pull");
+    let pulled = tokio::time::timeout(
+        Duration::from_secs(120),
+        rt.pull_with(&name, &opts, &progress),
+    )
+    .await
+    .expect("in time")
+    .expect("pull");
     let (done, total) = progress.get();
     assert!(
         total > 1_000_000 && done == total,
@@ -46,7 +50,9 @@ async fn pulls_unpacks_and_runs_from_a_registry() {
 
     // A second pull downloads nothing.
     let again = PullProgress::default();
-    rt.pull(&name, &opts, &again).await.expect("pull again");
+    rt.pull_with(&name, &opts, &again)
+        .await
+        .expect("pull again");
     assert_eq!(again.get(), (0, 0));
 
     // And it runs.
@@ -101,7 +107,7 @@ async fn registry_failures_are_clear() {
     };
     let missing = format!("{}/ollama-sim:nope", registry.host());
     let err = rt
-        .pull(&missing, &opts, &PullProgress::default())
+        .pull_with(&missing, &opts, &PullProgress::default())
         .await
         .expect_err("unknown tag")
         .to_string();
@@ -112,7 +118,7 @@ async fn registry_failures_are_clear() {
     );
     // Plain HTTP is used only for registries listed as insecure.
     let err = rt
-        .pull(
+        .pull_with(
             &missing,
             &RegistryOptions::default(),
             &PullProgress::default(),
@@ -123,7 +129,7 @@ async fn registry_failures_are_clear() {
     assert!(err.contains("registry"), "{err}");
     registry.stop();
     let err = rt
-        .pull(&missing, &opts, &PullProgress::default())
+        .pull_with(&missing, &opts, &PullProgress::default())
         .await
         .expect_err("down")
         .to_string();

@@ -68,6 +68,82 @@ pub struct Args {
     /// cgroup parent of the instances (default /ollama-fleet/NAMESPACE).
     #[arg(long, env = "OLLAMA_FLEET_CGROUP_PARENT")]
     pub cgroup_parent: Option<String>,
+    /// Docker-style credentials for registries (default: $DOCKER_CONFIG/config.json, else
+    /// ~/.docker/config.json, when present).
+    #[arg(long, env = "OLLAMA_FLEET_REGISTRY_CONFIG", value_name = "FILE")]
+    pub registry_config: Option<PathBuf>,
+    /// A registry spoken to over plain HTTP, HOST:PORT; may be repeated. No other registry is.
+    #[arg(
+        long = "insecure-registry",
+        value_name = "HOST:PORT",
+        env = "OLLAMA_FLEET_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    pub insecure_registries: Vec<String>,
+    /// Pull REG's images from a mirror, REG=URL (e.g. docker.io=http://127.0.0.1:5000); may be
+    /// repeated. An http:// mirror is spoken to over plain HTTP.
+    #[arg(
+        long = "registry-mirror",
+        value_name = "REG=URL",
+        env = "OLLAMA_FLEET_REGISTRY_MIRRORS",
+        value_delimiter = ','
+    )]
+    pub registry_mirrors: Vec<String>,
+    /// How often the tags of `imagePullPolicy: Always` images are re-resolved.
+    #[arg(long, env = "OLLAMA_FLEET_IMAGE_REFRESH", value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub image_refresh: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    fleet_api::Duration::parse(s).map(fleet_api::Duration::std)
+}
+
+/// The registry settings from the flags.
+fn registry_options(args: &Args) -> anyhow::Result<fleet_runtime::registry::RegistryOptions> {
+    let mut opts = fleet_runtime::registry::RegistryOptions {
+        insecure: args
+            .insecure_registries
+            .iter()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .collect(),
+        ..Default::default()
+    };
+    for m in &args.registry_mirrors {
+        let (reg, url) = m.split_once('=').with_context(|| {
+            format!(
+                "--registry-mirror {m:?} must be REGISTRY=URL, e.g. docker.io=http://127.0.0.1:5000"
+            )
+        })?;
+        opts.mirrors
+            .insert(reg.trim().to_string(), url.trim().to_string());
+    }
+    let explicit = args.registry_config.clone();
+    let candidates: Vec<PathBuf> = match &explicit {
+        Some(p) => vec![p.clone()],
+        None => [
+            std::env::var_os("DOCKER_CONFIG").map(|d| PathBuf::from(d).join("config.json")),
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+    };
+    for path in candidates {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                opts.auths = fleet_runtime::registry::parse_docker_config(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                tracing::info!(file = %path.display(), registries = opts.auths.len(), "registry credentials loaded");
+                break;
+            }
+            Err(e) if explicit.is_some() => {
+                anyhow::bail!("cannot read --registry-config {}: {e}", path.display())
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(opts)
 }
 
 fn hostname() -> String {
@@ -100,6 +176,8 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
     if let Some(p) = &args.cgroup_parent {
         cfg.cgroup_parent = p.clone();
     }
+    cfg.image_refresh = args.image_refresh;
+    let registry = registry_options(args)?;
     if !args.containerd_socket.exists() {
         tracing::warn!(socket = %args.containerd_socket.display(), "containerd socket not found yet; will keep trying (see --containerd-socket)");
     }
@@ -109,7 +187,8 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
             &args.namespace,
             args.state_dir.join("logs"),
         )
-        .map_err(|e| anyhow::anyhow!("{e}"))?,
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .with_registry(registry),
     );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
