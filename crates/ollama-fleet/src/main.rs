@@ -39,7 +39,7 @@ struct Cli {
 enum Command {
     /// Run the node agent: converge this node's containerd to the fleets in etcd (or in a
     /// directory, with --manifests).
-    Agent(agent::Args),
+    Agent(Box<agent::Args>),
     /// Validate manifests, then store each in etcd (created, configured or unchanged).
     Apply(apply::Args),
     /// Check manifests offline and print every error with its file, line and field path.
