@@ -58,6 +58,11 @@ impl World {
         World::in_namespace(Namespace::new(tag))
     }
 
+    /// A world whose namespace starts empty: no image imported (images come from a registry).
+    pub fn empty(tag: &str) -> World {
+        World::in_namespace(Namespace::empty(tag))
+    }
+
     /// A world on the containerd at `socket` (a [`crate::containerd::PrivateContainerd`]).
     pub fn with_containerd(tag: &str, socket: &str) -> World {
         let mut env = crate::DevEnv::get();

@@ -393,10 +393,16 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                             crate::images::Resolution::Waiting(m) => (None, Some(m)),
                         }
                     };
-                    let hash = spec_hash(
-                        &fleet.spec,
-                        image.as_ref().map_or("", |i| i.digest.as_str()),
-                    );
+                    // Under `Always` a new digest of the tag is a change that rolls out; under
+                    // `IfNotPresent`/`Never` what runs keeps running when the tag moves locally
+                    // (as in Kubernetes), so the digest is not part of the hash.
+                    let digest = match fleet.spec.image_pull_policy {
+                        fleet_api::PullPolicy::Always => {
+                            image.as_ref().map_or("", |i| i.digest.as_str())
+                        }
+                        _ => "",
+                    };
+                    let hash = spec_hash(&fleet.spec, digest);
                     Eval::Run {
                         fleet: Box::new(fleet),
                         replicas,

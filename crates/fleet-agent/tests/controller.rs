@@ -247,7 +247,9 @@ async fn crash_loops_back_off() {
                 .is_some_and(|i| i.restarts == 1 && i.ready)
         })
         .await;
-        a.runtime.exit(&s.instances[0].id, 1);
+        let second_crash = std::time::Instant::now();
+        let crashed = s.instances[0].id.clone();
+        a.runtime.exit(&crashed, 1);
         let s = wait_status(&a.store, "f", "BackOff after the second crash", |s| {
             s.instances
                 .first()
@@ -255,12 +257,24 @@ async fn crash_loops_back_off() {
         })
         .await;
         assert_eq!(s.ready_replicas, 0);
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        let still = status(&a.store, "f").await.expect("status");
-        assert_eq!(
-            still.instances[0].phase,
-            Phase::BackOff,
-            "still waiting 1s into a 2s backoff"
+        // The replacement is not started before the 2s backoff has passed.
+        let third_start = wait_for(
+            "the replacement to start",
+            Duration::from_secs(10),
+            || async {
+                a.runtime
+                    .timed_calls()
+                    .into_iter()
+                    .filter(|(_, c)| c.starts_with("start f-0-"))
+                    .nth(2)
+                    .map(|(at, _)| at)
+            },
+        )
+        .await;
+        let waited = third_start.duration_since(second_crash);
+        assert!(
+            waited >= Duration::from_millis(1950),
+            "restarted {waited:?} after the second crash, before its 2s backoff"
         );
         wait_status(&a.store, "f", "the restart after the backoff", |s| {
             s.instances

@@ -196,9 +196,10 @@ struct ContainerShape<'a> {
     termination_grace_period: &'a crate::Duration,
 }
 
-/// The hash (16 hex digits) of everything in `spec` that affects containers, plus the image
-/// digest it resolved to (empty when not resolved). Labels, probes, rotation, rollout and
-/// `paused` are not part of it: changing them restarts nothing.
+/// The hash (16 hex digits) of everything in `spec` that affects containers, plus an image
+/// digest (the agent passes the resolved digest under `imagePullPolicy: Always`, else empty).
+/// Labels, probes, rotation, rollout and `paused` are not part of it: changing them restarts
+/// nothing.
 pub fn spec_hash(spec: &FleetSpec, image_digest: &str) -> String {
     let image = spec
         .image_ref()

@@ -28,7 +28,7 @@ struct State {
     images: BTreeMap<String, ImageInfo>,
     containers: BTreeMap<String, FakeContainer>,
     next_pid: u32,
-    calls: Vec<String>,
+    calls: Vec<(std::time::Instant, String)>,
     down: bool,
     start_delay: std::time::Duration,
     list_delay: std::time::Duration,
@@ -169,6 +169,11 @@ impl FakeRuntime {
 
     /// The calls made so far (`create sim-0-abc`, `start ...`, ...).
     pub fn calls(&self) -> Vec<String> {
+        self.state().calls.iter().map(|(_, c)| c.clone()).collect()
+    }
+
+    /// The calls made so far, with when they were made.
+    pub fn timed_calls(&self) -> Vec<(std::time::Instant, String)> {
         self.state().calls.clone()
     }
 
@@ -187,7 +192,7 @@ impl FakeRuntime {
         if s.down {
             return Err(RuntimeError::Unavailable("fake runtime is down".into()));
         }
-        s.calls.push(what);
+        s.calls.push((std::time::Instant::now(), what));
         Ok(s)
     }
 }

@@ -1,0 +1,202 @@
+//! Images from a real registry (docker-registry on loopback, images pushed with skopeo) into a
+//! real containerd, through the agent: nothing is imported by hand.
+
+use std::time::Duration;
+
+use fleet_e2e::registry::sim_variant;
+use fleet_e2e::{PrivateRegistry, World, free_port_range, get, json, request, wait_for};
+use serde_json::Value;
+
+fn statuses(world: &World, fleet: &str) -> Vec<Value> {
+    let out = world.cli(&["get", "fleets", fleet, "-o", "json"], None);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["items"][0]["status"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn wait_status(
+    world: &World,
+    fleet: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    wait_for(what, Duration::from_secs(90), || {
+        let found = statuses(world, fleet).into_iter().find(|s| check(s));
+        async move { found }
+    })
+    .await
+}
+
+fn fleet(world: &World, name: &str, image: &str, policy: &str, replicas: u32, base: u16) -> String {
+    world
+        .sim_fleet(name, replicas, base, "")
+        .replace(
+            &format!("image: {}", world.ns.env.sim_image),
+            &format!("image: {image}"),
+        )
+        .replace(
+            "imagePullPolicy: Never",
+            &format!("imagePullPolicy: {policy}"),
+        )
+}
+
+async fn metric(agent: &fleet_e2e::AgentProcess, name: &str) -> f64 {
+    let (_, text) = request(
+        "GET",
+        &format!("http://{}/metrics", agent.listen),
+        None,
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1.0)
+}
+
+async fn version_at(port: u16) -> Option<String> {
+    let (code, body) = request(
+        "GET",
+        &format!("http://127.0.0.1:{port}/api/version"),
+        None,
+        Duration::from_secs(1),
+    )
+    .await
+    .ok()?;
+    (code == 200).then(|| json(&body)["version"].as_str().unwrap_or("").to_string())
+}
+
+#[tokio::test]
+async fn images_come_from_the_registry() {
+    let mut registry = PrivateRegistry::start("images");
+    let world = World::empty("images");
+    registry.push(&world.ns.env.sim_image_tar, "ollama-sim:v1");
+    let image = format!("{}/ollama-sim:v1", registry.host());
+    let (a, b) = (free_port_range(3), free_port_range(2));
+    world.cli_ok(
+        &["apply", "-f", "-"],
+        Some(&fleet(&world, "alpha", &image, "IfNotPresent", 2, a)),
+    );
+    world.cli_ok(
+        &["apply", "-f", "-"],
+        Some(&fleet(&world, "beta", &image, "IfNotPresent", 1, b)),
+    );
+    let agent = world.agent(
+        "node-i",
+        &[
+            "--insecure-registry",
+            &registry.host(),
+            "--image-refresh",
+            "2s",
+        ],
+    );
+
+    // Both fleets converge from the registry, with one download.
+    wait_status(&world, "alpha", "alpha ready from the registry", |s| {
+        s["readyReplicas"] == 2
+    })
+    .await;
+    wait_status(&world, "beta", "beta ready", |s| s["readyReplicas"] == 1).await;
+    assert_eq!(
+        metric(&agent, "ollama_fleet_image_pulls_total").await,
+        1.0,
+        "one pull for both fleets"
+    );
+    assert!(metric(&agent, "ollama_fleet_image_pull_bytes_total").await > 1_000_000.0);
+    assert_eq!(version_at(a).await.as_deref(), Some("0.4.0"));
+    assert!(
+        world.ns.ctr_ok(&["images", "ls", "-q"]).contains(&image),
+        "ctr sees the pulled image"
+    );
+
+    // The same tag pushed with new content: Always rolls alpha to the new digest.
+    world.cli_ok(
+        &["apply", "-f", "-"],
+        Some(&fleet(&world, "alpha", &image, "Always", 2, a)),
+    );
+    let before = statuses(&world, "alpha")[0]["instances"].clone();
+    registry.push(&sim_variant("v2", "SIM_VERSION=0.4.1"), "ollama-sim:v1");
+    wait_for(
+        "alpha's instances to run the new digest",
+        Duration::from_secs(90),
+        || async {
+            let (x, y) = (version_at(a).await, version_at(a + 1).await);
+            (x.as_deref() == Some("0.4.1") && y.as_deref() == Some("0.4.1")).then_some(())
+        },
+    )
+    .await;
+    let s = wait_status(&world, "alpha", "alpha ready on the new digest", |s| {
+        s["readyReplicas"] == 2 && s["updatedReplicas"] == 2
+    })
+    .await;
+    let ids = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["id"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert!(
+        ids(&s["instances"])
+            .iter()
+            .all(|id| !ids(&before).contains(id)),
+        "every alpha instance was replaced"
+    );
+    assert_eq!(
+        version_at(b).await.as_deref(),
+        Some("0.4.0"),
+        "beta (IfNotPresent) keeps what it runs"
+    );
+
+    // A wrong tag: Pending with the registry's answer, and the agent stays healthy.
+    let wrong = format!("{}/ollama-sim:nope", registry.host());
+    let c = free_port_range(2);
+    world.cli_ok(
+        &["apply", "-f", "-"],
+        Some(&fleet(&world, "gamma", &wrong, "IfNotPresent", 1, c)),
+    );
+    let s = wait_status(&world, "gamma", "gamma in ImagePullBackOff", |s| {
+        s["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["reason"] == "ImagePullBackOff"))
+    })
+    .await;
+    let pending = &s["instances"][0];
+    assert_eq!(pending["phase"], "Pending");
+    let why = pending["message"].as_str().unwrap_or("");
+    assert!(
+        why.contains("registry") && why.contains("nope"),
+        "the registry's answer is in status: {why}"
+    );
+    let (code, _) = request(
+        "GET",
+        &format!("http://{}/healthz", agent.listen),
+        None,
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("healthz");
+    assert_eq!(code, 200);
+
+    // The registry goes away: what runs keeps running.
+    registry.stop();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for port in [a, a + 1, b] {
+        let (code, _) = get(&format!("http://127.0.0.1:{port}/api/version")).await;
+        assert_eq!(code, 200, "port {port} still serves with the registry down");
+    }
+    wait_status(
+        &world,
+        "alpha",
+        "alpha still ready with the registry down",
+        |s| s["readyReplicas"] == 2,
+    )
+    .await;
+    wait_status(&world, "beta", "beta still ready", |s| {
+        s["readyReplicas"] == 1
+    })
+    .await;
+}
