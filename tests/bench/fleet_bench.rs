@@ -174,8 +174,84 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The pull benchmark: our client-side pull against `ctr images pull --plain-http` of the same
+/// image from a local registry, each into a fresh namespace, alternating which goes first.
+async fn pull_bench(archive: &str, rounds: usize) {
+    let registry = fleet_e2e::PrivateRegistry::start("pullbench");
+    registry.push_ref(std::path::Path::new(archive), "big", "big:v1");
+    let name = format!("{}/big:v1", registry.host());
+    let env = fleet_e2e::DevEnv::get();
+    let opts = fleet_runtime::registry::RegistryOptions {
+        insecure: vec![registry.host()],
+        ..Default::default()
+    };
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let ns = |who: &str| format!("bench-pull-{who}-{}-{round}", std::process::id());
+        let ctr = async {
+            let started = Instant::now();
+            let out = std::process::Command::new("ctr")
+                .args([
+                    "--address",
+                    &env.containerd_socket,
+                    "-n",
+                    &ns("ctr"),
+                    "images",
+                    "pull",
+                    "--plain-http",
+                    &name,
+                ])
+                .output()
+                .expect("ctr");
+            assert!(
+                out.status.success(),
+                "ctr pull: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            started.elapsed()
+        };
+        let agent = async {
+            let rt = Containerd::new(&env.containerd_socket, &ns("ours"), std::env::temp_dir())
+                .expect("client");
+            let started = Instant::now();
+            rt.pull_with(&name, &opts, &fleet_runtime::PullProgress::default())
+                .await
+                .expect("pull");
+            started.elapsed()
+        };
+        let (o, t) = if round % 2 == 0 {
+            let t = ctr.await;
+            (agent.await, t)
+        } else {
+            let o = agent.await;
+            (o, ctr.await)
+        };
+        println!(
+            "pull round {round}: ctr {:.2}s   agent {:.2}s",
+            t.as_secs_f64(),
+            o.as_secs_f64()
+        );
+        ours.push(o);
+        theirs.push(t);
+    }
+    ours.sort();
+    theirs.sort();
+    let (o, t) = (percentile(&ours, 0.5), percentile(&theirs, 0.5));
+    println!(
+        "pull {name}: median ctr {:.2}s, agent {:.2}s, ratio {:.2}",
+        t.as_secs_f64(),
+        o.as_secs_f64(),
+        o.as_secs_f64() / t.as_secs_f64()
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let archive = arg("--pull-archive", "");
+    if !archive.is_empty() {
+        pull_bench(&archive, arg("--rounds", "3").parse().unwrap_or(3)).await;
+        return;
+    }
     let sizes: Vec<u32> = arg("--n", "58,116")
         .split(',')
         .filter_map(|s| s.parse().ok())

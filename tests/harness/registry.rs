@@ -71,9 +71,14 @@ impl PrivateRegistry {
 
     /// Pushes an OCI archive made by `hack/sim-image.sh` as `<host>/<repo_tag>`.
     pub fn push(&self, archive: &Path, repo_tag: &str) {
+        self.push_ref(archive, "dev", repo_tag);
+    }
+
+    /// Pushes the image named `reference` in an OCI archive as `<host>/<repo_tag>`.
+    pub fn push_ref(&self, archive: &Path, reference: &str, repo_tag: &str) {
         let out = Command::new("skopeo")
             .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci-archive:{}:dev", archive.display()))
+            .arg(format!("oci-archive:{}:{reference}", archive.display()))
             .arg(format!("docker://{}/{repo_tag}", self.host()))
             .output()
             .expect("skopeo (Debian package skopeo; see hack/install-deps.sh)");

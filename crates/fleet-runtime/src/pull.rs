@@ -195,12 +195,16 @@ impl Containerd {
             .await
             .map_err(|s| failed("write content", digest, s.message()))?
             .ok_or_else(|| failed("write content", digest, "stream ended"))?;
-        let mut offset: i64 = 0;
-        let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK);
-        let send =
-            |data: Vec<u8>, action: WriteAction, offset: i64, labels: HashMap<String, String>| {
-                let tx = tx.clone();
-                let msg = WriteContentRequest {
+        // Chunks are sent without waiting for each answer; a reader drains the answers
+        // alongside, and the commit's answer (the last) says whether the blob made it.
+        let writer = async move {
+            let mut offset: i64 = 0;
+            let mut buffer: Vec<u8> = Vec::with_capacity(CHUNK);
+            let message =
+                |data: Vec<u8>,
+                 action: WriteAction,
+                 offset: i64,
+                 labels: HashMap<String, String>| WriteContentRequest {
                     action: action as i32,
                     r#ref: write_ref.clone(),
                     total: size,
@@ -209,44 +213,49 @@ impl Containerd {
                     data,
                     labels,
                 };
-                async move {
-                    tx.send(msg)
+            let closed = || failed("write content", digest, "containerd closed the write");
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk.map_err(|e| failed("download", digest, e))?;
+                buffer.extend_from_slice(&chunk);
+                if buffer.len() >= CHUNK {
+                    let data = std::mem::replace(&mut buffer, Vec::with_capacity(CHUNK));
+                    let len = data.len() as i64;
+                    tx.send(message(data, WriteAction::Write, offset, HashMap::new()))
                         .await
-                        .map_err(|_| failed("write content", "stream", "closed"))
+                        .map_err(|_| closed())?;
+                    offset += len;
+                    progress.add_done(len as u64);
                 }
-            };
-        let flush = async |buffer: &mut Vec<u8>,
-                           offset: &mut i64,
-                           responses: &mut tonic::Streaming<_>|
-               -> Result<()> {
-            let data = std::mem::take(buffer);
-            let len = data.len() as i64;
-            send(data, WriteAction::Write, *offset, HashMap::new()).await?;
-            let _: containerd_client::services::v1::WriteContentResponse = responses
-                .message()
-                .await
-                .map_err(|s| failed("write content", digest, s.message()))?
-                .ok_or_else(|| failed("write content", digest, "stream ended"))?;
-            *offset += len;
-            progress.add_done(len as u64);
-            Ok(())
-        };
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(|e| failed("download", digest, e))?;
-            buffer.extend_from_slice(&chunk);
-            if buffer.len() >= CHUNK {
-                flush(&mut buffer, &mut offset, &mut responses).await?;
             }
-        }
-        if !buffer.is_empty() {
-            flush(&mut buffer, &mut offset, &mut responses).await?;
-        }
-        send(Vec::new(), WriteAction::Commit, offset, labels).await?;
-        match responses.message().await {
-            Ok(_) => Ok(()),
-            Err(s) if s.code() == Code::AlreadyExists => Ok(()),
-            Err(s) => Err(failed("commit content", digest, s.message())),
-        }
+            if !buffer.is_empty() {
+                let len = buffer.len() as i64;
+                tx.send(message(buffer, WriteAction::Write, offset, HashMap::new()))
+                    .await
+                    .map_err(|_| closed())?;
+                offset += len;
+                progress.add_done(len as u64);
+            }
+            tx.send(message(Vec::new(), WriteAction::Commit, offset, labels))
+                .await
+                .map_err(|_| closed())?;
+            // Closing the request stream ends the call once containerd has answered everything.
+            drop(tx);
+            Ok::<(), RuntimeError>(())
+        };
+        let reader = async {
+            loop {
+                match responses.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ok(()),
+                    Err(s) if s.code() == Code::AlreadyExists => return Ok(()),
+                    Err(s) => return Err(failed("write content", digest, s.message())),
+                }
+            }
+        };
+        let (written, answered) = tokio::join!(writer, reader);
+        // containerd's answer explains a closed stream better than the writer can.
+        answered?;
+        written
     }
 
     /// Pulls `name` (normalised) and unpacks it for the snapshotter; returns the image as
@@ -411,41 +420,83 @@ impl Containerd {
         let total: i64 = layers_to_fetch.iter().map(|i| p.layers[*i].2).sum();
         p.progress.set_total(u64::try_from(total).unwrap_or(0));
 
-        // Layers, three at a time; each carries its uncompressed digest.
-        let fetches = futures::stream::iter(layers_to_fetch.into_iter().map(|i| {
-            let (digest, media, size) = p.layers[i].clone();
-            let labels = HashMap::from([(
-                "containerd.io/uncompressed".to_string(),
-                p.diff_ids[i].clone(),
-            )]);
-            async move {
-                let desc = oci_client::manifest::OciDescriptor {
-                    media_type: media,
-                    digest: digest.clone(),
-                    size,
-                    ..Default::default()
-                };
-                let by_digest = Reference::with_digest(
-                    p.reference.registry().into(),
-                    p.reference.repository().into(),
-                    digest.clone(),
-                );
-                let stream = p
-                    .client
-                    .pull_blob_stream(&by_digest, &desc)
-                    .await
-                    .map_err(|e| registry_error(p.name, e))?;
-                let chunks = stream.stream.map(|r| r.map_err(|e| e.to_string()));
-                self.write_blob(p.lease, &digest, size, labels, Box::pin(chunks), p.progress)
-                    .await
-            }
-        }))
-        .buffer_unordered(3)
-        .collect::<Vec<Result<()>>>()
-        .await;
-        for f in fetches {
-            f?;
+        // Layers are fetched two at a time while the unpacker applies them in order as soon as
+        // the next one has arrived (as containerd's own client does): download and unpack overlap.
+        let (arrived_tx, mut arrived_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+        let present: Vec<usize> = (0..p.layers.len())
+            .filter(|i| !layers_to_fetch.contains(i))
+            .collect();
+        for i in present {
+            let _ = arrived_tx.send(i);
         }
+        let fetcher = async {
+            let mut fetches = futures::stream::iter(layers_to_fetch.into_iter().map(|i| {
+                let (digest, media, size) = p.layers[i].clone();
+                let labels = HashMap::from([(
+                    "containerd.io/uncompressed".to_string(),
+                    p.diff_ids[i].clone(),
+                )]);
+                async move {
+                    let desc = oci_client::manifest::OciDescriptor {
+                        media_type: media,
+                        digest: digest.clone(),
+                        size,
+                        ..Default::default()
+                    };
+                    let by_digest = Reference::with_digest(
+                        p.reference.registry().into(),
+                        p.reference.repository().into(),
+                        digest.clone(),
+                    );
+                    // A ranged request from byte 0: the registry's stream is not hashed a second
+                    // time here, because containerd verifies every blob against its digest when it
+                    // is committed (a mismatch fails the commit). A registry that ignores ranges
+                    // answers 200, and oci-client verifies that stream itself.
+                    let response = p
+                        .client
+                        .pull_blob_stream_partial(&by_digest, &desc, 0, None)
+                        .await
+                        .map_err(|e| registry_error(p.name, e))?;
+                    let stream = match response {
+                        oci_client::client::BlobResponse::Full(s)
+                        | oci_client::client::BlobResponse::Partial(s) => s,
+                    };
+                    let chunks = stream.stream.map(|r| r.map_err(|e| e.to_string()));
+                    self.write_blob(p.lease, &digest, size, labels, Box::pin(chunks), p.progress)
+                        .await
+                        .map(|()| i)
+                }
+            }))
+            .buffer_unordered(2);
+            while let Some(done) = fetches.next().await {
+                let _ = arrived_tx.send(done?);
+            }
+            drop(arrived_tx);
+            Ok::<(), RuntimeError>(())
+        };
+        let unpacker = async {
+            let mut arrived = vec![false; p.layers.len()];
+            let mut next = 0;
+            let mut parent = String::new();
+            while next < p.layers.len() {
+                let Some(i) = arrived_rx.recv().await else {
+                    // The fetcher stopped early; its error is the one to report.
+                    return Ok(());
+                };
+                arrived[i] = true;
+                while next < p.layers.len() && arrived[next] {
+                    let chain = &p.chain_ids[next];
+                    self.unpack_layer(p.lease, &p.layers[next], &p.diff_ids[next], chain, &parent)
+                        .await?;
+                    parent = chain.clone();
+                    next += 1;
+                }
+            }
+            Ok::<(), RuntimeError>(())
+        };
+        let (fetched, unpacked) = tokio::join!(fetcher, unpacker);
+        fetched?;
+        unpacked?;
 
         // Config, manifest and index, labelled so that garbage collection keeps what they use.
         let config_labels = HashMap::from([(
@@ -473,14 +524,6 @@ impl Containerd {
             )]);
             self.put_small(p.lease, p.top.1, p.top.2, index_labels)
                 .await?;
-        }
-
-        // Unpack, layer by layer, into snapshots named by chain ID.
-        let mut parent = String::new();
-        for (i, chain) in p.chain_ids.iter().enumerate() {
-            self.unpack_layer(p.lease, &p.layers[i], &p.diff_ids[i], chain, &parent)
-                .await?;
-            parent = chain.clone();
         }
 
         // The image record.
