@@ -3,7 +3,7 @@
 # Safe to run again: it does nothing when everything is present.
 set -euo pipefail
 
-PACKAGES=(etcd-server etcd-client containerd runc protobuf-compiler busybox-static curl binutils docker-registry skopeo)
+PACKAGES=(etcd-server etcd-client containerd runc protobuf-compiler busybox-static curl binutils docker-registry skopeo python3 openssl)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -200,3 +200,112 @@ async fn images_come_from_the_registry() {
     })
     .await;
 }
+
+/// An air-gapped site: `ollama-sim:v1` means `docker.io/library/ollama-sim:v1`, served by a
+/// mirror on loopback.
+#[tokio::test]
+async fn mirrors_serve_docker_hub_names() {
+    let mirror = PrivateRegistry::start("mirror");
+    let world = World::empty("mirror");
+    mirror.push(&world.ns.env.sim_image_tar, "library/ollama-sim:v1");
+    let base = free_port_range(2);
+    world.cli_ok(
+        &["apply", "-f", "-"],
+        Some(&fleet(
+            &world,
+            "hub",
+            "ollama-sim:v1",
+            "IfNotPresent",
+            1,
+            base,
+        )),
+    );
+    let _agent = world.agent(
+        "node-m",
+        &[
+            "--registry-mirror",
+            &format!("docker.io=http://{}", mirror.host()),
+        ],
+    );
+    wait_status(&world, "hub", "ready from the mirror", |s| {
+        s["readyReplicas"] == 1
+    })
+    .await;
+    assert!(
+        world
+            .ns
+            .ctr_ok(&["images", "ls", "-q"])
+            .lines()
+            .any(|l| l == "docker.io/library/ollama-sim:v1"),
+        "containerd has the image under its Docker Hub name"
+    );
+}
+
+/// Credentials come from a Docker-style config.json; wrong ones are reported, not retried hot.
+#[tokio::test]
+async fn registry_credentials() {
+    let registry = PrivateRegistry::start_with_auth("auth", "fleet", "s3cret");
+    let world = World::empty("auth");
+    registry.push(&world.ns.env.sim_image_tar, "ollama-sim:v1");
+    let image = format!("{}/ollama-sim:v1", registry.host());
+    let config = |password: &str| {
+        let path = world.dir.join(format!("docker-{password}.json"));
+        let json = format!(
+            "{{\"auths\": {{\"{}\": {{\"username\": \"fleet\", \"password\": \"{password}\"}}}}}}",
+            registry.host()
+        );
+        std::fs::write(&path, json).expect("config");
+        path
+    };
+
+    // Wrong password: Pending with the registry's refusal.
+    let (a, b) = (free_port_range(2), free_port_range(2));
+    world.cli_ok(
+        &["apply", "-f", "-"],
+        Some(&fleet(&world, "denied", &image, "IfNotPresent", 1, a)),
+    );
+    let wrong = config("wrong");
+    let mut agent = world.agent(
+        "node-a",
+        &[
+            "--insecure-registry",
+            &registry.host(),
+            "--registry-config",
+            wrong.to_str().expect("utf-8"),
+        ],
+    );
+    let s = wait_status(&world, "denied", "the refusal in status", |s| {
+        s["instances"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("ImagePullBackOff"))
+    })
+    .await;
+    let why = s["instances"][0]["message"].as_str().unwrap_or("");
+    let lower = why.to_lowercase();
+    assert!(
+        lower.contains("not authorized") || lower.contains("unauthorized") || why.contains("401"),
+        "{why}"
+    );
+
+    // The right password: it pulls.
+    agent.kill9();
+    drop(agent);
+    let right = config("s3cret");
+    world.cli_ok(
+        &["apply", "-f", "-"],
+        Some(&fleet(&world, "allowed", &image, "IfNotPresent", 1, b)),
+    );
+    let _agent = world.agent(
+        "node-b",
+        &[
+            "--insecure-registry",
+            &registry.host(),
+            "--registry-config",
+            right.to_str().expect("utf-8"),
+        ],
+    );
+    wait_status(&world, "allowed", "ready with credentials", |s| {
+        s["readyReplicas"] == 1
+    })
+    .await;
+}

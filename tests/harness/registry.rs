@@ -13,25 +13,82 @@ pub struct PrivateRegistry {
     child: Option<Child>,
     dir: PathBuf,
     port: u16,
+    creds: Option<(String, String)>,
 }
 
 impl PrivateRegistry {
     /// Starts one and waits until it answers.
     pub fn start(tag: &str) -> PrivateRegistry {
+        PrivateRegistry::start_with(tag, None)
+    }
+
+    /// Starts one that requires these credentials (htpasswd with a bcrypt hash).
+    pub fn start_with_auth(tag: &str, user: &str, password: &str) -> PrivateRegistry {
+        PrivateRegistry::start_with(tag, Some((user.to_string(), password.to_string())))
+    }
+
+    fn start_with(tag: &str, creds: Option<(String, String)>) -> PrivateRegistry {
         let dir = temp_dir(&format!("registry-{tag}"));
         let port = free_port();
-        let config = format!(
+        let mut config = format!(
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.join("data").display()
         );
+        if let Some((user, password)) = &creds {
+            let script = "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))";
+            let hash = Command::new("python3")
+                .args(["-c", script, password])
+                .output()
+                .expect("python3 (for a bcrypt hash)");
+            let hash = String::from_utf8_lossy(&hash.stdout).trim().to_string();
+            std::fs::write(dir.join("htpasswd"), format!("{user}:{hash}\n")).expect("htpasswd");
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                dir.join("htpasswd").display()
+            ));
+        }
         std::fs::write(dir.join("config.yml"), config).expect("registry config");
         let mut r = PrivateRegistry {
             child: None,
             dir,
             port,
+            creds,
         };
         r.resume();
         r
+    }
+
+    /// Corrupts the largest blob in the registry's storage (same size, different bytes), so the
+    /// registry serves content that does not match its digest. Returns the blob's digest.
+    pub fn corrupt_largest_blob(&self) -> String {
+        let mut largest: Option<(u64, PathBuf)> = None;
+        let mut stack = vec![self.dir.join("data")];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.file_name().is_some_and(|n| n == "data")
+                    && path.to_string_lossy().contains("/blobs/")
+                {
+                    let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                    if largest.as_ref().is_none_or(|(s, _)| size > *s) {
+                        largest = Some((size, path));
+                    }
+                }
+            }
+        }
+        let (_, path) = largest.expect("a blob in the registry");
+        let mut bytes = std::fs::read(&path).expect("read blob");
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&path, bytes).expect("write blob");
+        let digest_dir = path
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        format!("sha256:{digest_dir}")
     }
 
     /// `127.0.0.1:<port>`.
@@ -76,8 +133,12 @@ impl PrivateRegistry {
 
     /// Pushes the image named `reference` in an OCI archive as `<host>/<repo_tag>`.
     pub fn push_ref(&self, archive: &Path, reference: &str, repo_tag: &str) {
-        let out = Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        if let Some((u, p)) = &self.creds {
+            cmd.arg(format!("--dest-creds={u}:{p}"));
+        }
+        let out = cmd
             .arg(format!("oci-archive:{}:{reference}", archive.display()))
             .arg(format!("docker://{}/{repo_tag}", self.host()))
             .output()

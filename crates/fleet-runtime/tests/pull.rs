@@ -135,3 +135,34 @@ async fn registry_failures_are_clear() {
         .to_string();
     assert!(err.contains("registry"), "{err}");
 }
+
+/// A registry that serves bytes that do not match the digest: the pull fails and says so, and
+/// nothing is left half made (the image is not there).
+#[tokio::test]
+async fn digest_mismatches_are_refused() {
+    let registry = PrivateRegistry::start("corrupt");
+    let ns = Namespace::empty("corrupt");
+    registry.push(&ns.env.sim_image_tar, "ollama-sim:v1");
+    let bad = registry.corrupt_largest_blob();
+    let rt =
+        Containerd::new(&ns.env.containerd_socket, &ns.name, temp_dir(&ns.name)).expect("client");
+    let opts = RegistryOptions {
+        insecure: vec![registry.host()],
+        ..RegistryOptions::default()
+    };
+    let name = format!("{}/ollama-sim:v1", registry.host());
+    let err = rt
+        .pull_with(&name, &opts, &PullProgress::default())
+        .await
+        .expect_err("corrupt blob")
+        .to_string();
+    assert!(
+        err.contains("digest") && err.contains(bad.trim_start_matches("sha256:")),
+        "{err}"
+    );
+    assert_eq!(
+        rt.image(&name).await.expect("lookup"),
+        None,
+        "no image record for a failed pull"
+    );
+}
