@@ -9,34 +9,6 @@ use fleet_e2e::containerd::cgroup_v1_dir;
 use fleet_e2e::{World, free_port, free_port_range, get, json, post, request, wait_for};
 use serde_json::{Value, json};
 
-/// The fleet's per-node statuses, from `ollama-fleet get fleets NAME -o json`.
-fn statuses(world: &World, fleet: &str) -> Vec<Value> {
-    let out = world.cli(&["get", "fleets", fleet, "-o", "json"], None);
-    if !out.status.success() {
-        return Vec::new();
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["items"][0]["status"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-/// Waits until the fleet's status on the node satisfies `check`.
-async fn wait_status(
-    world: &World,
-    fleet: &str,
-    what: &str,
-    secs: u64,
-    check: impl Fn(&Value) -> bool,
-) -> Value {
-    wait_for(what, Duration::from_secs(secs), || {
-        let found = statuses(world, fleet).into_iter().find(|s| check(s));
-        async move { found }
-    })
-    .await
-}
-
 fn ids(status: &Value) -> BTreeMap<u64, String> {
     status["instances"]
         .as_array()
@@ -95,7 +67,9 @@ async fn the_reconcile_loop_end_to_end() {
     assert_eq!(out, "ollamafleet/sim unchanged\n");
 
     let mut agent = world.agent("node-1", &[]);
-    let s = wait_status(&world, "sim", "4 instances ready", 60, ready(4)).await;
+    let s = world
+        .wait_status("sim", "4 instances ready", 60, ready(4))
+        .await;
     assert!(
         s["instances"]
             .as_array()
@@ -156,10 +130,11 @@ async fn the_reconcile_loop_end_to_end() {
     world
         .ns
         .ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &victim]);
-    let s = wait_status(&world, "sim", "slot 1 replaced after a kill", 30, |s| {
-        ready(4)(s) && ids(s).get(&1).is_some_and(|id| *id != victim)
-    })
-    .await;
+    let s = world
+        .wait_status("sim", "slot 1 replaced after a kill", 30, |s| {
+            ready(4)(s) && ids(s).get(&1).is_some_and(|id| *id != victim)
+        })
+        .await;
     let slot1 = s["instances"]
         .as_array()
         .expect("i")
@@ -182,17 +157,18 @@ async fn the_reconcile_loop_end_to_end() {
     )
     .await;
     assert_eq!(code, 200);
-    let s = wait_status(&world, "sim", "slot 2 OOMKilled and replaced", 30, |s| {
-        ready(4)(s)
-            && s["instances"].as_array().is_some_and(|a| {
-                a.iter().any(|i| {
-                    i["slot"] == 2
-                        && i["id"] != victim.as_str()
-                        && i["lastExit"]["reason"] == "OOMKilled"
+    let s = world
+        .wait_status("sim", "slot 2 OOMKilled and replaced", 30, |s| {
+            ready(4)(s)
+                && s["instances"].as_array().is_some_and(|a| {
+                    a.iter().any(|i| {
+                        i["slot"] == 2
+                            && i["id"] != victim.as_str()
+                            && i["lastExit"]["reason"] == "OOMKilled"
+                    })
                 })
-            })
-    })
-    .await;
+        })
+        .await;
 
     // kill -9 the agent and start it again: the same containers keep running.
     let before = ids(&s);
@@ -211,14 +187,9 @@ async fn the_reconcile_loop_end_to_end() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let s = wait_status(
-        &world,
-        "sim",
-        "4 ready after the agent restart",
-        30,
-        ready(4),
-    )
-    .await;
+    let s = world
+        .wait_status("sim", "4 ready after the agent restart", 30, ready(4))
+        .await;
     assert_eq!(ids(&s), before, "adoption: no instance was restarted");
     for id in before.values() {
         assert_eq!(world.ns.task(id).map(|t| t.0).as_deref(), Some("RUNNING"));
@@ -226,7 +197,9 @@ async fn the_reconcile_loop_end_to_end() {
 
     // etcdctl put of a changed count converges.
     world.etcdctl_put("sim", &world.sim_fleet("sim", 2, base, ""));
-    let s = wait_status(&world, "sim", "2 instances after etcdctl put", 30, ready(2)).await;
+    let s = world
+        .wait_status("sim", "2 instances after etcdctl put", 30, ready(2))
+        .await;
     let kept = ids(&s);
     assert_eq!(kept.keys().copied().collect::<Vec<_>>(), [0, 1]);
     wait_for(
@@ -241,13 +214,14 @@ async fn the_reconcile_loop_end_to_end() {
 
     // A malformed document is reported, and nothing that runs is disturbed.
     world.etcdctl_put("sim", "spec: {replicas: [oops");
-    let s = wait_status(&world, "sim", "SpecValid=False", 30, |s| {
-        s["conditions"].as_array().is_some_and(|c| {
-            c.iter()
-                .any(|c| c["type"] == "SpecValid" && c["status"] == "False")
+    let s = world
+        .wait_status("sim", "SpecValid=False", 30, |s| {
+            s["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "SpecValid" && c["status"] == "False")
+            })
         })
-    })
-    .await;
+        .await;
     assert_eq!(ids(&s), kept);
     tokio::time::sleep(Duration::from_secs(2)).await;
     for id in kept.values() {
@@ -260,7 +234,7 @@ async fn the_reconcile_loop_end_to_end() {
 
     // delete: every instance goes, and its status.
     world.etcdctl_put("sim", &world.sim_fleet("sim", 2, base, ""));
-    wait_status(&world, "sim", "valid again", 30, ready(2)).await;
+    world.wait_status("sim", "valid again", 30, ready(2)).await;
     assert_eq!(
         world.cli_ok(&["delete", "fleet", "sim"], None),
         "ollamafleet/sim deleted\n"
@@ -413,7 +387,7 @@ async fn containerd_restarts_disturb_nothing() {
         Some(&world.sim_fleet("sim", 2, base, "")),
     );
     let _agent = world.agent("node-r", &[]);
-    let s = wait_status(&world, "sim", "2 ready", 60, ready(2)).await;
+    let s = world.wait_status("sim", "2 ready", 60, ready(2)).await;
     let before = ids(&s);
 
     cd.kill9();
@@ -424,27 +398,24 @@ async fn containerd_restarts_disturb_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     cd.resume();
 
-    let s = wait_status(
-        &world,
-        "sim",
-        "2 ready after containerd came back",
-        60,
-        |s| ready(2)(s) && s["updatedAt"].as_str().is_some(),
-    )
-    .await;
+    let s = world
+        .wait_status("sim", "2 ready after containerd came back", 60, |s| {
+            ready(2)(s) && s["updatedAt"].as_str().is_some()
+        })
+        .await;
     assert_eq!(ids(&s), before, "nothing was restarted");
     let victim = before[&0].clone();
     world
         .ns
         .ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &victim]);
-    let s = wait_status(
-        &world,
-        "sim",
-        "the killed task replaced after the containerd restart",
-        60,
-        |s| ready(2)(s) && ids(s).get(&0).is_some_and(|id| *id != victim),
-    )
-    .await;
+    let s = world
+        .wait_status(
+            "sim",
+            "the killed task replaced after the containerd restart",
+            60,
+            |s| ready(2)(s) && ids(s).get(&0).is_some_and(|id| *id != victim),
+        )
+        .await;
     assert_eq!(ids(&s)[&1], before[&1]);
 }
 
@@ -460,7 +431,7 @@ async fn etcd_outages_disturb_nothing() {
         Some(&world.sim_fleet("sim", 2, base, "")),
     );
     let agent = world.agent("node-e", &[]);
-    let s = wait_status(&world, "sim", "2 ready", 60, ready(2)).await;
+    let s = world.wait_status("sim", "2 ready", 60, ready(2)).await;
     let before = ids(&s);
 
     etcd.kill();
@@ -492,7 +463,9 @@ async fn etcd_outages_disturb_nothing() {
         &["apply", "-f", "-"],
         Some(&world.sim_fleet("sim", 3, base, "")),
     );
-    let s = wait_status(&world, "sim", "3 ready after the outage", 60, ready(3)).await;
+    let s = world
+        .wait_status("sim", "3 ready after the outage", 60, ready(3))
+        .await;
     let after = ids(&s);
     assert_eq!(
         (after[&0].clone(), after[&1].clone()),

@@ -7,28 +7,6 @@ use fleet_e2e::registry::sim_variant;
 use fleet_e2e::{PrivateRegistry, World, free_port_range, get, json, request, wait_for};
 use serde_json::Value;
 
-fn statuses(world: &World, fleet: &str) -> Vec<Value> {
-    let out = world.cli(&["get", "fleets", fleet, "-o", "json"], None);
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["items"][0]["status"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-async fn wait_status(
-    world: &World,
-    fleet: &str,
-    what: &str,
-    check: impl Fn(&Value) -> bool,
-) -> Value {
-    wait_for(what, Duration::from_secs(90), || {
-        let found = statuses(world, fleet).into_iter().find(|s| check(s));
-        async move { found }
-    })
-    .await
-}
-
 fn fleet(world: &World, name: &str, image: &str, policy: &str, replicas: u32, base: u16) -> String {
     world
         .sim_fleet(name, replicas, base, "")
@@ -95,11 +73,14 @@ async fn images_come_from_the_registry() {
     );
 
     // Both fleets converge from the registry, with one download.
-    wait_status(&world, "alpha", "alpha ready from the registry", |s| {
-        s["readyReplicas"] == 2
-    })
-    .await;
-    wait_status(&world, "beta", "beta ready", |s| s["readyReplicas"] == 1).await;
+    world
+        .wait_status("alpha", "alpha ready from the registry", 90, |s| {
+            s["readyReplicas"] == 2
+        })
+        .await;
+    world
+        .wait_status("beta", "beta ready", 90, |s| s["readyReplicas"] == 1)
+        .await;
     assert_eq!(
         metric(&agent, "ollama_fleet_image_pulls_total").await,
         1.0,
@@ -117,7 +98,7 @@ async fn images_come_from_the_registry() {
         &["apply", "-f", "-"],
         Some(&fleet(&world, "alpha", &image, "Always", 2, a)),
     );
-    let before = statuses(&world, "alpha")[0]["instances"].clone();
+    let before = world.statuses("alpha")[0]["instances"].clone();
     registry.push(&sim_variant("v2", "SIM_VERSION=0.4.1"), "ollama-sim:v1");
     wait_for(
         "alpha's instances to run the new digest",
@@ -128,10 +109,11 @@ async fn images_come_from_the_registry() {
         },
     )
     .await;
-    let s = wait_status(&world, "alpha", "alpha ready on the new digest", |s| {
-        s["readyReplicas"] == 2 && s["updatedReplicas"] == 2
-    })
-    .await;
+    let s = world
+        .wait_status("alpha", "alpha ready on the new digest", 90, |s| {
+            s["readyReplicas"] == 2 && s["updatedReplicas"] == 2
+        })
+        .await;
     let ids = |v: &Value| -> Vec<String> {
         v.as_array()
             .into_iter()
@@ -158,12 +140,13 @@ async fn images_come_from_the_registry() {
         &["apply", "-f", "-"],
         Some(&fleet(&world, "gamma", &wrong, "IfNotPresent", 1, c)),
     );
-    let s = wait_status(&world, "gamma", "gamma in ImagePullBackOff", |s| {
-        s["conditions"]
-            .as_array()
-            .is_some_and(|cs| cs.iter().any(|c| c["reason"] == "ImagePullBackOff"))
-    })
-    .await;
+    let s = world
+        .wait_status("gamma", "gamma in ImagePullBackOff", 90, |s| {
+            s["conditions"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["reason"] == "ImagePullBackOff"))
+        })
+        .await;
     let pending = &s["instances"][0];
     assert_eq!(pending["phase"], "Pending");
     let why = pending["message"].as_str().unwrap_or("");
@@ -188,17 +171,17 @@ async fn images_come_from_the_registry() {
         let (code, _) = get(&format!("http://127.0.0.1:{port}/api/version")).await;
         assert_eq!(code, 200, "port {port} still serves with the registry down");
     }
-    wait_status(
-        &world,
-        "alpha",
-        "alpha still ready with the registry down",
-        |s| s["readyReplicas"] == 2,
-    )
-    .await;
-    wait_status(&world, "beta", "beta still ready", |s| {
-        s["readyReplicas"] == 1
-    })
-    .await;
+    world
+        .wait_status(
+            "alpha",
+            "alpha still ready with the registry down",
+            90,
+            |s| s["readyReplicas"] == 2,
+        )
+        .await;
+    world
+        .wait_status("beta", "beta still ready", 90, |s| s["readyReplicas"] == 1)
+        .await;
 }
 
 /// An air-gapped site: `ollama-sim:v1` means `docker.io/library/ollama-sim:v1`, served by a
@@ -227,10 +210,11 @@ async fn mirrors_serve_docker_hub_names() {
             &format!("docker.io=http://{}", mirror.host()),
         ],
     );
-    wait_status(&world, "hub", "ready from the mirror", |s| {
-        s["readyReplicas"] == 1
-    })
-    .await;
+    world
+        .wait_status("hub", "ready from the mirror", 90, |s| {
+            s["readyReplicas"] == 1
+        })
+        .await;
     assert!(
         world
             .ns
@@ -274,12 +258,13 @@ async fn registry_credentials() {
             wrong.to_str().expect("utf-8"),
         ],
     );
-    let s = wait_status(&world, "denied", "the refusal in status", |s| {
-        s["instances"][0]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("ImagePullBackOff"))
-    })
-    .await;
+    let s = world
+        .wait_status("denied", "the refusal in status", 90, |s| {
+            s["instances"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("ImagePullBackOff"))
+        })
+        .await;
     let why = s["instances"][0]["message"].as_str().unwrap_or("");
     let lower = why.to_lowercase();
     assert!(
@@ -304,8 +289,9 @@ async fn registry_credentials() {
             right.to_str().expect("utf-8"),
         ],
     );
-    wait_status(&world, "allowed", "ready with credentials", |s| {
-        s["readyReplicas"] == 1
-    })
-    .await;
+    world
+        .wait_status("allowed", "ready with credentials", 90, |s| {
+            s["readyReplicas"] == 1
+        })
+        .await;
 }

@@ -131,6 +131,35 @@ impl World {
         )
     }
 
+    /// A fleet's per-node statuses, from `ollama-fleet get fleets NAME -o json` (empty when the
+    /// CLI fails, e.g. while etcd is down).
+    pub fn statuses(&self, fleet: &str) -> Vec<Value> {
+        let out = self.cli(&["get", "fleets", fleet, "-o", "json"], None);
+        if !out.status.success() {
+            return Vec::new();
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["items"][0]["status"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Waits up to `secs` until a node's status of `fleet` satisfies `check`; returns it.
+    pub async fn wait_status(
+        &self,
+        fleet: &str,
+        what: &str,
+        secs: u64,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        crate::wait_for(what, Duration::from_secs(secs), || {
+            let found = self.statuses(fleet).into_iter().find(|s| check(s));
+            async move { found }
+        })
+        .await
+    }
+
     /// Starts an agent for node `node` with extra arguments.
     pub fn agent(&self, node: &str, extra: &[&str]) -> AgentProcess {
         AgentProcess::start(self, node, extra)
