@@ -9,7 +9,6 @@ use fleet_api::{
     LastExit, Replicas,
 };
 use fleet_runtime::{BindMount, ContainerSpec, ImageInfo, Limits};
-use sha2::{Digest, Sha256};
 
 use crate::topology::{Topology, format_cpulist};
 
@@ -95,12 +94,10 @@ pub fn new_id(fleet: &str, slot: u32, now: SystemTime, salt: u64) -> String {
     let nanos = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let hash = Sha256::digest(format!(
-        "{fleet}/{slot}/{nanos}/{salt}/{}",
-        std::process::id()
-    ));
-    let hex: String = hash.iter().take(3).map(|b| format!("{b:02x}")).collect();
-    format!("{fleet}-{slot}-{hex}")
+    let hash = fleet_api::sha256_hex(
+        format!("{fleet}/{slot}/{nanos}/{salt}/{}", std::process::id()).as_bytes(),
+    );
+    format!("{fleet}-{slot}-{}", &hash[..6])
 }
 
 /// The port of a slot.

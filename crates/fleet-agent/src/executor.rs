@@ -32,18 +32,12 @@ pub enum Op {
     },
 }
 
-/// What a finished action left behind, for status and metrics.
-#[derive(Clone, Debug, Default)]
-pub struct Outcome {
-    /// The last error of the slot, if its last action failed.
-    pub error: Option<String>,
-}
-
 #[derive(Debug, Default)]
 struct State {
     busy: HashSet<String>,
     terminating: HashSet<String>,
-    outcomes: HashMap<String, Outcome>,
+    /// The error of each slot whose last action failed.
+    errors: HashMap<String, String>,
     completed: u64,
     failed: u64,
 }
@@ -95,10 +89,7 @@ impl<R: Runtime> Executor<R> {
 
     /// The last error of a slot, if its last action failed.
     pub fn last_error(&self, slot_key: &str) -> Option<String> {
-        self.state()
-            .outcomes
-            .get(slot_key)
-            .and_then(|o| o.error.clone())
+        self.state().errors.get(slot_key).cloned()
     }
 
     /// (completed, failed) actions so far.
@@ -144,13 +135,13 @@ impl<R: Runtime> Executor<R> {
             match result {
                 Ok(()) => {
                     s.completed += 1;
-                    s.outcomes.remove(&slot_key);
+                    s.errors.remove(&slot_key);
                     tracing::debug!(slot = %slot_key, elapsed_ms = started.elapsed().as_millis() as u64, "action done");
                 }
                 Err(e) => {
                     s.failed += 1;
                     tracing::warn!(slot = %slot_key, error = %e, "action failed; it will be planned again");
-                    s.outcomes.insert(slot_key, Outcome { error: Some(e) });
+                    s.errors.insert(slot_key, e);
                 }
             }
             drop(s);

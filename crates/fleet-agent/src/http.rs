@@ -82,14 +82,9 @@ fn esc(s: &str) -> String {
 async fn metrics(State(view): Shared) -> Response {
     let v = read(&view);
     let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        name.to_string()
-    };
-    let _ = family(
-        "ollama_fleet_instances",
-        "gauge",
-        "Instances on this node by fleet and phase.",
+    let _ = writeln!(
+        out,
+        "# HELP ollama_fleet_instances Instances on this node by fleet and phase.\n# TYPE ollama_fleet_instances gauge"
     );
     let phases = [
         Phase::Pending,
@@ -99,18 +94,16 @@ async fn metrics(State(view): Shared) -> Response {
         Phase::BackOff,
         Phase::Terminating,
     ];
-    let mut lines = String::new();
     for s in &v.statuses {
         for p in phases {
             let n = s.instances.iter().filter(|i| i.phase == p).count();
             let _ = writeln!(
-                lines,
+                out,
                 "ollama_fleet_instances{{fleet=\"{}\",phase=\"{p}\"}} {n}",
                 esc(&s.fleet)
             );
         }
     }
-    out.push_str(&lines);
     type Gauge = (
         &'static str,
         &'static str,

@@ -209,17 +209,28 @@ impl<R: Runtime> Images<R> {
         }
     }
 
+    /// Records a failed pull or resolve: the next attempt waits for the backoff, and the
+    /// controller is woken when it is due.
+    fn fail(&self, entry: &mut Entry, error: String) -> (u32, Duration) {
+        let attempts = entry.failure.as_ref().map_or(1, |f| f.attempts + 1);
+        let retry = pull_backoff(self.backoff, attempts);
+        entry.failure = Some(Failure {
+            error,
+            attempts,
+            retry_at: Instant::now() + retry,
+        });
+        let wake = self.wake.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(retry).await;
+            wake.notify_one();
+        });
+        (attempts, retry)
+    }
+
     fn start_pull(&self, name: &str, entry: &mut Entry) {
         let progress = PullProgress::default();
         entry.pulling = Some(progress.clone());
-        let (rt, entries, stats, wake, name) = (
-            self.runtime.clone(),
-            self.entries.clone(),
-            self.stats.clone(),
-            self.wake.clone(),
-            name.to_string(),
-        );
-        let initial = self.backoff;
+        let (this, name) = (self.clone(), name.to_string());
         tokio::spawn(async move {
             let started = Instant::now();
             tracing::info!(image = %name, "pulling image");
@@ -235,64 +246,41 @@ impl<R: Runtime> Images<R> {
                     }
                 })
             };
-            let result = rt.pull(&name, &progress).await;
+            let result = this.runtime.pull(&name, &progress).await;
             reporter.abort();
             let (done, _) = progress.get();
-            let mut entries = lock(&entries);
+            let mut entries = lock(&this.entries);
             let entry = entries.entry(name.clone()).or_default();
             entry.pulling = None;
             match result {
                 Ok(image) => {
-                    tracing::info!(image = %name, digest = %image.digest, bytes = done, seconds = started.elapsed().as_secs_f64(), "image pulled");
+                    let seconds = started.elapsed().as_secs_f64();
+                    tracing::info!(image = %name, digest = %image.digest, bytes = done, seconds, "image pulled");
                     entry.local = Some((Some(image), Instant::now()));
                     entry.failure = None;
-                    let mut s = lock(&stats);
+                    let mut s = lock(&this.stats);
                     s.succeeded += 1;
                     s.bytes += done;
-                    s.seconds += started.elapsed().as_secs_f64();
+                    s.seconds += seconds;
                 }
                 Err(e) => {
-                    let attempts = entry.failure.as_ref().map_or(1, |f| f.attempts + 1);
-                    let retry = pull_backoff(initial, attempts);
+                    let (attempts, retry) = this.fail(entry, e.to_string());
                     tracing::warn!(image = %name, error = %e, attempts, retry_in_s = retry.as_secs(), "image pull failed");
-                    entry.failure = Some(Failure {
-                        error: e.to_string(),
-                        attempts,
-                        retry_at: Instant::now() + retry,
-                    });
-                    lock(&stats).failed += 1;
-                    let wake = wake.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(retry).await;
-                        wake.notify_one();
-                    });
+                    lock(&this.stats).failed += 1;
                 }
             }
             drop(entries);
-            wake.notify_one();
+            this.wake.notify_one();
         });
     }
 
     /// `Always`: resolves the tag; a digest other than the local one is pulled.
     fn start_resolve(&self, name: &str, generation: i64, local_digest: Option<String>) {
-        let (rt, entries, wake, name) = (
-            self.runtime.clone(),
-            self.entries.clone(),
-            self.wake.clone(),
-            name.to_string(),
-        );
-        let this = Images {
-            runtime: self.runtime.clone(),
-            entries: self.entries.clone(),
-            stats: self.stats.clone(),
-            wake: self.wake.clone(),
-            refresh: self.refresh,
-            backoff: self.backoff,
-        };
+        let (this, name) = (self.clone(), name.to_string());
         tokio::spawn(async move {
-            let remote = rt.resolve(&name).await;
-            let mut guard = lock(&entries);
-            let entry = guard.entry(name.clone()).or_default();
+            let remote = this.runtime.resolve(&name).await;
+            let mut entries = lock(&this.entries);
+            let entry = entries.entry(name.clone()).or_default();
             entry.resolving = false;
             entry.resolved = Some((generation, Instant::now()));
             match remote {
@@ -305,20 +293,28 @@ impl<R: Runtime> Images<R> {
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(image = %name, error = %e, "cannot resolve the image's tag; keeping what is present");
+                    // Without an image to keep serving, this is a pull failure like any other.
                     if local_digest.is_none() {
-                        let attempts = entry.failure.as_ref().map_or(1, |f| f.attempts + 1);
-                        let retry_at = Instant::now() + pull_backoff(this.backoff, attempts);
-                        entry.failure = Some(Failure {
-                            error: e.to_string(),
-                            attempts,
-                            retry_at,
-                        });
+                        this.fail(entry, e.to_string());
                     }
                 }
             }
-            drop(guard);
-            wake.notify_one();
+            drop(entries);
+            this.wake.notify_one();
         });
+    }
+}
+
+impl<R: Runtime> Clone for Images<R> {
+    fn clone(&self) -> Self {
+        Images {
+            runtime: self.runtime.clone(),
+            entries: self.entries.clone(),
+            stats: self.stats.clone(),
+            wake: self.wake.clone(),
+            refresh: self.refresh,
+            backoff: self.backoff,
+        }
     }
 }
 

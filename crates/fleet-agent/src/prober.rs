@@ -81,11 +81,6 @@ impl ScriptedProbes {
             w.notify_one();
         }
     }
-
-    /// The targets last synced.
-    pub fn targets(&self) -> Vec<Target> {
-        lock(&self.targets).values().cloned().collect()
-    }
 }
 
 impl Probes for ScriptedProbes {

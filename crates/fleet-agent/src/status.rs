@@ -2,7 +2,7 @@
 //! fleet's status key only when it changed (plus a slow heartbeat), so an idle fleet costs etcd
 //! almost nothing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use fleet_api::{Condition, FleetStatus, InstanceStatus, Phase};
@@ -158,14 +158,6 @@ impl StatusWriter {
     /// Status writes so far.
     pub fn writes(&self) -> u64 {
         self.writes
-    }
-
-    /// The last status written for each fleet.
-    pub fn current(&self) -> BTreeMap<String, FleetStatus> {
-        self.written
-            .iter()
-            .map(|(k, (s, _))| (k.clone(), s.clone()))
-            .collect()
     }
 
     /// Writes what changed; deletes the keys of fleets no longer in `statuses`.

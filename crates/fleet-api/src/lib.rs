@@ -32,7 +32,7 @@ pub use refs::{ImageRef, ModelRef};
 pub use schema::schema_json;
 pub use status::{
     Capacity, Condition, FleetStatus, InstanceStatus, LABEL_CREATED_AT, LABEL_FLEET, LABEL_PORT,
-    LABEL_SLOT, LABEL_SPEC_HASH, LastExit, NodeInfo, Phase, Versions, spec_hash,
+    LABEL_SLOT, LABEL_SPEC_HASH, LastExit, NodeInfo, Phase, Versions, sha256_hex, spec_hash,
 };
 pub use units::{Duration, IntOrPercent, Quantity};
 pub use validate::{Context, validate};

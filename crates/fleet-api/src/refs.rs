@@ -88,11 +88,6 @@ impl ImageRef {
             digest: digest.map(str::to_string),
         })
     }
-
-    /// The repository without tag or digest, e.g. `docker.io/ollama/ollama`.
-    pub fn repository(&self) -> String {
-        format!("{}/{}", self.domain, self.path)
-    }
 }
 
 impl fmt::Display for ImageRef {

@@ -216,8 +216,17 @@ pub fn spec_hash(spec: &FleetSpec, image_digest: &str) -> String {
         termination_grace_period: &spec.termination_grace_period,
     };
     let bytes = serde_json::to_vec(&shape).unwrap_or_default();
-    let digest = Sha256::digest(&bytes);
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    let mut hex = sha256_hex(&bytes);
+    hex.truncate(16);
+    hex
+}
+
+/// The SHA-256 of `data` as 64 lowercase hex digits.
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -269,6 +278,15 @@ mod tests {
             spec_hash(&spec(""), "sha256:abc"),
             base,
             "a new digest rolls out"
+        );
+    }
+
+    #[test]
+    fn sha256_of_a_known_vector() {
+        // `echo -n abc | sha256sum`
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }
 

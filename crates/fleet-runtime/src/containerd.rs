@@ -34,8 +34,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
 use crate::{
-    ContainerSpec, ImageConfig, ImageInfo, Observed, Result, Runtime, RuntimeError, RuntimeEvent,
-    TaskState, image, spec,
+    ContainerSpec, ImageInfo, Observed, Result, Runtime, RuntimeError, RuntimeEvent, TaskState,
+    image, spec,
 };
 
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
@@ -292,7 +292,7 @@ impl Runtime for Containerd {
             name: name.to_string(),
             digest: target.digest,
             chain_id,
-            config: ImageConfig { ..config },
+            config,
         }))
     }
 

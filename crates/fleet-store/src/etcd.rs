@@ -118,11 +118,6 @@ impl EtcdStore {
         self.lease.load(Ordering::SeqCst)
     }
 
-    /// The key layout.
-    pub fn keys(&self) -> &Keys {
-        &self.keys
-    }
-
     /// Compacts etcd's history up to the current revision (for tests of watch recovery).
     pub async fn compact_now(&self) -> Result<i64> {
         let mut c = self.client.clone();

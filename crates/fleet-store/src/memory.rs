@@ -93,15 +93,6 @@ impl MemoryStore {
         }
     }
 
-    /// Every key and value (for assertions).
-    pub fn dump(&self) -> BTreeMap<String, String> {
-        self.data()
-            .kv
-            .iter()
-            .map(|(k, v)| (k.clone(), v.text.clone()))
-            .collect()
-    }
-
     /// The number of writes so far (puts and deletes), to assert that an idle fleet writes nothing.
     pub fn revision(&self) -> i64 {
         self.data().revision

@@ -41,6 +41,9 @@ pub fn start_background(app: &Arc<App>) {
         let mut tick = tokio::time::interval(step);
         loop {
             tick.tick().await;
+            if a.faults.leak_rate() == 0 {
+                continue;
+            }
             let faults = a.faults.clone();
             let _ = tokio::task::spawn_blocking(move || faults.leak_tick(step)).await;
         }

@@ -13,7 +13,6 @@ use std::time::SystemTime;
 
 use fleet_api::ModelRef;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 /// A model found in the store.
 #[derive(Clone, Debug)]
@@ -48,20 +47,13 @@ const MEDIA_MODEL: &str = "application/vnd.ollama.image.model";
 const MEDIA_PARAMS: &str = "application/vnd.ollama.image.params";
 
 fn digest_of(bytes: &[u8]) -> String {
-    let hash = Sha256::digest(bytes);
-    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", fleet_api::sha256_hex(bytes))
 }
 
 impl Store {
     /// A store at `dir` (created on first write).
     pub fn new(dir: impl Into<PathBuf>) -> Store {
         Store { dir: dir.into() }
-    }
-
-    /// The models directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     fn manifest_path(&self, r: &ModelRef) -> PathBuf {
