@@ -150,6 +150,83 @@ enum Eval {
     Invalid(String),
 }
 
+/// A fleet document parsed and validated for this node: (fleet, its replicas here), or why not.
+type Parsed = Result<(OllamaFleet, u32), String>;
+
+/// A fleet's conditions on this node, derived from its evaluation and its summed-up status.
+fn conditions(eval: Option<&Eval>, s: &FleetStatus) -> Vec<fleet_api::Condition> {
+    use crate::status::condition as c;
+    match eval {
+        None => vec![c(
+            "Progressing",
+            true,
+            "FleetDeleted",
+            "the fleet was deleted; removing its instances",
+        )],
+        Some(Eval::Invalid(e)) => vec![
+            c("SpecValid", false, "Invalid", e.clone()),
+            c(
+                "Progressing",
+                false,
+                "SpecInvalid",
+                "running instances are left as they are",
+            ),
+        ],
+        Some(Eval::Paused(_)) => vec![
+            c("SpecValid", true, "Parsed", ""),
+            c(
+                "Progressing",
+                false,
+                "Paused",
+                "spec.paused is true: no changes are made",
+            ),
+        ],
+        Some(Eval::Run {
+            fleet, image_error, ..
+        }) => {
+            let desired = s.desired_replicas;
+            let (max_unavailable, _) = fleet.spec.rollout.budget(desired);
+            let available = s.ready_replicas + max_unavailable >= desired;
+            let converged = s.ready_replicas == desired
+                && s.updated_replicas == desired
+                && s.replicas == desired;
+            let progressing = match image_error {
+                Some(e) if desired > 0 => c(
+                    "Progressing",
+                    false,
+                    e.split(':').next().unwrap_or("ErrImage"),
+                    e.clone(),
+                ),
+                _ if converged => c("Progressing", false, "Converged", ""),
+                _ => c(
+                    "Progressing",
+                    true,
+                    "Reconciling",
+                    format!(
+                        "{} of {desired} instances ready, {} on the current spec",
+                        s.ready_replicas, s.updated_replicas
+                    ),
+                ),
+            };
+            let reason = if available {
+                "MinimumReplicasAvailable"
+            } else {
+                "MinimumReplicasUnavailable"
+            };
+            vec![
+                c("SpecValid", true, "Parsed", ""),
+                c(
+                    "Available",
+                    available,
+                    reason,
+                    format!("{} of {desired} instances ready", s.ready_replicas),
+                ),
+                progressing,
+            ]
+        }
+    }
+}
+
 /// The agent.
 pub struct Agent<R: Runtime, S: Store> {
     cfg: AgentConfig,
@@ -161,6 +238,8 @@ pub struct Agent<R: Runtime, S: Store> {
     fleets: Arc<Mutex<Option<BTreeMap<String, FleetDoc>>>>,
     ooms: Arc<Mutex<HashSet<String>>>,
     images: crate::images::Images<R>,
+    /// Each fleet's document as last parsed, by revision.
+    parsed: HashMap<String, (i64, Parsed)>,
     last_valid: HashMap<String, OllamaFleet>,
     writer: StatusWriter,
     view: Arc<RwLock<View>>,
@@ -213,6 +292,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             fleets: Arc::new(Mutex::new(None)),
             ooms: Arc::new(Mutex::new(HashSet::new())),
             last_valid: HashMap::new(),
+            parsed: HashMap::new(),
             salt: 0,
             node_written: None,
         }
@@ -318,7 +398,21 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         });
     }
 
-    fn evaluate(&self, doc: &FleetDoc) -> Result<(OllamaFleet, u32), String> {
+    /// A fleet document parsed and validated for this node: (fleet, replicas here), or the
+    /// errors. Parsed once per revision, not once per pass.
+    fn evaluate(&mut self, doc: &FleetDoc) -> Parsed {
+        if let Some((revision, parsed)) = self.parsed.get(&doc.name)
+            && *revision == doc.revision
+        {
+            return parsed.clone();
+        }
+        let parsed = self.parse(doc);
+        self.parsed
+            .insert(doc.name.clone(), (doc.revision, parsed.clone()));
+        parsed
+    }
+
+    fn parse(&self, doc: &FleetDoc) -> Parsed {
         let ctx = Context {
             sockets: self.cfg.sockets,
         };
@@ -419,6 +513,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         }
         if docs.is_some() {
             self.last_valid.retain(|name, _| evals.contains_key(name));
+            self.parsed.retain(|name, _| evals.contains_key(name));
         }
 
         // What runs.
@@ -697,105 +792,15 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                     }
                 }
             }
-            let (generation, desired, hash, conditions) = match evals.get(name) {
-                None => (
-                    0,
-                    0,
-                    None,
-                    vec![status::condition(
-                        "Progressing",
-                        true,
-                        "FleetDeleted",
-                        "the fleet was deleted; removing its instances",
-                    )],
-                ),
-                Some((generation, eval)) => match eval {
-                    Eval::Invalid(e) => (
-                        *generation,
-                        inst.len() as u32,
-                        None,
-                        vec![
-                            status::condition("SpecValid", false, "Invalid", e.clone()),
-                            status::condition(
-                                "Progressing",
-                                false,
-                                "SpecInvalid",
-                                "running instances are left as they are",
-                            ),
-                        ],
-                    ),
-                    Eval::Paused(f) => (
-                        *generation,
-                        f.spec.replicas.count(self.cfg.sockets),
-                        None,
-                        vec![
-                            status::condition("SpecValid", true, "Parsed", ""),
-                            status::condition(
-                                "Progressing",
-                                false,
-                                "Paused",
-                                "spec.paused is true: no changes are made",
-                            ),
-                        ],
-                    ),
-                    Eval::Run {
-                        fleet,
-                        replicas,
-                        hash,
-                        image_error,
-                        ..
-                    } => {
-                        let ready = inst
-                            .iter()
-                            .filter(|s| s.slot < *replicas && s.ready)
-                            .count() as u32;
-                        let updated = inst
-                            .iter()
-                            .filter(|s| s.slot < *replicas && s.spec_hash == *hash && s.ready)
-                            .count() as u32;
-                        let (max_unavailable, _) = fleet.spec.rollout.budget(*replicas);
-                        let available = ready + max_unavailable >= *replicas;
-                        let converged = updated == *replicas && inst.len() as u32 == *replicas;
-                        let progressing = match image_error {
-                            Some(e) if *replicas > 0 => status::condition(
-                                "Progressing",
-                                false,
-                                e.split(':').next().unwrap_or("ErrImage"),
-                                e.clone(),
-                            ),
-                            _ if converged => {
-                                status::condition("Progressing", false, "Converged", "")
-                            }
-                            _ => status::condition(
-                                "Progressing",
-                                true,
-                                "Reconciling",
-                                format!(
-                                    "{updated} of {replicas} instances ready on the current spec"
-                                ),
-                            ),
-                        };
-                        (
-                            *generation,
-                            *replicas,
-                            Some(hash.as_str()),
-                            vec![
-                                status::condition("SpecValid", true, "Parsed", ""),
-                                status::condition(
-                                    "Available",
-                                    available,
-                                    if available {
-                                        "MinimumReplicasAvailable"
-                                    } else {
-                                        "MinimumReplicasUnavailable"
-                                    },
-                                    format!("{ready} of {replicas} instances ready"),
-                                ),
-                                progressing,
-                            ],
-                        )
-                    }
-                },
+            let (generation, desired, hash) = match evals.get(name) {
+                None => (0, 0, None),
+                Some((generation, Eval::Invalid(_))) => (*generation, inst.len() as u32, None),
+                Some((generation, Eval::Paused(f))) => {
+                    (*generation, f.spec.replicas.count(self.cfg.sockets), None)
+                }
+                Some((generation, Eval::Run { replicas, hash, .. })) => {
+                    (*generation, *replicas, Some(hash.as_str()))
+                }
             };
             // A fleet this node does not run, with nothing left of it here, has no status here.
             if desired == 0
@@ -804,15 +809,17 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             {
                 continue;
             }
-            out.push(status::summarize(
+            let mut summary = status::summarize(
                 name,
                 &self.cfg.node,
                 generation,
                 desired,
                 hash,
                 inst,
-                conditions,
-            ));
+                Vec::new(),
+            );
+            summary.conditions = conditions(evals.get(name).map(|(_, e)| e), &summary);
+            out.push(summary);
         }
         out
     }

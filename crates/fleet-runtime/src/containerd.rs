@@ -24,7 +24,7 @@ use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest,
     DeleteContainerRequest, DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest,
     GetImageRequest, GetRequest, KillRequest, ListContainersRequest, ListTasksRequest,
-    ReadContentRequest, StartRequest, SubscribeRequest,
+    ReadContentRequest, StartRequest, SubscribeRequest, WaitRequest,
 };
 use containerd_client::types::v1::Status as ProcessStatus;
 use futures::StreamExt;
@@ -486,6 +486,31 @@ impl Runtime for Containerd {
             .collect())
     }
 
+    /// SIGTERM, then SIGKILL after `grace`: waits on containerd's `Wait` (which answers when the
+    /// task exits) rather than polling its state.
+    async fn stop(&self, id: &str, grace: Duration) -> Result<()> {
+        match self.kill(id, crate::SIGTERM).await {
+            Ok(()) => {}
+            Err(RuntimeError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if self.wait_exit(id, grace).await? {
+            return Ok(());
+        }
+        match self.kill(id, crate::SIGKILL).await {
+            Ok(()) | Err(RuntimeError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        if self.wait_exit(id, Duration::from_secs(10)).await? {
+            return Ok(());
+        }
+        Err(RuntimeError::Failed {
+            op: "stop",
+            id: id.to_string(),
+            message: "still running 10s after SIGKILL".into(),
+        })
+    }
+
     async fn state(&self, id: &str) -> Result<TaskState> {
         let mut tasks = TasksClient::new(self.channel.clone());
         match tasks
@@ -572,6 +597,21 @@ impl Runtime for Containerd {
 const SYNC_TOPIC: &str = "/ollama-fleet/sync";
 
 impl Containerd {
+    /// Whether the task exits (or is gone) within `timeout`.
+    async fn wait_exit(&self, id: &str, timeout: Duration) -> Result<bool> {
+        let mut tasks = TasksClient::new(self.channel.clone());
+        let request = self.req(WaitRequest {
+            container_id: id.to_string(),
+            exec_id: String::new(),
+        });
+        match tokio::time::timeout(timeout, tasks.wait(request)).await {
+            Err(_) => Ok(false),
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(s)) if s.code() == Code::NotFound => Ok(true),
+            Ok(Err(s)) => Err(map_status("wait", id, s)),
+        }
+    }
+
     /// Subscribes to this namespace's task exits and OOM kills. containerd sends no response
     /// headers before the first event, so we publish a sync event of our own until it comes
     /// back through the stream: then the subscription is known to be live.

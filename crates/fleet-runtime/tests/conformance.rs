@@ -258,3 +258,58 @@ async fn containerd_limits_logs_and_oom() {
     rt.remove(&c.id).await.expect("remove");
     let _ = std::fs::remove_dir_all(logs);
 }
+
+/// A graceful stop on containerd: a task that honours SIGTERM exits by it (status 0); one that
+/// ignores it is SIGKILLed once the grace period has passed (status 137), not before.
+#[tokio::test]
+async fn containerd_stop_is_sigterm_then_sigkill_after_the_grace_period() {
+    let ns = Namespace::new("runtime-stop");
+    let logs = temp_dir(&ns.name);
+    let rt = Containerd::new(&ns.env.containerd_socket, &ns.name, &logs).expect("client");
+    let info = rt
+        .image(&ns.env.sim_image)
+        .await
+        .expect("lookup")
+        .expect("image");
+    for (id, ignore_term) in [("polite-0-aaaaaa", false), ("stubborn-0-bbbbbb", true)] {
+        let port = free_port();
+        let mut c = spec(&info, id, true, port);
+        if ignore_term {
+            c.env.push("SIM_IGNORE_SIGTERM=1".into());
+        }
+        rt.create(&c).await.expect("create");
+        rt.start(id).await.expect("start");
+        // The signal handler is in place once the sim answers.
+        let url = format!("http://127.0.0.1:{port}/api/version");
+        wait_for("the sim to answer", Duration::from_secs(20), || async {
+            fleet_e2e::request("GET", &url, None, Duration::from_secs(1))
+                .await
+                .ok()
+                .filter(|(s, _)| *s == 200)
+        })
+        .await;
+        let grace = Duration::from_millis(1500);
+        let started = std::time::Instant::now();
+        rt.stop(id, grace).await.expect("stop");
+        let took = started.elapsed();
+        assert_ne!(rt.state(id).await.expect("state"), TaskState::Running);
+        let exit = rt
+            .list()
+            .await
+            .expect("list")
+            .into_iter()
+            .find(|o| o.id == id)
+            .and_then(|o| o.exit_code);
+        if ignore_term {
+            assert!(
+                took >= grace,
+                "SIGKILL only after the grace period, took {took:?}"
+            );
+            assert_eq!(exit, Some(137), "killed");
+        } else {
+            assert_eq!(exit, Some(0), "exited by SIGTERM");
+        }
+        rt.remove(id).await.expect("remove");
+    }
+    let _ = std::fs::remove_dir_all(logs);
+}
