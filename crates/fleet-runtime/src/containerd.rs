@@ -335,11 +335,13 @@ impl Runtime for Containerd {
             .map_err(|s| map_status("snapshot mounts", id, s))?
             .into_inner()
             .mounts;
-        std::fs::create_dir_all(&self.log_dir).map_err(|e| RuntimeError::Failed {
-            op: "create log dir",
-            id: id.to_string(),
-            message: e.to_string(),
-        })?;
+        tokio::fs::create_dir_all(&self.log_dir)
+            .await
+            .map_err(|e| RuntimeError::Failed {
+                op: "create log dir",
+                id: id.to_string(),
+                message: e.to_string(),
+            })?;
         let log = format!("file://{}", self.log_path(id).display());
         let mut tasks = TasksClient::new(self.channel.clone());
         let request = CreateTaskRequest {
@@ -656,11 +658,13 @@ impl Containerd {
     async fn create_leased(&self, c: &ContainerSpec, lease: &str) -> Result<()> {
         // Bind-mount sources are created when missing (like a hostPath DirectoryOrCreate).
         for m in &c.mounts {
-            std::fs::create_dir_all(&m.source).map_err(|e| RuntimeError::Failed {
-                op: "create mount source",
-                id: m.source.display().to_string(),
-                message: e.to_string(),
-            })?;
+            tokio::fs::create_dir_all(&m.source)
+                .await
+                .map_err(|e| RuntimeError::Failed {
+                    op: "create mount source",
+                    id: m.source.display().to_string(),
+                    message: e.to_string(),
+                })?;
         }
         let mut snapshots = SnapshotsClient::new(self.channel.clone());
         match snapshots

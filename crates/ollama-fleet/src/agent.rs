@@ -262,19 +262,13 @@ async fn mirror_manifests(dir: PathBuf, store: Arc<MemoryStore>) {
     let mut reported: HashMap<PathBuf, String> = HashMap::new();
     loop {
         let mut wanted: BTreeMap<String, String> = BTreeMap::new();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+        let scan_dir = dir.clone();
+        let files = tokio::task::spawn_blocking(move || read_manifest_dir(&scan_dir))
+            .await
             .unwrap_or_default();
-        files.retain(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            )
-        });
-        files.sort();
-        let present: Vec<PathBuf> = files.clone();
-        for file in files {
-            match read_fleets(&file) {
+        let present: Vec<PathBuf> = files.iter().map(|(f, _)| f.clone()).collect();
+        for (file, read) in files {
+            match read {
                 Ok(fleets) => {
                     reported.remove(&file);
                     by_file.insert(
@@ -313,9 +307,34 @@ async fn mirror_manifests(dir: PathBuf, store: Arc<MemoryStore>) {
     }
 }
 
+/// Every manifest file of `dir` (`.yaml`, `.yml`, `.json`) in name order, with its fleets or
+/// the reason it cannot be read. Blocking: file I/O.
+fn read_manifest_dir(dir: &Path) -> Vec<(PathBuf, Result<FileFleets, String>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|p| {
+        matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        )
+    });
+    files.sort();
+    files
+        .into_iter()
+        .map(|f| {
+            let read = read_fleets(&f);
+            (f, read)
+        })
+        .collect()
+}
+
+/// Fleets read from one file: (name, document text).
+type FileFleets = Vec<(String, String)>;
+
 /// The fleets of one file, as (name, document text). Documents are stored even when invalid
 /// (the agent reports them), as long as they name a fleet.
-fn read_fleets(path: &Path) -> Result<Vec<(String, String)>, String> {
+fn read_fleets(path: &Path) -> Result<FileFleets, String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
     let docs = fleet_api::yaml::parse_stream(&text).map_err(|e| match e.pos {
         Some(p) => format!("{}:{}: {}", p.line, p.col, e.message),
