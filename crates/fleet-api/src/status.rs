@@ -193,13 +193,12 @@ struct ContainerShape<'a> {
     runtime: &'a crate::RuntimeSpec,
     model: &'a str,
     models: &'a crate::Models,
-    termination_grace_period: &'a crate::Duration,
 }
 
 /// The hash (16 hex digits) of everything in `spec` that affects containers, plus an image
 /// digest (the agent passes the resolved digest under `imagePullPolicy: Always`, else empty).
-/// Labels, probes, rotation, rollout and `paused` are not part of it: changing them restarts
-/// nothing.
+/// Labels, probes, rotation, rollout, `terminationGracePeriod` (read when an instance stops)
+/// and `paused` are not part of it: changing them restarts nothing.
 pub fn spec_hash(spec: &FleetSpec, image_digest: &str) -> String {
     let image = spec
         .image_ref()
@@ -213,7 +212,6 @@ pub fn spec_hash(spec: &FleetSpec, image_digest: &str) -> String {
         runtime: &spec.runtime,
         model: &spec.model,
         models: &spec.models,
-        termination_grace_period: &spec.termination_grace_period,
     };
     let bytes = serde_json::to_vec(&shape).unwrap_or_default();
     let mut hex = sha256_hex(&bytes);
@@ -251,6 +249,7 @@ mod tests {
             "  rotation: {maxAge: 1d}\n",
             "  rollout: {maxUnavailable: 1}\n",
             "  paused: true\n",
+            "  terminationGracePeriod: 5s\n",
             "  nodeSelector: {a: b}\n",
             "  image: ollama/ollama:0.4.0\n",
         ] {
