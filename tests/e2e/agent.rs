@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleet_e2e::containerd::cgroup_v1_dir;
-use fleet_e2e::{World, free_port, free_port_range, get, json, post, request, wait_for};
+use fleet_e2e::{World, free_port, free_port_range, get, json, post, wait_for};
 use serde_json::{Value, json};
 
 fn ids(status: &Value) -> BTreeMap<u64, String> {
@@ -317,15 +317,10 @@ async fn standalone_mode_reads_a_manifests_directory() {
         || async { agent.instances().await.filter(|v| ready_count(v) == 2) },
     )
     .await;
-    let (code, body) = request(
-        "GET",
-        &format!("http://{}/healthz", agent.listen),
-        None,
-        Duration::from_secs(2),
-    )
-    .await
-    .expect("healthz");
+    let (code, body) = agent.get("/healthz").await.expect("healthz");
     assert_eq!((code, body.trim()), (200, "ok"));
+    let (code, body) = agent.get("/readyz").await.expect("readyz");
+    assert_eq!((code, body.trim()), (200, "ok"), "ready once converged");
 
     // Edits are picked up.
     std::fs::write(dir.join("sim.yaml"), world.sim_fleet("solo", 3, base, "")).expect("rewrite");
@@ -359,15 +354,7 @@ async fn standalone_mode_reads_a_manifests_directory() {
         },
     )
     .await;
-    let metrics = request(
-        "GET",
-        &format!("http://{}/metrics", agent.listen),
-        None,
-        Duration::from_secs(2),
-    )
-    .await
-    .expect("metrics")
-    .1;
+    let (_, metrics) = agent.get("/metrics").await.expect("metrics");
     assert!(
         metrics.contains("ollama_fleet_reconcile_passes_total"),
         "{metrics}"
@@ -434,8 +421,18 @@ async fn etcd_outages_disturb_nothing() {
     let s = world.wait_status("sim", "2 ready", 60, ready(2)).await;
     let before = ids(&s);
 
+    let readyz = || async { agent.get("/readyz").await.unwrap_or_default() };
+    assert_eq!(readyz().await.0, 200, "ready before the outage");
+
     etcd.kill();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_for(
+        "/readyz to report the outage",
+        Duration::from_secs(60),
+        || async {
+            Some(readyz().await).filter(|(code, body)| *code == 503 && body.contains("etcd"))
+        },
+    )
+    .await;
     for port in [base, base + 1] {
         let (code, _) = get(&format!("http://127.0.0.1:{port}/api/version")).await;
         assert_eq!(code, 200, "instances keep serving while etcd is down");
@@ -472,4 +469,10 @@ async fn etcd_outages_disturb_nothing() {
         (before[&0].clone(), before[&1].clone()),
         "the first two were never restarted"
     );
+    wait_for(
+        "/readyz to be ok again",
+        Duration::from_secs(30),
+        || async { (readyz().await.0 == 200).then_some(()) },
+    )
+    .await;
 }

@@ -21,14 +21,7 @@ fn fleet(world: &World, name: &str, image: &str, policy: &str, replicas: u32, ba
 }
 
 async fn metric(agent: &fleet_e2e::AgentProcess, name: &str) -> f64 {
-    let (_, text) = request(
-        "GET",
-        &format!("http://{}/metrics", agent.listen),
-        None,
-        Duration::from_secs(2),
-    )
-    .await
-    .expect("metrics");
+    let (_, text) = agent.get("/metrics").await.expect("metrics");
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
@@ -154,14 +147,7 @@ async fn images_come_from_the_registry() {
         why.contains("registry") && why.contains("nope"),
         "the registry's answer is in status: {why}"
     );
-    let (code, _) = request(
-        "GET",
-        &format!("http://{}/healthz", agent.listen),
-        None,
-        Duration::from_secs(2),
-    )
-    .await
-    .expect("healthz");
+    let (code, _) = agent.get("/healthz").await.expect("healthz");
     assert_eq!(code, 200);
 
     // The registry goes away: what runs keeps running.

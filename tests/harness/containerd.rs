@@ -293,7 +293,7 @@ impl Drop for PrivateContainerd {
         }
         self.kill9();
         let _ = Command::new("pkill")
-            .args(["-9", "-f", &format!("-address {sock}")])
+            .args(["-9", "-f", "--", &format!("-address {sock}")])
             .status();
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
         let mut ours: Vec<&str> = mounts

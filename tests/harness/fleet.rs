@@ -261,12 +261,17 @@ impl AgentProcess {
         }
     }
 
+    /// `GET path` from the agent's HTTP endpoint: (status, body), if it answers.
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let url = format!("http://{}{path}", self.listen);
+        request("GET", &url, None, Duration::from_secs(2))
+            .await
+            .ok()
+    }
+
     /// `GET /instances`, if the agent answers.
     pub async fn instances(&self) -> Option<Value> {
-        let url = format!("http://{}/instances", self.listen);
-        let (status, body) = request("GET", &url, None, Duration::from_secs(2))
-            .await
-            .ok()?;
+        let (status, body) = self.get("/instances").await?;
         (status == 200)
             .then(|| serde_json::from_str(&body).ok())
             .flatten()

@@ -118,7 +118,8 @@ pub struct View {
     pub fleets_known: bool,
     /// containerd answered the last pass.
     pub containerd_up: bool,
-    /// The store accepted the last writes.
+    /// The store accepted the last writes and confirms the session (so an outage shows even
+    /// when nothing needs writing).
     pub store_up: bool,
     /// When the last pass ended.
     pub last_pass: Option<Instant>,
@@ -616,7 +617,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         if let Err(e) = &stored {
             tracing::warn!(error = %e, "cannot write status");
         }
-        self.set_up(true, Some(stored.is_ok()));
+        self.set_up(true, Some(stored.is_ok() && self.store.session_alive()));
         {
             let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
             v.endpoints = endpoints;

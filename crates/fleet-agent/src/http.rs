@@ -58,7 +58,7 @@ async fn readyz(State(view): Shared) -> Response {
         problems.push("containerd does not answer");
     }
     if !v.store_up {
-        problems.push("status cannot be written");
+        problems.push("the store (etcd) does not answer; status is not written");
     }
     if problems.is_empty() {
         "ok\n".into_response()

@@ -1,10 +1,10 @@
 //! The controller on fakes: an in-memory store, a fake runtime and scripted probes. Fast, and
 //! every test runs under a timeout.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use fleet_agent::controller::{Agent, AgentConfig};
+use fleet_agent::controller::{Agent, AgentConfig, View};
 use fleet_agent::prober::ScriptedProbes;
 use fleet_api::{FleetStatus, LABEL_FLEET, Phase};
 use fleet_e2e::wait_for;
@@ -23,6 +23,7 @@ fn manifest(name: &str, extra: &str) -> String {
 }
 
 struct Running {
+    view: Arc<RwLock<View>>,
     runtime: FakeRuntime,
     store: MemoryStore,
     probes: Arc<ScriptedProbes>,
@@ -56,11 +57,13 @@ fn start(runtime: FakeRuntime, store: MemoryStore, cfg: AgentConfig) -> Running 
         probes.clone(),
         wake,
     );
+    let view = agent.view();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(agent.run(async {
         let _ = rx.await;
     }));
     Running {
+        view,
         runtime,
         store,
         probes,
@@ -73,6 +76,14 @@ fn fresh() -> (FakeRuntime, MemoryStore) {
     let rt = FakeRuntime::new();
     rt.add_image(FakeRuntime::image_named(IMAGE));
     (rt, MemoryStore::default())
+}
+
+/// Writes a fleet document, panicking when the store refuses; returns the new revision.
+async fn put(store: &MemoryStore, name: &str, doc: &str, expect: Expect) -> i64 {
+    store
+        .put_fleet(name, doc, expect)
+        .await
+        .unwrap_or_else(|e| panic!("put {name}: {e}"))
 }
 
 async fn status(store: &MemoryStore, fleet: &str) -> Option<FleetStatus> {
@@ -109,17 +120,16 @@ async fn running(rt: &FakeRuntime) -> Vec<String> {
 async fn converges_reports_and_stays_idle() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
-        let generation = store
-            .put_fleet(
+        let generation = put(
+            &store,
+            "f",
+            &manifest(
                 "f",
-                &manifest(
-                    "f",
-                    "  replicas: {perSocket: 2}\n  resources: {memory: 64Mi, cpus: 0.5}\n",
-                ),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
+                "  replicas: {perSocket: 2}\n  resources: {memory: 64Mi, cpus: 0.5}\n",
+            ),
+            Expect::Absent,
+        )
+        .await;
         let a = start(rt, store, config());
         let s = wait_status(&a.store, "f", "4 ready instances", |s| {
             s.ready_replicas == 4
@@ -182,18 +192,57 @@ async fn converges_reports_and_stays_idle() {
     .expect("in time");
 }
 
+/// An outage of an idle fleet's store (nothing to write) still shows in readiness, and stops
+/// nothing.
+#[tokio::test]
+async fn a_store_outage_shows_while_idle_and_stops_nothing() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (rt, store) = fresh();
+        put(
+            &store,
+            "f",
+            &manifest("f", "  replicas: {perNode: 2}\n"),
+            Expect::Absent,
+        )
+        .await;
+        let a = start(rt, store, config());
+        wait_status(&a.store, "f", "2 ready", |s| s.ready_replicas == 2).await;
+        let store_up = |a: &Running| a.view.read().map(|v| v.store_up).unwrap_or(false);
+        assert!(store_up(&a));
+        let before = running(&a.runtime).await;
+
+        a.store.set_down(true);
+        wait_for("the outage to show", Duration::from_secs(10), || async {
+            (!store_up(&a)).then_some(())
+        })
+        .await;
+        assert_eq!(running(&a.runtime).await, before, "nothing stopped");
+
+        a.store.set_down(false);
+        wait_for(
+            "the store to be up again",
+            Duration::from_secs(10),
+            || async { store_up(&a).then_some(()) },
+        )
+        .await;
+        assert_eq!(running(&a.runtime).await, before);
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
 #[tokio::test]
 async fn crashes_and_ooms_are_replaced_with_history() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
-        store
-            .put_fleet(
-                "f",
-                &manifest("f", "  replicas: {perNode: 2}\n"),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
+        put(
+            &store,
+            "f",
+            &manifest("f", "  replicas: {perNode: 2}\n"),
+            Expect::Absent,
+        )
+        .await;
         let a = start(rt, store, config());
         let s = wait_status(&a.store, "f", "2 ready", |s| s.ready_replicas == 2).await;
         let victim = s.instances[0].id.clone();
@@ -228,15 +277,14 @@ async fn crashes_and_ooms_are_replaced_with_history() {
 async fn crash_loops_back_off() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
-        store
-            .put_fleet(
-                "f",
-                &manifest("f", "  replicas: {perNode: 1}\n")
-                    .replace("initial: 100ms, max: 1s", "initial: 2s, max: 10s"),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
+        put(
+            &store,
+            "f",
+            &manifest("f", "  replicas: {perNode: 1}\n")
+                .replace("initial: 100ms, max: 1s", "initial: 2s, max: 10s"),
+            Expect::Absent,
+        )
+        .await;
         let a = start(rt, store, config());
         let s = wait_status(&a.store, "f", "1 ready", |s| s.ready_replicas == 1).await;
         // The first crash is restarted at once, the second waits 2s in BackOff.
@@ -292,14 +340,13 @@ async fn crash_loops_back_off() {
 async fn a_restarted_agent_adopts_without_restarting() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
-        store
-            .put_fleet(
-                "f",
-                &manifest("f", "  replicas: {perNode: 3}\n"),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
+        put(
+            &store,
+            "f",
+            &manifest("f", "  replicas: {perNode: 3}\n"),
+            Expect::Absent,
+        )
+        .await;
         let a = start(rt.clone(), store.clone(), config());
         wait_status(&a.store, "f", "3 ready", |s| s.ready_replicas == 3).await;
         let before = running(&rt).await;
@@ -349,36 +396,32 @@ async fn scale_delete_and_unlabelled_containers() {
             runtime: "io.containerd.runc.v2".into(),
             runtime_binary: String::new(),
         });
-        let r = store
-            .put_fleet(
-                "f",
-                &manifest("f", "  replicas: {perNode: 3}\n"),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
+        let r = put(
+            &store,
+            "f",
+            &manifest("f", "  replicas: {perNode: 3}\n"),
+            Expect::Absent,
+        )
+        .await;
         let a = start(rt, store, config());
         wait_status(&a.store, "f", "3 ready", |s| s.ready_replicas == 3).await;
 
-        let r = a
-            .store
-            .put_fleet(
-                "f",
-                &manifest("f", "  replicas: {perNode: 5}\n"),
-                Expect::Revision(r),
-            )
-            .await
-            .expect("scale up");
+        let r = put(
+            &a.store,
+            "f",
+            &manifest("f", "  replicas: {perNode: 5}\n"),
+            Expect::Revision(r),
+        )
+        .await;
         let s = wait_status(&a.store, "f", "5 ready", |s| s.ready_replicas == 5).await;
         assert_eq!(s.observed_generation, r);
-        a.store
-            .put_fleet(
-                "f",
-                &manifest("f", "  replicas: {perNode: 2}\n"),
-                Expect::Revision(r),
-            )
-            .await
-            .expect("scale down");
+        put(
+            &a.store,
+            "f",
+            &manifest("f", "  replicas: {perNode: 2}\n"),
+            Expect::Revision(r),
+        )
+        .await;
         let s = wait_status(&a.store, "f", "2 instances", |s| {
             s.replicas == 2 && s.instances.len() == 2
         })
@@ -417,23 +460,24 @@ async fn scale_delete_and_unlabelled_containers() {
 async fn invalid_documents_and_pauses_leave_instances_alone() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
-        let r = store
-            .put_fleet(
-                "f",
-                &manifest("f", "  replicas: {perNode: 2}\n"),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
+        let r = put(
+            &store,
+            "f",
+            &manifest("f", "  replicas: {perNode: 2}\n"),
+            Expect::Absent,
+        )
+        .await;
         let a = start(rt.clone(), store, config());
         wait_status(&a.store, "f", "2 ready", |s| s.ready_replicas == 2).await;
         let before = running(&rt).await;
 
-        let r = a
-            .store
-            .put_fleet("f", "spec: [this is: not a fleet", Expect::Revision(r))
-            .await
-            .expect("garbage");
+        let r = put(
+            &a.store,
+            "f",
+            "spec: [this is: not a fleet",
+            Expect::Revision(r),
+        )
+        .await;
         let s = wait_status(&a.store, "f", "SpecValid=False", |s| {
             s.condition("SpecValid")
                 .is_some_and(|c| c.status == "False")
@@ -446,15 +490,13 @@ async fn invalid_documents_and_pauses_leave_instances_alone() {
         );
         assert_eq!(running(&rt).await, before, "nothing that runs is disturbed");
 
-        let r = a
-            .store
-            .put_fleet(
-                "f",
-                &manifest("f", "  replicas: {perNode: -1}\n"),
-                Expect::Revision(r),
-            )
-            .await
-            .expect("invalid");
+        let r = put(
+            &a.store,
+            "f",
+            &manifest("f", "  replicas: {perNode: -1}\n"),
+            Expect::Revision(r),
+        )
+        .await;
         wait_status(&a.store, "f", "the validation error", |s| {
             s.observed_generation == r
                 && s.condition("SpecValid")
@@ -463,15 +505,13 @@ async fn invalid_documents_and_pauses_leave_instances_alone() {
         .await;
         assert_eq!(running(&rt).await, before);
 
-        let r = a
-            .store
-            .put_fleet(
-                "f",
-                &manifest("f", "  replicas: {perNode: 4}\n  paused: true\n"),
-                Expect::Revision(r),
-            )
-            .await
-            .expect("paused");
+        let r = put(
+            &a.store,
+            "f",
+            &manifest("f", "  replicas: {perNode: 4}\n  paused: true\n"),
+            Expect::Revision(r),
+        )
+        .await;
         let s = wait_status(&a.store, "f", "Paused", |s| {
             s.observed_generation == r
                 && s.condition("Progressing")
@@ -482,14 +522,13 @@ async fn invalid_documents_and_pauses_leave_instances_alone() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(running(&rt).await, before, "paused: no changes");
 
-        a.store
-            .put_fleet(
-                "f",
-                &manifest("f", "  replicas: {perNode: 4}\n"),
-                Expect::Revision(r),
-            )
-            .await
-            .expect("unpause");
+        put(
+            &a.store,
+            "f",
+            &manifest("f", "  replicas: {perNode: 4}\n"),
+            Expect::Revision(r),
+        )
+        .await;
         wait_status(&a.store, "f", "4 ready after unpausing", |s| {
             s.ready_replicas == 4
         })
@@ -505,25 +544,23 @@ async fn missing_image_and_node_selector() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let rt = FakeRuntime::new();
         let store = MemoryStore::default();
-        store
-            .put_fleet(
-                "f",
-                &manifest("f", "  replicas: {perNode: 2}\n"),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
-        store
-            .put_fleet(
+        put(
+            &store,
+            "f",
+            &manifest("f", "  replicas: {perNode: 2}\n"),
+            Expect::Absent,
+        )
+        .await;
+        put(
+            &store,
+            "g",
+            &manifest(
                 "g",
-                &manifest(
-                    "g",
-                    "  replicas: {perNode: 2}\n  nodeSelector: {pool: gpu}\n",
-                ),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
+                "  replicas: {perNode: 2}\n  nodeSelector: {pool: gpu}\n",
+            ),
+            Expect::Absent,
+        )
+        .await;
         let mut cfg = config();
         cfg.labels.insert("pool".into(), "cpu".into());
         let a = start(rt, store, cfg);
@@ -570,14 +607,13 @@ async fn missing_image_and_node_selector() {
 async fn unready_instances_are_reported() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
-        store
-            .put_fleet(
-                "f",
-                &manifest("f", "  replicas: {perNode: 2}\n"),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
+        put(
+            &store,
+            "f",
+            &manifest("f", "  replicas: {perNode: 2}\n"),
+            Expect::Absent,
+        )
+        .await;
         let a = start(rt, store, config());
         let s = wait_status(&a.store, "f", "2 ready", |s| s.ready_replicas == 2).await;
         a.probes.set_failing(&s.instances[1].id, true);
@@ -608,14 +644,13 @@ async fn half_done_actions_are_not_mistaken_for_failed_starts() {
         let mut cfg = config();
         cfg.concurrency = 4;
         cfg.min_pass_interval = Duration::from_millis(10);
-        store
-            .put_fleet(
-                "f",
-                &manifest("f", "  replicas: {perNode: 8}\n"),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
+        put(
+            &store,
+            "f",
+            &manifest("f", "  replicas: {perNode: 8}\n"),
+            Expect::Absent,
+        )
+        .await;
         let a = start(rt, store, cfg);
         let s = wait_status(&a.store, "f", "8 ready", |s| s.ready_replicas == 8).await;
         assert!(
@@ -654,26 +689,24 @@ async fn images_are_pulled_once_per_node_before_any_instance() {
         rt.set_pull_delay(Duration::from_millis(500));
         let store = MemoryStore::default();
         // Two fleets of the same image (on different ports).
-        store
-            .put_fleet(
-                "f",
-                &pulled_manifest("f", "IfNotPresent", "  replicas: {perNode: 3}\n"),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
-        store
-            .put_fleet(
+        put(
+            &store,
+            "f",
+            &pulled_manifest("f", "IfNotPresent", "  replicas: {perNode: 3}\n"),
+            Expect::Absent,
+        )
+        .await;
+        put(
+            &store,
+            "g",
+            &pulled_manifest(
                 "g",
-                &pulled_manifest(
-                    "g",
-                    "IfNotPresent",
-                    "  replicas: {perNode: 3}\n  network: {basePort: 20000}\n",
-                ),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
+                "IfNotPresent",
+                "  replicas: {perNode: 3}\n  network: {basePort: 20000}\n",
+            ),
+            Expect::Absent,
+        )
+        .await;
         let a = start(rt, store, config());
         let s = wait_status(&a.store, "f", "Pending while pulling", |s| {
             s.instances.len() == 3
@@ -721,14 +754,13 @@ async fn failed_pulls_back_off_and_recover() {
         rt.add_remote(FakeRuntime::image_named(IMAGE));
         rt.set_pull_error(Some("manifest unknown: tag not found"));
         let store = MemoryStore::default();
-        store
-            .put_fleet(
-                "f",
-                &pulled_manifest("f", "IfNotPresent", "  replicas: {perNode: 2}\n"),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
+        put(
+            &store,
+            "f",
+            &pulled_manifest("f", "IfNotPresent", "  replicas: {perNode: 2}\n"),
+            Expect::Absent,
+        )
+        .await;
         let mut cfg = config();
         cfg.pull_backoff = Duration::from_millis(300);
         let a = start(rt, store, cfg);
@@ -764,18 +796,17 @@ async fn always_rolls_out_a_new_digest_of_the_same_tag() {
         let v1 = FakeRuntime::image_named(IMAGE);
         rt.add_remote(v1.clone());
         let store = MemoryStore::default();
-        store
-            .put_fleet(
+        put(
+            &store,
+            "f",
+            &pulled_manifest(
                 "f",
-                &pulled_manifest(
-                    "f",
-                    "Always",
-                    "  replicas: {perNode: 3}\n  rollout: {maxUnavailable: 1}\n",
-                ),
-                Expect::Absent,
-            )
-            .await
-            .expect("put");
+                "Always",
+                "  replicas: {perNode: 3}\n  rollout: {maxUnavailable: 1}\n",
+            ),
+            Expect::Absent,
+        )
+        .await;
         let mut cfg = config();
         cfg.image_refresh = Duration::from_millis(300);
         let a = start(rt, store, cfg);

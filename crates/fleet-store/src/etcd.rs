@@ -4,7 +4,7 @@
 //! that removed the revision it was at) and sends the full set as [`FleetEvent::Resync`]. The
 //! session's lease is kept alive by a background task that replaces it when it was lost.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +40,8 @@ pub struct EtcdStore {
     keys: Keys,
     lease: Arc<AtomicI64>,
     generation: Arc<AtomicU64>,
+    /// Whether the lease's grant or last keep-alive was answered.
+    alive: Arc<AtomicBool>,
     keeper: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -109,6 +111,7 @@ impl EtcdStore {
             keys: Keys::new(prefix),
             lease: Arc::new(AtomicI64::new(0)),
             generation: Arc::new(AtomicU64::new(0)),
+            alive: Arc::new(AtomicBool::new(false)),
             keeper: Arc::new(Mutex::new(None)),
         })
     }
@@ -188,13 +191,14 @@ impl EtcdStore {
             .id();
         self.lease.store(id, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
+        self.alive.store(true, Ordering::SeqCst);
         Ok(id)
     }
 
     /// Keeps the lease alive; when it is lost (etcd away longer than the TTL), grants a new one.
     async fn keep_alive(self, ttl: Duration) {
         let interval = ttl / 3;
-        loop {
+        'session: loop {
             let id = self.lease.load(Ordering::SeqCst);
             let mut c = self.client.clone();
             match deadline("lease keep-alive", c.lease_keep_alive(id)).await {
@@ -203,13 +207,15 @@ impl EtcdStore {
                         break;
                     }
                     match tokio::time::timeout(REQUEST_TIMEOUT, stream.message()).await {
-                        Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+                        Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                            self.alive.store(true, Ordering::SeqCst);
+                        }
                         Ok(Ok(Some(_))) => {
                             tracing::warn!(lease = id, "etcd lease expired; granting a new one");
                             while self.grant(ttl).await.is_err() {
                                 tokio::time::sleep(interval).await;
                             }
-                            break;
+                            continue 'session;
                         }
                         _ => break,
                     }
@@ -217,6 +223,8 @@ impl EtcdStore {
                 },
                 Err(e) => tracing::debug!(error = %e, "etcd lease keep-alive failed; retrying"),
             }
+            // Unanswered: the store is away until a keep-alive gets through again.
+            self.alive.store(false, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(500).min(interval)).await;
         }
     }
@@ -358,6 +366,10 @@ impl Store for EtcdStore {
         self.generation.load(Ordering::SeqCst)
     }
 
+    fn session_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
     async fn put_node(&self, node: &str, value: &str) -> Result<()> {
         check_segment("node", node)?;
         self.put_leased(format!("{}{node}", self.keys.nodes()), value)
@@ -409,6 +421,7 @@ impl Store for EtcdStore {
         if let Some(task) = self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take() {
             task.abort();
         }
+        self.alive.store(false, Ordering::SeqCst);
         let lease = self.lease.swap(0, Ordering::SeqCst);
         if lease != 0 {
             let mut c = self.client.clone();

@@ -108,6 +108,11 @@ pub trait Store: Send + Sync + 'static {
     /// (etcd was away longer than the TTL), and then every key on it must be written again.
     fn session_generation(&self) -> u64;
 
+    /// Whether the store confirmed the session's lease lately (its grant or last keep-alive
+    /// was answered). False without a session and while the store is away, even when nothing
+    /// was written: an idle owner learns of an outage from this.
+    fn session_alive(&self) -> bool;
+
     /// Writes this node's record on the session lease.
     async fn put_node(&self, node: &str, value: &str) -> Result<()>;
 

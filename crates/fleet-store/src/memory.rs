@@ -247,6 +247,10 @@ impl Store for MemoryStore {
         self.session.load(Ordering::SeqCst)
     }
 
+    fn session_alive(&self) -> bool {
+        self.active.load(Ordering::SeqCst) && !self.data().down
+    }
+
     async fn put_node(&self, node: &str, value: &str) -> Result<()> {
         check_segment("node", node)?;
         self.put(format!("{}{node}", self.keys.nodes()), value, true)

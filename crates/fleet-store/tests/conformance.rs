@@ -103,9 +103,11 @@ async fn conformance(s: &dyn Store, other: &dyn Store) {
         ),
         "no session yet"
     );
+    assert!(!s.session_alive(), "no session, nothing alive");
     s.start_session(Duration::from_secs(15))
         .await
         .expect("session");
+    assert!(s.session_alive(), "a fresh session is alive");
     let generation = s.session_generation();
     s.put_node("n1", "{\"name\":\"n1\"}").await.expect("node");
     s.put_status("b", "n1", "{\"ready\":1}")
@@ -132,6 +134,7 @@ async fn conformance(s: &dyn Store, other: &dyn Store) {
 
     // Ending the session removes its keys at once.
     s.end_session().await.expect("end");
+    assert!(!s.session_alive(), "an ended session is not alive");
     assert!(s.list_nodes().await.expect("nodes").is_empty());
     assert!(s.list_status(None).await.expect("status").is_empty());
     assert_eq!(
@@ -269,4 +272,35 @@ async fn etcd_session_replaces_a_lost_lease() {
         .await
         .expect("writes work on the new lease");
     assert_eq!(s.list_nodes().await.expect("nodes").len(), 1);
+}
+
+/// The session says when etcd stops answering its keep-alives, and when it answers again,
+/// without any write to fail.
+#[tokio::test]
+async fn etcd_session_reports_an_outage() {
+    let mut etcd = PrivateEtcd::start("alive");
+    let s = EtcdStore::connect(&config(&etcd.endpoint()), "/a")
+        .await
+        .expect("connect");
+    assert!(!s.session_alive(), "no session yet");
+    s.start_session(Duration::from_secs(3))
+        .await
+        .expect("session");
+    assert!(s.session_alive());
+
+    etcd.kill();
+    wait_for("the outage to show", Duration::from_secs(30), || async {
+        (!s.session_alive()).then_some(())
+    })
+    .await;
+    etcd.resume();
+    wait_for(
+        "the session to be alive again",
+        Duration::from_secs(30),
+        || async { s.session_alive().then_some(()) },
+    )
+    .await;
+    s.put_node("n1", "{}")
+        .await
+        .expect("writes work after the outage");
 }
