@@ -2,10 +2,19 @@
 
 use std::time::{Duration, SystemTime};
 
-/// Columns padded to their widest cell, three spaces apart.
+/// Columns padded to their widest cell, three spaces apart. An empty cell shows as `-`, so
+/// every line splits into the same number of fields.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            row.iter()
+                .map(|c| if c.is_empty() { "-".into() } else { c.clone() })
+                .collect()
+        })
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
                 *w = (*w).max(cell.chars().count());
@@ -26,7 +35,7 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     };
     let mut out = line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
-        out.push_str(&line(row.clone()));
+        out.push_str(&line(row));
     }
     out
 }
@@ -64,6 +73,14 @@ mod tests {
             &[vec!["devassist".into(), "1/2".into()]],
         );
         assert_eq!(t, "NAME        READY\ndevassist   1/2\n");
+        let t = render(
+            &["ID", "PHASE", "MESSAGE"],
+            &[vec![String::new(), "Pending".into(), String::new()]],
+        );
+        assert_eq!(
+            t, "ID   PHASE     MESSAGE\n-    Pending   -\n",
+            "empty cells show"
+        );
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         assert_eq!(age(Some(now - Duration::from_secs(30)), now), "30s");
         assert_eq!(age(Some(now - Duration::from_secs(600)), now), "10m");
