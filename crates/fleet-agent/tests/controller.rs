@@ -86,6 +86,19 @@ async fn put(store: &MemoryStore, name: &str, doc: &str, expect: Expect) -> i64 
         .unwrap_or_else(|e| panic!("put {name}: {e}"))
 }
 
+/// Fleet `f` with `extra` in a fresh store and runtime, an agent on them, and the status once
+/// `ready` instances are ready.
+async fn converged(extra: &str, ready: u32) -> (Running, FleetStatus) {
+    let (rt, store) = fresh();
+    put(&store, "f", &manifest("f", extra), Expect::Absent).await;
+    let a = start(rt, store, config());
+    let s = wait_status(&a.store, "f", &format!("{ready} ready"), |s| {
+        s.ready_replicas == ready
+    })
+    .await;
+    (a, s)
+}
+
 async fn status(store: &MemoryStore, fleet: &str) -> Option<FleetStatus> {
     let entries = store.list_status(Some(fleet)).await.ok()?;
     serde_json::from_str(&entries.first()?.value).ok()
@@ -197,16 +210,7 @@ async fn converges_reports_and_stays_idle() {
 #[tokio::test]
 async fn a_store_outage_shows_while_idle_and_stops_nothing() {
     tokio::time::timeout(Duration::from_secs(30), async {
-        let (rt, store) = fresh();
-        put(
-            &store,
-            "f",
-            &manifest("f", "  replicas: {perNode: 2}\n"),
-            Expect::Absent,
-        )
-        .await;
-        let a = start(rt, store, config());
-        wait_status(&a.store, "f", "2 ready", |s| s.ready_replicas == 2).await;
+        let (a, _) = converged("  replicas: {perNode: 2}\n", 2).await;
         let store_up = |a: &Running| a.view.read().map(|v| v.store_up).unwrap_or(false);
         assert!(store_up(&a));
         let before = running(&a.runtime).await;
@@ -235,16 +239,7 @@ async fn a_store_outage_shows_while_idle_and_stops_nothing() {
 #[tokio::test]
 async fn crashes_and_ooms_are_replaced_with_history() {
     tokio::time::timeout(Duration::from_secs(30), async {
-        let (rt, store) = fresh();
-        put(
-            &store,
-            "f",
-            &manifest("f", "  replicas: {perNode: 2}\n"),
-            Expect::Absent,
-        )
-        .await;
-        let a = start(rt, store, config());
-        let s = wait_status(&a.store, "f", "2 ready", |s| s.ready_replicas == 2).await;
+        let (a, s) = converged("  replicas: {perNode: 2}\n", 2).await;
         let victim = s.instances[0].id.clone();
 
         a.runtime.exit(&victim, 3);
@@ -606,16 +601,7 @@ async fn missing_image_and_node_selector() {
 #[tokio::test]
 async fn unready_instances_are_reported() {
     tokio::time::timeout(Duration::from_secs(30), async {
-        let (rt, store) = fresh();
-        put(
-            &store,
-            "f",
-            &manifest("f", "  replicas: {perNode: 2}\n"),
-            Expect::Absent,
-        )
-        .await;
-        let a = start(rt, store, config());
-        let s = wait_status(&a.store, "f", "2 ready", |s| s.ready_replicas == 2).await;
+        let (a, s) = converged("  replicas: {perNode: 2}\n", 2).await;
         a.probes.set_failing(&s.instances[1].id, true);
         let s = wait_status(&a.store, "f", "one unready", |s| s.ready_replicas == 1).await;
         assert_eq!(s.instances[1].phase, Phase::Unready);

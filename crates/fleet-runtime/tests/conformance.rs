@@ -2,6 +2,7 @@
 //! containerd + runc from the dev environment, with the ollama-sim image).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fleet_e2e::{Namespace, free_port, temp_dir, wait_for};
@@ -176,11 +177,25 @@ async fn fake_runtime_conforms() {
     .expect("suite within 60s");
 }
 
-#[tokio::test]
-async fn containerd_runtime_conforms() {
-    let ns = Namespace::new("runtime-conf");
+/// A client of the test containerd in a fresh namespace, with its own log directory.
+fn on_containerd(tag: &str) -> (Namespace, PathBuf, Containerd) {
+    let ns = Namespace::new(tag);
     let logs = temp_dir(&ns.name);
     let rt = Containerd::new(&ns.env.containerd_socket, &ns.name, &logs).expect("client");
+    (ns, logs, rt)
+}
+
+/// The sim image, as containerd has it.
+async fn sim_image(rt: &Containerd, ns: &Namespace) -> ImageInfo {
+    rt.image(&ns.env.sim_image)
+        .await
+        .expect("lookup")
+        .expect("the sim image is imported")
+}
+
+#[tokio::test]
+async fn containerd_runtime_conforms() {
+    let (ns, logs, rt) = on_containerd("runtime-conf");
     tokio::time::timeout(
         Duration::from_secs(120),
         conformance(&rt, &ns.env.sim_image),
@@ -194,14 +209,8 @@ async fn containerd_runtime_conforms() {
 /// and an OOM kill is reported as such.
 #[tokio::test]
 async fn containerd_limits_logs_and_oom() {
-    let ns = Namespace::new("runtime-oom");
-    let logs = temp_dir(&ns.name);
-    let rt = Containerd::new(&ns.env.containerd_socket, &ns.name, &logs).expect("client");
-    let info = rt
-        .image(&ns.env.sim_image)
-        .await
-        .expect("lookup")
-        .expect("image");
+    let (ns, logs, rt) = on_containerd("runtime-oom");
+    let info = sim_image(&rt, &ns).await;
     let mut events = rt.events();
     let port = free_port();
     let mut c = spec(&info, "oom-0-cccccc", true, port);
@@ -263,14 +272,8 @@ async fn containerd_limits_logs_and_oom() {
 /// ignores it is SIGKILLed once the grace period has passed (status 137), not before.
 #[tokio::test]
 async fn containerd_stop_is_sigterm_then_sigkill_after_the_grace_period() {
-    let ns = Namespace::new("runtime-stop");
-    let logs = temp_dir(&ns.name);
-    let rt = Containerd::new(&ns.env.containerd_socket, &ns.name, &logs).expect("client");
-    let info = rt
-        .image(&ns.env.sim_image)
-        .await
-        .expect("lookup")
-        .expect("image");
+    let (ns, logs, rt) = on_containerd("runtime-stop");
+    let info = sim_image(&rt, &ns).await;
     for (id, ignore_term) in [("polite-0-aaaaaa", false), ("stubborn-0-bbbbbb", true)] {
         let port = free_port();
         let mut c = spec(&info, id, true, port);
