@@ -75,7 +75,7 @@ async fn baseline(world: &World, n: u32, concurrency: usize, base: u16) -> Durat
                 &hash,
                 &image,
                 &node,
-                slot,
+                (slot, fleet_agent::build::port(&fleet.spec, slot)),
                 new_id("base", slot, now, u64::from(slot)),
                 &Carry::default(),
                 now,

@@ -105,11 +105,12 @@ pub fn port(spec: &FleetSpec, slot: u32) -> u16 {
     u16::try_from(u32::from(spec.network.base_port) + slot).unwrap_or(u16::MAX)
 }
 
-/// The agent's default environment (the manifest's `env` overrides it).
-pub fn default_env(spec: &FleetSpec, slot: u32) -> BTreeMap<String, String> {
+/// The agent's default environment for an instance on `port` (the manifest's `env` overrides
+/// it).
+pub fn default_env(spec: &FleetSpec, port: u16) -> BTreeMap<String, String> {
     let host = match spec.network.host_ip {
-        std::net::IpAddr::V6(ip) => format!("[{ip}]:{}", port(spec, slot)),
-        ip => format!("{ip}:{}", port(spec, slot)),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]:{port}"),
+        ip => format!("{ip}:{port}"),
     };
     let mut env = BTreeMap::from([
         ("OLLAMA_HOST".to_string(), host),
@@ -133,7 +134,8 @@ pub fn socket_of(spec: &FleetSpec, slot: u32, sockets: u32) -> u32 {
     }
 }
 
-/// The container of one instance.
+/// The container of one instance of `slot`, listening on `port` (the slot's own,
+/// `basePort + slot`, unless it surged onto another).
 #[allow(clippy::too_many_arguments)]
 pub fn container_spec(
     fleet: &str,
@@ -141,7 +143,7 @@ pub fn container_spec(
     hash: &str,
     image: &ImageInfo,
     node: &NodeCtx,
-    slot: u32,
+    (slot, port): (u32, u16),
     id: String,
     carry: &Carry,
     now: SystemTime,
@@ -155,7 +157,7 @@ pub fn container_spec(
                 .map(|(k, v)| (k.to_string(), v.to_string()))
         })
         .collect();
-    env.extend(default_env(spec, slot));
+    env.extend(default_env(spec, port));
     env.extend(spec.env.clone());
     let args = if spec.command.is_empty() {
         image
@@ -202,7 +204,7 @@ pub fn container_spec(
     let mut labels = BTreeMap::from([
         (LABEL_FLEET.to_string(), fleet.to_string()),
         (LABEL_SLOT.to_string(), slot.to_string()),
-        (LABEL_PORT.to_string(), port(spec, slot).to_string()),
+        (LABEL_PORT.to_string(), port.to_string()),
         (LABEL_SPEC_HASH.to_string(), hash.to_string()),
         (
             LABEL_CREATED_AT.to_string(),
@@ -283,7 +285,7 @@ mod tests {
             "h",
             &image(),
             &node(),
-            3,
+            (3, 11437),
             "f-3-abcdef".into(),
             &Carry::default(),
             SystemTime::UNIX_EPOCH,
@@ -318,7 +320,7 @@ mod tests {
             "h",
             &image(),
             &node(),
-            2,
+            (2, 11436),
             "f-2-abcdef".into(),
             &Carry::default(),
             SystemTime::UNIX_EPOCH,
@@ -353,7 +355,7 @@ mod tests {
             "abc",
             &image(),
             &node(),
-            1,
+            (1, 11435),
             new_id("f", 1, now, 0),
             &carry,
             now,

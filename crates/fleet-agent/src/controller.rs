@@ -21,10 +21,25 @@ use tokio::sync::Notify;
 
 use crate::build::{self, NodeCtx};
 use crate::executor::{Executor, Op};
-use crate::planner::{self, Action, Desired, Instance, Target};
+use crate::models::{Gate, ModelCache, Need, WarmTarget, Warmer, Warmth};
+use crate::ollama::{HttpOllama, Ollama};
+use crate::planner::{self, Action, Desired, Instance, Target, Why};
 use crate::prober::{self, Probes};
 use crate::status::{self, StatusWriter};
 use crate::topology::Topology;
+
+/// How often the memory of instances with `rotation.maxMemory` is measured.
+pub const MEMORY_PERIOD: Duration = Duration::from_secs(5);
+
+/// `http://host:port` of an instance of `spec` (loopback when it binds every address).
+pub fn base_url(spec: &fleet_api::FleetSpec, port: u16) -> String {
+    match spec.network.host_ip {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => format!("http://127.0.0.1:{port}"),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => format!("http://[::1]:{port}"),
+        std::net::IpAddr::V6(ip) => format!("http://[{ip}]:{port}"),
+        ip => format!("http://{ip}:{port}"),
+    }
+}
 
 /// The agent's settings.
 #[derive(Clone, Debug)]
@@ -135,6 +150,10 @@ pub struct View {
     pub restarts: BTreeMap<String, u64>,
     /// Image pulls.
     pub pulls: crate::images::PullStats,
+    /// Model pulls.
+    pub models: crate::models::ModelStats,
+    /// Rotations started, by (fleet, reason).
+    pub rotations: BTreeMap<(String, String), u64>,
 }
 
 /// One fleet, evaluated for this node.
@@ -155,7 +174,12 @@ enum Eval {
 type Parsed = Result<(OllamaFleet, u32), String>;
 
 /// A fleet's conditions on this node, derived from its evaluation and its summed-up status.
-fn conditions(eval: Option<&Eval>, s: &FleetStatus) -> Vec<fleet_api::Condition> {
+fn conditions(
+    eval: Option<&Eval>,
+    s: &FleetStatus,
+    stalled: Option<&str>,
+    model_waiting: Option<&str>,
+) -> Vec<fleet_api::Condition> {
     use crate::status::condition as c;
     match eval {
         None => vec![c(
@@ -199,6 +223,24 @@ fn conditions(eval: Option<&Eval>, s: &FleetStatus) -> Vec<fleet_api::Condition>
                     e.clone(),
                 ),
                 _ if converged => c("Progressing", false, "Converged", ""),
+                _ if stalled.is_some() => c(
+                    "Progressing",
+                    false,
+                    "RolloutStalled",
+                    stalled.unwrap_or_default(),
+                ),
+                _ if model_waiting.is_some_and(|m| m.starts_with("ModelPullBackOff")) => c(
+                    "Progressing",
+                    false,
+                    "ModelPullBackOff",
+                    model_waiting.unwrap_or_default(),
+                ),
+                _ if model_waiting.is_some() => c(
+                    "Progressing",
+                    true,
+                    "PreparingModel",
+                    model_waiting.unwrap_or_default(),
+                ),
                 _ => c(
                     "Progressing",
                     true,
@@ -239,6 +281,11 @@ pub struct Agent<R: Runtime, S: Store> {
     fleets: Arc<Mutex<Option<BTreeMap<String, FleetDoc>>>>,
     ooms: Arc<Mutex<HashSet<String>>>,
     images: crate::images::Images<R>,
+    models: ModelCache,
+    warmer: Warmer,
+    /// Memory of instances of fleets with `rotation.maxMemory`, and when it was measured.
+    memory: HashMap<String, (Instant, u64)>,
+    rotations: BTreeMap<(String, String), u64>,
     /// Each fleet's document as last parsed, by revision.
     parsed: HashMap<String, (i64, Parsed)>,
     last_valid: HashMap<String, OllamaFleet>,
@@ -276,7 +323,12 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         probes: Arc<dyn Probes>,
         wake: Arc<Notify>,
     ) -> Agent<R, S> {
+        let ollama: Arc<dyn Ollama> = Arc::new(HttpOllama::default());
         Agent {
+            models: ModelCache::new(ollama.clone(), wake.clone(), cfg.pull_backoff),
+            warmer: Warmer::new(ollama, wake.clone()),
+            memory: HashMap::new(),
+            rotations: BTreeMap::new(),
             exec: Executor::new(runtime.clone(), cfg.concurrency, wake.clone()),
             images: crate::images::Images::new(runtime.clone(), wake.clone(), cfg.image_refresh)
                 .with_backoff(cfg.pull_backoff),
@@ -297,6 +349,13 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             salt: 0,
             node_written: None,
         }
+    }
+
+    /// Talks to the instances' Ollama API through `ollama` (tests script it).
+    pub fn with_ollama(mut self, ollama: Arc<dyn Ollama>) -> Agent<R, S> {
+        self.models = ModelCache::new(ollama.clone(), self.wake.clone(), self.cfg.pull_backoff);
+        self.warmer = Warmer::new(ollama, self.wake.clone());
+        self
     }
 
     /// The view shared with the HTTP endpoints.
@@ -517,16 +576,67 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             self.parsed.retain(|name, _| evals.contains_key(name));
         }
 
-        // What runs.
+        // What runs, and how ready it is: probes, the node's model cache, warm-ups.
         let live: HashSet<&str> = observed.iter().map(|o| o.id.as_str()).collect();
         lock(&self.ooms).retain(|id| live.contains(id.as_str()));
         let ooms = lock(&self.ooms).clone();
-        let instances: Vec<Instance> = observed
+        let labelled: Vec<(&fleet_runtime::Observed, build::InstanceLabels)> = observed
             .iter()
-            .filter_map(|o| {
-                let l = build::parse_labels(&o.labels)?;
+            .filter_map(|o| Some((o, build::parse_labels(&o.labels)?)))
+            .collect();
+        let gates = self.model_gates(&labelled);
+        self.sample_memory(&labelled).await;
+        let mut messages: HashMap<String, String> = HashMap::new();
+        let mut warm_targets = Vec::new();
+        let instances: Vec<Instance> = labelled
+            .into_iter()
+            .map(|(o, l)| {
                 let probe = self.prober.state(&o.id);
-                Some(Instance {
+                let running = o.state == fleet_runtime::TaskState::Running;
+                let spec = self.last_valid.get(&l.fleet).map(|f| &f.spec);
+                let gate = gates
+                    .get(&o.id)
+                    .or_else(|| gates.get(&l.fleet))
+                    .cloned()
+                    .unwrap_or(Gate::Open(SystemTime::UNIX_EPOCH));
+                let warm = match (&gate, spec) {
+                    (Gate::Waiting(why), _) => {
+                        messages.insert(o.id.clone(), why.clone());
+                        false
+                    }
+                    (Gate::Open(_), Some(spec)) if spec.models.warm => {
+                        if running && probe.ready {
+                            warm_targets.push(WarmTarget {
+                                id: o.id.clone(),
+                                base: base_url(spec, l.port),
+                                model: spec.model.clone(),
+                            });
+                        }
+                        match self.warmer.state(&o.id) {
+                            Some(Warmth::Warm) => true,
+                            Some(Warmth::Failed(e)) => {
+                                messages.insert(o.id.clone(), format!("loading the model: {e}"));
+                                false
+                            }
+                            _ => {
+                                if probe.ready {
+                                    messages.insert(
+                                        o.id.clone(),
+                                        format!("loading model {}", spec.model),
+                                    );
+                                }
+                                false
+                            }
+                        }
+                    }
+                    (Gate::Open(_), _) => true,
+                };
+                let startup_since = match gate {
+                    _ if !probe.was_ready => Some(l.created_at),
+                    Gate::Open(since) => Some(since.max(l.created_at)),
+                    Gate::Waiting(_) => None,
+                };
+                Instance {
                     id: o.id.clone(),
                     fleet: l.fleet,
                     slot: l.slot,
@@ -537,12 +647,16 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                     state: o.state,
                     exit_code: o.exit_code,
                     exited_at: o.exited_at,
-                    ready: probe.ready && o.state == fleet_runtime::TaskState::Running,
-                    was_ready: probe.was_ready,
+                    ready: probe.ready && running && warm,
+                    was_ready: probe.was_ready && warm,
                     oom: ooms.contains(&o.id),
-                })
+                    startup_since,
+                    unhealthy: probe.unhealthy && running,
+                    memory: self.memory.get(&o.id).map(|(_, m)| *m),
+                }
             })
             .collect();
+        self.warmer.sync(warm_targets);
 
         // Plan.
         let targets: Vec<Target<'_>> = evals
@@ -567,26 +681,30 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             })
             .collect();
         let mut busy = self.exec.busy();
-        busy.extend(busy_before);
+        for (k, f) in busy_before {
+            busy.entry(k).or_insert(f);
+        }
+        let terminating = self.exec.terminating();
         let plan = planner::plan(&planner::Input {
             fleets: docs.as_ref().map(|_| targets.as_slice()),
             instances: &instances,
             busy: &busy,
+            terminating: &terminating,
             now,
         });
         drop(targets);
 
-        // Act.
+        // Act: first what starts instances; then, once the instances about to stop are out of
+        // the endpoints (the view and the status key), what stops them.
         let node = NodeCtx {
             sockets: self.cfg.sockets,
             topology: self.cfg.topology.clone(),
             cgroup_parent: self.cfg.cgroup_parent.clone(),
         };
-        for action in &plan.actions {
-            if let Some(op) = self.op_for(action, &evals, &node, now) {
-                tracing::info!(slot = %action.slot_key(), action = ?action, "acting");
-                self.exec.submit(action.slot_key(), op);
-            }
+        let (stopping, starting): (Vec<&Action>, Vec<&Action>) =
+            plan.actions.iter().partition(|a| a.stops().is_some());
+        for action in starting {
+            self.submit(action, &evals, &node, now);
         }
 
         // Probe what runs.
@@ -595,47 +713,192 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             .filter(|i| i.is_running())
             .filter_map(|i| {
                 let spec = &self.last_valid.get(&i.fleet)?.spec;
-                let host = match spec.network.host_ip {
-                    std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
-                    std::net::IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_string(),
-                    std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-                    ip => ip.to_string(),
-                };
+                let base = base_url(spec, i.port);
                 Some(prober::Target {
                     id: i.id.clone(),
-                    url: format!("http://{host}:{}{}", i.port, spec.probes.readiness.path),
+                    url: format!("{base}{}", spec.probes.readiness.path),
                     probe: spec.probes.readiness.clone(),
+                    liveness: Some((
+                        format!("{base}{}", spec.probes.liveness.path),
+                        spec.probes.liveness.clone(),
+                    )),
                 })
             })
             .collect();
         self.prober.sync(targets);
 
         // Report.
-        let statuses = self.statuses(&evals, &instances, &plan);
+        let mut leaving = terminating;
+        leaving.extend(
+            stopping
+                .iter()
+                .filter_map(|a| a.stops())
+                .map(str::to_string),
+        );
+        let statuses = self.statuses(&evals, &instances, &plan, &leaving, &messages, &gates);
         let endpoints = self.endpoints(&instances, &statuses);
+        {
+            let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
+            v.endpoints = endpoints;
+        }
         let stored = self.writer.write(&*self.store, statuses.clone()).await;
         if let Err(e) = &stored {
             tracing::warn!(error = %e, "cannot write status");
         }
+        for action in stopping {
+            self.submit(action, &evals, &node, now);
+        }
         self.set_up(true, Some(stored.is_ok() && self.store.session_alive()));
         {
             let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
-            v.endpoints = endpoints;
             v.statuses = statuses;
             v.fleets_known = docs.is_some();
             v.actions = self.exec.counts();
             v.status_writes = self.writer.writes();
             v.pulls = self.images.stats();
+            v.models = self.models.stats();
+            v.rotations = self.rotations.clone();
             v.restarts = BTreeMap::new();
             for i in &instances {
                 *v.restarts.entry(i.fleet.clone()).or_default() += u64::from(i.carry.restarts);
             }
         }
-        let flush = self.writer.pending_until().map(|d| SystemTime::now() + d);
-        Ok(match (plan.wake_at, flush) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        })
+        let mut wake = plan.wake_at;
+        let mut wake_at = |t: SystemTime| wake = Some(wake.map_or(t, |w: SystemTime| w.min(t)));
+        if let Some(d) = self.writer.pending_until() {
+            wake_at(SystemTime::now() + d);
+        }
+        if self
+            .last_valid
+            .values()
+            .any(|f| f.spec.rotation.max_memory.is_some())
+        {
+            wake_at(SystemTime::now() + MEMORY_PERIOD);
+        }
+        Ok(wake)
+    }
+
+    fn submit(
+        &mut self,
+        action: &Action,
+        evals: &BTreeMap<String, (i64, Eval)>,
+        node: &NodeCtx,
+        now: SystemTime,
+    ) {
+        let Some(op) = self.op_for(action, evals, node, now) else {
+            return;
+        };
+        tracing::info!(slot = %action.slot_key(), action = ?action, "acting");
+        if self.exec.submit(action.slot_key(), op)
+            && let (
+                Some(why @ (Why::MaxAge | Why::MaxMemory)),
+                Action::Surge { fleet, .. } | Action::Replace { fleet, .. },
+            ) = (action.why(), action)
+        {
+            *self
+                .rotations
+                .entry((fleet.clone(), why.as_str().to_string()))
+                .or_default() += 1;
+        }
+    }
+
+    /// The model gate of each fleet (keyed by its name), or of each instance (keyed by `#` and
+    /// its container ID) for fleets without a shared cache.
+    fn model_gates(
+        &self,
+        labelled: &[(&fleet_runtime::Observed, build::InstanceLabels)],
+    ) -> HashMap<String, Gate> {
+        let mut gates = HashMap::new();
+        let mut claimed: HashMap<(String, String), (String, Option<u32>)> = HashMap::new();
+        let mut fleets: Vec<(&String, &OllamaFleet)> = self.last_valid.iter().collect();
+        fleets.sort_by_key(|(name, _)| name.as_str());
+        for (name, fleet) in fleets {
+            let spec = &fleet.spec;
+            let need = Need {
+                cache: spec.models.host_path.clone(),
+                model: spec.model.clone(),
+                pull: spec.models.pull,
+                threads: crate::models::threads(spec, &self.cfg.topology),
+            };
+            let mut answering: Vec<(u32, &str, String)> = labelled
+                .iter()
+                .filter(|(o, l)| {
+                    &l.fleet == name
+                        && o.state == fleet_runtime::TaskState::Running
+                        && self.prober.state(&o.id).ready
+                })
+                .map(|(o, l)| (l.slot, o.id.as_str(), base_url(spec, l.port)))
+                .collect();
+            answering.sort();
+            if need.cache.is_empty() {
+                for (o, _) in labelled.iter().filter(|(_, l)| &l.fleet == name) {
+                    let via: Vec<String> = answering
+                        .iter()
+                        .filter(|a| a.1 == o.id)
+                        .map(|a| a.2.clone())
+                        .collect();
+                    let mine = Need {
+                        cache: o.id.clone(),
+                        ..need.clone()
+                    };
+                    gates.insert(format!("#{}", o.id), self.models.gate(&mine, &via));
+                }
+                continue;
+            }
+            let key = (need.cache.clone(), need.model.clone());
+            if let Some((other, threads)) = claimed.get(&key)
+                && *threads != need.threads
+            {
+                let gate = Gate::Waiting(format!(
+                    "fleet {other} runs model {} from the same cache {} with num_thread {}, \
+                     this fleet needs {}: give one of them its own models.hostPath",
+                    need.model,
+                    need.cache,
+                    threads.map_or("unset".into(), |t| t.to_string()),
+                    need.threads.map_or("unset".into(), |t| t.to_string()),
+                ));
+                gates.insert(name.clone(), gate);
+                continue;
+            }
+            claimed.insert(key, (name.clone(), need.threads));
+            let via: Vec<String> = answering.into_iter().map(|a| a.2).collect();
+            gates.insert(name.clone(), self.models.gate(&need, &via));
+        }
+        gates
+    }
+
+    /// Measures the memory of running instances of fleets with `rotation.maxMemory`, each at
+    /// most every [`MEMORY_PERIOD`].
+    async fn sample_memory(
+        &mut self,
+        labelled: &[(&fleet_runtime::Observed, build::InstanceLabels)],
+    ) {
+        let ids: HashSet<&str> = labelled.iter().map(|(o, _)| o.id.as_str()).collect();
+        self.memory.retain(|id, _| ids.contains(id.as_str()));
+        for (o, l) in labelled {
+            let watched = self
+                .last_valid
+                .get(&l.fleet)
+                .is_some_and(|f| f.spec.rotation.max_memory.is_some());
+            if !watched || o.state != fleet_runtime::TaskState::Running || o.pid == 0 {
+                continue;
+            }
+            if self
+                .memory
+                .get(&o.id)
+                .is_some_and(|(at, _)| at.elapsed() < MEMORY_PERIOD)
+            {
+                continue;
+            }
+            match self.runtime.memory(&o.id, o.pid).await {
+                Ok(bytes) => {
+                    self.memory.insert(o.id.clone(), (Instant::now(), bytes));
+                }
+                Err(e) => {
+                    tracing::debug!(id = %o.id, error = %e, "cannot read the instance's memory")
+                }
+            }
+        }
     }
 
     fn set_up(&self, containerd: bool, store: Option<bool>) {
@@ -699,7 +962,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                     f.spec.termination_grace_period.std()
                 })
         };
-        let mut new_spec = |fleet: &str, slot: u32, carry: &build::Carry| {
+        let mut new_spec = |fleet: &str, slot: u32, port: u16, carry: &build::Carry| {
             let (
                 _,
                 Eval::Run {
@@ -715,19 +978,36 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             self.salt += 1;
             let id = build::new_id(fleet, slot, now, self.salt);
             Some(Box::new(build::container_spec(
-                fleet, &f.spec, hash, image, node, slot, id, carry, now,
+                fleet,
+                &f.spec,
+                hash,
+                image,
+                node,
+                (slot, port),
+                id,
+                carry,
+                now,
             )))
         };
         match action {
-            Action::Create { fleet, slot, carry } => new_spec(fleet, *slot, carry).map(Op::Create),
+            Action::Create {
+                fleet,
+                slot,
+                port,
+                carry,
+            } => new_spec(fleet, *slot, *port, carry).map(Op::Create),
+            Action::Surge {
+                fleet, slot, port, ..
+            } => new_spec(fleet, *slot, *port, &build::Carry::default()).map(Op::Create),
             Action::Replace {
                 old,
                 fleet,
                 slot,
+                port,
                 carry,
                 ..
             } => {
-                let new = new_spec(fleet, *slot, carry)?;
+                let new = new_spec(fleet, *slot, *port, carry)?;
                 Some(Op::Replace {
                     old: old.clone(),
                     grace: grace(fleet),
@@ -746,8 +1026,10 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         evals: &BTreeMap<String, (i64, Eval)>,
         instances: &[Instance],
         plan: &planner::Plan,
+        terminating: &HashSet<String>,
+        messages: &HashMap<String, String>,
+        gates: &HashMap<String, Gate>,
     ) -> Vec<FleetStatus> {
-        let terminating = self.exec.terminating();
         let mut by_fleet: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
         for i in instances {
             by_fleet.entry(&i.fleet).or_default().push(i);
@@ -767,7 +1049,14 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                         terminating.contains(&i.id),
                         plan.backing_off.contains(&i.id),
                     );
-                    let message = self.exec.last_error(&planner::slot_key(&i.fleet, i.slot));
+                    let message = self
+                        .exec
+                        .last_error(&planner::slot_key(&i.fleet, i.slot))
+                        .or_else(|| {
+                            (phase == Phase::Starting || phase == Phase::Pending)
+                                .then(|| messages.get(&i.id).cloned())
+                                .flatten()
+                        });
                     status::instance_status(i, phase, message)
                 })
                 .collect();
@@ -819,7 +1108,16 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 inst,
                 Vec::new(),
             );
-            summary.conditions = conditions(evals.get(name).map(|(_, e)| e), &summary);
+            let waiting = match gates.get(name) {
+                Some(Gate::Waiting(why)) if desired > 0 => Some(why.as_str()),
+                _ => None,
+            };
+            summary.conditions = conditions(
+                evals.get(name).map(|(_, e)| e),
+                &summary,
+                plan.stalled.get(name).map(String::as_str),
+                waiting,
+            );
             out.push(summary);
         }
         out

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fleet_runtime::{ContainerSpec, Runtime};
+
+use crate::planner::InFlight;
 use tokio::sync::{Notify, Semaphore};
 
 /// A unit of work.
@@ -34,7 +36,7 @@ pub enum Op {
 
 #[derive(Debug, Default)]
 struct State {
-    busy: HashSet<String>,
+    busy: HashMap<String, InFlight>,
     terminating: HashSet<String>,
     /// The error of each slot whose last action failed.
     errors: HashMap<String, String>,
@@ -77,8 +79,8 @@ impl<R: Runtime> Executor<R> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Slot keys with work in flight.
-    pub fn busy(&self) -> HashSet<String> {
+    /// Slot keys with work in flight, and the port each creates an instance on.
+    pub fn busy(&self) -> HashMap<String, InFlight> {
         self.state().busy.clone()
     }
 
@@ -102,9 +104,15 @@ impl<R: Runtime> Executor<R> {
     pub fn submit(&self, slot_key: String, op: Op) -> bool {
         {
             let mut s = self.state();
-            if !s.busy.insert(slot_key.clone()) {
+            if s.busy.contains_key(&slot_key) {
                 return false;
             }
+            let created = match &op {
+                Op::Create(spec) | Op::Replace { new: spec, .. } => Some(spec),
+                Op::Remove { .. } => None,
+            };
+            let port = created.and_then(|c| c.labels.get(fleet_api::LABEL_PORT)?.parse().ok());
+            s.busy.insert(slot_key.clone(), InFlight { port });
             match &op {
                 Op::Replace { old, .. } => {
                     s.terminating.insert(old.clone());

@@ -139,6 +139,17 @@ async fn metrics(State(view): Shared) -> Response {
     for (fleet, n) in &v.restarts {
         let _ = writeln!(out, "ollama_fleet_restarts{{fleet=\"{}\"}} {n}", esc(fleet));
     }
+    let _ = writeln!(
+        out,
+        "# HELP ollama_fleet_rotations_total Instances replaced by rotation (maxAge, maxMemory).\n# TYPE ollama_fleet_rotations_total counter"
+    );
+    for ((fleet, reason), n) in &v.rotations {
+        let _ = writeln!(
+            out,
+            "ollama_fleet_rotations_total{{fleet=\"{}\",reason=\"{reason}\"}} {n}",
+            esc(fleet)
+        );
+    }
     let scalars = [
         (
             "ollama_fleet_reconcile_passes_total",
@@ -205,6 +216,18 @@ async fn metrics(State(view): Shared) -> Response {
             "counter",
             "Seconds spent in finished image pulls.",
             v.pulls.seconds,
+        ),
+        (
+            "ollama_fleet_model_pulls_total",
+            "counter",
+            "Model pulls into the node's cache that finished.",
+            v.models.pulls as f64,
+        ),
+        (
+            "ollama_fleet_model_failures_total",
+            "counter",
+            "Model pulls or preparations (num_thread) that failed.",
+            v.models.failures as f64,
         ),
     ];
     for (name, kind, help, value) in scalars {

@@ -5,7 +5,9 @@
 //! - [`backoff`], [`topology`]: small pure pieces;
 //! - [`images`]: images present, pulled per policy, once per node, with backoff;
 //! - [`executor`]: runs actions with bounded concurrency, one at a time per slot;
-//! - [`prober`]: HTTP probes;
+//! - [`prober`]: HTTP readiness and liveness probes;
+//! - [`ollama`]: Ollama's API (show, pull, create with `num_thread`, load), HTTP and scripted;
+//! - [`models`]: the node's model cache (one pull per node) and each instance's warm-up;
 //! - [`status`]: status computation (pure) and the writer that writes only changes;
 //! - [`controller`]: the level-triggered loop that ties them together;
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/instances`.
@@ -16,6 +18,8 @@ pub mod controller;
 pub mod executor;
 pub mod http;
 pub mod images;
+pub mod models;
+pub mod ollama;
 pub mod planner;
 pub mod prober;
 pub mod status;

@@ -4,15 +4,22 @@
 //! Per fleet and slot it keeps exactly one instance of the current spec running:
 //! - an empty slot gets a new instance (when the image is there);
 //! - a dead instance (its task exited) stays, in `BackOff`, until its slot's backoff has passed,
-//!   then it is replaced, carrying the slot's restart count and last exit;
-//! - a container that never got a running task (an interrupted create) is replaced at once;
-//! - instances of an outdated spec are replaced within `rollout.maxUnavailable`;
+//!   then it is replaced, carrying the slot's restart count and last exit; a container that never
+//!   got a running task, an instance not ready within `startupTimeoutSeconds`, and one whose
+//!   liveness probe fails count as crashes too;
+//! - instances of an outdated spec, instances older than `rotation.maxAge` (staggered per slot)
+//!   and instances whose memory passed `rotation.maxMemory` are replaced within the node's
+//!   rollout budget: with `maxSurge` a new instance starts beside the old one (on a port after
+//!   the fleet's range) and the old one is stopped once the new one is ready; otherwise at most
+//!   `maxUnavailable` instances are down at once. Unready instances go first (they are down
+//!   already). When the new spec's instances crash-loop, the rollout stalls instead of taking
+//!   more healthy old instances down;
 //! - slots beyond the desired count, duplicates, and instances of deleted fleets are removed.
 //!
 //! A fleet whose document is invalid, or that is paused, is left exactly as it is. Nothing is
 //! removed for a missing fleet until the fleet list is known (after etcd answered once).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use fleet_api::{FleetSpec, LastExit};
@@ -44,12 +51,19 @@ pub struct Instance {
     pub exit_code: Option<u32>,
     /// Exit time once stopped.
     pub exited_at: Option<SystemTime>,
-    /// Whether its readiness probe passes.
+    /// Ready: the readiness probe passes and (with `models.warm`) the model is loaded.
     pub ready: bool,
     /// Whether it was ever ready.
     pub was_ready: bool,
     /// Whether the kernel's OOM killer ended it.
     pub oom: bool,
+    /// Since when its startup counts against `startupTimeoutSeconds`; `None` while it waits
+    /// for work of the node (the model being pulled into the cache), which does not count.
+    pub startup_since: Option<SystemTime>,
+    /// Its liveness probe failed `failureThreshold` times in a row.
+    pub unhealthy: bool,
+    /// Anonymous plus swap memory, when measured (for `rotation.maxMemory`).
+    pub memory: Option<u64>,
 }
 
 impl Instance {
@@ -79,11 +93,15 @@ impl Instance {
             "Error"
         };
         let at = self.exited_at.unwrap_or(self.created_at);
-        Some(LastExit {
-            code,
-            reason: reason.into(),
-            at: humantime::format_rfc3339_seconds(at).to_string(),
-        })
+        Some(exit_record(code, reason, at))
+    }
+}
+
+fn exit_record(code: i32, reason: &str, at: SystemTime) -> LastExit {
+    LastExit {
+        code,
+        reason: reason.into(),
+        at: humantime::format_rfc3339_seconds(at).to_string(),
     }
 }
 
@@ -116,20 +134,49 @@ pub struct Target<'a> {
 }
 
 /// Why an instance is removed or replaced.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Why {
     /// Its task exited.
     Crashed,
     /// It never got a running task.
     NeverStarted,
+    /// It was not ready within `startupTimeoutSeconds`.
+    StartupTimeout,
+    /// Its liveness probe failed.
+    Unhealthy,
+    /// Its memory passed `rotation.maxMemory`.
+    MaxMemory,
     /// It runs an outdated spec.
     Outdated,
+    /// It is older than `rotation.maxAge`.
+    MaxAge,
+    /// A new instance of its slot is ready (the end of a surge).
+    Superseded,
     /// Its slot is beyond the desired count.
     ScaledDown,
     /// Its fleet is gone.
     FleetDeleted,
     /// Another instance holds its slot.
     Duplicate,
+}
+
+impl Why {
+    /// The reason as status and metrics show it (`StartupTimeout`, `MaxAge`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Why::Crashed => "Crashed",
+            Why::NeverStarted => "StartError",
+            Why::StartupTimeout => "StartupTimeout",
+            Why::Unhealthy => "Unhealthy",
+            Why::MaxMemory => "MaxMemory",
+            Why::Outdated => "Outdated",
+            Why::MaxAge => "MaxAge",
+            Why::Superseded => "Superseded",
+            Why::ScaledDown => "ScaledDown",
+            Why::FleetDeleted => "FleetDeleted",
+            Why::Duplicate => "Duplicate",
+        }
+    }
 }
 
 /// One step for the executor.
@@ -141,8 +188,22 @@ pub enum Action {
         fleet: String,
         /// Slot.
         slot: u32,
+        /// Its port.
+        port: u16,
         /// History it inherits.
         carry: Carry,
+    },
+    /// Create and start a new instance beside the slot's serving one (which is removed once
+    /// the new one is ready).
+    Surge {
+        /// Fleet.
+        fleet: String,
+        /// Slot.
+        slot: u32,
+        /// Its port (after the fleet's range).
+        port: u16,
+        /// Why the serving instance goes.
+        why: Why,
     },
     /// Stop and remove `old`, then create and start a new instance in its slot.
     Replace {
@@ -152,6 +213,8 @@ pub enum Action {
         fleet: String,
         /// Slot.
         slot: u32,
+        /// The new instance's port (the old one's).
+        port: u16,
         /// History the new instance inherits.
         carry: Carry,
         /// Why.
@@ -173,10 +236,29 @@ pub enum Action {
 impl Action {
     /// The key that serialises work on one slot: `fleet/slot`.
     pub fn slot_key(&self) -> String {
+        let (Action::Create { fleet, slot, .. }
+        | Action::Surge { fleet, slot, .. }
+        | Action::Replace { fleet, slot, .. }
+        | Action::Remove { fleet, slot, .. }) = self;
+        slot_key(fleet, *slot)
+    }
+
+    /// The instance this action stops, if any.
+    pub fn stops(&self) -> Option<&str> {
         match self {
-            Action::Create { fleet, slot, .. }
-            | Action::Replace { fleet, slot, .. }
-            | Action::Remove { fleet, slot, .. } => slot_key(fleet, *slot),
+            Action::Replace { old, .. } => Some(old),
+            Action::Remove { id, .. } => Some(id),
+            Action::Create { .. } | Action::Surge { .. } => None,
+        }
+    }
+
+    /// Why an instance is replaced or removed (`None` for a plain create).
+    pub fn why(&self) -> Option<Why> {
+        match self {
+            Action::Surge { why, .. }
+            | Action::Replace { why, .. }
+            | Action::Remove { why, .. } => Some(*why),
+            Action::Create { .. } => None,
         }
     }
 }
@@ -186,15 +268,30 @@ pub fn slot_key(fleet: &str, slot: u32) -> String {
     format!("{fleet}/{slot}")
 }
 
+/// Work in flight on a slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InFlight {
+    /// The port of the instance the work creates, if it creates one.
+    pub port: Option<u16>,
+}
+
 /// The planner's output.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// Steps to take now.
     pub actions: Vec<Action>,
-    /// Dead instances waiting for their slot's backoff.
+    /// Dead (or failing) instances waiting for their slot's backoff.
     pub backing_off: HashSet<String>,
-    /// When to plan again at the latest (the earliest backoff to expire).
+    /// When to plan again at the latest (a backoff, a startup deadline, a rotation).
     pub wake_at: Option<SystemTime>,
+    /// Fleets whose rollout stalled, with why.
+    pub stalled: BTreeMap<String, String>,
+}
+
+impl Plan {
+    fn wake(&mut self, at: SystemTime) {
+        self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+    }
 }
 
 /// Everything the planner looks at.
@@ -205,9 +302,19 @@ pub struct Input<'a> {
     /// Every instance on the node.
     pub instances: &'a [Instance],
     /// Slot keys (`fleet/slot`) with work in flight: left alone.
-    pub busy: &'a HashSet<String>,
+    pub busy: &'a HashMap<String, InFlight>,
+    /// Instances being stopped now.
+    pub terminating: &'a HashSet<String>,
     /// Now.
     pub now: SystemTime,
+}
+
+/// When an instance created at `created` is due for rotation: `maxAge`, less a stagger of up to
+/// a quarter of it that is fixed per slot (a golden-ratio sequence, so any number of slots
+/// spreads evenly), so instances started together do not all rotate together.
+pub fn rotation_due(created: SystemTime, max_age: Duration, slot: u32) -> SystemTime {
+    let spread = ((f64::from(slot) + 1.0) * 0.618_033_988_749_895).fract();
+    created + max_age - max_age.mul_f64(0.25 * spread)
 }
 
 /// Plans the next steps.
@@ -220,7 +327,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
     let Some(fleets) = input.fleets else {
         return out;
     };
-    let busy = |fleet: &str, slot: u32| input.busy.contains(&slot_key(fleet, slot));
+    let busy = |fleet: &str, slot: u32| input.busy.contains_key(&slot_key(fleet, slot));
 
     // Instances of fleets that no longer exist.
     let known: HashSet<&str> = fleets.iter().map(|t| t.name).collect();
@@ -251,169 +358,351 @@ pub fn plan(input: &Input<'_>) -> Plan {
             continue;
         };
         let instances = by_fleet.get(target.name).cloned().unwrap_or_default();
-        plan_fleet(
-            target.name,
+        FleetPlan {
+            fleet: target.name,
             spec,
-            *replicas,
+            replicas: *replicas,
             hash,
-            *can_create,
-            &instances,
-            &busy,
-            input.now,
-            &mut out,
-        );
+            can_create: *can_create,
+            input,
+        }
+        .plan(&instances, &mut out);
     }
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-fn plan_fleet(
-    fleet: &str,
-    spec: &FleetSpec,
+/// A restart the slot's lifecycle calls for: (since when the backoff counts, the crash count,
+/// the exit to carry, why).
+type Restart = (SystemTime, u32, Option<LastExit>, Why);
+
+struct FleetPlan<'a> {
+    fleet: &'a str,
+    spec: &'a FleetSpec,
     replicas: u32,
-    hash: &str,
+    hash: &'a str,
     can_create: bool,
-    instances: &[&Instance],
-    busy: &dyn Fn(&str, u32) -> bool,
-    now: SystemTime,
-    out: &mut Plan,
-) {
-    let mut by_slot: BTreeMap<u32, Vec<&Instance>> = BTreeMap::new();
-    for i in instances {
-        by_slot.entry(i.slot).or_default().push(i);
+    input: &'a Input<'a>,
+}
+
+impl FleetPlan<'_> {
+    fn busy(&self, slot: u32) -> Option<&InFlight> {
+        self.input.busy.get(&slot_key(self.fleet, slot))
     }
 
-    // Slots beyond the desired count.
-    for (&slot, list) in by_slot.range(replicas..) {
-        if busy(fleet, slot) {
-            continue;
+    fn remove(&self, i: &Instance, why: Why, out: &mut Plan) {
+        out.actions.push(Action::Remove {
+            id: i.id.clone(),
+            fleet: self.fleet.into(),
+            slot: i.slot,
+            why,
+        });
+    }
+
+    /// Whether (and how) an instance must be restarted: it died, never started, did not get
+    /// ready in time, or fails its liveness probe. Sets the wake-up for a startup deadline.
+    fn restart(&self, i: &Instance, out: &mut Plan) -> Option<Restart> {
+        let now = self.input.now;
+        let ran = |until: SystemTime| until.duration_since(i.created_at).unwrap_or_default();
+        if i.is_dead() {
+            let exited = i.exited_at.unwrap_or(now);
+            return Some((
+                exited,
+                backoff::next_count(i.carry.crashloop, ran(exited)),
+                i.exit(),
+                Why::Crashed,
+            ));
         }
-        for i in list {
-            out.actions.push(Action::Remove {
-                id: i.id.clone(),
+        if matches!(i.state, TaskState::NoTask | TaskState::Created) {
+            return Some((
+                i.created_at,
+                i.carry.crashloop.saturating_add(1),
+                Some(exit_record(-1, "StartError", i.created_at)),
+                Why::NeverStarted,
+            ));
+        }
+        if i.unhealthy {
+            // The liveness probe took failureThreshold periods to decide: restart at once.
+            return Some((
+                SystemTime::UNIX_EPOCH,
+                backoff::next_count(i.carry.crashloop, ran(now)),
+                Some(exit_record(-1, "Unhealthy", now)),
+                Why::Unhealthy,
+            ));
+        }
+        if !i.ready
+            && !i.was_ready
+            && let Some(since) = i.startup_since
+        {
+            let timeout = Duration::from_secs(u64::from(self.spec.probes.startup_timeout_seconds));
+            let deadline = since + timeout;
+            if now >= deadline {
+                return Some((
+                    deadline,
+                    backoff::next_count(i.carry.crashloop, ran(deadline)),
+                    Some(exit_record(-1, "StartupTimeout", deadline)),
+                    Why::StartupTimeout,
+                ));
+            }
+            out.wake(deadline);
+        }
+        None
+    }
+
+    /// Replaces `i` when its backoff has passed, else marks it as backing off.
+    fn restart_or_wait(&self, i: &Instance, r: Restart, out: &mut Plan) {
+        let (since, k, last_exit, why) = r;
+        let b = &self.spec.restart_backoff;
+        let due = since + backoff::delay(k, b.initial.std(), b.max.std());
+        if self.input.now >= due && self.can_create {
+            out.actions.push(Action::Replace {
+                old: i.id.clone(),
+                fleet: self.fleet.into(),
+                slot: i.slot,
+                port: i.port,
+                carry: Carry {
+                    restarts: i.carry.restarts + 1,
+                    crashloop: k,
+                    last_exit,
+                },
+                why,
+            });
+        } else {
+            out.backing_off.insert(i.id.clone());
+            if self.input.now < due {
+                out.wake(due);
+            }
+        }
+    }
+
+    /// Why a healthy running instance should be replaced now, if it should; sets the wake-up
+    /// for its rotation.
+    fn replaceable(&self, i: &Instance, out: &mut Plan) -> Option<Why> {
+        if i.spec_hash != self.hash {
+            return Some(Why::Outdated);
+        }
+        let rotation = &self.spec.rotation;
+        if let (Some(max), Some(used)) = (rotation.max_memory, i.memory)
+            && used > max.bytes()
+        {
+            return Some(Why::MaxMemory);
+        }
+        if let Some(max_age) = rotation.max_age {
+            let due = rotation_due(i.created_at, max_age.std(), i.slot);
+            if self.input.now >= due {
+                return Some(Why::MaxAge);
+            }
+            out.wake(due);
+        }
+        None
+    }
+
+    fn plan(&self, instances: &[&Instance], out: &mut Plan) {
+        let (fleet, replicas) = (self.fleet, self.replicas);
+        let (max_unavailable, max_surge) = self.spec.rollout.budget(replicas);
+        let mut by_slot: BTreeMap<u32, Vec<&Instance>> = BTreeMap::new();
+        for i in instances {
+            by_slot.entry(i.slot).or_default().push(i);
+        }
+        // Ports taken: every instance's, and those of instances being created.
+        let mut ports: HashSet<u16> = instances.iter().map(|i| i.port).collect();
+        let prefix = format!("{fleet}/");
+        ports.extend(
+            self.input
+                .busy
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .filter_map(|(_, f)| f.port),
+        );
+
+        // Slots beyond the desired count.
+        for (&slot, list) in by_slot.range(replicas..) {
+            if self.busy(slot).is_none() {
+                for i in list {
+                    self.remove(i, Why::ScaledDown, out);
+                }
+            }
+        }
+
+        let terminating = self.input.terminating;
+        let mut ready_slots = 0u32;
+        let mut surging = 0u32;
+        let mut candidates: Vec<(&Instance, Why)> = Vec::new();
+        let mut crashing_new = 0u32;
+        let mut outdated = 0u32;
+        let mut last_crash: Option<LastExit> = None;
+        for slot in 0..replicas {
+            let list = by_slot.get(&slot).cloned().unwrap_or_default();
+            outdated += list.iter().filter(|i| i.spec_hash != self.hash).count() as u32;
+            for i in list.iter().filter(|i| i.spec_hash == self.hash) {
+                if i.carry.crashloop > 0 && !i.ready {
+                    crashing_new += 1;
+                    last_crash = i.exit().or_else(|| i.carry.last_exit.clone());
+                }
+            }
+            if let Some(flight) = self.busy(slot) {
+                let live: Vec<&&Instance> = list
+                    .iter()
+                    .filter(|i| i.is_running() && !terminating.contains(&i.id))
+                    .collect();
+                if live.iter().any(|i| i.ready) {
+                    ready_slots += 1;
+                }
+                if live.len() + usize::from(flight.port.is_some()) > 1 {
+                    surging += 1;
+                }
+                continue;
+            }
+            let mut keep = list.iter().copied().max_by_key(|i| {
+                (
+                    i.is_running(),
+                    i.spec_hash == self.hash,
+                    i.ready,
+                    i.created_at,
+                )
+            });
+            if list.len() > 1 {
+                let newest = list
+                    .iter()
+                    .copied()
+                    .max_by_key(|i| (i.created_at, &i.id))
+                    .expect("non-empty");
+                let serving = list
+                    .iter()
+                    .copied()
+                    .filter(|i| i.id != newest.id && i.is_running())
+                    .max_by_key(|i| (i.ready, i.created_at));
+                if newest.is_running() && newest.ready {
+                    // The end of a surge: the new instance serves, the others go.
+                    for i in list.iter().filter(|i| i.id != newest.id) {
+                        self.remove(i, Why::Superseded, out);
+                    }
+                    ready_slots += 1;
+                    surging += 1;
+                    continue;
+                }
+                if let Some(old) = serving {
+                    // A surge in progress: the old instance serves while the new one starts
+                    // (or restarts, with backoff); leftovers go.
+                    for i in &list {
+                        if i.id != old.id && i.id != newest.id {
+                            self.remove(i, Why::Duplicate, out);
+                        }
+                    }
+                    ready_slots += u32::from(old.ready);
+                    surging += 1;
+                    if let Some(r) = self.restart(newest, out) {
+                        self.restart_or_wait(newest, r, out);
+                    }
+                    continue;
+                }
+                for i in &list {
+                    if Some(i.id.as_str()) != keep.map(|k| k.id.as_str()) {
+                        self.remove(i, Why::Duplicate, out);
+                    }
+                }
+            }
+            let Some(i) = keep.take() else {
+                if self.can_create {
+                    let home = build_port(self.spec, slot);
+                    let port = if ports.contains(&home) {
+                        free_port(self.spec, replicas, max_surge, &ports, false)
+                    } else {
+                        Some(home)
+                    };
+                    if let Some(port) = port {
+                        ports.insert(port);
+                        out.actions.push(Action::Create {
+                            fleet: fleet.into(),
+                            slot,
+                            port,
+                            carry: Carry::default(),
+                        });
+                    }
+                }
+                continue;
+            };
+            if let Some(r) = self.restart(i, out) {
+                self.restart_or_wait(i, r, out);
+                continue;
+            }
+            ready_slots += u32::from(i.ready);
+            if let Some(why) = self.replaceable(i, out) {
+                candidates.push((i, why));
+            }
+        }
+
+        if crashing_new > 0 && outdated > 0 {
+            let last = last_crash.map_or(String::new(), |e| {
+                format!(" (last: {} {})", e.reason, e.code)
+            });
+            out.stalled.insert(
+                fleet.into(),
+                format!(
+                    "rollout stalled: {crashing_new} instance(s) of the new spec keep failing{last}; \
+                     {outdated} instance(s) of the previous spec are kept running"
+                ),
+            );
+        }
+
+        // Replace within the budget: unready instances first (they are down already), then
+        // by urgency (leaking memory, outdated, old).
+        if !self.can_create || candidates.is_empty() {
+            return;
+        }
+        let mut unavailable_room = max_unavailable.saturating_sub(replicas - ready_slots);
+        let mut surge_room = max_surge.saturating_sub(surging);
+        candidates.sort_by_key(|(i, why)| (i.ready, *why, i.slot));
+        for (i, why) in candidates {
+            if i.ready && surge_room > 0 {
+                let Some(port) = free_port(self.spec, replicas, max_surge, &ports, true) else {
+                    continue;
+                };
+                ports.insert(port);
+                surge_room -= 1;
+                out.actions.push(Action::Surge {
+                    fleet: fleet.into(),
+                    slot: i.slot,
+                    port,
+                    why,
+                });
+                continue;
+            }
+            if i.ready {
+                if unavailable_room == 0 {
+                    continue;
+                }
+                unavailable_room -= 1;
+            }
+            out.actions.push(Action::Replace {
+                old: i.id.clone(),
                 fleet: fleet.into(),
-                slot,
-                why: Why::ScaledDown,
+                slot: i.slot,
+                port: i.port,
+                carry: Carry::default(),
+                why,
             });
         }
     }
+}
 
-    let backoff = &spec.restart_backoff;
-    let mut outdated: Vec<&Instance> = Vec::new();
-    let mut ready = 0u32;
-    let mut in_flight = 0u32;
-    for slot in 0..replicas {
-        if busy(fleet, slot) {
-            in_flight += 1;
-            continue;
-        }
-        let list = by_slot.get(&slot).cloned().unwrap_or_default();
-        // Keep the best instance of the slot; remove the others.
-        let keep = list
-            .iter()
-            .copied()
-            .max_by_key(|i| (i.is_running(), i.spec_hash == hash, i.ready, i.created_at));
-        for i in &list {
-            if Some(i.id.as_str()) != keep.map(|k| k.id.as_str()) {
-                out.actions.push(Action::Remove {
-                    id: i.id.clone(),
-                    fleet: fleet.into(),
-                    slot,
-                    why: Why::Duplicate,
-                });
-            }
-        }
-        let Some(i) = keep else {
-            if can_create {
-                out.actions.push(Action::Create {
-                    fleet: fleet.into(),
-                    slot,
-                    carry: Carry::default(),
-                });
-            }
-            continue;
-        };
-        // A dead instance, or a container whose task never started (a start error, or a create
-        // cut short): both count as a crash for the slot's backoff, so nothing that cannot run
-        // is retried in a tight loop.
-        let restart = if i.is_dead() {
-            let exited = i.exited_at.unwrap_or(now);
-            let ran = exited.duration_since(i.created_at).unwrap_or_default();
-            Some((
-                exited,
-                backoff::next_count(i.carry.crashloop, ran),
-                i.exit(),
-                Why::Crashed,
-            ))
-        } else if matches!(i.state, TaskState::NoTask | TaskState::Created) {
-            let start_error = LastExit {
-                code: -1,
-                reason: "StartError".into(),
-                at: humantime::format_rfc3339_seconds(i.created_at).to_string(),
-            };
-            Some((
-                i.created_at,
-                i.carry.crashloop.saturating_add(1),
-                Some(start_error),
-                Why::NeverStarted,
-            ))
-        } else {
-            None
-        };
-        if let Some((since, k, last_exit, why)) = restart {
-            let due = since + backoff::delay(k, backoff.initial.std(), backoff.max.std());
-            if now >= due && can_create {
-                out.actions.push(Action::Replace {
-                    old: i.id.clone(),
-                    fleet: fleet.into(),
-                    slot,
-                    carry: Carry {
-                        restarts: i.carry.restarts + 1,
-                        crashloop: k,
-                        last_exit,
-                    },
-                    why,
-                });
-            } else {
-                out.backing_off.insert(i.id.clone());
-                if now < due {
-                    out.wake_at = Some(out.wake_at.map_or(due, |w| w.min(due)));
-                }
-            }
-            continue;
-        }
-        if i.ready {
-            ready += 1;
-        }
-        if i.spec_hash != hash {
-            outdated.push(i);
-        }
-    }
+fn build_port(spec: &FleetSpec, slot: u32) -> u16 {
+    crate::build::port(spec, slot)
+}
 
-    // Replace outdated instances within the unavailability budget: unready ones first (they
-    // are unavailable already), then ready ones while enough stay available.
-    if !can_create || outdated.is_empty() {
-        return;
-    }
-    let (max_unavailable, _) = spec.rollout.budget(replicas);
-    let unavailable = replicas.saturating_sub(ready);
-    let mut allowed = max_unavailable.saturating_sub(unavailable.max(in_flight));
-    outdated.sort_by_key(|i| (i.ready, i.slot));
-    for i in outdated {
-        if i.ready {
-            if allowed == 0 {
-                break;
-            }
-            allowed -= 1;
-        }
-        out.actions.push(Action::Replace {
-            old: i.id.clone(),
-            fleet: fleet.into(),
-            slot: i.slot,
-            carry: Carry::default(),
-            why: Why::Outdated,
-        });
-    }
+/// A free port of the fleet's pool: `basePort` up to the last slot's port plus the surge
+/// ports. `surge`: prefer the ports after the range.
+fn free_port(
+    spec: &FleetSpec,
+    replicas: u32,
+    max_surge: u32,
+    taken: &HashSet<u16>,
+    surge: bool,
+) -> Option<u16> {
+    let start = if surge { replicas } else { 0 };
+    (start..replicas + max_surge)
+        .chain(0..start)
+        .map(|offset| build_port(spec, offset))
+        .find(|p| !taken.contains(p))
 }
 
 /// How long until `t`, zero if past.
@@ -452,6 +741,9 @@ mod tests {
             ready,
             was_ready: ready,
             oom: false,
+            startup_since: Some(t(0)),
+            unhealthy: false,
+            memory: None,
         }
     }
 
@@ -473,11 +765,15 @@ mod tests {
         busy: &[&str],
         now: SystemTime,
     ) -> Plan {
-        let busy: HashSet<String> = busy.iter().map(|s| s.to_string()).collect();
+        let busy: HashMap<String, InFlight> = busy
+            .iter()
+            .map(|s| (s.to_string(), InFlight::default()))
+            .collect();
         plan(&Input {
             fleets: targets,
             instances,
             busy: &busy,
+            terminating: &HashSet::new(),
             now,
         })
     }
@@ -487,6 +783,9 @@ mod tests {
             .iter()
             .map(|a| match a {
                 Action::Create { slot, .. } => format!("create {slot}"),
+                Action::Surge {
+                    slot, port, why, ..
+                } => format!("surge {slot} :{port} {why:?}"),
                 Action::Replace { old, why, .. } => format!("replace {old} {why:?}"),
                 Action::Remove { id, why, .. } => format!("remove {id} {why:?}"),
             })
@@ -674,7 +973,153 @@ mod tests {
         newer.created_at = t(50);
         let old_dead = inst(0, "h1", TaskState::Stopped, false);
         let p = plan_of(Some(&run(&s, 1)), &[old_dead, newer], &[], t(60));
-        assert_eq!(kinds(&p), ["remove f-0-h1 Duplicate"]);
+        assert_eq!(kinds(&p), ["remove f-0-h1 Superseded"]);
+    }
+
+    fn ready_all(n: u32, hash: &str) -> Vec<Instance> {
+        (0..n)
+            .map(|i| inst(i, hash, TaskState::Running, true))
+            .collect()
+    }
+
+    #[test]
+    fn rotation_is_staggered_per_slot() {
+        let age = Duration::from_secs(100);
+        let dues: Vec<u64> = (0..8)
+            .map(|slot| {
+                rotation_due(t(0), age, slot)
+                    .duration_since(t(0))
+                    .expect("after")
+                    .as_millis() as u64
+            })
+            .collect();
+        let mut sorted = dues.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 8, "no two slots rotate together: {dues:?}");
+        assert!(
+            dues.iter().all(|d| (75_000..=100_000).contains(d)),
+            "{dues:?}"
+        );
+    }
+
+    #[test]
+    fn rotation_by_age_stays_within_max_unavailable() {
+        let s = spec("  rotation: {maxAge: 100s}\n  rollout: {maxUnavailable: 2}\n");
+        let all = ready_all(6, "h1");
+        let young = plan_of(Some(&run(&s, 6)), &all, &[], t(50));
+        assert!(young.actions.is_empty());
+        let first = (0..6)
+            .map(|slot| rotation_due(t(0), Duration::from_secs(100), slot))
+            .min();
+        assert_eq!(young.wake_at, first, "wakes for the first one due");
+        let old = plan_of(Some(&run(&s, 6)), &all, &[], t(200));
+        assert_eq!(
+            kinds(&old),
+            ["replace f-0-h1 MaxAge", "replace f-1-h1 MaxAge"],
+            "two at a time"
+        );
+        // One of them is still being replaced: one more may go.
+        let p = plan_of(Some(&run(&s, 6)), &all[1..], &["f/0"], t(200));
+        assert_eq!(kinds(&p), ["replace f-1-h1 MaxAge"]);
+    }
+
+    #[test]
+    fn max_memory_rotates_first() {
+        let s = spec(
+            "  resources: {memory: 1Gi}\n  rotation: {maxMemory: 512Mi}\n  rollout: {maxUnavailable: 1}\n",
+        );
+        let mut all = ready_all(3, "h0");
+        all[2].spec_hash = "h1".into();
+        all[2].memory = Some(600 << 20);
+        all[1].memory = Some(100 << 20);
+        let p = plan_of(Some(&run(&s, 3)), &all, &[], t(10));
+        assert_eq!(
+            kinds(&p),
+            ["replace f-2-h0 MaxMemory"],
+            "the leak before the update"
+        );
+    }
+
+    #[test]
+    fn surge_starts_beside_then_supersedes() {
+        let s = spec("  rotation: {maxAge: 100s}\n  rollout: {maxUnavailable: 0, maxSurge: 1}\n");
+        let all = ready_all(3, "h1");
+        let p = plan_of(Some(&run(&s, 3)), &all, &[], t(200));
+        assert_eq!(
+            kinds(&p),
+            ["surge 0 :11437 MaxAge"],
+            "one surge port after the range"
+        );
+        // The surge instance starts: nothing else happens meanwhile.
+        let mut surged = all.clone();
+        let mut new = inst(0, "h1", TaskState::Running, false);
+        new.id = "f-0-new".into();
+        new.port = 11437;
+        new.created_at = t(200);
+        surged.push(new.clone());
+        let p = plan_of(Some(&run(&s, 3)), &surged, &[], t(201));
+        assert!(p.actions.is_empty(), "{p:?}");
+        // Ready: the old one goes (and only then).
+        surged[3].ready = true;
+        surged[3].was_ready = true;
+        let p = plan_of(Some(&run(&s, 3)), &surged, &[], t(202));
+        assert_eq!(kinds(&p), ["remove f-0-h1 Superseded"]);
+        // Its slot lives on the surge port now; the next surge takes the free home port.
+        let mut after = surged.clone();
+        after.remove(0);
+        let p = plan_of(Some(&run(&s, 3)), &after, &[], t(203));
+        assert_eq!(kinds(&p), ["surge 1 :11434 MaxAge"]);
+    }
+
+    #[test]
+    fn startup_timeout_and_liveness_restart() {
+        let s = spec("  probes: {startupTimeoutSeconds: 30}\n");
+        let mut slow = inst(0, "h1", TaskState::Running, false);
+        slow.was_ready = false;
+        let p = plan_of(Some(&run(&s, 1)), std::slice::from_ref(&slow), &[], t(10));
+        assert!(p.actions.is_empty());
+        assert_eq!(p.wake_at, Some(t(30)));
+        let p = plan_of(Some(&run(&s, 1)), std::slice::from_ref(&slow), &[], t(31));
+        assert_eq!(kinds(&p), ["replace f-0-h1 StartupTimeout"]);
+        // Waiting for the node's model does not count.
+        slow.startup_since = None;
+        assert!(
+            plan_of(Some(&run(&s, 1)), std::slice::from_ref(&slow), &[], t(99))
+                .actions
+                .is_empty()
+        );
+        let mut hung = inst(0, "h1", TaskState::Running, false);
+        hung.unhealthy = true;
+        let p = plan_of(Some(&run(&s, 1)), &[hung], &[], t(40));
+        assert_eq!(kinds(&p), ["replace f-0-h1 Unhealthy"]);
+        let Action::Replace { carry, .. } = &p.actions[0] else {
+            panic!()
+        };
+        assert_eq!(
+            carry.last_exit.as_ref().map(|e| e.reason.as_str()),
+            Some("Unhealthy")
+        );
+    }
+
+    #[test]
+    fn a_crash_looping_rollout_stalls() {
+        let s = spec("  rollout: {maxUnavailable: 1}\n");
+        let mut all = ready_all(4, "h0");
+        let mut broken = inst(0, "h1", TaskState::Stopped, false);
+        broken.carry.crashloop = 3;
+        broken.exited_at = Some(t(100));
+        all[0] = broken;
+        let p = plan_of(Some(&run(&s, 4)), &all, &[], t(100));
+        assert!(
+            p.actions.is_empty(),
+            "no healthy old instance goes while the new one crash-loops: {p:?}"
+        );
+        let why = p.stalled.get("f").expect("stalled");
+        assert!(
+            why.contains("rollout stalled") && why.contains("3 instance(s) of the previous spec"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -1,9 +1,14 @@
-//! HTTP readiness probes, one task per running instance.
+//! HTTP probes, one task per running instance.
 //!
-//! Until an instance is first ready it is probed every 50 ms (so a fresh instance joins the
-//! endpoints as soon as it answers); afterwards every `periodSeconds`. Ready after one success;
-//! unready after `failureThreshold` consecutive failures. Any 2xx or 3xx answer within
-//! `timeoutSeconds` is a success. Changes wake the controller.
+//! Readiness: until an instance first answers it is probed every 50 ms (so a fresh instance
+//! joins the endpoints as soon as it can); afterwards every `periodSeconds`. Ready after one
+//! success; unready after `failureThreshold` consecutive failures.
+//!
+//! Liveness: from the first readiness success on, every `periodSeconds`; `failureThreshold`
+//! consecutive failures mark the instance unhealthy (the planner restarts it). Before that,
+//! `startupTimeoutSeconds` covers an instance that never answers.
+//!
+//! Any 2xx or 3xx answer within `timeoutSeconds` is a success. Changes wake the controller.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,6 +35,8 @@ pub struct ProbeState {
     pub was_ready: bool,
     /// Consecutive failures.
     pub failures: u32,
+    /// The liveness probe failed `failureThreshold` times in a row.
+    pub unhealthy: bool,
 }
 
 /// One instance to probe.
@@ -41,6 +48,8 @@ pub struct Target {
     pub url: String,
     /// The probe's settings.
     pub probe: Probe,
+    /// The liveness probe: its URL and settings.
+    pub liveness: Option<(String, Probe)>,
 }
 
 type Http = Client<HttpConnector, Empty<Bytes>>;
@@ -58,6 +67,7 @@ pub trait Probes: Send + Sync + 'static {
 pub struct ScriptedProbes {
     targets: Mutex<HashMap<String, Target>>,
     failing: Mutex<std::collections::HashSet<String>>,
+    unhealthy: Mutex<std::collections::HashSet<String>>,
     wake: Option<Arc<Notify>>,
 }
 
@@ -81,6 +91,14 @@ impl ScriptedProbes {
             w.notify_one();
         }
     }
+
+    /// Makes an instance's liveness probe fail.
+    pub fn set_unhealthy(&self, id: &str) {
+        lock(&self.unhealthy).insert(id.to_string());
+        if let Some(w) = &self.wake {
+            w.notify_one();
+        }
+    }
 }
 
 impl Probes for ScriptedProbes {
@@ -91,6 +109,7 @@ impl Probes for ScriptedProbes {
             ready,
             was_ready: known,
             failures: u32::from(!ready),
+            unhealthy: known && lock(&self.unhealthy).contains(id),
         }
     }
 
@@ -152,12 +171,21 @@ impl Probes for Prober {
             if tasks.contains_key(&id) {
                 continue;
             }
-            let handle = tokio::spawn(probe_loop(
+            let readiness = probe_loop(
                 target.clone(),
                 self.client.clone(),
                 self.states.clone(),
                 self.wake.clone(),
-            ));
+            );
+            let liveness = liveness_loop(
+                target.clone(),
+                self.client.clone(),
+                self.states.clone(),
+                self.wake.clone(),
+            );
+            let handle = tokio::spawn(async move {
+                tokio::join!(readiness, liveness);
+            });
             tasks.insert(id, (target, handle));
         }
     }
@@ -212,7 +240,11 @@ async fn probe_loop(
                 state.ready = false;
             }
         }
-        lock(&states).insert(target.id.clone(), state);
+        {
+            let mut all = lock(&states);
+            state.unhealthy = all.get(&target.id).is_some_and(|s| s.unhealthy);
+            all.insert(target.id.clone(), state);
+        }
         if state.ready != before.ready {
             tracing::debug!(id = %target.id, ready = state.ready, "readiness changed");
             wake.notify_one();
@@ -223,5 +255,41 @@ async fn probe_loop(
             STARTUP_PERIOD
         })
         .await;
+    }
+}
+
+async fn liveness_loop(
+    target: Target,
+    client: Http,
+    states: Arc<Mutex<HashMap<String, ProbeState>>>,
+    wake: Arc<Notify>,
+) {
+    let Some((url, probe)) = target.liveness else {
+        return;
+    };
+    let timeout = Duration::from_secs(u64::from(probe.timeout_seconds.max(1)));
+    let period = Duration::from_secs(u64::from(probe.period_seconds.max(1)));
+    let threshold = probe.failure_threshold.max(1);
+    let mut failures = 0u32;
+    loop {
+        tokio::time::sleep(period).await;
+        let started = lock(&states).get(&target.id).is_some_and(|s| s.was_ready);
+        if !started {
+            continue;
+        }
+        if probe_once(&client, &url, timeout).await {
+            failures = 0;
+            continue;
+        }
+        failures += 1;
+        tracing::debug!(id = %target.id, failures, "liveness probe failed");
+        if failures >= threshold {
+            if let Some(s) = lock(&states).get_mut(&target.id) {
+                s.unhealthy = true;
+            }
+            tracing::warn!(id = %target.id, failures, "liveness probe failing; the instance will be restarted");
+            wake.notify_one();
+            return;
+        }
     }
 }

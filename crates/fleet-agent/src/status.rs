@@ -83,6 +83,23 @@ pub fn summarize(
 ) -> FleetStatus {
     instances.sort_by(|a, b| (a.slot, &a.id).cmp(&(b.slot, &b.id)));
     let in_range = |i: &&InstanceStatus| i.slot < desired;
+    // Per slot (during a surge a slot has two instances).
+    let slots = |keep: &dyn Fn(&InstanceStatus) -> bool| {
+        let mut s: Vec<u32> = instances
+            .iter()
+            .filter(in_range)
+            .filter(|i| keep(i))
+            .map(|i| i.slot)
+            .collect();
+        s.dedup();
+        s.len() as u32
+    };
+    let ready_replicas = slots(&|i| i.ready);
+    let updated_replicas = slots(&|i| {
+        hash == Some(i.spec_hash.as_str())
+            && i.phase != Phase::Terminating
+            && i.phase != Phase::BackOff
+    });
     FleetStatus {
         fleet: fleet.into(),
         node: node.into(),
@@ -92,20 +109,8 @@ pub fn summarize(
             .iter()
             .filter(|i| !i.id.is_empty() && i.phase != Phase::Terminating)
             .count() as u32,
-        ready_replicas: instances
-            .iter()
-            .filter(in_range)
-            .filter(|i| i.ready)
-            .count() as u32,
-        updated_replicas: instances
-            .iter()
-            .filter(in_range)
-            .filter(|i| {
-                hash == Some(i.spec_hash.as_str())
-                    && i.phase != Phase::Terminating
-                    && i.phase != Phase::BackOff
-            })
-            .count() as u32,
+        ready_replicas,
+        updated_replicas,
         instances,
         conditions,
         updated_at: String::new(),
@@ -192,9 +197,21 @@ impl StatusWriter {
                 self.pending.remove(&fleet);
                 continue;
             }
-            // Churning: hold the change back until the interval since the last write passed.
+            // An instance leaving the endpoints is written at once (load balancers watching
+            // the key stop sending to it before it stops); other churn is held back until the
+            // interval since the last write passed.
+            let leaving = previous.is_some_and(|(p, _)| {
+                p.instances.iter().any(|was| {
+                    was.ready
+                        && !status
+                            .instances
+                            .iter()
+                            .any(|now| now.id == was.id && now.ready)
+                })
+            });
             if let Some((_, at)) = previous
                 && !fresh_session
+                && !leaving
                 && at.elapsed() < self.min_interval
             {
                 self.pending.insert(fleet.clone(), *at + self.min_interval);
@@ -250,6 +267,9 @@ mod tests {
             ready,
             was_ready,
             oom: false,
+            startup_since: None,
+            unhealthy: false,
+            memory: None,
         }
     }
 

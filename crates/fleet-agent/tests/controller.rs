@@ -5,6 +5,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use fleet_agent::controller::{Agent, AgentConfig, View};
+use fleet_agent::ollama::ScriptedOllama;
 use fleet_agent::prober::ScriptedProbes;
 use fleet_api::{FleetStatus, LABEL_FLEET, Phase};
 use fleet_e2e::wait_for;
@@ -27,6 +28,7 @@ struct Running {
     runtime: FakeRuntime,
     store: MemoryStore,
     probes: Arc<ScriptedProbes>,
+    ollama: Arc<ScriptedOllama>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -50,13 +52,16 @@ fn config() -> AgentConfig {
 fn start(runtime: FakeRuntime, store: MemoryStore, cfg: AgentConfig) -> Running {
     let wake = Arc::new(Notify::new());
     let probes = Arc::new(ScriptedProbes::new(Some(wake.clone())));
+    let ollama = Arc::new(ScriptedOllama::default());
+    ollama.share("/node-cache");
     let agent = Agent::with_probes(
         cfg,
         Arc::new(runtime.clone()),
         Arc::new(store.clone()),
         probes.clone(),
         wake,
-    );
+    )
+    .with_ollama(ollama.clone());
     let view = agent.view();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(agent.run(async {
@@ -67,6 +72,7 @@ fn start(runtime: FakeRuntime, store: MemoryStore, cfg: AgentConfig) -> Running 
         runtime,
         store,
         probes,
+        ollama,
         stop: Some(tx),
         task,
     }
@@ -812,6 +818,124 @@ async fn always_rolls_out_a_new_digest_of_the_same_tag() {
             "every instance was replaced"
         );
         assert_eq!(a.runtime.pulls().len(), 2, "v1 once, v2 once");
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn the_model_is_pulled_once_per_node_and_loaded_before_ready() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (rt, store) = fresh();
+        put(
+            &store,
+            "f",
+            &manifest(
+                "f",
+                "  replicas: {perNode: 4}\n  resources: {cpus: 2.5}\n  models: {hostPath: /node-cache}\n",
+            ),
+            Expect::Absent,
+        )
+        .await;
+        let a = start(rt, store, config());
+        // Loading fails at first: running and answering, but not Ready.
+        a.ollama.set_failing("load", true);
+        let s = wait_status(&a.store, "f", "4 starting, model loads failing", |s| {
+            s.instances.len() == 4
+                && s.instances.iter().all(|i| {
+                    i.phase == Phase::Starting
+                        && i.message.as_deref().is_some_and(|m| m.contains("loading the model"))
+                })
+        })
+        .await;
+        assert_eq!(s.ready_replicas, 0, "not Ready before the model is loaded");
+        a.ollama.set_failing("load", false);
+        wait_status(&a.store, "f", "4 ready", |s| s.ready_replicas == 4).await;
+        let calls = a.ollama.calls();
+        let kinds = |k: &str| calls.iter().filter(|c| c.starts_with(k)).count();
+        assert_eq!(kinds("pull "), 1, "one pull per node: {calls:?}");
+        assert_eq!(kinds("set_threads "), 1, "{calls:?}");
+        let first_load = calls.iter().position(|c| c.starts_with("load ")).expect("loads");
+        let threads = calls.iter().position(|c| c.starts_with("set_threads ")).expect("threads");
+        assert!(threads < first_load, "the thread count is set before any load: {calls:?}");
+        assert_eq!(
+            a.ollama.show_threads("m"),
+            Some(Some(2)),
+            "num_thread = the quota rounded down"
+        );
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn liveness_failures_and_leaks_replace_instances() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (a, s) = converged(
+            "  replicas: {perNode: 3}\n  resources: {memory: 1Gi}\n  rotation: {maxMemory: 512Mi}\n  rollout: {maxUnavailable: 1}\n",
+            3,
+        )
+        .await;
+        let (hung, leaky) = (s.instances[0].id.clone(), s.instances[1].id.clone());
+        a.probes.set_unhealthy(&hung);
+        a.runtime.set_memory(&leaky, 600 << 20);
+        let s = wait_status(&a.store, "f", "both replaced, 3 ready", |s| {
+            s.ready_replicas == 3 && s.instances.iter().all(|i| i.id != hung && i.id != leaky)
+        })
+        .await;
+        assert_eq!(s.instances[0].restarts, 1, "a liveness failure counts as a restart");
+        assert_eq!(
+            s.instances[0].last_exit.as_ref().map(|e| e.reason.as_str()),
+            Some("Unhealthy")
+        );
+        assert_eq!(s.instances[1].restarts, 0, "a rotation is not a restart");
+        let rotations = a.view.read().expect("view").rotations.clone();
+        assert_eq!(rotations.get(&("f".to_string(), "MaxMemory".to_string())), Some(&1));
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+#[tokio::test]
+async fn a_crash_looping_update_stalls_and_says_so() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let extra = "  replicas: {perNode: 4}\n  rollout: {maxUnavailable: 1}\n";
+        let (a, s) = converged(extra, 4).await;
+        let rev = a.store.revision();
+        let doc = manifest("f", &format!("{extra}  env: {{BROKEN: \"1\"}}\n"));
+        put(&a.store, "f", &doc, Expect::Revision(s.observed_generation)).await;
+        // Every instance of the new spec exits as soon as it starts.
+        let s = wait_for("the stall", Duration::from_secs(15), || async {
+            for o in a.runtime.list().await.unwrap_or_default() {
+                let new = a
+                    .runtime
+                    .spec_of(&o.id)
+                    .is_some_and(|c| c.env.iter().any(|e| e == "BROKEN=1"));
+                if new && o.state == TaskState::Running {
+                    a.runtime.exit(&o.id, 1);
+                }
+            }
+            status(&a.store, "f").await.filter(|s| {
+                s.condition("Progressing")
+                    .is_some_and(|c| c.reason == "RolloutStalled")
+            })
+        })
+        .await;
+        assert!(rev < a.store.revision());
+        assert_eq!(
+            s.ready_replicas, 3,
+            "at most maxUnavailable old instances lost: {s:?}"
+        );
+        let c = s.condition("Progressing").expect("condition");
+        assert_eq!(c.status, "False");
+        assert!(
+            c.message.contains("3 instance(s) of the previous spec"),
+            "{}",
+            c.message
+        );
         a.stop().await;
     })
     .await

@@ -36,6 +36,7 @@ struct State {
     pulls: Vec<String>,
     pull_error: Option<String>,
     pull_delay: std::time::Duration,
+    memory: BTreeMap<String, u64>,
 }
 
 /// The fake runtime. Cloning shares the state.
@@ -152,6 +153,11 @@ impl FakeRuntime {
     /// Makes pulls take this long.
     pub fn set_pull_delay(&self, delay: std::time::Duration) {
         self.state().pull_delay = delay;
+    }
+
+    /// Sets the memory a container reports (for `rotation.maxMemory`).
+    pub fn set_memory(&self, id: &str, bytes: u64) {
+        self.state().memory.insert(id.to_string(), bytes);
     }
 
     /// The images pulled so far, in order.
@@ -309,6 +315,10 @@ impl Runtime for FakeRuntime {
             }
         });
         first.chain(rest).boxed()
+    }
+
+    async fn memory(&self, id: &str, _pid: u32) -> Result<u64> {
+        Ok(self.state().memory.get(id).copied().unwrap_or(0))
     }
 
     fn log_path(&self, id: &str) -> PathBuf {

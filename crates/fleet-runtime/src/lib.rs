@@ -6,6 +6,7 @@
 //! Only containers labelled `ollama-fleet.io/fleet` are ever listed, so nothing else in the
 //! namespace can be touched by mistake.
 
+pub mod cgroup;
 pub mod containerd;
 pub mod fake;
 pub mod image;
@@ -272,6 +273,18 @@ pub trait Runtime: Send + Sync + 'static {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(())
+    }
+
+    /// The anonymous plus swap memory of a running container whose task has `pid`
+    /// (for `rotation.maxMemory`), read from its cgroup.
+    async fn memory(&self, _id: &str, pid: u32) -> Result<u64> {
+        cgroup::memory_of_pid(pid)
+            .await
+            .map_err(|e| RuntimeError::Failed {
+                op: "memory",
+                id: pid.to_string(),
+                message: e.to_string(),
+            })
     }
 
     /// The log file of a container.

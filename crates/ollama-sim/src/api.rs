@@ -261,6 +261,7 @@ async fn run_pull(app: Arc<App>, r: ModelRef, missing: bool, tx: mpsc::Sender<Va
             let _ = tx.send(v).await;
         }
     };
+    let journal = PullJournal::begin(&app, &r);
     send(json!({"status": "pulling manifest"})).await;
     if missing {
         tokio::time::sleep(app.cfg.pull_time / 10).await;
@@ -297,7 +298,49 @@ async fn run_pull(app: Arc<App>, r: ModelRef, missing: bool, tx: mpsc::Sender<Va
     if let Err(e) = app.store.finish_pull(&r, &digest, weights_size, &config) {
         return send(json!({"error": format!("write manifest: {e}")})).await;
     }
+    drop(journal);
     send(json!({"status": "success"})).await;
+}
+
+/// Every pull is journalled in `<OLLAMA_MODELS>/.sim-pulls.log` (`start|end <model> <pid>
+/// <unix ms>`, a line each, appended), so a test can count the pulls a node's instances made
+/// into their shared cache and see whether two ever overlapped.
+struct PullJournal {
+    path: std::path::PathBuf,
+    model: String,
+}
+
+impl PullJournal {
+    fn begin(app: &App, r: &ModelRef) -> PullJournal {
+        let j = PullJournal {
+            path: app.cfg.models_dir.join(".sim-pulls.log"),
+            model: r.to_string(),
+        };
+        j.write("start");
+        j
+    }
+
+    fn write(&self, what: &str) {
+        use std::io::Write;
+        let ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let line = format!("{what} {} {} {ms}\n", self.model, std::process::id());
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+}
+
+impl Drop for PullJournal {
+    fn drop(&mut self) {
+        self.write("end");
+    }
 }
 
 /// Looks up the model of a request: 404 with Ollama's hint when absent.
@@ -403,12 +446,17 @@ async fn infer(app: Arc<App>, body: Value, prompt: String, shape: Shape) -> ApiR
         prompt_tokens,
         started,
     };
+    // The thread count the request ran with, for tests (Ollama itself does not say).
+    let threads = (
+        header::HeaderName::from_static("x-sim-num-thread"),
+        lease.num_thread.to_string(),
+    );
     if streaming(&body) {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move { job.run(lease, Some(tx)).await });
-        Ok(ndjson(rx))
+        Ok(([threads], ndjson(rx)).into_response())
     } else {
-        Ok(axum::Json(job.run(lease, None).await).into_response())
+        Ok(([threads], axum::Json(job.run(lease, None).await)).into_response())
     }
 }
 

@@ -149,15 +149,37 @@ impl Runner {
         key: &str,
         threads: usize,
     ) -> Result<usize, Refusal> {
-        if let Some(l) = self.loaded().get_mut(key) {
+        if let Some(l) = self.loaded().get_mut(key)
+            && l.num_thread == threads
+        {
             l.refs += 1;
             l.last_used = Instant::now();
             return Ok(l.num_thread);
         }
         let _guard = self.load_lock.lock().await;
-        if let Some(l) = self.loaded().get_mut(key) {
-            l.refs += 1;
-            return Ok(l.num_thread);
+        let reload = match self.loaded().get_mut(key) {
+            Some(l) if l.num_thread == threads => {
+                l.refs += 1;
+                return Ok(l.num_thread);
+            }
+            // Like Ollama, other runner options (here: the thread count) mean a reload.
+            Some(l) => {
+                l.refs += 1;
+                true
+            }
+            None => false,
+        };
+        if reload {
+            tokio::time::sleep(self.cfg.load_time).await;
+            eprintln!(
+                "level=INFO source=sim msg=\"llama runner restarted\" model={} num_thread={threads}",
+                info.name
+            );
+            if let Some(l) = self.loaded().get_mut(key) {
+                l.num_thread = threads;
+                l.last_used = Instant::now();
+            }
+            return Ok(threads);
         }
         self.evict_for_room();
         tokio::time::sleep(self.cfg.load_time).await;

@@ -1,0 +1,555 @@
+//! The model side of an instance's life: the node's model cache and each instance's warm-up.
+//!
+//! [`ModelCache`]: per node, per cache directory and model, one worker at a time makes sure the
+//! model is there (pulled through one instance's `/api/pull` when `models.pull` is set; no other
+//! instance pulls meanwhile, since instances only load models) and carries the node's thread
+//! count (`num_thread`, see [`threads`]). Failures back off 10 s doubling to 5 minutes, like
+//! image pulls. Its [`Gate`] says whether instances may load the model, or why not yet.
+//!
+//! [`Warmer`]: per instance, once the gate is open, loads the model and pins it
+//! (`keep_alive: -1`), confirmed through `/api/ps`; retried every few seconds until it works.
+//! An instance is `Ready` only when its readiness probe passes and it is warm.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use fleet_api::{CpuPinning, FleetSpec};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::ollama::{Ollama, Progress};
+use crate::topology::Topology;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The thread count an instance of `spec` should run its model with: its CPU allowance (the
+/// CFS quota rounded down, at least 1), or the size of its cpuset when pinned to a socket
+/// (the smaller of the two when both apply); `None` when nothing limits it (Ollama's own
+/// choice from the host's cores is then right).
+pub fn threads(spec: &FleetSpec, topology: &Topology) -> Option<u32> {
+    let quota = spec.resources.cpus.map(|c| (c.floor() as u32).max(1));
+    let cpuset = match spec.resources.cpu_pinning {
+        CpuPinning::Socket => topology
+            .sockets
+            .iter()
+            .map(|s| s.cpus.len() as u32)
+            .filter(|n| *n > 0)
+            .min(),
+        CpuPinning::None => None,
+    };
+    match (quota, cpuset) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// What a fleet needs of the node's model cache.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Need {
+    /// The cache: `models.hostPath`, or an instance's ID when it has no shared cache.
+    pub cache: String,
+    /// `spec.model`.
+    pub model: String,
+    /// Pull it when absent (`models.pull`).
+    pub pull: bool,
+    /// The `num_thread` it must carry.
+    pub threads: Option<u32>,
+}
+
+impl Need {
+    /// Whether anything must happen before instances may load the model.
+    pub fn is_empty(&self) -> bool {
+        !self.pull && self.threads.is_none()
+    }
+}
+
+/// Whether instances may load the model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// Yes, since this time (their startup time counts from here).
+    Open(SystemTime),
+    /// Not yet: why (pulling, with progress; backing off after a failure; no instance to ask).
+    Waiting(String),
+}
+
+#[derive(Debug)]
+enum State {
+    Working {
+        step: &'static str,
+        progress: Progress,
+    },
+    Ready {
+        since: SystemTime,
+        need: Need,
+    },
+    Failed {
+        error: String,
+        attempts: u32,
+        retry_at: Instant,
+    },
+}
+
+/// Model statistics, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelStats {
+    /// Pulls finished.
+    pub pulls: u64,
+    /// Pulls or preparations failed.
+    pub failures: u64,
+}
+
+/// The node's model cache.
+#[derive(Clone)]
+pub struct ModelCache {
+    ollama: Arc<dyn Ollama>,
+    entries: Arc<Mutex<HashMap<(String, String), State>>>,
+    stats: Arc<Mutex<ModelStats>>,
+    wake: Arc<Notify>,
+    backoff: Duration,
+}
+
+impl std::fmt::Debug for ModelCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelCache").finish_non_exhaustive()
+    }
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+fn mib(b: u64) -> String {
+    format!("{:.0} MiB", b as f64 / f64::from(1 << 20))
+}
+
+impl ModelCache {
+    /// A cache manager talking to instances through `ollama`; failures retry after `backoff`,
+    /// doubling up to 5 minutes.
+    pub fn new(ollama: Arc<dyn Ollama>, wake: Arc<Notify>, backoff: Duration) -> ModelCache {
+        ModelCache {
+            ollama,
+            entries: Arc::new(Mutex::new(HashMap::new())),
+            stats: Arc::new(Mutex::new(ModelStats::default())),
+            wake,
+            backoff,
+        }
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> ModelStats {
+        *lock(&self.stats)
+    }
+
+    /// Whether instances with `need` may load the model; starts the work when it is due, through
+    /// the first of `via` (base URLs of instances that answer).
+    pub fn gate(&self, need: &Need, via: &[String]) -> Gate {
+        if need.is_empty() {
+            return Gate::Open(SystemTime::UNIX_EPOCH);
+        }
+        let key = (need.cache.clone(), need.model.clone());
+        let mut entries = lock(&self.entries);
+        let attempts = match entries.get(&key) {
+            Some(State::Ready { since, need: done }) if done == need => return Gate::Open(*since),
+            // The need changed (a new CPU allowance, say): prepare again (no pull when present).
+            Some(State::Ready { .. }) => 0,
+            Some(State::Working { step, progress }) => {
+                let (done, total) = *lock(progress);
+                let bytes = if total > 0 {
+                    format!(", {} of {}", mib(done), mib(total))
+                } else {
+                    String::new()
+                };
+                return Gate::Waiting(format!("{step} model {}{bytes}", need.model));
+            }
+            Some(State::Failed {
+                error,
+                attempts,
+                retry_at,
+            }) => {
+                if Instant::now() < *retry_at {
+                    let secs = retry_at.saturating_duration_since(Instant::now()).as_secs();
+                    return Gate::Waiting(format!(
+                        "ModelPullBackOff: model {}: {error} (retrying in {secs}s)",
+                        need.model
+                    ));
+                }
+                *attempts
+            }
+            None => 0,
+        };
+        let Some(base) = via.first().cloned() else {
+            return Gate::Waiting(format!(
+                "waiting for an instance to answer, to prepare model {}",
+                need.model
+            ));
+        };
+        let progress: Progress = Arc::default();
+        entries.insert(
+            key.clone(),
+            State::Working {
+                step: "checking",
+                progress: progress.clone(),
+            },
+        );
+        drop(entries);
+        let this = self.clone();
+        let model = need.model.clone();
+        let need = need.clone();
+        tokio::spawn(async move {
+            let result = this.prepare(&base, &need, &key, &progress).await;
+            let state = match result {
+                Ok(()) => State::Ready {
+                    since: SystemTime::now(),
+                    need: need.clone(),
+                },
+                Err(error) => {
+                    tracing::warn!(model = %need.model, cache = %need.cache, error = %error, "model not ready; backing off");
+                    lock(&this.stats).failures += 1;
+                    let delay = this
+                        .backoff
+                        .checked_mul(1 << attempts.min(16))
+                        .unwrap_or(MAX_BACKOFF)
+                        .min(MAX_BACKOFF);
+                    State::Failed {
+                        error,
+                        attempts: attempts + 1,
+                        retry_at: Instant::now() + delay,
+                    }
+                }
+            };
+            lock(&this.entries).insert(key, state);
+            this.wake.notify_one();
+        });
+        Gate::Waiting(format!("checking model {model}"))
+    }
+
+    fn step(&self, key: &(String, String), step: &'static str, progress: &Progress) {
+        lock(&self.entries).insert(
+            key.clone(),
+            State::Working {
+                step,
+                progress: progress.clone(),
+            },
+        );
+        self.wake.notify_one();
+    }
+
+    async fn prepare(
+        &self,
+        base: &str,
+        need: &Need,
+        key: &(String, String),
+        progress: &Progress,
+    ) -> Result<(), String> {
+        let model = need.model.as_str();
+        let mut present = self.ollama.show(base, model).await?;
+        if present.is_none() {
+            if !need.pull {
+                return Err(format!(
+                    "not in the node's cache, and spec.models.pull is false (pull it: ollama pull {model})"
+                ));
+            }
+            self.step(key, "pulling", progress);
+            tracing::info!(model, via = base, "pulling the model into the node's cache");
+            let started = Instant::now();
+            self.ollama.pull(base, model, progress).await?;
+            lock(&self.stats).pulls += 1;
+            tracing::info!(
+                model,
+                seconds = started.elapsed().as_secs_f64(),
+                "model pulled"
+            );
+            present = self.ollama.show(base, model).await?;
+            if present.is_none() {
+                return Err("the pull succeeded but the model is not there".into());
+            }
+        }
+        if let Some(threads) = need.threads
+            && present != Some(Some(threads))
+        {
+            self.step(key, "setting num_thread of", progress);
+            self.ollama.set_threads(base, model, threads).await?;
+            let after = self.ollama.show(base, model).await?;
+            if after != Some(Some(threads)) {
+                return Err(format!(
+                    "num_thread is {after:?} after setting it to {threads}"
+                ));
+            }
+            tracing::info!(model, threads, "model carries the node's thread count");
+        }
+        Ok(())
+    }
+}
+
+/// An instance to warm.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WarmTarget {
+    /// Container ID.
+    pub id: String,
+    /// Its base URL.
+    pub base: String,
+    /// The model.
+    pub model: String,
+}
+
+/// Where an instance's warm-up stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Warmth {
+    /// Loading the model.
+    Loading,
+    /// The model is loaded and pinned.
+    Warm,
+    /// The last attempt failed (retried).
+    Failed(String),
+}
+
+/// Loads the model into each instance once.
+pub struct Warmer {
+    ollama: Arc<dyn Ollama>,
+    states: Arc<Mutex<HashMap<String, Warmth>>>,
+    tasks: Mutex<HashMap<String, (WarmTarget, JoinHandle<()>)>>,
+    wake: Arc<Notify>,
+    retry: Duration,
+}
+
+impl std::fmt::Debug for Warmer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Warmer").finish_non_exhaustive()
+    }
+}
+
+impl Warmer {
+    /// A warmer that notifies `wake` when an instance's warmth changes.
+    pub fn new(ollama: Arc<dyn Ollama>, wake: Arc<Notify>) -> Warmer {
+        Warmer {
+            ollama,
+            states: Arc::default(),
+            tasks: Mutex::default(),
+            wake,
+            retry: Duration::from_secs(2),
+        }
+    }
+
+    /// Where an instance's warm-up stands (`None`: not started).
+    pub fn state(&self, id: &str) -> Option<Warmth> {
+        lock(&self.states).get(id).cloned()
+    }
+
+    /// Warms exactly these targets (those that are warm stay warm); forgets the others.
+    pub fn sync(&self, targets: Vec<WarmTarget>) {
+        let mut tasks = lock(&self.tasks);
+        let wanted: HashMap<String, WarmTarget> =
+            targets.into_iter().map(|t| (t.id.clone(), t)).collect();
+        tasks.retain(|id, (target, handle)| {
+            let keep = wanted.get(id) == Some(target);
+            if !keep {
+                handle.abort();
+            }
+            keep
+        });
+        lock(&self.states).retain(|id, _| wanted.contains_key(id));
+        for (id, target) in wanted {
+            if tasks.contains_key(&id) {
+                continue;
+            }
+            let ollama = self.ollama.clone();
+            let states = self.states.clone();
+            let wake = self.wake.clone();
+            let retry = self.retry;
+            let t = target.clone();
+            let handle = tokio::spawn(async move {
+                lock(&states).insert(t.id.clone(), Warmth::Loading);
+                loop {
+                    match ollama.load(&t.base, &t.model).await {
+                        Ok(()) => {
+                            lock(&states).insert(t.id.clone(), Warmth::Warm);
+                            wake.notify_one();
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(id = %t.id, error = %e, "warm-up failed; retrying");
+                            lock(&states).insert(t.id.clone(), Warmth::Failed(e));
+                            wake.notify_one();
+                            tokio::time::sleep(retry).await;
+                        }
+                    }
+                }
+            });
+            tasks.insert(id, (target, handle));
+        }
+    }
+}
+
+impl Drop for Warmer {
+    fn drop(&mut self) {
+        for (_, (_, handle)) in lock(&self.tasks).drain() {
+            handle.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ollama::ScriptedOllama;
+    use crate::topology::Socket;
+    use fleet_api::{Context, parse_fleet};
+
+    fn spec(resources: &str) -> FleetSpec {
+        let src = format!(
+            "apiVersion: ollama-fleet.io/v1alpha1\nkind: OllamaFleet\nmetadata: {{name: f}}\nspec:\n  model: m\n  replicas: {{perNode: 1}}\n  resources: {resources}\n"
+        );
+        parse_fleet(&src, &Context::default()).expect("valid").spec
+    }
+
+    #[test]
+    fn threads_follow_the_cpu_allowance() {
+        let topo = Topology {
+            sockets: vec![
+                Socket {
+                    cpus: (0..8).collect(),
+                    mems: vec![0],
+                },
+                Socket {
+                    cpus: (8..14).collect(),
+                    mems: vec![1],
+                },
+            ],
+        };
+        assert_eq!(threads(&spec("{cpus: 2}"), &topo), Some(2));
+        assert_eq!(
+            threads(&spec("{cpus: 2.7}"), &topo),
+            Some(2),
+            "rounded down"
+        );
+        assert_eq!(threads(&spec("{cpus: 0.5}"), &topo), Some(1), "at least 1");
+        assert_eq!(
+            threads(&spec("{cpuPinning: socket}"), &topo),
+            Some(6),
+            "the cpuset"
+        );
+        assert_eq!(
+            threads(&spec("{cpus: 4, cpuPinning: socket}"), &topo),
+            Some(4),
+            "the smaller"
+        );
+        assert_eq!(
+            threads(&spec("{}"), &topo),
+            None,
+            "unlimited: Ollama's choice"
+        );
+    }
+
+    async fn open(cache: &ModelCache, need: &Need, via: &[String]) -> Gate {
+        fleet_e2e::wait_for("the gate", Duration::from_secs(5), || {
+            let g = cache.gate(need, via);
+            async move { matches!(g, Gate::Open(_)).then_some(g) }
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn one_pull_then_threads_then_open() {
+        let ollama = Arc::new(ScriptedOllama::default());
+        ollama.share("/cache");
+        let cache = ModelCache::new(
+            ollama.clone(),
+            Arc::new(Notify::new()),
+            Duration::from_millis(50),
+        );
+        let need = Need {
+            cache: "/cache".into(),
+            model: "m:1".into(),
+            pull: true,
+            threads: Some(2),
+        };
+        assert!(
+            matches!(cache.gate(&need, &[]), Gate::Waiting(m) if m.contains("waiting for an instance"))
+        );
+        let via = vec!["http://a".to_string(), "http://b".to_string()];
+        open(&cache, &need, &via).await;
+        // Asked again (by other instances), nothing more happens.
+        for _ in 0..3 {
+            assert!(matches!(cache.gate(&need, &via), Gate::Open(_)));
+        }
+        assert_eq!(
+            ollama.calls(),
+            [
+                "show http://a m:1",
+                "pull http://a m:1",
+                "show http://a m:1",
+                "set_threads http://a m:1",
+                "show http://a m:1"
+            ]
+        );
+        assert_eq!(cache.stats().pulls, 1);
+    }
+
+    #[tokio::test]
+    async fn failures_back_off_and_recover() {
+        let ollama = Arc::new(ScriptedOllama::default());
+        let cache = ModelCache::new(
+            ollama.clone(),
+            Arc::new(Notify::new()),
+            Duration::from_millis(200),
+        );
+        let need = Need {
+            cache: "/c".into(),
+            model: "m".into(),
+            pull: true,
+            threads: None,
+        };
+        ollama.set_failing("pull", true);
+        let via = vec!["http://a".to_string()];
+        let waiting = fleet_e2e::wait_for("a failure", Duration::from_secs(5), || {
+            let g = cache.gate(&need, &via);
+            async move {
+                match g {
+                    Gate::Waiting(m) if m.starts_with("ModelPullBackOff") => Some(m),
+                    _ => None,
+                }
+            }
+        })
+        .await;
+        assert!(waiting.contains("pull failed (scripted)"), "{waiting}");
+        ollama.set_failing("pull", false);
+        open(&cache, &need, &via).await;
+        assert_eq!(
+            cache.stats(),
+            ModelStats {
+                pulls: 1,
+                failures: 1
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn without_pull_an_absent_model_is_reported() {
+        let ollama = Arc::new(ScriptedOllama::default());
+        let cache = ModelCache::new(
+            ollama.clone(),
+            Arc::new(Notify::new()),
+            Duration::from_secs(10),
+        );
+        let need = Need {
+            cache: "/c".into(),
+            model: "m".into(),
+            pull: false,
+            threads: Some(1),
+        };
+        let via = vec!["http://a".to_string()];
+        let m = fleet_e2e::wait_for("the error", Duration::from_secs(5), || {
+            let g = cache.gate(&need, &via);
+            async move {
+                match g {
+                    Gate::Waiting(m) if m.contains("models.pull is false") => Some(m),
+                    _ => None,
+                }
+            }
+        })
+        .await;
+        assert!(m.contains("ollama pull m"), "{m}");
+        assert!(!ollama.calls().iter().any(|c| c.starts_with("pull")));
+    }
+}

@@ -1,0 +1,401 @@
+//! Ollama's API as the agent uses it, behind the [`Ollama`] trait: [`HttpOllama`] speaks HTTP
+//! to an instance, [`ScriptedOllama`] answers as a test decides and records every call.
+//!
+//! - `show`: whether the model is in the instance's models directory, and its `num_thread`;
+//! - `pull`: `/api/pull`, following the NDJSON progress stream to its `success` (or `error`);
+//! - `set_threads`: `/api/create` of the model under its own name with `num_thread`, so every
+//!   request that does not say otherwise runs with it (sent in both the `from`/`parameters`
+//!   form of newer Ollama and the `modelfile` form of older ones);
+//! - `load`: `/api/generate` without a prompt and `keep_alive: -1` loads and pins the model;
+//!   `/api/ps` confirms it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleet_api::ModelRef;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+/// Bytes done and total of a pull, as the stream reports them.
+pub type Progress = Arc<Mutex<(u64, u64)>>;
+
+/// Ollama, as far as the agent needs it. `base` is an instance's `http://host:port`.
+#[async_trait::async_trait]
+pub trait Ollama: Send + Sync + 'static {
+    /// `None` when the model is absent; else its `num_thread` parameter, if it has one.
+    async fn show(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, String>;
+    /// Pulls the model into the instance's models directory.
+    async fn pull(&self, base: &str, model: &str, progress: &Progress) -> Result<(), String>;
+    /// Re-creates the model under its own name with `num_thread` = `threads`.
+    async fn set_threads(&self, base: &str, model: &str, threads: u32) -> Result<(), String>;
+    /// Loads the model and pins it (`keep_alive: -1`); succeeds once `/api/ps` shows it.
+    async fn load(&self, base: &str, model: &str) -> Result<(), String>;
+}
+
+/// Ollama over HTTP.
+#[derive(Clone, Debug)]
+pub struct HttpOllama {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for HttpOllama {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        HttpOllama {
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_max_idle_per_host(1)
+                .build(connector),
+        }
+    }
+}
+
+/// How long a pull may go without a progress line.
+const PULL_IDLE: Duration = Duration::from_secs(120);
+/// How long loading a model may take.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(900);
+/// Other calls.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn error_of(status: u16, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let message = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| text.trim().to_string());
+    format!("HTTP {status}: {message}")
+}
+
+/// The `num_thread` line of `/api/show`'s `parameters` text.
+fn num_thread_of(parameters: &str) -> Option<u32> {
+    parameters.lines().find_map(|line| {
+        let mut words = line.split_whitespace();
+        (words.next() == Some("num_thread"))
+            .then(|| words.next()?.parse().ok())
+            .flatten()
+    })
+}
+
+/// Whether two model names are the same model (`m` and `m:latest`, with or without the
+/// default registry).
+pub fn same_model(a: &str, b: &str) -> bool {
+    match (ModelRef::parse(a), ModelRef::parse(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+impl HttpOllama {
+    async fn send(
+        &self,
+        method: &str,
+        url: String,
+        body: Option<Value>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("content-type", "application/json")
+            .body(Full::new(payload))
+            .map_err(|e| e.to_string())?;
+        self.client
+            .request(req)
+            .await
+            .map_err(|e| format!("{url}: {e}"))
+    }
+
+    /// A call whose whole answer is read: (status, body).
+    async fn call(
+        &self,
+        method: &str,
+        url: String,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), String> {
+        let fut = async {
+            let resp = self.send(method, url.clone(), body).await?;
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("{url}: {e}"))?
+                .to_bytes();
+            Ok((status, bytes))
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| format!("no answer within {timeout:?}"))?
+    }
+}
+
+#[async_trait::async_trait]
+impl Ollama for HttpOllama {
+    async fn show(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, String> {
+        let (status, body) = self
+            .call(
+                "POST",
+                format!("{base}/api/show"),
+                Some(json!({"model": model, "name": model})),
+                CALL_TIMEOUT,
+            )
+            .await?;
+        match status {
+            200 => {
+                let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+                Ok(Some(num_thread_of(v["parameters"].as_str().unwrap_or(""))))
+            }
+            404 => Ok(None),
+            s => Err(error_of(s, &body)),
+        }
+    }
+
+    async fn pull(&self, base: &str, model: &str, progress: &Progress) -> Result<(), String> {
+        let url = format!("{base}/api/pull");
+        let resp = tokio::time::timeout(
+            CALL_TIMEOUT,
+            self.send(
+                "POST",
+                url,
+                Some(json!({"model": model, "name": model, "stream": true})),
+            ),
+        )
+        .await
+        .map_err(|_| "no answer to /api/pull".to_string())??;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut last = String::new();
+        loop {
+            let frame = tokio::time::timeout(PULL_IDLE, body.frame())
+                .await
+                .map_err(|_| format!("the pull stalled: no progress for {PULL_IDLE:?}"))?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| e.to_string())?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                    continue;
+                };
+                if let Some(e) = v["error"].as_str() {
+                    return Err(e.to_string());
+                }
+                if let (Some(d), Some(t)) = (v["digest"].as_str(), v["total"].as_u64()) {
+                    let done = v["completed"].as_u64().unwrap_or(0);
+                    layers.insert(d.to_string(), (done, t));
+                    let sum = layers
+                        .values()
+                        .fold((0, 0), |(a, b), (d, t)| (a + d, b + t));
+                    *progress.lock().unwrap_or_else(|p| p.into_inner()) = sum;
+                }
+                last = v["status"].as_str().unwrap_or("").to_string();
+            }
+        }
+        if status != 200 {
+            return Err(error_of(status, &buf));
+        }
+        if last == "success" {
+            Ok(())
+        } else {
+            Err(format!(
+                "the pull ended without success (last status {last:?})"
+            ))
+        }
+    }
+
+    async fn set_threads(&self, base: &str, model: &str, threads: u32) -> Result<(), String> {
+        let body = json!({
+            "model": model,
+            "name": model,
+            "from": model,
+            "parameters": {"num_thread": threads},
+            "modelfile": format!("FROM {model}\nPARAMETER num_thread {threads}\n"),
+            "stream": false,
+        });
+        let (status, body) = self
+            .call(
+                "POST",
+                format!("{base}/api/create"),
+                Some(body),
+                CALL_TIMEOUT,
+            )
+            .await?;
+        if status == 200 {
+            Ok(())
+        } else {
+            Err(error_of(status, &body))
+        }
+    }
+
+    async fn load(&self, base: &str, model: &str) -> Result<(), String> {
+        let (status, body) = self
+            .call(
+                "POST",
+                format!("{base}/api/generate"),
+                Some(json!({"model": model, "keep_alive": -1, "stream": false})),
+                LOAD_TIMEOUT,
+            )
+            .await?;
+        if status != 200 {
+            return Err(error_of(status, &body));
+        }
+        let (status, body) = self
+            .call("GET", format!("{base}/api/ps"), None, CALL_TIMEOUT)
+            .await?;
+        if status != 200 {
+            return Err(error_of(status, &body));
+        }
+        let ps: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let loaded = ps["models"].as_array().is_some_and(|models| {
+            models.iter().any(|m| {
+                m["name"]
+                    .as_str()
+                    .or_else(|| m["model"].as_str())
+                    .is_some_and(|n| same_model(n, model))
+            })
+        });
+        if loaded {
+            Ok(())
+        } else {
+            Err(format!("/api/ps does not list {model} after loading it"))
+        }
+    }
+}
+
+/// Ollama as a test scripts it: a models directory per base URL (or shared, see
+/// [`ScriptedOllama::share`]), loads that succeed, failures on demand, and a log of calls.
+#[derive(Debug, Default)]
+pub struct ScriptedOllama {
+    state: Mutex<Scripted>,
+}
+
+#[derive(Debug, Default)]
+struct Scripted {
+    /// Models present: (models directory, model) → num_thread.
+    models: HashMap<(String, String), Option<u32>>,
+    /// Base URL → models directory (default: the base URL itself).
+    dirs: HashMap<String, String>,
+    failing: HashSet<String>,
+    calls: Vec<String>,
+}
+
+impl ScriptedOllama {
+    fn lock(&self) -> MutexGuard<'_, Scripted> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every base URL uses the same models directory (a node's shared cache).
+    pub fn share(&self, dir: &str) {
+        self.lock().dirs.insert("*".into(), dir.into());
+    }
+
+    /// Makes calls of a kind (`show`, `pull`, `set_threads`, `load`) fail, or succeed again.
+    pub fn set_failing(&self, call: &str, failing: bool) {
+        let mut s = self.lock();
+        if failing {
+            s.failing.insert(call.into());
+        } else {
+            s.failing.remove(call);
+        }
+    }
+
+    /// What `show` answers for a model in the shared directory (see [`ScriptedOllama::share`]).
+    pub fn show_threads(&self, model: &str) -> Option<Option<u32>> {
+        let s = self.lock();
+        let dir = s.dirs.get("*")?;
+        s.models.get(&(dir.clone(), model.to_string())).copied()
+    }
+
+    /// The calls so far, as `kind base model`.
+    pub fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    fn record(&self, kind: &str, base: &str, model: &str) -> Result<(String, String), String> {
+        let mut s = self.lock();
+        s.calls.push(format!("{kind} {base} {model}"));
+        if s.failing.contains(kind) {
+            return Err(format!("{kind} failed (scripted)"));
+        }
+        let dir = s
+            .dirs
+            .get("*")
+            .or_else(|| s.dirs.get(base))
+            .cloned()
+            .unwrap_or_else(|| base.to_string());
+        Ok((dir, model.to_string()))
+    }
+}
+
+#[async_trait::async_trait]
+impl Ollama for ScriptedOllama {
+    async fn show(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, String> {
+        let key = self.record("show", base, model)?;
+        Ok(self.lock().models.get(&key).copied())
+    }
+
+    async fn pull(&self, base: &str, model: &str, progress: &Progress) -> Result<(), String> {
+        let key = self.record("pull", base, model)?;
+        *progress.lock().unwrap_or_else(|p| p.into_inner()) = (100, 100);
+        self.lock().models.insert(key, None);
+        Ok(())
+    }
+
+    async fn set_threads(&self, base: &str, model: &str, threads: u32) -> Result<(), String> {
+        let key = self.record("set_threads", base, model)?;
+        match self.lock().models.get_mut(&key) {
+            Some(t) => {
+                *t = Some(threads);
+                Ok(())
+            }
+            None => Err(format!("model {model:?} not found")),
+        }
+    }
+
+    async fn load(&self, base: &str, model: &str) -> Result<(), String> {
+        let key = self.record("load", base, model)?;
+        if self.lock().models.contains_key(&key) {
+            Ok(())
+        } else {
+            Err(format!("model {model:?} not found, try pulling it first"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn num_thread_from_show_parameters() {
+        assert_eq!(
+            num_thread_of("num_ctx                        2048\nnum_thread                     3"),
+            Some(3)
+        );
+        assert_eq!(num_thread_of("stop \"<|end|>\""), None);
+        assert_eq!(num_thread_of(""), None);
+    }
+
+    #[test]
+    fn model_names_compare_normalised() {
+        assert!(same_model(
+            "smollm2:135m",
+            "registry.ollama.ai/library/smollm2:135m"
+        ));
+        assert!(same_model("llama3", "llama3:latest"));
+        assert!(!same_model("llama3:8b", "llama3:70b"));
+    }
+}
