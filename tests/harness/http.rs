@@ -15,6 +15,18 @@ pub async fn request(
     body: Option<&Value>,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
+    request_with_headers(method, url, body, timeout)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+/// [`request`], also returning the answer's headers (names in lower case).
+pub async fn request_with_headers(
+    method: &str,
+    url: &str,
+    body: Option<&Value>,
+    timeout: Duration,
+) -> Result<(u16, Vec<(String, String)>, String), String> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
     let req = hyper::Request::builder()
@@ -26,13 +38,18 @@ pub async fn request(
     let fut = async {
         let resp = client.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
         let body = resp
             .into_body()
             .collect()
             .await
             .map_err(|e| e.to_string())?
             .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(timeout, fut)
         .await

@@ -573,9 +573,9 @@ fn rotation() {
         "unknown unit \"w\"",
     );
     fails(
-        &doc("rotation: {maxAge: 10s}"),
+        &doc("rotation: {maxAge: 5s}"),
         "spec.rotation.maxAge",
-        "at least 1m",
+        "at least 10s",
     );
     fails(
         &doc("rotation: {maxMemory: lots}"),

@@ -98,7 +98,9 @@ pub struct Config {
     pub leak_rate: u64,
     /// `SIM_IGNORE_SIGTERM`: keep running on SIGTERM (to exercise the grace period and SIGKILL).
     pub ignore_sigterm: bool,
-    /// Physical cores of the host, which Ollama sizes its threads from (not the cgroup).
+    /// Physical cores of the host, which Ollama sizes its threads from (not the cgroup);
+    /// `SIM_HOST_CORES` overrides the count from `/proc/cpuinfo`, so a small test machine can
+    /// look like a many-core server.
     pub host_cores: usize,
 }
 
@@ -175,7 +177,14 @@ impl Config {
             hang_after: duration("SIM_HANG_AFTER")?,
             leak_rate: quantity("SIM_LEAK_RATE", 0)?,
             ignore_sigterm: flag("SIM_IGNORE_SIGTERM"),
-            host_cores: host_physical_cores(),
+            host_cores: match get("SIM_HOST_CORES") {
+                Some(v) => v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("SIM_HOST_CORES: {v:?} is not a positive integer"))?,
+                None => host_physical_cores(),
+            },
         })
     }
 

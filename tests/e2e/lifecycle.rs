@@ -1,0 +1,369 @@
+//! The Ollama-aware lifecycle end to end (real etcd, containerd + runc, the ollama-sim image):
+//! one model pull per node, Ready only once the model is loaded, the thread count every request
+//! runs with, rotation by age within `maxUnavailable` (and with `maxSurge`), rolling updates and
+//! a stalled one, a hung instance and a leaking one replaced.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fleet_e2e::http::request_with_headers;
+use fleet_e2e::{AgentProcess, World, free_port_range, get, json, post, wait_for};
+use serde_json::{Value, json};
+
+const MODEL: &str = "smollm2:135m";
+
+/// A sim fleet: `n` instances from `base`, the model pulled (2 s) and warmed, 1.5 CPUs each on
+/// a sim that believes its host has 64 cores (as Ollama would on a big server), probes every
+/// second.
+fn fleet(world: &World, name: &str, n: u32, base: u16, env: &str, extra: &str) -> String {
+    let models = world.dir.join("models");
+    format!(
+        "apiVersion: ollama-fleet.io/v1alpha1
+kind: OllamaFleet
+metadata:
+  name: {name}
+spec:
+  model: {MODEL}
+  image: {image}
+  imagePullPolicy: Never
+  env: {{SIM_MODEL_SIZE: 8Mi, SIM_LOAD_TIME: 300ms, SIM_PULL_TIME: 2s, SIM_HOST_CORES: \"64\"{env}}}
+  replicas: {{perNode: {n}}}
+  resources: {{cpus: 1.5, memory: 128Mi, pids: 256}}
+  network: {{hostIP: 127.0.0.1, basePort: {base}}}
+  models: {{hostPath: {models}, pull: true, warm: true}}
+  probes:
+    readiness: {{periodSeconds: 1, timeoutSeconds: 1}}
+    liveness: {{periodSeconds: 2, timeoutSeconds: 1, failureThreshold: 3}}
+    startupTimeoutSeconds: 60
+  restartBackoff: {{initial: 200ms, max: 2s}}
+  terminationGracePeriod: 2s
+{extra}",
+        image = world.ns.env.sim_image,
+        models = models.display(),
+    )
+}
+
+fn apply(world: &World, manifest: &str) {
+    world.cli_ok(&["apply", "-f", "-"], Some(manifest));
+}
+
+/// The fleet's instances in `/instances`.
+async fn listed(agent: &AgentProcess, fleet: &str) -> Vec<Value> {
+    agent
+        .instances()
+        .await
+        .and_then(|v| v["instances"].as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| i["fleet"] == fleet)
+        .collect()
+}
+
+/// Slots with a ready instance.
+fn ready_slots(instances: &[Value]) -> usize {
+    instances
+        .iter()
+        .filter(|i| i["ready"] == true)
+        .filter_map(|i| i["slot"].as_u64())
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
+async fn wait_ready(agent: &AgentProcess, fleet: &str, n: usize, secs: u64) -> Vec<Value> {
+    wait_for(&format!("{n} ready"), Duration::from_secs(secs), || async {
+        let l = listed(agent, fleet).await;
+        (ready_slots(&l) == n && l.len() == n).then_some(l)
+    })
+    .await
+}
+
+fn id_set(instances: &[Value]) -> BTreeSet<String> {
+    instances
+        .iter()
+        .filter_map(|i| i["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Running tasks of the fleet, from `ctr tasks ls`.
+fn running_tasks(world: &World, fleet: &str) -> usize {
+    let out = world.ns.ctr(&["tasks", "ls"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&format!("{fleet}-")) && l.contains("RUNNING"))
+        .count()
+}
+
+/// The fewest ready slots (from the agent) and running tasks (from containerd) seen while it ran,
+/// polled every 200 ms.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, usize, u32)>,
+}
+
+impl Sampler {
+    fn start(world: &World, agent: &AgentProcess, fleet: &str) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, fleet) = (stop.clone(), fleet.to_string());
+        let url = format!("http://{}/instances", agent.listen);
+        let (ctr_socket, ns) = (world.ns.env.containerd_socket.clone(), world.ns.name.clone());
+        let task = tokio::spawn(async move {
+            let (mut min_ready, mut min_running, mut samples) = (usize::MAX, usize::MAX, 0);
+            while !s.load(Ordering::SeqCst) {
+                let (socket, ns, f) = (ctr_socket.clone(), ns.clone(), fleet.clone());
+                let running = tokio::task::spawn_blocking(move || {
+                    let out = std::process::Command::new("ctr")
+                        .args(["--address", &socket, "-n", &ns, "tasks", "ls"])
+                        .output()
+                        .expect("ctr");
+                    String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .filter(|l| l.starts_with(&format!("{f}-")) && l.contains("RUNNING"))
+                        .count()
+                })
+                .await
+                .unwrap_or(0);
+                if let Ok((200, body)) =
+                    fleet_e2e::request("GET", &url, None, Duration::from_secs(2)).await
+                {
+                    let all = json(&body)["instances"].as_array().cloned().unwrap_or_default();
+                    let mine: Vec<Value> = all.into_iter().filter(|i| i["fleet"] == fleet).collect();
+                    min_ready = min_ready.min(ready_slots(&mine));
+                }
+                min_running = min_running.min(running);
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            (min_ready, min_running, samples)
+        });
+        Sampler { stop, task }
+    }
+
+    /// (fewest ready, fewest running, samples).
+    async fn finish(self) -> (usize, usize, u32) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("sampler")
+    }
+}
+
+async fn metric(agent: &AgentProcess, name: &str) -> f64 {
+    let (_, text) = agent.get("/metrics").await.expect("metrics");
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn the_model_is_pulled_once_and_loaded_before_ready() {
+    let world = World::new("lc-model");
+    let base = free_port_range(10);
+    apply(&world, &fleet(&world, "m", 10, base, "", ""));
+    let agent = world.agent("node-1", &[]);
+    let journal = world.dir.join("models/.sim-pulls.log");
+
+    // Until all ten are ready: an instance listed as ready has the model loaded, and none is
+    // ready while the pull runs.
+    let checked: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::default();
+    wait_for("10 ready, each checked", Duration::from_secs(120), || {
+        let (agent, journal, checked) = (&agent, &journal, &checked);
+        async move {
+            let pulling = std::fs::read_to_string(journal).is_ok_and(|j| {
+                j.lines().filter(|l| l.starts_with("start")).count()
+                    > j.lines().filter(|l| l.starts_with("end")).count()
+            });
+            let l = listed(agent, "m").await;
+            for i in l.iter().filter(|i| i["ready"] == true) {
+                assert!(!pulling, "{} is ready while the model is being pulled", i["id"]);
+                let id = i["id"].as_str().unwrap_or("").to_string();
+                let first_look = checked.lock().expect("lock").insert(id.clone());
+                if first_look {
+                    let (_, ps) = get(&format!("http://{}/api/ps", i["address"].as_str().unwrap_or(""))).await;
+                    let ps = json(&ps);
+                    assert_eq!(ps["models"][0]["name"], MODEL, "{id} is ready without its model loaded: {ps}");
+                    assert_eq!(ps["models"][0]["num_thread"], 1, "{id}: {ps}");
+                }
+            }
+            (ready_slots(&l) == 10).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(checked.lock().expect("lock").len(), 10);
+
+    let journal = std::fs::read_to_string(&journal).expect("the sim's pull journal");
+    let starts = journal.lines().filter(|l| l.starts_with("start")).count();
+    assert_eq!(starts, 1, "exactly one pull on the node:\n{journal}");
+    assert_eq!(metric(&agent, "ollama_fleet_model_pulls_total").await, 1.0);
+
+    // Every request runs with the thread count of the CPU allowance (1.5 CPUs: 1 thread), though
+    // the client says nothing about threads and the sim believes the host has 64 cores.
+    for i in listed(&agent, "m").await {
+        let addr = i["address"].as_str().expect("address").to_string();
+        for (path, body) in [
+            ("/api/generate", json!({"model": MODEL, "prompt": "hello", "stream": false})),
+            ("/api/chat", json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})),
+        ] {
+            let (status, headers, _) = request_with_headers(
+                "POST",
+                &format!("http://{addr}{path}"),
+                Some(&body),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("request");
+            assert_eq!(status, 200);
+            let threads = headers.iter().find(|(k, _)| k == "x-sim-num-thread").map(|(_, v)| v.as_str());
+            assert_eq!(threads, Some("1"), "{addr}{path}");
+        }
+    }
+    let s = world.statuses("m");
+    assert_eq!(s[0]["readyReplicas"], 10);
+}
+
+/// Rotation by age of 10 instances; returns (fewest ready, fewest running, samples).
+async fn rotate(tag: &str, rollout: &str) -> (usize, usize, u32) {
+    let world = World::new(tag);
+    let base = free_port_range(12);
+    let extra = format!("  rotation: {{maxAge: 20s}}\n  rollout: {rollout}\n");
+    apply(&world, &fleet(&world, "r", 10, base, "", &extra));
+    let agent = world.agent("node-1", &[]);
+    let first = id_set(&wait_ready(&agent, "r", 10, 120).await);
+    let sampler = Sampler::start(&world, &agent, "r");
+    wait_for("every instance rotated", Duration::from_secs(150), || async {
+        let l = listed(&agent, "r").await;
+        let now = id_set(&l);
+        (ready_slots(&l) == 10 && now.is_disjoint(&first)).then_some(())
+    })
+    .await;
+    let seen = sampler.finish().await;
+    assert!(metric(&agent, "ollama_fleet_rotations_total").await >= 10.0);
+    let s = world.statuses("r");
+    assert!(
+        s[0]["instances"].as_array().expect("instances").iter().all(|i| i["restarts"] == 0),
+        "a rotation is not a restart: {}",
+        s[0]
+    );
+    assert_eq!(running_tasks(&world, "r") >= 10, true);
+    seen
+}
+
+#[tokio::test]
+async fn rotation_stays_within_max_unavailable() {
+    let (ready, running, samples) = rotate("lc-rot", "{maxUnavailable: 2}").await;
+    eprintln!("rotation, maxUnavailable 2: fewest ready {ready}, fewest running {running}, {samples} samples");
+    assert!(samples > 20, "{samples}");
+    assert!(ready >= 8, "more than 2 unavailable: {ready} ready");
+    assert!(running >= 8, "more than 2 down in containerd: {running} running");
+}
+
+#[tokio::test]
+async fn rotation_with_surge_keeps_every_instance_ready() {
+    let (ready, running, samples) = rotate("lc-surge", "{maxUnavailable: 0, maxSurge: 1}").await;
+    eprintln!("rotation, maxSurge 1: fewest ready {ready}, fewest running {running}, {samples} samples");
+    assert!(samples > 20, "{samples}");
+    assert_eq!(ready, 10, "fewer than 10 ready during a surge rotation");
+    assert!(running >= 10);
+}
+
+#[tokio::test]
+async fn rolling_updates_and_a_stalled_one() {
+    let world = World::new("lc-roll");
+    let base = free_port_range(10);
+    let rollout = "  rollout: {maxUnavailable: 1}\n";
+    apply(&world, &fleet(&world, "u", 10, base, "", rollout));
+    let agent = world.agent("node-1", &[]);
+    let before = world.wait_status("u", "10 ready", 120, |s| s["readyReplicas"] == 10).await;
+    let old_hash = before["instances"][0]["specHash"].clone();
+
+    // An env change rolls out one at a time.
+    let sampler = Sampler::start(&world, &agent, "u");
+    apply(&world, &fleet(&world, "u", 10, base, ", GREETING: hello", rollout));
+    let after = world
+        .wait_status("u", "10 updated and ready", 120, |s| {
+            s["updatedReplicas"] == 10 && s["readyReplicas"] == 10 && s["instances"].as_array().is_some_and(|a| a.len() == 10)
+        })
+        .await;
+    let (ready, running, samples) = sampler.finish().await;
+    eprintln!("rolling update, maxUnavailable 1: fewest ready {ready}, fewest running {running}, {samples} samples");
+    assert!(ready >= 9 && running >= 9, "more than 1 unavailable: {ready} ready, {running} running");
+    let new_hash = after["instances"][0]["specHash"].clone();
+    assert_ne!(new_hash, old_hash);
+    assert!(after["instances"].as_array().expect("instances").iter().all(|i| i["specHash"] == new_hash));
+    let env = world.ns.ctr_ok(&["containers", "info", after["instances"][3]["id"].as_str().expect("id")]);
+    assert!(env.contains("GREETING=hello"));
+
+    // A rollout to a command that exits at once: at most maxUnavailable old instances are lost,
+    // and the condition says why it stopped.
+    let sampler = Sampler::start(&world, &agent, "u");
+    let broken = format!("{rollout}  command: [/bin/ollama, no-such-command]\n");
+    apply(&world, &fleet(&world, "u", 10, base, ", GREETING: hello", &broken));
+    let stalled = world
+        .wait_status("u", "the stall reported", 60, |s| {
+            s["conditions"].as_array().is_some_and(|c| {
+                c.iter().any(|c| c["type"] == "Progressing" && c["reason"] == "RolloutStalled" && c["status"] == "False")
+            })
+        })
+        .await;
+    // Give it time to do harm, if it would.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (ready, _, _) = sampler.finish().await;
+    assert!(ready >= 9, "the stalled rollout took more than 1 healthy instance: {ready} ready");
+    let l = listed(&agent, "u").await;
+    assert!(ready_slots(&l) >= 9, "{l:?}");
+    let message = stalled["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Progressing"))
+        .map(|c| c["message"].to_string())
+        .unwrap_or_default();
+    assert!(message.contains("previous spec"), "{message}");
+}
+
+#[tokio::test]
+async fn hung_and_leaking_instances_are_replaced() {
+    let world = World::new("lc-sick");
+    let base = free_port_range(3);
+    let extra = "  rotation: {maxMemory: 48Mi}\n  rollout: {maxUnavailable: 1}\n";
+    apply(&world, &fleet(&world, "s", 3, base, "", extra));
+    let agent = world.agent("node-1", &[]);
+    let first = wait_ready(&agent, "s", 3, 120).await;
+    let by_slot: BTreeMap<u64, String> = first
+        .iter()
+        .map(|i| (i["slot"].as_u64().unwrap_or(0), i["id"].as_str().unwrap_or("").to_string()))
+        .collect();
+
+    // Slot 0 hangs: Unready first, then replaced by its liveness probe.
+    let (code, _) = post(&format!("http://127.0.0.1:{base}/sim/hang"), json!({})).await;
+    assert_eq!(code, 200);
+    wait_for("the hung instance unready", Duration::from_secs(20), || async {
+        listed(&agent, "s").await.into_iter().find(|i| i["id"] == by_slot[&0].as_str() && i["phase"] == "Unready")
+    })
+    .await;
+    let s = world
+        .wait_status("s", "the hung instance replaced", 60, |s| {
+            s["instances"].as_array().is_some_and(|a| {
+                a.iter().any(|i| i["slot"] == 0 && i["id"] != by_slot[&0].as_str() && i["ready"] == true)
+            })
+        })
+        .await;
+    let slot0 = s["instances"].as_array().and_then(|a| a.iter().find(|i| i["slot"] == 0)).cloned().expect("slot 0");
+    assert_eq!(slot0["restarts"], 1);
+    assert_eq!(slot0["lastExit"]["reason"], "Unhealthy");
+
+    // Slot 1 leaks 8 MiB/s: rotated when it passes maxMemory (48 MiB), before its 128 MiB limit.
+    let (code, _) = post(&format!("http://127.0.0.1:{}/sim/leak", base + 1), json!({"rate": "8Mi"})).await;
+    assert_eq!(code, 200);
+    let s = world
+        .wait_status("s", "the leaking instance rotated", 60, |s| {
+            s["instances"].as_array().is_some_and(|a| {
+                a.iter().any(|i| i["slot"] == 1 && i["id"] != by_slot[&1].as_str() && i["ready"] == true)
+            })
+        })
+        .await;
+    let slot1 = s["instances"].as_array().and_then(|a| a.iter().find(|i| i["slot"] == 1)).cloned().expect("slot 1");
+    assert_eq!(slot1["restarts"], 0, "rotated, not crashed: {slot1}");
+    assert!(slot1["lastExit"].is_null(), "not OOM-killed: {slot1}");
+    assert!(metric(&agent, "ollama_fleet_rotations_total{fleet=\"s\",reason=\"MaxMemory\"}").await >= 1.0);
+    // Slot 2 was left alone.
+    assert!(s["instances"].as_array().expect("instances").iter().any(|i| i["id"] == by_slot[&2].as_str()));
+}
