@@ -820,6 +820,15 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 pull: spec.models.pull,
                 threads: crate::models::threads(spec, &self.cfg.topology),
             };
+            // Without pull and warm-up, readiness does not wait for the model (the thread count
+            // is still set, in the background, once the model is there).
+            let waits = |gate: Gate| {
+                if spec.models.pull || spec.models.warm {
+                    gate
+                } else {
+                    Gate::Open(SystemTime::UNIX_EPOCH)
+                }
+            };
             let mut answering: Vec<(u32, &str, String)> = labelled
                 .iter()
                 .filter(|(o, l)| {
@@ -841,7 +850,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                         cache: o.id.clone(),
                         ..need.clone()
                     };
-                    gates.insert(format!("#{}", o.id), self.models.gate(&mine, &via));
+                    gates.insert(format!("#{}", o.id), waits(self.models.gate(&mine, &via)));
                 }
                 continue;
             }
@@ -862,7 +871,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             }
             claimed.insert(key, (name.clone(), need.threads));
             let via: Vec<String> = answering.into_iter().map(|a| a.2).collect();
-            gates.insert(name.clone(), self.models.gate(&need, &via));
+            gates.insert(name.clone(), waits(self.models.gate(&need, &via)));
         }
         gates
     }

@@ -941,3 +941,46 @@ async fn a_crash_looping_update_stalls_and_says_so() {
     .await
     .expect("in time");
 }
+
+#[tokio::test]
+async fn instances_leave_the_endpoints_before_they_are_stopped() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let extra = "  replicas: {perNode: 4}\n  rollout: {maxUnavailable: 1}\n";
+        let (a, s) = converged(extra, 4).await;
+        // At every SIGTERM, the instance must no longer be a ready endpoint, neither in
+        // /instances (the view) nor in the status key.
+        let seen: Arc<std::sync::Mutex<Vec<(String, bool)>>> = Arc::default();
+        let (view, log, store) = (a.view.clone(), seen.clone(), a.store.clone());
+        a.runtime.on_kill(move |id, signal| {
+            if signal == fleet_runtime::SIGTERM {
+                let v = view.read().expect("view");
+                let in_view = v.endpoints.iter().any(|e| e.id == id && e.ready);
+                let stored = futures::executor::block_on(status(&store, "f"));
+                let in_status =
+                    stored.is_some_and(|s| s.instances.iter().any(|i| i.id == id && i.ready));
+                log.lock()
+                    .expect("log")
+                    .push((id.to_string(), in_view || in_status));
+            }
+        });
+        // A rolling update (replacements), then a scale-down (removals).
+        let doc = manifest("f", &format!("{extra}  env: {{NEW: \"1\"}}\n"));
+        let rev = put(&a.store, "f", &doc, Expect::Revision(s.observed_generation)).await;
+        let s = wait_status(&a.store, "f", "rolled out", |s| {
+            s.observed_generation == rev && s.updated_replicas == 4 && s.ready_replicas == 4
+        })
+        .await;
+        let doc = manifest("f", "  replicas: {perNode: 2}\n  env: {NEW: \"1\"}\n");
+        put(&a.store, "f", &doc, Expect::Revision(s.observed_generation)).await;
+        wait_status(&a.store, "f", "scaled down", |s| s.instances.len() == 2).await;
+        let seen = seen.lock().expect("log").clone();
+        assert_eq!(seen.len(), 6, "4 replaced, 2 removed: {seen:?}");
+        assert!(
+            seen.iter().all(|(_, ready)| !ready),
+            "an instance got SIGTERM while listed as a ready endpoint: {seen:?}"
+        );
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}

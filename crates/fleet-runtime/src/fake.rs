@@ -39,11 +39,21 @@ struct State {
     memory: BTreeMap<String, u64>,
 }
 
+/// Called with (container, signal) on every `kill`, before it takes effect.
+type KillHook = Arc<dyn Fn(&str, u32) + Send + Sync>;
+
 /// The fake runtime. Cloning shares the state.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct FakeRuntime {
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<RuntimeEvent>,
+    on_kill: Arc<Mutex<Option<KillHook>>>,
+}
+
+impl std::fmt::Debug for FakeRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeRuntime").finish_non_exhaustive()
+    }
 }
 
 impl Default for FakeRuntime {
@@ -54,6 +64,7 @@ impl Default for FakeRuntime {
                 ..State::default()
             })),
             events: broadcast::channel(1024).0,
+            on_kill: Arc::default(),
         }
     }
 }
@@ -155,6 +166,12 @@ impl FakeRuntime {
         self.state().pull_delay = delay;
     }
 
+    /// Calls `hook(container, signal)` on every `kill`, before the signal takes effect (a test
+    /// checks what the world looked like at that moment).
+    pub fn on_kill(&self, hook: impl Fn(&str, u32) + Send + Sync + 'static) {
+        *self.on_kill.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(hook));
+    }
+
     /// Sets the memory a container reports (for `rotation.maxMemory`).
     pub fn set_memory(&self, id: &str, bytes: u64) {
         self.state().memory.insert(id.to_string(), bytes);
@@ -251,6 +268,14 @@ impl Runtime for FakeRuntime {
     }
 
     async fn kill(&self, id: &str, signal: u32) -> Result<()> {
+        let hook = self
+            .on_kill
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            hook(id, signal);
+        }
         let mut s = self.call(format!("kill {id} {signal}"))?;
         let c = s
             .containers
