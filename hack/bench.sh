@@ -6,6 +6,7 @@
 #   - crash replacement: kill -> replacement running / ready, p50 and p99;
 #   - the agent's peak RSS and idle CPU with N instances.
 # Usage: hack/bench.sh [--n 58,116] [--kills 20] [--concurrency 16] [--idle 30]
+#        hack/bench.sh --lifecycle N   (see hack/bench-lifecycle.sh)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"

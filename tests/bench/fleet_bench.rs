@@ -7,6 +7,10 @@
 //! 2. Crash replacement: SIGKILL a running task K times (backoff initial 0); time from the kill
 //!    to the replacement's task running, and to it being listed ready.
 //! 3. The agent's peak RSS, and its CPU use over 30 s of idling with N instances.
+//!
+//! `--lifecycle N` (run by `hack/bench-lifecycle.sh`): N instances with the model pulled and
+//! warmed, `maxUnavailable: 10%`; a rolling update, then a rotation by age of all of them: time
+//! and the fewest ready instances seen.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -245,8 +249,119 @@ async fn pull_bench(archive: &str, rounds: usize) {
     );
 }
 
+/// Waits until `done(instances)` holds, polling `/instances` every 200 ms; returns how long it
+/// took and the fewest ready slots seen meanwhile.
+async fn watch(
+    agent: &AgentProcess,
+    what: &str,
+    deadline: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> (Duration, usize) {
+    let started = Instant::now();
+    let mut fewest = usize::MAX;
+    loop {
+        if let Some(v) = agent.instances().await {
+            fewest = fewest.min(ready_ids(&v).len());
+            if done(&v) {
+                return (started.elapsed(), fewest);
+            }
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "{what}: not within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn all_ids(v: &Value) -> std::collections::BTreeSet<String> {
+    v["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The lifecycle benchmark: N instances with the model pulled and warmed, `maxUnavailable: 10%`,
+/// `maxSurge: 0`; a rolling update of `env`, then a rotation by age of every instance: how long
+/// each takes and the fewest ready instances seen (polled every 200 ms).
+async fn lifecycle_bench(n: u32) {
+    let world = World::new(&format!("bench-life-{n}"));
+    let base = free_port_range(n as u16 + 2);
+    let budget = n / 10;
+    let fleet = |env: &str, extra: &str| {
+        world
+            .sim_fleet("life", n, base, extra)
+            .replace(
+                "SIM_LOAD_TIME: 50ms}",
+                &format!("SIM_LOAD_TIME: 300ms{env}}}"),
+            )
+            .replace(
+                "  probes: {readiness: {periodSeconds: 1, timeoutSeconds: 1}}\n",
+                "",
+            )
+    };
+    let rollout = "  rollout: {maxUnavailable: 10%, maxSurge: 0}\n";
+    let agent = world.agent("bench-node", &[]);
+    world.cli_ok(&["apply", "-f", "-"], Some(&fleet("", rollout)));
+    let (t, _) = watch(&agent, "converge", Duration::from_secs(600), |v| {
+        ready_ids(v).len() == n as usize
+    })
+    .await;
+    println!(
+        "lifecycle N={n}: converged with the model pulled once and warmed in {:.2}s (maxUnavailable 10% = {budget})",
+        t.as_secs_f64()
+    );
+
+    // A rolling update of env.
+    let before = all_ids(&agent.instances().await.expect("instances"));
+    world.cli_ok(&["apply", "-f", "-"], Some(&fleet(", BENCH: v2", rollout)));
+    let (t, fewest) = watch(&agent, "rolling update", Duration::from_secs(900), |v| {
+        ready_ids(v).len() == n as usize && all_ids(v).is_disjoint(&before)
+    })
+    .await;
+    println!(
+        "rolling update N={n}: all replaced in {:.2}s; fewest ready {fewest} of {n} (floor allowed: {})",
+        t.as_secs_f64(),
+        n - budget
+    );
+
+    // Rotation by age: maxAge 30s (instances rotate from 22.5s to 30s of age, staggered by
+    // slot), a change that restarts nothing by itself.
+    let before = all_ids(&agent.instances().await.expect("instances"));
+    let extra = format!("{rollout}  rotation: {{maxAge: 30s}}\n");
+    world.cli_ok(&["apply", "-f", "-"], Some(&fleet(", BENCH: v2", &extra)));
+    let (t0, _) = watch(&agent, "first rotation", Duration::from_secs(120), |v| {
+        !before.is_subset(&all_ids(v))
+    })
+    .await;
+    let (t1, fewest) = watch(&agent, "rotation", Duration::from_secs(900), |v| {
+        ready_ids(v).len() == n as usize && all_ids(v).is_disjoint(&before)
+    })
+    .await;
+    println!(
+        "rotation N={n}: first after {:.2}s, all rotated {:.2}s later; fewest ready {fewest} of {n} (floor allowed: {})",
+        t0.as_secs_f64(),
+        t1.as_secs_f64(),
+        n - budget
+    );
+    world.cli_ok(&["delete", "fleet", "life"], None);
+    let _ = watch(&agent, "removal", Duration::from_secs(300), |v| {
+        all_ids(v).is_empty()
+    })
+    .await;
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let lifecycle: u32 = arg("--lifecycle", "0").parse().unwrap_or(0);
+    if lifecycle > 0 {
+        lifecycle_bench(lifecycle).await;
+        return;
+    }
     let archive = arg("--pull-archive", "");
     if !archive.is_empty() {
         pull_bench(&archive, arg("--rounds", "3").parse().unwrap_or(3)).await;
@@ -278,6 +393,11 @@ async fn main() {
         let manifest = world
             .sim_fleet("bench", n, base, "")
             .replace("initial: 200ms, max: 2s", "initial: 0, max: 5m")
+            // Ready when serving HTTP, like the floor: no model pull or warm-up.
+            .replace(
+                "models: {hostPath: ",
+                "models: {pull: false, warm: false, hostPath: ",
+            )
             // Default probes (readiness every 5s), as a production fleet has them.
             .replace(
                 "  probes: {readiness: {periodSeconds: 1, timeoutSeconds: 1}}\n",

@@ -605,7 +605,9 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                         false
                     }
                     (Gate::Open(_), Some(spec)) if spec.models.warm => {
-                        if running && probe.ready {
+                        // Kept while the probe fails for a while, so a warm instance that
+                        // stops answering is Unready, not Starting again.
+                        if running && probe.was_ready {
                             warm_targets.push(WarmTarget {
                                 id: o.id.clone(),
                                 base: base_url(spec, l.port),

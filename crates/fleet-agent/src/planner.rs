@@ -645,13 +645,13 @@ impl FleetPlan<'_> {
         }
 
         // Replace within the budget: unready instances first (they are down already), then
-        // by urgency (leaking memory, outdated, old).
+        // by urgency (leaking memory, outdated, old), oldest first.
         if !self.can_create || candidates.is_empty() {
             return;
         }
         let mut unavailable_room = max_unavailable.saturating_sub(replicas - ready_slots);
         let mut surge_room = max_surge.saturating_sub(surging);
-        candidates.sort_by_key(|(i, why)| (i.ready, *why, i.slot));
+        candidates.sort_by_key(|(i, why)| (i.ready, *why, i.created_at, i.slot));
         for (i, why) in candidates {
             if i.ready && surge_room > 0 {
                 let Some(port) = free_port(self.spec, replicas, max_surge, &ports, true) else {
