@@ -611,6 +611,14 @@ async fn unready_instances_are_reported() {
         a.probes.set_failing(&s.instances[1].id, true);
         let s = wait_status(&a.store, "f", "one unready", |s| s.ready_replicas == 1).await;
         assert_eq!(s.instances[1].phase, Phase::Unready);
+        // And it stays Unready (it does not fall back to Starting, nor time out as one).
+        let passes = a.view.read().expect("view").passes;
+        wait_for("five more passes", Duration::from_secs(10), || async {
+            (a.view.read().expect("view").passes >= passes + 5).then_some(())
+        })
+        .await;
+        let s = status(&a.store, "f").await.expect("status");
+        assert_eq!(s.instances[1].phase, Phase::Unready, "{s:?}");
         assert_eq!(
             s.condition("Available").map(|c| c.status.as_str()),
             Some("True"),
