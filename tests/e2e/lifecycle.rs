@@ -395,6 +395,26 @@ async fn rolling_updates_and_a_stalled_one() {
     assert!(message.contains("previous spec"), "{message}");
 }
 
+/// Waits until `slot` has a ready instance other than `old`; returns the status and that
+/// instance.
+async fn replaced(world: &World, fleet: &str, slot: u64, old: &str) -> (Value, Value) {
+    let what = format!("slot {slot}'s {old} replaced by a ready instance");
+    let s = world
+        .wait_status(fleet, &what, 60, |s| {
+            s["instances"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|i| i["slot"] == slot && i["id"] != old && i["ready"] == true)
+            })
+        })
+        .await;
+    let new = s["instances"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["slot"] == slot && i["id"] != old))
+        .cloned()
+        .expect("the new instance");
+    (s, new)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_and_leaking_instances_are_replaced() {
     let world = World::new("lc-sick");
@@ -427,20 +447,7 @@ async fn hung_and_leaking_instances_are_replaced() {
         },
     )
     .await;
-    let s = world
-        .wait_status("s", "the hung instance replaced", 60, |s| {
-            s["instances"].as_array().is_some_and(|a| {
-                a.iter().any(|i| {
-                    i["slot"] == 0 && i["id"] != by_slot[&0].as_str() && i["ready"] == true
-                })
-            })
-        })
-        .await;
-    let slot0 = s["instances"]
-        .as_array()
-        .and_then(|a| a.iter().find(|i| i["slot"] == 0))
-        .cloned()
-        .expect("slot 0");
+    let (_, slot0) = replaced(&world, "s", 0, &by_slot[&0]).await;
     assert_eq!(slot0["restarts"], 1);
     assert_eq!(slot0["lastExit"]["reason"], "Unhealthy");
 
@@ -451,20 +458,7 @@ async fn hung_and_leaking_instances_are_replaced() {
     )
     .await;
     assert_eq!(code, 200);
-    let s = world
-        .wait_status("s", "the leaking instance rotated", 60, |s| {
-            s["instances"].as_array().is_some_and(|a| {
-                a.iter().any(|i| {
-                    i["slot"] == 1 && i["id"] != by_slot[&1].as_str() && i["ready"] == true
-                })
-            })
-        })
-        .await;
-    let slot1 = s["instances"]
-        .as_array()
-        .and_then(|a| a.iter().find(|i| i["slot"] == 1))
-        .cloned()
-        .expect("slot 1");
+    let (s, slot1) = replaced(&world, "s", 1, &by_slot[&1]).await;
     assert_eq!(slot1["restarts"], 0, "rotated, not crashed: {slot1}");
     assert!(slot1["lastExit"].is_null(), "not OOM-killed: {slot1}");
     assert!(

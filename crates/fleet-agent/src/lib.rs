@@ -23,4 +23,5 @@ pub mod ollama;
 pub mod planner;
 pub mod prober;
 pub mod status;
+pub mod tasks;
 pub mod topology;

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fleet_api::{CpuPinning, FleetSpec};
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 
 use crate::ollama::{Ollama, Progress};
+use crate::tasks::PerTarget;
 use crate::topology::Topology;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -308,7 +308,7 @@ pub enum Warmth {
 pub struct Warmer {
     ollama: Arc<dyn Ollama>,
     states: Arc<Mutex<HashMap<String, Warmth>>>,
-    tasks: Mutex<HashMap<String, (WarmTarget, JoinHandle<()>)>>,
+    tasks: PerTarget<WarmTarget>,
     wake: Arc<Notify>,
     retry: Duration,
 }
@@ -325,7 +325,7 @@ impl Warmer {
         Warmer {
             ollama,
             states: Arc::default(),
-            tasks: Mutex::default(),
+            tasks: PerTarget::default(),
             wake,
             retry: Duration::from_secs(2),
         }
@@ -338,27 +338,16 @@ impl Warmer {
 
     /// Warms exactly these targets (those that are warm stay warm); forgets the others.
     pub fn sync(&self, targets: Vec<WarmTarget>) {
-        let mut tasks = lock(&self.tasks);
         let wanted: HashMap<String, WarmTarget> =
             targets.into_iter().map(|t| (t.id.clone(), t)).collect();
-        tasks.retain(|id, (target, handle)| {
-            let keep = wanted.get(id) == Some(target);
-            if !keep {
-                handle.abort();
-            }
-            keep
-        });
         lock(&self.states).retain(|id, _| wanted.contains_key(id));
-        for (id, target) in wanted {
-            if tasks.contains_key(&id) {
-                continue;
-            }
+        self.tasks.sync(wanted, |target| {
             let ollama = self.ollama.clone();
             let states = self.states.clone();
             let wake = self.wake.clone();
             let retry = self.retry;
             let t = target.clone();
-            let handle = tokio::spawn(async move {
+            tokio::spawn(async move {
                 lock(&states).insert(t.id.clone(), Warmth::Loading);
                 loop {
                     match ollama.load(&t.base, &t.model).await {
@@ -375,17 +364,8 @@ impl Warmer {
                         }
                     }
                 }
-            });
-            tasks.insert(id, (target, handle));
-        }
-    }
-}
-
-impl Drop for Warmer {
-    fn drop(&mut self) {
-        for (_, (_, handle)) in lock(&self.tasks).drain() {
-            handle.abort();
-        }
+            })
+        });
     }
 }
 

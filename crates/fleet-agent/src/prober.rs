@@ -21,7 +21,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
+
+use crate::tasks::PerTarget;
 
 /// How often a not-yet-ready instance is probed.
 pub const STARTUP_PERIOD: Duration = Duration::from_millis(50);
@@ -122,7 +123,7 @@ impl Probes for ScriptedProbes {
 #[derive(Debug)]
 pub struct Prober {
     states: Arc<Mutex<HashMap<String, ProbeState>>>,
-    tasks: Mutex<HashMap<String, (Target, JoinHandle<()>)>>,
+    tasks: PerTarget<Target>,
     wake: Arc<Notify>,
     client: Http,
 }
@@ -139,7 +140,7 @@ impl Prober {
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         Prober {
             states: Arc::new(Mutex::new(HashMap::new())),
-            tasks: Mutex::new(HashMap::new()),
+            tasks: PerTarget::default(),
             wake,
             client: Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
@@ -156,21 +157,10 @@ impl Probes for Prober {
 
     /// Starts new targets, stops those gone, restarts changed ones.
     fn sync(&self, targets: Vec<Target>) {
-        let mut tasks = lock(&self.tasks);
         let wanted: HashMap<String, Target> =
             targets.into_iter().map(|t| (t.id.clone(), t)).collect();
-        tasks.retain(|id, (target, handle)| {
-            let keep = wanted.get(id) == Some(target);
-            if !keep {
-                handle.abort();
-            }
-            keep
-        });
         lock(&self.states).retain(|id, _| wanted.contains_key(id));
-        for (id, target) in wanted {
-            if tasks.contains_key(&id) {
-                continue;
-            }
+        self.tasks.sync(wanted, |target| {
             let readiness = probe_loop(
                 target.clone(),
                 self.client.clone(),
@@ -183,19 +173,10 @@ impl Probes for Prober {
                 self.states.clone(),
                 self.wake.clone(),
             );
-            let handle = tokio::spawn(async move {
+            tokio::spawn(async move {
                 tokio::join!(readiness, liveness);
-            });
-            tasks.insert(id, (target, handle));
-        }
-    }
-}
-
-impl Drop for Prober {
-    fn drop(&mut self) {
-        for (_, (_, handle)) in lock(&self.tasks).drain() {
-            handle.abort();
-        }
+            })
+        });
     }
 }
 
