@@ -320,6 +320,22 @@ async fn rolling_updates_and_a_stalled_one() {
         .await;
     let old_hash = before["instances"][0]["specHash"].clone();
 
+    // Rotation, rollout and probe settings shape no container: the new generation is acted on
+    // and nothing restarts.
+    let unshaped = "  rollout: {maxUnavailable: 2}\n  rotation: {maxAge: 1h}\n";
+    apply(&world, &fleet(&world, "u", 10, base, "", unshaped));
+    let generation = before["observedGeneration"].as_i64().unwrap_or(0);
+    let same = world
+        .wait_status("u", "the new generation observed", 30, |s| {
+            s["observedGeneration"].as_i64().unwrap_or(0) > generation
+        })
+        .await;
+    assert_eq!(
+        id_set(&same["instances"].as_array().cloned().unwrap_or_default()),
+        id_set(&before["instances"].as_array().cloned().unwrap_or_default())
+    );
+    apply(&world, &fleet(&world, "u", 10, base, "", rollout));
+
     // An env change rolls out one at a time.
     let sampler = Sampler::start(&world, &agent, "u");
     apply(
