@@ -28,6 +28,10 @@ use crate::prober::{self, Probes};
 use crate::status::{self, StatusWriter};
 use crate::topology::Topology;
 
+/// How long a starting agent waits at most to learn the readiness of the instances it adopts
+/// before it publishes status.
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(15);
+
 /// How often the memory of instances with `rotation.maxMemory` is measured.
 pub const MEMORY_PERIOD: Duration = Duration::from_secs(5);
 
@@ -286,6 +290,11 @@ pub struct Agent<R: Runtime, S: Store> {
     /// Memory of instances of fleets with `rotation.maxMemory`, and when it was measured.
     memory: HashMap<String, (Instant, u64)>,
     rotations: BTreeMap<(String, String), u64>,
+    /// When this agent started: instances created before were adopted.
+    started: Instant,
+    started_at: SystemTime,
+    /// The readiness of adopted instances is known (status is published from then on).
+    settled: bool,
     /// Each fleet's document as last parsed, by revision.
     parsed: HashMap<String, (i64, Parsed)>,
     last_valid: HashMap<String, OllamaFleet>,
@@ -329,6 +338,9 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             warmer: Warmer::new(ollama, wake.clone()),
             memory: HashMap::new(),
             rotations: BTreeMap::new(),
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            settled: false,
             exec: Executor::new(runtime.clone(), cfg.concurrency, wake.clone()),
             images: crate::images::Images::new(runtime.clone(), wake.clone(), cfg.image_refresh)
                 .with_backoff(cfg.pull_backoff),
@@ -588,6 +600,8 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         self.sample_memory(&labelled).await;
         let mut messages: HashMap<String, String> = HashMap::new();
         let mut warm_targets = Vec::new();
+        // Adopted instances whose readiness this agent does not know yet.
+        let mut unsettled = 0usize;
         let instances: Vec<Instance> = labelled
             .into_iter()
             .map(|(o, l)| {
@@ -633,6 +647,17 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                     }
                     (Gate::Open(_), _) => true,
                 };
+                // (Creation times are whole seconds.)
+                let adopted = l.created_at + Duration::from_secs(1) < self.started_at;
+                let warming = spec.is_some_and(|s| s.models.warm)
+                    && probe.ready
+                    && !matches!(
+                        self.warmer.state(&o.id),
+                        Some(Warmth::Warm | Warmth::Failed(_))
+                    );
+                if running && adopted && (!probe.probed || warming) {
+                    unsettled += 1;
+                }
                 let startup_since = match gate {
                     _ if !probe.was_ready => Some(l.created_at),
                     Gate::Open(since) => Some(since.max(l.created_at)),
@@ -655,10 +680,18 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                     startup_since,
                     unhealthy: probe.unhealthy && running,
                     memory: self.memory.get(&o.id).map(|(_, m)| *m),
+                    known: probe.probed,
                 }
             })
             .collect();
         self.warmer.sync(warm_targets);
+        if !self.settled && (unsettled == 0 || self.started.elapsed() >= SETTLE_LIMIT) {
+            tracing::info!(
+                unsettled,
+                "the readiness of adopted instances is known; publishing status"
+            );
+            self.settled = true;
+        }
 
         // Plan.
         let targets: Vec<Target<'_>> = evals
@@ -739,11 +772,17 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         );
         let statuses = self.statuses(&evals, &instances, &plan, &leaving, &messages, &gates);
         let endpoints = self.endpoints(&instances, &statuses);
-        {
-            let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
-            v.endpoints = endpoints;
-        }
-        let stored = self.writer.write(&*self.store, statuses.clone()).await;
+        // Until the readiness of what runs is known, the last agent's status stays (it expires
+        // with its lease) rather than being replaced by "not ready" out of ignorance.
+        let stored = if self.settled {
+            self.view
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .endpoints = endpoints;
+            self.writer.write(&*self.store, statuses.clone()).await
+        } else {
+            Ok(())
+        };
         if let Err(e) = &stored {
             tracing::warn!(error = %e, "cannot write status");
         }

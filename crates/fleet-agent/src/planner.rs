@@ -64,6 +64,9 @@ pub struct Instance {
     pub unhealthy: bool,
     /// Anonymous plus swap memory, when measured (for `rotation.maxMemory`).
     pub memory: Option<u64>,
+    /// Its probes have answered since the agent started: until then "not ready" means "not
+    /// known yet" (an agent that just restarted must not take adopted instances for stuck ones).
+    pub known: bool,
 }
 
 impl Instance {
@@ -431,6 +434,7 @@ impl FleetPlan<'_> {
         }
         if !i.ready
             && !i.was_ready
+            && i.known
             && let Some(since) = i.startup_since
         {
             let timeout = Duration::from_secs(u64::from(self.spec.probes.startup_timeout_seconds));
@@ -626,6 +630,10 @@ impl FleetPlan<'_> {
                 continue;
             }
             ready_slots += u32::from(i.ready);
+            if !i.ready && !i.known {
+                // Unknown yet, not unready: decided once probed.
+                continue;
+            }
             if let Some(why) = self.replaceable(i, out) {
                 candidates.push((i, why));
             }
@@ -744,6 +752,7 @@ mod tests {
             startup_since: Some(t(0)),
             unhealthy: false,
             memory: None,
+            known: true,
         }
     }
 
@@ -1099,6 +1108,21 @@ mod tests {
         assert_eq!(
             carry.last_exit.as_ref().map(|e| e.reason.as_str()),
             Some("Unhealthy")
+        );
+    }
+
+    #[test]
+    fn unprobed_instances_are_not_taken_for_stuck_ones() {
+        // An agent that just restarted: old instances of an outdated spec, not probed yet.
+        let s = spec("  probes: {startupTimeoutSeconds: 30}\n  rollout: {maxUnavailable: 1}\n");
+        let mut all = ready_all(3, "h0");
+        for i in &mut all {
+            (i.ready, i.was_ready, i.known) = (false, false, false);
+        }
+        let p = plan_of(Some(&run(&s, 3)), &all, &[], t(1000));
+        assert!(
+            p.actions.is_empty(),
+            "no startup timeout and no free replacement of unknown instances: {p:?}"
         );
     }
 

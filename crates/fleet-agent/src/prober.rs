@@ -38,6 +38,8 @@ pub struct ProbeState {
     pub failures: u32,
     /// The liveness probe failed `failureThreshold` times in a row.
     pub unhealthy: bool,
+    /// Probed at least once (an agent that just started knows nothing yet).
+    pub probed: bool,
 }
 
 /// One instance to probe.
@@ -111,6 +113,7 @@ impl Probes for ScriptedProbes {
             was_ready: known,
             failures: u32::from(!ready),
             unhealthy: known && lock(&self.unhealthy).contains(id),
+            probed: known,
         }
     }
 
@@ -211,6 +214,7 @@ async fn probe_loop(
     loop {
         let ok = probe_once(&client, &target.url, timeout).await;
         let before = state;
+        state.probed = true;
         if ok {
             state.failures = 0;
             state.ready = true;

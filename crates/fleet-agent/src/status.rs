@@ -270,6 +270,7 @@ mod tests {
             startup_since: None,
             unhealthy: false,
             memory: None,
+            known: true,
         }
     }
 

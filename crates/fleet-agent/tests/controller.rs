@@ -344,7 +344,10 @@ async fn a_restarted_agent_adopts_without_restarting() {
         put(
             &store,
             "f",
-            &manifest("f", "  replicas: {perNode: 3}\n"),
+            &manifest(
+                "f",
+                "  replicas: {perNode: 3}\n  probes: {startupTimeoutSeconds: 1}\n",
+            ),
             Expect::Absent,
         )
         .await;
@@ -353,9 +356,21 @@ async fn a_restarted_agent_adopts_without_restarting() {
         let before = running(&rt).await;
         a.stop().await;
 
+        // Older than their startup timeout (creation times are whole seconds).
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        store.delete_status("f", "node-a").await.expect("delete");
+
         let calls = rt.calls().len();
         let b = start(rt.clone(), store, config());
-        wait_status(&b.store, "f", "3 ready again", |s| s.ready_replicas == 3).await;
+        // The new agent publishes status only once it knows what is ready: its first status
+        // already says 3 ready (not "starting" out of ignorance).
+        let first = wait_for(
+            "the new agent's first status",
+            Duration::from_secs(10),
+            || async { status(&b.store, "f").await },
+        )
+        .await;
+        assert_eq!(first.ready_replicas, 3, "{first:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(
             running(&rt).await,
