@@ -316,9 +316,12 @@ pub fn hold_memory(bytes: usize) -> Vec<u8> {
 
 /// Generation speed with `threads` threads under a CPU allowance: full speed when the threads
 /// fit, and much slower when they oversubscribe the quota (spinning threads get throttled), as
-/// llama.cpp does when Ollama sizes threads from the host instead of the cgroup.
+/// llama.cpp does when Ollama sizes threads from the host instead of the cgroup; one thread on
+/// part of a core is slower in proportion.
 pub fn effective_speed(base: f64, threads: usize, allowance: Option<f64>) -> f64 {
     match allowance {
+        // One thread on part of a core: slower in proportion, no convoy.
+        Some(cpus) if threads <= 1 && cpus < 1.0 => base * cpus.max(0.02),
         Some(cpus) if (threads as f64) > cpus => {
             let ratio = cpus / threads as f64;
             base * (ratio * ratio).max(0.02)
@@ -337,6 +340,11 @@ mod tests {
         assert_eq!(effective_speed(50.0, 64, None), 50.0);
         assert!(effective_speed(50.0, 4, Some(2.0)) < 50.0 / 3.0);
         assert_eq!(effective_speed(50.0, 64, Some(2.0)), 1.0);
+        assert_eq!(
+            effective_speed(40.0, 1, Some(0.25)),
+            10.0,
+            "one thread: in proportion"
+        );
     }
 
     #[test]
