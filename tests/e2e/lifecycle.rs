@@ -494,3 +494,35 @@ async fn hung_and_leaking_instances_are_replaced() {
             .any(|i| i["id"] == by_slot[&2].as_str())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_keeps_what_is_ready() {
+    let world = World::new("lc-adopt");
+    let base = free_port_range(4);
+    let manifest = fleet(&world, "a", 4, base, "", "")
+        .replace("startupTimeoutSeconds: 60", "startupTimeoutSeconds: 3");
+    apply(&world, &manifest);
+    let mut agent = world.agent("node-1", &[]);
+    let first = id_set(&wait_ready(&agent, "a", 4, 120).await);
+    // Older than their startup timeout, then the agent dies and comes back.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    agent.kill9();
+    agent.resume();
+    // Its status key says 4 ready throughout (the old one until the new agent knows better),
+    // and nothing is restarted.
+    let mut fewest = usize::MAX;
+    let mut samples = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < deadline {
+        let s = world.statuses("a");
+        if let Some(ready) = s.first().and_then(|s| s["readyReplicas"].as_u64()) {
+            fewest = fewest.min(ready as usize);
+            samples += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(samples > 10, "{samples}");
+    assert_eq!(fewest, 4, "the restarted agent reported fewer than 4 ready");
+    let now = id_set(&wait_ready(&agent, "a", 4, 30).await);
+    assert_eq!(now, first, "adoption restarts nothing");
+}
