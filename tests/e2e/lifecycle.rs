@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 const MODEL: &str = "smollm2:135m";
 
-/// A sim fleet: `n` instances from `base`, the model pulled (2 s) and warmed, 1.5 CPUs each on
+/// A sim fleet: `n` instances from `base`, the model pulled (3 s) and warmed, 1.5 CPUs each on
 /// a sim that believes its host has 64 cores (as Ollama would on a big server), probes every
 /// second.
 fn fleet(world: &World, name: &str, n: u32, base: u16, env: &str, extra: &str) -> String {
@@ -28,7 +28,7 @@ spec:
   model: {MODEL}
   image: {image}
   imagePullPolicy: Never
-  env: {{SIM_MODEL_SIZE: 8Mi, SIM_LOAD_TIME: 300ms, SIM_PULL_TIME: 2s, SIM_HOST_CORES: \"64\"{env}}}
+  env: {{SIM_MODEL_SIZE: 8Mi, SIM_LOAD_TIME: 300ms, SIM_PULL_TIME: 3s, SIM_HOST_CORES: \"64\"{env}}}
   replicas: {{perNode: {n}}}
   resources: {{cpus: 1.5, memory: 128Mi, pids: 256}}
   network: {{hostIP: 127.0.0.1, basePort: {base}}}
@@ -169,6 +169,19 @@ async fn the_model_is_pulled_once_and_loaded_before_ready() {
     apply(&world, &fleet(&world, "m", 10, base, "", ""));
     let agent = world.agent("node-1", &[]);
     let journal = world.dir.join("models/.sim-pulls.log");
+    // The pull's progress shows in status.
+    let s = world
+        .wait_status("m", "the pull's progress in status", 30, |s| {
+            s["instances"].as_array().is_some_and(|a| {
+                a.iter().any(|i| {
+                    i["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("pulling model smollm2:135m, "))
+                })
+            })
+        })
+        .await;
+    assert_eq!(s["readyReplicas"], 0, "{s}");
 
     // Until all ten are ready: an instance listed as ready has the model loaded, and none is
     // ready while the pull runs.
@@ -525,4 +538,50 @@ async fn a_restarted_agent_keeps_what_is_ready() {
     assert_eq!(fewest, 4, "the restarted agent reported fewer than 4 ready");
     let now = id_set(&wait_ready(&agent, "a", 4, 30).await);
     assert_eq!(now, first, "adoption restarts nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_model_pull_is_reported_and_retried() {
+    let world = World::new("lc-nopull");
+    let base = free_port_range(2);
+    let manifest = fleet(
+        &world,
+        "p",
+        2,
+        base,
+        ", SIM_PULL_MISSING: \"smollm2:135m\"",
+        "",
+    )
+    .replace("startupTimeoutSeconds: 60", "startupTimeoutSeconds: 2");
+    apply(&world, &manifest);
+    let agent = world.agent("node-1", &[]);
+    let s = world
+        .wait_status("p", "ModelPullBackOff", 60, |s| {
+            s["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Progressing" && c["reason"] == "ModelPullBackOff")
+            })
+        })
+        .await;
+    let message = s["instances"][0]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        message.contains("file does not exist") && message.contains("retrying in"),
+        "{s}"
+    );
+    // Waiting for the node's model is not a startup failure: past the startup timeout (2 s),
+    // nothing restarts, nothing is ready.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = world.statuses("p").into_iter().next().expect("status");
+    assert!(
+        s["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .all(|i| i["restarts"] == 0 && i["phase"] == "Starting"),
+        "{s}"
+    );
+    assert!(metric(&agent, "ollama_fleet_model_failures_total").await >= 1.0);
 }
