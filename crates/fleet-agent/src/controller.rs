@@ -598,92 +598,8 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             .collect();
         let gates = self.model_gates(&labelled);
         self.sample_memory(&labelled).await;
-        let mut messages: HashMap<String, String> = HashMap::new();
-        let mut warm_targets = Vec::new();
-        // Adopted instances whose readiness this agent does not know yet.
-        let mut unsettled = 0usize;
-        let instances: Vec<Instance> = labelled
-            .into_iter()
-            .map(|(o, l)| {
-                let probe = self.prober.state(&o.id);
-                let running = o.state == fleet_runtime::TaskState::Running;
-                let spec = self.last_valid.get(&l.fleet).map(|f| &f.spec);
-                let gate = gates
-                    .get(&o.id)
-                    .or_else(|| gates.get(&l.fleet))
-                    .cloned()
-                    .unwrap_or(Gate::Open(SystemTime::UNIX_EPOCH));
-                let warm = match (&gate, spec) {
-                    (Gate::Waiting(why), _) => {
-                        messages.insert(o.id.clone(), why.clone());
-                        false
-                    }
-                    (Gate::Open(_), Some(spec)) if spec.models.warm => {
-                        // Kept while the probe fails for a while, so a warm instance that
-                        // stops answering is Unready, not Starting again.
-                        if running && probe.was_ready {
-                            warm_targets.push(WarmTarget {
-                                id: o.id.clone(),
-                                base: base_url(spec, l.port),
-                                model: spec.model.clone(),
-                            });
-                        }
-                        match self.warmer.state(&o.id) {
-                            Some(Warmth::Warm) => true,
-                            Some(Warmth::Failed(e)) => {
-                                messages.insert(o.id.clone(), format!("loading the model: {e}"));
-                                false
-                            }
-                            _ => {
-                                if probe.ready {
-                                    messages.insert(
-                                        o.id.clone(),
-                                        format!("loading model {}", spec.model),
-                                    );
-                                }
-                                false
-                            }
-                        }
-                    }
-                    (Gate::Open(_), _) => true,
-                };
-                // (Creation times are whole seconds.)
-                let adopted = l.created_at + Duration::from_secs(1) < self.started_at;
-                let warming = spec.is_some_and(|s| s.models.warm)
-                    && probe.ready
-                    && !matches!(
-                        self.warmer.state(&o.id),
-                        Some(Warmth::Warm | Warmth::Failed(_))
-                    );
-                if running && adopted && (!probe.probed || warming) {
-                    unsettled += 1;
-                }
-                let startup_since = match gate {
-                    _ if !probe.was_ready => Some(l.created_at),
-                    Gate::Open(since) => Some(since.max(l.created_at)),
-                    Gate::Waiting(_) => None,
-                };
-                Instance {
-                    id: o.id.clone(),
-                    fleet: l.fleet,
-                    slot: l.slot,
-                    port: l.port,
-                    spec_hash: l.spec_hash,
-                    created_at: l.created_at,
-                    carry: l.carry,
-                    state: o.state,
-                    exit_code: o.exit_code,
-                    exited_at: o.exited_at,
-                    ready: probe.ready && running && warm,
-                    was_ready: probe.was_ready && warm,
-                    oom: ooms.contains(&o.id),
-                    startup_since,
-                    unhealthy: probe.unhealthy && running,
-                    memory: self.memory.get(&o.id).map(|(_, m)| *m),
-                    known: probe.probed,
-                }
-            })
-            .collect();
+        let (instances, messages, warm_targets, unsettled) =
+            self.readiness(labelled, &gates, &ooms);
         self.warmer.sync(warm_targets);
         if !self.settled && (unsettled == 0 || self.started.elapsed() >= SETTLE_LIMIT) {
             tracing::info!(
@@ -817,6 +733,109 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             wake_at(SystemTime::now() + MEMORY_PERIOD);
         }
         Ok(wake)
+    }
+
+    /// Each observed instance with what decides its readiness: the probes, the node's model
+    /// gate and its warm-up. Also returns the status messages of instances that wait, the
+    /// instances to warm, and how many adopted instances are not known yet.
+    fn readiness(
+        &self,
+        labelled: Vec<(&fleet_runtime::Observed, build::InstanceLabels)>,
+        gates: &HashMap<String, Gate>,
+        ooms: &HashSet<String>,
+    ) -> (
+        Vec<Instance>,
+        HashMap<String, String>,
+        Vec<WarmTarget>,
+        usize,
+    ) {
+        let mut messages: HashMap<String, String> = HashMap::new();
+        let mut warm_targets = Vec::new();
+        // Adopted instances whose readiness this agent does not know yet.
+        let mut unsettled = 0usize;
+        let instances: Vec<Instance> = labelled
+            .into_iter()
+            .map(|(o, l)| {
+                let probe = self.prober.state(&o.id);
+                let running = o.state == fleet_runtime::TaskState::Running;
+                let spec = self.last_valid.get(&l.fleet).map(|f| &f.spec);
+                let gate = gates
+                    .get(&format!("#{}", o.id))
+                    .or_else(|| gates.get(&l.fleet))
+                    .cloned()
+                    .unwrap_or(Gate::Open(SystemTime::UNIX_EPOCH));
+                let warm = match (&gate, spec) {
+                    (Gate::Waiting(why), _) => {
+                        messages.insert(o.id.clone(), why.clone());
+                        false
+                    }
+                    (Gate::Open(_), Some(spec)) if spec.models.warm => {
+                        // Kept while the probe fails for a while, so a warm instance that
+                        // stops answering is Unready, not Starting again.
+                        if running && probe.was_ready {
+                            warm_targets.push(WarmTarget {
+                                id: o.id.clone(),
+                                base: base_url(spec, l.port),
+                                model: spec.model.clone(),
+                            });
+                        }
+                        match self.warmer.state(&o.id) {
+                            Some(Warmth::Warm) => true,
+                            Some(Warmth::Failed(e)) => {
+                                messages.insert(o.id.clone(), format!("loading the model: {e}"));
+                                false
+                            }
+                            _ => {
+                                if probe.ready {
+                                    messages.insert(
+                                        o.id.clone(),
+                                        format!("loading model {}", spec.model),
+                                    );
+                                }
+                                false
+                            }
+                        }
+                    }
+                    (Gate::Open(_), _) => true,
+                };
+                // (Creation times are whole seconds.)
+                let adopted = l.created_at + Duration::from_secs(1) < self.started_at;
+                let warming = spec.is_some_and(|s| s.models.warm)
+                    && probe.ready
+                    && !matches!(
+                        self.warmer.state(&o.id),
+                        Some(Warmth::Warm | Warmth::Failed(_))
+                    );
+                if running && adopted && (!probe.probed || warming) {
+                    unsettled += 1;
+                }
+                let startup_since = match gate {
+                    _ if !probe.was_ready => Some(l.created_at),
+                    Gate::Open(since) => Some(since.max(l.created_at)),
+                    Gate::Waiting(_) => None,
+                };
+                Instance {
+                    id: o.id.clone(),
+                    fleet: l.fleet,
+                    slot: l.slot,
+                    port: l.port,
+                    spec_hash: l.spec_hash,
+                    created_at: l.created_at,
+                    carry: l.carry,
+                    state: o.state,
+                    exit_code: o.exit_code,
+                    exited_at: o.exited_at,
+                    ready: probe.ready && running && warm,
+                    was_ready: probe.was_ready && warm,
+                    oom: ooms.contains(&o.id),
+                    startup_since,
+                    unhealthy: probe.unhealthy && running,
+                    memory: self.memory.get(&o.id).map(|(_, m)| *m),
+                    known: probe.probed,
+                }
+            })
+            .collect();
+        (instances, messages, warm_targets, unsettled)
     }
 
     fn submit(

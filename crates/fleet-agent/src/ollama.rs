@@ -290,6 +290,7 @@ struct Scripted {
     dirs: HashMap<String, String>,
     failing: HashSet<String>,
     calls: Vec<String>,
+    pull_time: Duration,
 }
 
 impl ScriptedOllama {
@@ -300,6 +301,16 @@ impl ScriptedOllama {
     /// Every base URL uses the same models directory (a node's shared cache).
     pub fn share(&self, dir: &str) {
         self.lock().dirs.insert("*".into(), dir.into());
+    }
+
+    /// Pulls take this long.
+    pub fn set_pull_time(&self, time: Duration) {
+        self.lock().pull_time = time;
+    }
+
+    /// Every base URL has its own models directory again (the default).
+    pub fn unshare(&self) {
+        self.lock().dirs.remove("*");
     }
 
     /// Makes calls of a kind (`show`, `pull`, `set_threads`, `load`) fail, or succeed again.
@@ -349,6 +360,8 @@ impl Ollama for ScriptedOllama {
 
     async fn pull(&self, base: &str, model: &str, progress: &Progress) -> Result<(), String> {
         let key = self.record("pull", base, model)?;
+        let time = self.lock().pull_time;
+        tokio::time::sleep(time).await;
         *progress.lock().unwrap_or_else(|p| p.into_inner()) = (100, 100);
         self.lock().models.insert(key, None);
         Ok(())

@@ -1007,3 +1007,39 @@ async fn instances_leave_the_endpoints_before_they_are_stopped() {
     .await
     .expect("in time");
 }
+
+#[tokio::test]
+async fn without_a_shared_cache_each_instance_gets_its_own_model() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (rt, store) = fresh();
+        put(
+            &store,
+            "f",
+            &manifest(
+                "f",
+                "  replicas: {perNode: 3}\n  models: {hostPath: \"\"}\n",
+            ),
+            Expect::Absent,
+        )
+        .await;
+        let a = start(rt, store, config());
+        // Each instance is its own cache here (nothing shared); pulls take a while.
+        a.ollama.unshare();
+        a.ollama.set_pull_time(Duration::from_millis(300));
+        wait_status(&a.store, "f", "3 ready", |s| s.ready_replicas == 3).await;
+        let calls = a.ollama.calls();
+        let pulls: std::collections::BTreeSet<&str> = calls
+            .iter()
+            .filter_map(|c| c.strip_prefix("pull "))
+            .collect();
+        assert_eq!(pulls.len(), 3, "one pull per instance: {calls:?}");
+        let loads = calls.iter().filter(|c| c.starts_with("load ")).count();
+        assert_eq!(
+            loads, 3,
+            "each instance loads once, after its own pull: {calls:?}"
+        );
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
