@@ -476,3 +476,43 @@ async fn etcd_outages_disturb_nothing() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn describe_and_logs() {
+    let world = World::new("describe");
+    let base = free_port_range(2);
+    world.cli_ok(
+        &["apply", "-f", "-"],
+        Some(&world.sim_fleet("desc", 2, base, "")),
+    );
+    let _agent = world.agent("node-1", &[]);
+    let s = world
+        .wait_status("desc", "2 instances ready", 60, ready(2))
+        .await;
+    let out = world.cli_ok(&["describe", "fleet", "desc"], None);
+    for want in [
+        "Name:         desc",
+        "Model:        smollm2:135m",
+        "Rollout:      maxUnavailable 25%, maxSurge 0",
+        "Node node-1 (current;",
+        "Instances: 2 desired, 2 ready, 2 up to date (2 Ready)",
+        "Available     True",
+        "Recent exits: none",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+    let missing = world.cli(&["describe", "fleet", "nope"], None);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("ollamafleet/nope not found"));
+
+    // The instance's log, from the agent's state directory on this node.
+    let id = s["instances"][0]["id"].as_str().expect("id").to_string();
+    let state = world.dir.join("state-node-1");
+    let state = state.to_str().expect("utf-8");
+    let log = world.cli_ok(&["logs", &id, "--state-dir", state], None);
+    assert!(log.contains("llama runner started"), "{log}");
+    let tail = world.cli_ok(&["logs", &id, "--state-dir", state, "--tail", "1"], None);
+    assert_eq!(tail.lines().count(), 1, "{tail}");
+    let absent = world.cli(&["logs", "desc-9-000000", "--state-dir", state], None);
+    assert_eq!(absent.status.code(), Some(1));
+}

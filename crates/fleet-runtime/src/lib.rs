@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod containerd;
 pub mod fake;
 pub mod image;
+pub mod logs;
 pub mod pull;
 pub mod registry;
 pub mod spec;

@@ -92,6 +92,44 @@ pub struct Args {
     /// How often the tags of `imagePullPolicy: Always` images are re-resolved.
     #[arg(long, env = "OLLAMA_FLEET_IMAGE_REFRESH", value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     pub image_refresh: std::time::Duration,
+    /// Instance logs (STATE_DIR/logs/ID.log) larger than this are rotated to ID.log.1; logs of
+    /// instances gone for a day are deleted.
+    #[arg(long, env = "OLLAMA_FLEET_LOG_MAX_SIZE", value_name = "QUANTITY", default_value = "10Mi", value_parser = parse_quantity)]
+    pub log_max_size: u64,
+}
+
+fn parse_quantity(s: &str) -> Result<u64, String> {
+    fleet_api::Quantity::parse(s).map(fleet_api::Quantity::bytes)
+}
+
+/// How often instance logs are checked for size.
+const LOG_CHECK: Duration = Duration::from_secs(30);
+
+/// Keeps the instance logs in bounds (see `fleet_runtime::logs::tend`).
+async fn tend_logs(runtime: Arc<Containerd>, dir: std::path::PathBuf, max_bytes: u64) {
+    loop {
+        tokio::time::sleep(LOG_CHECK).await;
+        let Ok(list) = fleet_runtime::Runtime::list(&*runtime).await else {
+            continue;
+        };
+        let live: std::collections::HashSet<String> = list.into_iter().map(|o| o.id).collect();
+        let dir = dir.clone();
+        let tended = tokio::task::spawn_blocking(move || {
+            fleet_runtime::logs::tend(&dir, max_bytes, &live, Duration::from_secs(86_400))
+        })
+        .await;
+        match tended {
+            Ok(Ok(t)) if t != fleet_runtime::logs::Tended::default() => {
+                tracing::info!(
+                    rotated = t.rotated,
+                    deleted = t.deleted,
+                    "instance logs tended"
+                );
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot tend the instance logs"),
+            _ => {}
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -190,6 +228,11 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_registry(registry),
     );
+    tokio::spawn(tend_logs(
+        runtime.clone(),
+        args.state_dir.join("logs"),
+        args.log_max_size,
+    ));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (see --listen)", args.listen))?;

@@ -38,10 +38,13 @@ pub struct Args {
 }
 
 /// One fleet with its status on every node.
-struct FleetView {
-    doc: FleetDoc,
-    parsed: Result<fleet_api::OllamaFleet, String>,
-    statuses: Vec<FleetStatus>,
+pub struct FleetView {
+    /// The stored document.
+    pub doc: FleetDoc,
+    /// It, parsed (or why not).
+    pub parsed: Result<fleet_api::OllamaFleet, String>,
+    /// Every node's status of it.
+    pub statuses: Vec<FleetStatus>,
 }
 
 impl FleetView {
@@ -94,7 +97,8 @@ fn parse_status(value: &str) -> Option<FleetStatus> {
     serde_json::from_str(value).ok()
 }
 
-async fn fleets(store: &impl Store, only: Option<&str>) -> anyhow::Result<Vec<FleetView>> {
+/// The fleets (or just `only`) with every node's status.
+pub async fn fleets(store: &impl Store, only: Option<&str>) -> anyhow::Result<Vec<FleetView>> {
     let docs = store.list_fleets().await?;
     let mut statuses: BTreeMap<String, Vec<FleetStatus>> = BTreeMap::new();
     for e in store.list_status(only).await? {

@@ -7,9 +7,11 @@
 mod agent;
 mod apply;
 mod delete;
+mod describe;
 mod get;
 mod global;
 mod input;
+mod logs;
 mod table;
 mod validate;
 
@@ -27,6 +29,8 @@ use clap::{Parser, Subcommand};
     ollama-fleet agent --node-name epyc-07         # run the node agent\n  \
     ollama-fleet get fleets                        # the fleets, summed over nodes\n  \
     ollama-fleet get instances devassist -o wide   # every instance of a fleet\n  \
+    ollama-fleet describe fleet devassist          # per-node status, conditions, exits\n  \
+    ollama-fleet logs devassist-3-7f2a91 -f        # an instance's log (on its node)\n  \
     ollama-fleet delete fleet devassist            # agents remove its instances")]
 struct Cli {
     #[command(flatten)]
@@ -49,6 +53,14 @@ enum Command {
     Validate(validate::Args),
     /// List fleets, instances or nodes, aggregated over every node's status.
     Get(get::Args),
+    /// Show a fleet in detail: its spec in short, each node's status and conditions, and the
+    /// instances' recent exits.
+    Describe {
+        #[command(subcommand)]
+        what: describe::What,
+    },
+    /// Print an instance's log (run it on the node that runs the instance).
+    Logs(logs::Args),
     /// Delete a fleet: agents stop and remove its instances.
     Delete {
         #[command(subcommand)]
@@ -63,6 +75,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Validate(args) => validate::run(&args),
+        Command::Logs(args) => logs::run(&args),
         Command::Schema => {
             print!("{}", fleet_api::schema_json());
             Ok(ExitCode::SUCCESS)
@@ -87,8 +100,11 @@ fn main() -> ExitCode {
                     }
                     Command::Apply(args) => apply::run(&cli.global, &args).await,
                     Command::Get(args) => get::run(&cli.global, &args).await,
+                    Command::Describe { what } => describe::run(&cli.global, &what).await,
                     Command::Delete { what } => delete::run(&cli.global, &what).await,
-                    Command::Validate(_) | Command::Schema => unreachable!("handled above"),
+                    Command::Validate(_) | Command::Logs(_) | Command::Schema => {
+                        unreachable!("handled above")
+                    }
                 }
             })
         }
