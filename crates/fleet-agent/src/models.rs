@@ -260,23 +260,29 @@ impl ModelCache {
                 seconds = started.elapsed().as_secs_f64(),
                 "model pulled"
             );
-            present = self.ollama.show(base, model).await?;
-            if present.is_none() {
-                return Err("the pull succeeded but the model is not there".into());
-            }
+            // A server that cannot say (no /api/show, no /api/tags) is taken at its word.
+            present = self.ollama.show(base, model).await?.or(Some(None));
         }
         if let Some(threads) = need.threads
             && present != Some(Some(threads))
         {
             self.step(key, "setting num_thread of", progress);
-            self.ollama.set_threads(base, model, threads).await?;
-            let after = self.ollama.show(base, model).await?;
-            if after != Some(Some(threads)) {
-                return Err(format!(
-                    "num_thread is {after:?} after setting it to {threads}"
-                ));
+            let set = match self.ollama.set_threads(base, model, threads).await {
+                Ok(()) => self.ollama.show(base, model).await,
+                Err(e) => Err(e),
+            };
+            match set {
+                Ok(Some(Some(t))) if t == threads => {
+                    tracing::info!(model, threads, "model carries the node's thread count");
+                }
+                // The model is there; only its thread count could not be set (a server without
+                // /api/create, say). Instances may still load it: running with Ollama's own
+                // thread count beats not running. Said loudly, and counted.
+                other => {
+                    lock(&self.stats).failures += 1;
+                    tracing::warn!(model, threads, outcome = ?other, "cannot set the model's num_thread; instances use the server's default thread count");
+                }
             }
-            tracing::info!(model, threads, "model carries the node's thread count");
         }
         Ok(())
     }

@@ -92,7 +92,36 @@ pub fn same_model(a: &str, b: &str) -> bool {
     }
 }
 
+/// Whether a 404 body is Ollama's "model not found" (JSON with an `error` naming it).
+fn model_not_found(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_lowercase))
+        .is_some_and(|e| e.contains("not found"))
+}
+
 impl HttpOllama {
+    /// Whether `/api/tags` lists the model (`Some(None)`: present, thread count unknown); a
+    /// server without `/api/tags` either cannot say, so the model counts as absent.
+    async fn listed(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, String> {
+        let (status, body) = self
+            .call("GET", format!("{base}/api/tags"), None, CALL_TIMEOUT)
+            .await?;
+        if status != 200 {
+            return Ok(None);
+        }
+        let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+        let present = v["models"].as_array().is_some_and(|models| {
+            models.iter().any(|m| {
+                m["name"]
+                    .as_str()
+                    .or_else(|| m["model"].as_str())
+                    .is_some_and(|n| same_model(n, model))
+            })
+        });
+        Ok(present.then_some(None))
+    }
+
     async fn send(
         &self,
         method: &str,
@@ -153,7 +182,10 @@ impl Ollama for HttpOllama {
                 let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
                 Ok(Some(num_thread_of(v["parameters"].as_str().unwrap_or(""))))
             }
-            404 => Ok(None),
+            // Ollama's "model not found" (a JSON error). Any other 404 or 405 means the server
+            // has no /api/show: ask /api/tags whether the model is there.
+            404 if model_not_found(&body) => Ok(None),
+            404 | 405 | 501 => self.listed(base, model).await,
             s => Err(error_of(s, &body)),
         }
     }
@@ -255,6 +287,10 @@ impl Ollama for HttpOllama {
         let (status, body) = self
             .call("GET", format!("{base}/api/ps"), None, CALL_TIMEOUT)
             .await?;
+        if matches!(status, 404 | 405 | 501) {
+            // No /api/ps: the successful load is all there is to go by.
+            return Ok(());
+        }
         if status != 200 {
             return Err(error_of(status, &body));
         }

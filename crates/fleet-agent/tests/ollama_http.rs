@@ -1,0 +1,83 @@
+//! The HTTP Ollama client against a server that has only part of Ollama's API (pull and
+//! generate, no show, tags, create or ps), as a minimal Ollama-compatible workload might: the
+//! model is still pulled once and loaded, and readiness is not held back forever.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::post;
+use fleet_agent::models::{Gate, ModelCache, Need, WarmTarget, Warmer, Warmth};
+use fleet_agent::ollama::HttpOllama;
+use fleet_e2e::wait_for;
+use tokio::sync::Notify;
+
+async fn minimal_server(pulls: Arc<AtomicUsize>) -> String {
+    let app = Router::new()
+        .route(
+            "/api/pull",
+            post(move || {
+                pulls.fetch_add(1, Ordering::SeqCst);
+                async {
+                    "{\"status\":\"pulling manifest\"}\n{\"status\":\"pulling abc\",\"digest\":\"sha256:abc\",\"total\":100,\"completed\":100}\n{\"status\":\"success\"}\n"
+                }
+            }),
+        )
+        .route(
+            "/api/generate",
+            post(|| async { "{\"model\":\"m\",\"done\":true,\"response\":\"\"}" }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test]
+async fn a_partial_ollama_api_still_gets_its_model_and_warms() {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let pulls = Arc::new(AtomicUsize::new(0));
+        let base = minimal_server(pulls.clone()).await;
+        let ollama = Arc::new(HttpOllama::default());
+        let cache = ModelCache::new(
+            ollama.clone(),
+            Arc::new(Notify::new()),
+            Duration::from_millis(100),
+        );
+        let need = Need {
+            cache: "/cache".into(),
+            model: "m".into(),
+            pull: true,
+            threads: Some(2),
+        };
+        let via = vec![base.clone()];
+        wait_for("the gate open", Duration::from_secs(10), || {
+            let g = cache.gate(&need, &via);
+            async move { matches!(g, Gate::Open(_)).then_some(()) }
+        })
+        .await;
+        assert_eq!(pulls.load(Ordering::SeqCst), 1, "pulled once");
+        let stats = cache.stats();
+        assert_eq!(
+            (stats.pulls, stats.failures),
+            (1, 1),
+            "the thread count could not be set, and that is counted"
+        );
+        let warmer = Warmer::new(ollama, Arc::new(Notify::new()));
+        warmer.sync(vec![WarmTarget {
+            id: "i".into(),
+            base,
+            model: "m".into(),
+        }]);
+        wait_for("warm", Duration::from_secs(10), || {
+            let w = warmer.state("i");
+            async move { (w == Some(Warmth::Warm)).then_some(()) }
+        })
+        .await;
+    })
+    .await
+    .expect("in time");
+}
