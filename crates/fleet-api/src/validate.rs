@@ -103,12 +103,12 @@ pub(crate) fn validate_except(
     }
 
     if let Some(age) = spec.rotation.max_age
-        && age < Duration::secs(10)
+        && age < Duration::secs(1)
     {
         add(
             &spec_path("rotation.maxAge"),
             &["rotation.maxAge"],
-            format!("must be at least 10s, got {age}"),
+            format!("must be at least 1s, got {age}"),
         );
     }
     if let (Some(max), Some(limit)) = (spec.rotation.max_memory, spec.resources.memory)

@@ -573,9 +573,9 @@ fn rotation() {
         "unknown unit \"w\"",
     );
     fails(
-        &doc("rotation: {maxAge: 5s}"),
+        &doc("rotation: {maxAge: 500ms}"),
         "spec.rotation.maxAge",
-        "at least 10s",
+        "at least 1s",
     );
     fails(
         &doc("rotation: {maxMemory: lots}"),
