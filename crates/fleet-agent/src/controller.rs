@@ -832,6 +832,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                     unhealthy: probe.unhealthy && running,
                     memory: self.memory.get(&o.id).map(|(_, m)| *m),
                     known: probe.probed,
+                    model_pending: matches!(gate, Gate::Waiting(_)),
                 }
             })
             .collect();

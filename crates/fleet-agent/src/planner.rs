@@ -64,6 +64,9 @@ pub struct Instance {
     pub unhealthy: bool,
     /// Anonymous plus swap memory, when measured (for `rotation.maxMemory`).
     pub memory: Option<u64>,
+    /// It runs but waits for the node's model (being checked, pulled, or backing off): phase
+    /// `Pending`, as image work is.
+    pub model_pending: bool,
     /// Its probes have answered since the agent started: until then "not ready" means "not
     /// known yet" (an agent that just restarted must not take adopted instances for stuck ones).
     pub known: bool,
@@ -753,6 +756,7 @@ mod tests {
             unhealthy: false,
             memory: None,
             known: true,
+            model_pending: false,
         }
     }
 

@@ -16,7 +16,7 @@ pub fn phase(i: &Instance, terminating: bool, backing_off: bool) -> Phase {
         Phase::Terminating
     } else if i.is_dead() || backing_off {
         Phase::BackOff
-    } else if !i.is_running() {
+    } else if !i.is_running() || (i.model_pending && !i.ready) {
         Phase::Pending
     } else if i.ready {
         Phase::Ready
@@ -271,6 +271,7 @@ mod tests {
             unhealthy: false,
             memory: None,
             known: true,
+            model_pending: false,
         }
     }
 
@@ -295,6 +296,13 @@ mod tests {
         assert_eq!(
             phase(&inst(TaskState::NoTask, false, false), false, false),
             Phase::Pending
+        );
+        let mut waiting = inst(TaskState::Running, false, false);
+        waiting.model_pending = true;
+        assert_eq!(
+            phase(&waiting, false, false),
+            Phase::Pending,
+            "waiting for the node's model is model work"
         );
         assert_eq!(
             phase(&inst(TaskState::Running, true, true), true, false),
