@@ -92,6 +92,18 @@ pub fn same_model(a: &str, b: &str) -> bool {
     }
 }
 
+/// Whether an answer of `/api/tags` or `/api/ps` lists the model.
+fn lists(answer: &Value, model: &str) -> bool {
+    answer["models"].as_array().is_some_and(|models| {
+        models.iter().any(|m| {
+            m["name"]
+                .as_str()
+                .or_else(|| m["model"].as_str())
+                .is_some_and(|n| same_model(n, model))
+        })
+    })
+}
+
 /// Whether a 404 body is Ollama's "model not found" (JSON with an `error` naming it).
 fn model_not_found(body: &[u8]) -> bool {
     serde_json::from_slice::<Value>(body)
@@ -111,15 +123,7 @@ impl HttpOllama {
             return Ok(None);
         }
         let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-        let present = v["models"].as_array().is_some_and(|models| {
-            models.iter().any(|m| {
-                m["name"]
-                    .as_str()
-                    .or_else(|| m["model"].as_str())
-                    .is_some_and(|n| same_model(n, model))
-            })
-        });
-        Ok(present.then_some(None))
+        Ok(lists(&v, model).then_some(None))
     }
 
     async fn send(
@@ -295,15 +299,7 @@ impl Ollama for HttpOllama {
             return Err(error_of(status, &body));
         }
         let ps: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-        let loaded = ps["models"].as_array().is_some_and(|models| {
-            models.iter().any(|m| {
-                m["name"]
-                    .as_str()
-                    .or_else(|| m["model"].as_str())
-                    .is_some_and(|n| same_model(n, model))
-            })
-        });
-        if loaded {
+        if lists(&ps, model) {
             Ok(())
         } else {
             Err(format!("/api/ps does not list {model} after loading it"))

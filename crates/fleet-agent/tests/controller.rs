@@ -92,12 +92,16 @@ async fn put(store: &MemoryStore, name: &str, doc: &str, expect: Expect) -> i64 
         .unwrap_or_else(|e| panic!("put {name}: {e}"))
 }
 
-/// Fleet `f` with `extra` in a fresh store and runtime, an agent on them, and the status once
-/// `ready` instances are ready.
-async fn converged(extra: &str, ready: u32) -> (Running, FleetStatus) {
+/// Fleet `f` with `extra` in a fresh store and runtime, and an agent on them.
+async fn started(extra: &str) -> Running {
     let (rt, store) = fresh();
     put(&store, "f", &manifest("f", extra), Expect::Absent).await;
-    let a = start(rt, store, config());
+    start(rt, store, config())
+}
+
+/// [`started`], and the status once `ready` instances are ready.
+async fn converged(extra: &str, ready: u32) -> (Running, FleetStatus) {
+    let a = started(extra).await;
     let s = wait_status(&a.store, "f", &format!("{ready} ready"), |s| {
         s.ready_replicas == ready
     })
@@ -850,18 +854,10 @@ async fn always_rolls_out_a_new_digest_of_the_same_tag() {
 #[tokio::test]
 async fn the_model_is_pulled_once_per_node_and_loaded_before_ready() {
     tokio::time::timeout(Duration::from_secs(30), async {
-        let (rt, store) = fresh();
-        put(
-            &store,
-            "f",
-            &manifest(
-                "f",
-                "  replicas: {perNode: 4}\n  resources: {cpus: 2.5}\n  models: {hostPath: /node-cache}\n",
-            ),
-            Expect::Absent,
+        let a = started(
+            "  replicas: {perNode: 4}\n  resources: {cpus: 2.5}\n  models: {hostPath: /node-cache}\n",
         )
         .await;
-        let a = start(rt, store, config());
         // Loading fails at first: running and answering, but not Ready.
         a.ollama.set_failing("load", true);
         let s = wait_status(&a.store, "f", "4 starting, model loads failing", |s| {
@@ -1011,18 +1007,7 @@ async fn instances_leave_the_endpoints_before_they_are_stopped() {
 #[tokio::test]
 async fn without_a_shared_cache_each_instance_gets_its_own_model() {
     tokio::time::timeout(Duration::from_secs(30), async {
-        let (rt, store) = fresh();
-        put(
-            &store,
-            "f",
-            &manifest(
-                "f",
-                "  replicas: {perNode: 3}\n  models: {hostPath: \"\"}\n",
-            ),
-            Expect::Absent,
-        )
-        .await;
-        let a = start(rt, store, config());
+        let a = started("  replicas: {perNode: 3}\n  models: {hostPath: \"\"}\n").await;
         // Each instance is its own cache here (nothing shared); pulls take a while.
         a.ollama.unshare();
         a.ollama.set_pull_time(Duration::from_millis(300));
