@@ -52,14 +52,15 @@ step "ollama-fleet get instances"
 
 step "curl http://127.0.0.1:9477/instances (what a load balancer reads)"
 curl -s http://127.0.0.1:9477/instances; echo
-step "curl http://127.0.0.1:21434/api/generate (slot 0 of the fleet)"
-curl -s http://127.0.0.1:21434/api/pull -d '{"model":"smollm2:135m","stream":false}' >/dev/null
+step "curl http://127.0.0.1:21434/api/generate (slot 0; the agent pulled the model once and loaded it)"
 curl -s http://127.0.0.1:21434/api/generate -d '{"model":"smollm2:135m","prompt":"hello","options":{"num_predict":4}}' | cut -c1-120
 
 cat <<MSG
 
 The demo fleet runs. Try, in a shell with: eval "\$(hack/dev-env.sh env)"
   target/debug/ollama-fleet get instances -o wide
+  target/debug/ollama-fleet describe fleet sim                    # conditions, recent exits
+  target/debug/ollama-fleet logs <an instance ID> --state-dir $OLLAMA_FLEET_DEV_DIR/agent/state
   ctr -n ollama-fleet tasks kill -s SIGKILL <an instance ID>      # it is replaced
   etcdctl get --prefix /ollama-fleet/status/                      # per-node status
   sed 's/perNode: 4/perNode: 6/' manifests/examples/sim.yaml | target/debug/ollama-fleet apply -f -
