@@ -39,10 +39,18 @@ else
 fi
 
 step "Watching: ollama-fleet get fleets"
-for _ in $(seq 60); do
+# Done when the agent's own view (/instances) has every instance ready and the aggregated status
+# agrees (a status key left by an earlier run expires with its lease; it does not count).
+for _ in $(seq 90); do
   out=$("$FLEET" get fleets 2>/dev/null || true)
   echo "$out" | tail -n +2
-  if echo "$out" | awk 'NR==2 && $4==$5 && $4>0 {ok=1} END {exit !ok}'; then break; fi
+  inst=$(curl -sf http://127.0.0.1:9477/instances || true)
+  ready=$(grep -o '"ready":true' <<<"$inst" | wc -l || true)
+  unready=$(grep -o '"ready":false' <<<"$inst" | wc -l || true)
+  if [[ $ready -gt 0 && $unready -eq 0 ]] \
+    && echo "$out" | awk -v n="$ready" 'NR==2 && $4==$5 && $5==n {ok=1} END {exit !ok}'; then
+    break
+  fi
   sleep 1
 done
 "$FLEET" get fleets
