@@ -485,7 +485,10 @@ async fn describe_and_logs() {
         &["apply", "-f", "-"],
         Some(&world.sim_fleet("desc", 2, base, "")),
     );
-    let _agent = world.agent("node-1", &[]);
+    let _agent = world.agent(
+        "node-1",
+        &["--log-max-size", "2Ki", "--log-check-interval", "1s"],
+    );
     let s = world
         .wait_status("desc", "2 instances ready", 60, ready(2))
         .await;
@@ -515,4 +518,27 @@ async fn describe_and_logs() {
     assert_eq!(tail.lines().count(), 1, "{tail}");
     let absent = world.cli(&["logs", "desc-9-000000", "--state-dir", state], None);
     assert_eq!(absent.status.code(), Some(1));
+
+    // Logs are rotated by size (2Ki here; the sim logs every request, probes included), and
+    // `logs` prints the rotated part before the current one.
+    let logs = world.dir.join("state-node-1/logs");
+    let rotated = logs.join(format!("{id}.log.1"));
+    wait_for("the log rotated", Duration::from_secs(60), || async {
+        rotated.exists().then_some(())
+    })
+    .await;
+    let current = std::fs::metadata(logs.join(format!("{id}.log")))
+        .expect("current log")
+        .len();
+    assert!(
+        current < 2048 + 1024,
+        "the current part was truncated: {current} bytes"
+    );
+    let all = world.cli_ok(&["logs", &id, "--state-dir", state], None);
+    assert!(
+        all.len() > 2048,
+        "the rotated part (over 2Ki) and the current one: {} bytes",
+        all.len()
+    );
+    assert!(all.contains("[GIN]"), "{all}");
 }

@@ -96,19 +96,24 @@ pub struct Args {
     /// instances gone for a day are deleted.
     #[arg(long, env = "OLLAMA_FLEET_LOG_MAX_SIZE", value_name = "QUANTITY", default_value = "10Mi", value_parser = parse_quantity)]
     pub log_max_size: u64,
+    /// How often instance log sizes are checked.
+    #[arg(long, env = "OLLAMA_FLEET_LOG_CHECK_INTERVAL", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub log_check_interval: std::time::Duration,
 }
 
 fn parse_quantity(s: &str) -> Result<u64, String> {
     fleet_api::Quantity::parse(s).map(fleet_api::Quantity::bytes)
 }
 
-/// How often instance logs are checked for size.
-const LOG_CHECK: Duration = Duration::from_secs(30);
-
-/// Keeps the instance logs in bounds (see `fleet_runtime::logs::tend`).
-async fn tend_logs(runtime: Arc<Containerd>, dir: std::path::PathBuf, max_bytes: u64) {
+/// Keeps the instance logs in bounds (see `fleet_runtime::logs::tend`), checking every `every`.
+async fn tend_logs(
+    runtime: Arc<Containerd>,
+    dir: std::path::PathBuf,
+    max_bytes: u64,
+    every: Duration,
+) {
     loop {
-        tokio::time::sleep(LOG_CHECK).await;
+        tokio::time::sleep(every).await;
         let Ok(list) = fleet_runtime::Runtime::list(&*runtime).await else {
             continue;
         };
@@ -232,6 +237,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
         runtime.clone(),
         args.state_dir.join("logs"),
         args.log_max_size,
+        args.log_check_interval,
     ));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -70,10 +70,26 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/sim/hang", post(sim_hang))
         .route("/sim/leak", post(sim_leak))
         .layer(middleware::from_fn_with_state(app.clone(), hang_guard))
+        .layer(middleware::from_fn(access_log))
         .with_state(app)
 }
 
 /// Once hung, no request gets an answer.
+/// One line per request on stderr, in the shape of Ollama's (gin's) access log.
+async fn access_log(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    eprintln!(
+        "[GIN] {} | {:>3} | {:>12?} | {:<7} {path:?}",
+        humantime::format_rfc3339_seconds(SystemTime::now()),
+        resp.status().as_u16(),
+        started.elapsed(),
+        method.as_str(),
+    );
+    resp
+}
+
 async fn hang_guard(State(app): Shared, req: Request, next: Next) -> Response {
     if app.faults.is_hung() {
         std::future::pending::<()>().await;
