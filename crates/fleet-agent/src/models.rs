@@ -80,6 +80,9 @@ enum State {
     Working {
         step: &'static str,
         progress: Progress,
+        /// The model was ready before (this is a re-preparation, say for a new thread count):
+        /// instances may go on loading it meanwhile.
+        open: Option<SystemTime>,
     },
     Ready {
         since: SystemTime,
@@ -89,7 +92,16 @@ enum State {
         error: String,
         attempts: u32,
         retry_at: Instant,
+        open: Option<SystemTime>,
     },
+}
+
+/// Why the model's preparation failed, and whether the model is there anyway (then only its
+/// thread count is missing, and instances may use it).
+#[derive(Debug)]
+struct Unprepared {
+    error: String,
+    model_present: bool,
 }
 
 /// Model statistics, for metrics.
@@ -149,11 +161,16 @@ impl ModelCache {
         }
         let key = (need.cache.clone(), need.model.clone());
         let mut entries = lock(&self.entries);
-        let attempts = match entries.get(&key) {
+        let now = Instant::now();
+        let (attempts, open) = match entries.get(&key) {
             Some(State::Ready { since, need: done }) if done == need => return Gate::Open(*since),
-            // The need changed (a new CPU allowance, say): prepare again (no pull when present).
-            Some(State::Ready { .. }) => 0,
-            Some(State::Working { step, progress }) => {
+            // The need changed (a new CPU allowance, say): prepare again (no pull when present);
+            // the model is there, so instances may go on using it meanwhile.
+            Some(State::Ready { since, .. }) => (0, Some(*since)),
+            Some(State::Working {
+                open: Some(since), ..
+            }) => return Gate::Open(*since),
+            Some(State::Working { step, progress, .. }) => {
                 let (done, total) = *lock(progress);
                 let bytes = if total > 0 {
                     format!(", {} of {}", mib(done), mib(total))
@@ -166,23 +183,32 @@ impl ModelCache {
                 error,
                 attempts,
                 retry_at,
+                open,
             }) => {
-                if Instant::now() < *retry_at {
-                    let secs = retry_at.saturating_duration_since(Instant::now()).as_secs();
+                if now < *retry_at {
+                    if let Some(since) = open {
+                        return Gate::Open(*since);
+                    }
+                    let secs = retry_at.saturating_duration_since(now).as_secs();
                     return Gate::Waiting(format!(
                         "ModelPullBackOff: model {}: {error} (retrying in {secs}s)",
                         need.model
                     ));
                 }
-                *attempts
+                (*attempts, *open)
             }
-            None => 0,
+            None => (0, None),
         };
         let Some(base) = via.first().cloned() else {
-            return Gate::Waiting(format!(
-                "waiting for an instance to answer, to prepare model {}",
-                need.model
-            ));
+            return open.map_or_else(
+                || {
+                    Gate::Waiting(format!(
+                        "waiting for an instance to answer, to prepare model {}",
+                        need.model
+                    ))
+                },
+                Gate::Open,
+            );
         };
         let progress: Progress = Arc::default();
         entries.insert(
@@ -190,6 +216,7 @@ impl ModelCache {
             State::Working {
                 step: "checking",
                 progress: progress.clone(),
+                open,
             },
         );
         drop(entries);
@@ -200,11 +227,15 @@ impl ModelCache {
             let result = this.prepare(&base, &need, &key, &progress).await;
             let state = match result {
                 Ok(()) => State::Ready {
-                    since: SystemTime::now(),
+                    since: open.unwrap_or_else(SystemTime::now),
                     need: need.clone(),
                 },
-                Err(error) => {
-                    tracing::warn!(model = %need.model, cache = %need.cache, error = %error, "model not ready; backing off");
+                Err(Unprepared {
+                    error,
+                    model_present,
+                }) => {
+                    tracing::warn!(model = %need.model, cache = %need.cache, error = %error, model_present, "model not prepared; backing off");
+                    let open = open.or(model_present.then(SystemTime::now));
                     lock(&this.stats).failures += 1;
                     let delay = this
                         .backoff
@@ -215,23 +246,34 @@ impl ModelCache {
                         error,
                         attempts: attempts + 1,
                         retry_at: Instant::now() + delay,
+                        open,
                     }
                 }
             };
             lock(&this.entries).insert(key, state);
             this.wake.notify_one();
         });
-        Gate::Waiting(format!("checking model {model}"))
+        open.map_or_else(
+            || Gate::Waiting(format!("checking model {model}")),
+            Gate::Open,
+        )
     }
 
     fn step(&self, key: &(String, String), step: &'static str, progress: &Progress) {
-        lock(&self.entries).insert(
+        let mut entries = lock(&self.entries);
+        let open = match entries.get(key) {
+            Some(State::Working { open, .. }) => *open,
+            _ => None,
+        };
+        entries.insert(
             key.clone(),
             State::Working {
                 step,
                 progress: progress.clone(),
+                open,
             },
         );
+        drop(entries);
         self.wake.notify_one();
     }
 
@@ -241,19 +283,26 @@ impl ModelCache {
         need: &Need,
         key: &(String, String),
         progress: &Progress,
-    ) -> Result<(), String> {
+    ) -> Result<(), Unprepared> {
         let model = need.model.as_str();
-        let mut present = self.ollama.show(base, model).await?;
+        let absent = |error: String| Unprepared {
+            error,
+            model_present: false,
+        };
+        let mut present = self.ollama.show(base, model).await.map_err(absent)?;
         if present.is_none() {
             if !need.pull {
-                return Err(format!(
+                return Err(absent(format!(
                     "not in the node's cache, and spec.models.pull is false (pull it: ollama pull {model})"
-                ));
+                )));
             }
             self.step(key, "pulling", progress);
             tracing::info!(model, via = base, "pulling the model into the node's cache");
             let started = Instant::now();
-            self.ollama.pull(base, model, progress).await?;
+            self.ollama
+                .pull(base, model, progress)
+                .await
+                .map_err(absent)?;
             lock(&self.stats).pulls += 1;
             tracing::info!(
                 model,
@@ -261,7 +310,12 @@ impl ModelCache {
                 "model pulled"
             );
             // A server that cannot say (no /api/show, no /api/tags) is taken at its word.
-            present = self.ollama.show(base, model).await?.or(Some(None));
+            present = self
+                .ollama
+                .show(base, model)
+                .await
+                .map_err(absent)?
+                .or(Some(None));
         }
         if let Some(threads) = need.threads
             && present != Some(Some(threads))
@@ -276,11 +330,13 @@ impl ModelCache {
                     tracing::info!(model, threads, "model carries the node's thread count");
                 }
                 // The model is there; only its thread count could not be set (a server without
-                // /api/create, say). Instances may still load it: running with Ollama's own
-                // thread count beats not running. Said loudly, and counted.
+                // /api/create, say). Instances may still load it (running with Ollama's own
+                // thread count beats not running); retried with backoff.
                 other => {
-                    lock(&self.stats).failures += 1;
-                    tracing::warn!(model, threads, outcome = ?other, "cannot set the model's num_thread; instances use the server's default thread count");
+                    return Err(Unprepared {
+                        error: format!("cannot set num_thread to {threads}: {other:?}"),
+                        model_present: true,
+                    });
                 }
             }
         }
@@ -470,6 +526,41 @@ mod tests {
             ]
         );
         assert_eq!(cache.stats().pulls, 1);
+    }
+
+    #[tokio::test]
+    async fn a_new_thread_count_keeps_the_gate_open() {
+        let ollama = Arc::new(ScriptedOllama::default());
+        ollama.share("/cache");
+        let cache = ModelCache::new(
+            ollama.clone(),
+            Arc::new(Notify::new()),
+            Duration::from_millis(50),
+        );
+        let mut need = Need {
+            cache: "/cache".into(),
+            model: "m".into(),
+            pull: true,
+            threads: Some(2),
+        };
+        let via = vec!["http://a".to_string()];
+        let Gate::Open(since) = open(&cache, &need, &via).await else {
+            unreachable!()
+        };
+        // A new CPU allowance: the model is re-derived while instances go on using it.
+        need.threads = Some(3);
+        ollama.set_failing("set_threads", true);
+        for _ in 0..20 {
+            assert_eq!(cache.gate(&need, &via), Gate::Open(since));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ollama.set_failing("set_threads", false);
+        fleet_e2e::wait_for("num_thread 3", Duration::from_secs(5), || {
+            let done = cache.gate(&need, &via) == Gate::Open(since)
+                && ollama.show_threads("m") == Some(Some(3));
+            async move { done.then_some(()) }
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -61,9 +61,9 @@ async fn a_partial_ollama_api_still_gets_its_model_and_warms() {
         .await;
         assert_eq!(pulls.load(Ordering::SeqCst), 1, "pulled once");
         let stats = cache.stats();
-        assert_eq!(
-            (stats.pulls, stats.failures),
-            (1, 1),
+        assert_eq!(stats.pulls, 1);
+        assert!(
+            stats.failures >= 1,
             "the thread count could not be set, and that is counted"
         );
         let warmer = Warmer::new(ollama, Arc::new(Notify::new()));
