@@ -388,13 +388,50 @@ async fn rolling_updates_and_a_stalled_one() {
     ]);
     assert!(env.contains("GREETING=hello"));
 
+    // A new CPU allowance is a new thread count: the node's model is re-derived while the old
+    // instances keep serving, and the new ones run with 2 threads.
+    let sampler = Sampler::start(&world, &agent, "u");
+    let bigger = fleet(&world, "u", 10, base, ", GREETING: hello", rollout)
+        .replace("cpus: 1.5,", "cpus: 2.5,");
+    apply(&world, &bigger);
+    let done = world
+        .wait_status("u", "10 on 2.5 CPUs and ready", 120, |s| {
+            s["updatedReplicas"] == 10
+                && s["readyReplicas"] == 10
+                && s["instances"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == 10 && a.iter().all(|i| i["specHash"] != new_hash))
+        })
+        .await;
+    let (ready, running, _) = sampler.finish().await;
+    assert!(
+        ready >= 9 && running >= 9,
+        "more than 1 unavailable while the model was re-derived: {ready} ready, {running} running"
+    );
+    let port = done["instances"][0]["port"].as_u64().expect("port");
+    let (_, headers, _) = request_with_headers(
+        "POST",
+        &format!("http://127.0.0.1:{port}/api/generate"),
+        Some(&json!({"model": MODEL, "prompt": "hi", "stream": false})),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("generate");
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "x-sim-num-thread" && v == "2"),
+        "{headers:?}"
+    );
+
     // A rollout to a command that exits at once: at most maxUnavailable old instances are lost,
     // and the condition says why it stopped.
     let sampler = Sampler::start(&world, &agent, "u");
     let broken = format!("{rollout}  command: [/bin/ollama, no-such-command]\n");
     apply(
         &world,
-        &fleet(&world, "u", 10, base, ", GREETING: hello", &broken),
+        &fleet(&world, "u", 10, base, ", GREETING: hello", &broken)
+            .replace("cpus: 1.5,", "cpus: 2.5,"),
     );
     let stalled = world
         .wait_status("u", "the stall reported", 60, |s| {
