@@ -622,3 +622,46 @@ async fn a_failing_model_pull_is_reported_and_retried() {
     );
     assert!(metric(&agent, "ollama_fleet_model_failures_total").await >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_model_rolls_out_while_the_old_one_serves() {
+    let world = World::new("lc-model2");
+    let base = free_port_range(4);
+    let rollout = "  rollout: {maxUnavailable: 1}\n";
+    apply(&world, &fleet(&world, "n", 4, base, "", rollout));
+    let agent = world.agent("node-1", &[]);
+    wait_ready(&agent, "n", 4, 120).await;
+
+    // A new model: pulled once (3 s) by the first new instance while the others keep serving
+    // the old one; at most one instance down at any time.
+    let sampler = Sampler::start(&world, &agent, "n");
+    let new_model = fleet(&world, "n", 4, base, "", rollout)
+        .replace(&format!("model: {MODEL}"), "model: smollm2:360m");
+    apply(&world, &new_model);
+    let done = wait_for(
+        "4 ready on the new model",
+        Duration::from_secs(120),
+        || async {
+            let l = listed(&agent, "n").await;
+            let mut all_new = ready_slots(&l) == 4 && l.len() == 4;
+            for i in &l {
+                let url = format!("http://{}/api/ps", i["address"].as_str().unwrap_or(""));
+                let ps = fleet_e2e::request("GET", &url, None, Duration::from_secs(2)).await;
+                all_new &= ps.is_ok_and(|(_, ps)| json(&ps)["models"][0]["name"] == "smollm2:360m");
+            }
+            all_new.then_some(l)
+        },
+    )
+    .await;
+    let (ready, running, samples) = sampler.finish().await;
+    eprintln!("model rollout: fewest ready {ready}, fewest running {running}, {samples} samples");
+    assert!(
+        ready >= 3 && running >= 3,
+        "{ready} ready, {running} running"
+    );
+    assert_eq!(done.len(), 4);
+    let journal =
+        std::fs::read_to_string(world.dir.join("models/.sim-pulls.log")).expect("journal");
+    let pulls: Vec<&str> = journal.lines().filter(|l| l.starts_with("start")).collect();
+    assert_eq!(pulls.len(), 2, "one pull per model on the node:\n{journal}");
+}

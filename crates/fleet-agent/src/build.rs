@@ -16,6 +16,9 @@ use crate::topology::{Topology, format_cpulist};
 pub const LABEL_RESTARTS: &str = "ollama-fleet.io/restarts";
 /// Label: consecutive quick crashes behind this instance (drives the backoff).
 pub const LABEL_CRASHLOOP: &str = "ollama-fleet.io/crashloop";
+/// Label: the model the instance serves (`spec.model` when it was created), so an instance of a
+/// previous spec keeps using its own model while a new one is pulled.
+pub const LABEL_MODEL: &str = "ollama-fleet.io/model";
 /// Label: how the slot's previous instance ended, `code:reason:RFC3339`.
 pub const LABEL_LAST_EXIT: &str = "ollama-fleet.io/last-exit";
 
@@ -56,6 +59,8 @@ pub struct InstanceLabels {
     pub created_at: SystemTime,
     /// History carried from the slot's previous instances.
     pub carry: Carry,
+    /// The model it serves (absent on containers made before the label existed).
+    pub model: Option<String>,
 }
 
 /// Parses an instance's labels; `None` when they are not ours or are broken.
@@ -77,6 +82,7 @@ pub fn parse_labels(labels: &BTreeMap<String, String>) -> Option<InstanceLabels>
         created_at: get(LABEL_CREATED_AT)
             .and_then(|t| humantime::parse_rfc3339(t).ok())
             .unwrap_or(SystemTime::UNIX_EPOCH),
+        model: get(LABEL_MODEL).map(str::to_string),
         carry: Carry {
             restarts: get(LABEL_RESTARTS)
                 .and_then(|v| v.parse().ok())
@@ -212,6 +218,7 @@ pub fn container_spec(
         ),
         (LABEL_RESTARTS.to_string(), carry.restarts.to_string()),
         (LABEL_CRASHLOOP.to_string(), carry.crashloop.to_string()),
+        (LABEL_MODEL.to_string(), spec.model.clone()),
     ]);
     if let Some(e) = &carry.last_exit {
         labels.insert(
@@ -371,6 +378,7 @@ mod tests {
         assert_eq!(parsed.spec_hash, "abc");
         assert_eq!(parsed.created_at, now);
         assert_eq!(parsed.carry, carry);
+        assert_eq!(parsed.model.as_deref(), Some("m"));
         assert!(parse_labels(&BTreeMap::new()).is_none());
         assert_ne!(new_id("f", 1, now, 0), new_id("f", 1, now, 1));
     }

@@ -45,6 +45,11 @@ pub fn base_url(spec: &fleet_api::FleetSpec, port: u16) -> String {
     }
 }
 
+/// The key of a fleet's model gate for one model.
+fn gate_key(fleet: &str, model: &str) -> String {
+    format!("{fleet}\u{0}{model}")
+}
+
 /// The agent's settings.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -759,9 +764,16 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 let probe = self.prober.state(&o.id);
                 let running = o.state == fleet_runtime::TaskState::Running;
                 let spec = self.last_valid.get(&l.fleet).map(|f| &f.spec);
+                // The model this instance serves: its own (an instance of a previous spec keeps
+                // its model while a new one is pulled), else the spec's.
+                let model = l
+                    .model
+                    .clone()
+                    .or_else(|| spec.map(|s| s.model.clone()))
+                    .unwrap_or_default();
                 let gate = gates
                     .get(&format!("#{}", o.id))
-                    .or_else(|| gates.get(&l.fleet))
+                    .or_else(|| gates.get(&gate_key(&l.fleet, &model)))
                     .cloned()
                     .unwrap_or(Gate::Open(SystemTime::UNIX_EPOCH));
                 let warm = match (&gate, spec) {
@@ -776,7 +788,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                             warm_targets.push(WarmTarget {
                                 id: o.id.clone(),
                                 base: base_url(spec, l.port),
-                                model: spec.model.clone(),
+                                model: model.clone(),
                             });
                         }
                         match self.warmer.state(&o.id) {
@@ -787,10 +799,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                             }
                             _ => {
                                 if probe.ready {
-                                    messages.insert(
-                                        o.id.clone(),
-                                        format!("loading model {}", spec.model),
-                                    );
+                                    messages.insert(o.id.clone(), format!("loading model {model}"));
                                 }
                                 false
                             }
@@ -863,8 +872,9 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         }
     }
 
-    /// The model gate of each fleet (keyed by its name), or of each instance (keyed by `#` and
-    /// its container ID) for fleets without a shared cache.
+    /// The model gates: for each fleet and each model its instances serve (keyed by
+    /// [`gate_key`]; instances of a previous spec may serve another model than `spec.model`), or
+    /// for each instance (keyed by `#` and its container ID) of fleets without a shared cache.
     fn model_gates(
         &self,
         labelled: &[(&fleet_runtime::Observed, build::InstanceLabels)],
@@ -875,7 +885,9 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         fleets.sort_by_key(|(name, _)| name.as_str());
         for (name, fleet) in fleets {
             let spec = &fleet.spec;
-            let need = Need {
+            let model_of =
+                |l: &build::InstanceLabels| l.model.clone().unwrap_or(spec.model.clone());
+            let base_need = Need {
                 cache: spec.models.host_path.clone(),
                 model: spec.model.clone(),
                 pull: spec.models.pull,
@@ -890,49 +902,63 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                     Gate::Open(SystemTime::UNIX_EPOCH)
                 }
             };
-            let mut answering: Vec<(u32, &str, String)> = labelled
+            let mine: Vec<&(&fleet_runtime::Observed, build::InstanceLabels)> =
+                labelled.iter().filter(|(_, l)| &l.fleet == name).collect();
+            let mut answering: Vec<(u32, &str, String, String)> = mine
                 .iter()
-                .filter(|(o, l)| {
-                    &l.fleet == name
-                        && o.state == fleet_runtime::TaskState::Running
-                        && self.prober.state(&o.id).ready
+                .filter(|(o, _)| {
+                    o.state == fleet_runtime::TaskState::Running && self.prober.state(&o.id).ready
                 })
-                .map(|(o, l)| (l.slot, o.id.as_str(), base_url(spec, l.port)))
+                .map(|(o, l)| (l.slot, o.id.as_str(), base_url(spec, l.port), model_of(l)))
                 .collect();
             answering.sort();
-            if need.cache.is_empty() {
-                for (o, _) in labelled.iter().filter(|(_, l)| &l.fleet == name) {
+            if base_need.cache.is_empty() {
+                for (o, l) in &mine {
                     let via: Vec<String> = answering
                         .iter()
                         .filter(|a| a.1 == o.id)
                         .map(|a| a.2.clone())
                         .collect();
-                    let mine = Need {
+                    let need = Need {
                         cache: o.id.clone(),
-                        ..need.clone()
+                        model: model_of(l),
+                        ..base_need.clone()
                     };
-                    gates.insert(format!("#{}", o.id), waits(self.models.gate(&mine, &via)));
+                    gates.insert(format!("#{}", o.id), waits(self.models.gate(&need, &via)));
                 }
                 continue;
             }
-            let key = (need.cache.clone(), need.model.clone());
-            if let Some((other, threads)) = claimed.get(&key)
-                && *threads != need.threads
-            {
-                let gate = Gate::Waiting(format!(
-                    "fleet {other} runs model {} from the same cache {} with num_thread {}, \
-                     this fleet needs {}: give one of them its own models.hostPath",
-                    need.model,
-                    need.cache,
-                    threads.map_or("unset".into(), |t| t.to_string()),
-                    need.threads.map_or("unset".into(), |t| t.to_string()),
-                ));
-                gates.insert(name.clone(), gate);
-                continue;
+            let mut models: Vec<String> = mine.iter().map(|(_, l)| model_of(l)).collect();
+            models.push(spec.model.clone());
+            models.sort();
+            models.dedup();
+            for model in models {
+                let need = Need {
+                    model: model.clone(),
+                    ..base_need.clone()
+                };
+                let key = (need.cache.clone(), model.clone());
+                if let Some((other, threads)) = claimed.get(&key)
+                    && *threads != need.threads
+                {
+                    let gate = Gate::Waiting(format!(
+                        "fleet {other} runs model {model} from the same cache {} with num_thread {}, \
+                         this fleet needs {}: give one of them its own models.hostPath",
+                        need.cache,
+                        threads.map_or("unset".into(), |t| t.to_string()),
+                        need.threads.map_or("unset".into(), |t| t.to_string()),
+                    ));
+                    gates.insert(gate_key(name, &model), gate);
+                    continue;
+                }
+                claimed.insert(key, (name.clone(), need.threads));
+                let via: Vec<String> = answering
+                    .iter()
+                    .filter(|a| a.3 == model)
+                    .map(|a| a.2.clone())
+                    .collect();
+                gates.insert(gate_key(name, &model), waits(self.models.gate(&need, &via)));
             }
-            claimed.insert(key, (name.clone(), need.threads));
-            let via: Vec<String> = answering.into_iter().map(|a| a.2).collect();
-            gates.insert(name.clone(), waits(self.models.gate(&need, &via)));
         }
         gates
     }
@@ -1178,7 +1204,11 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 inst,
                 Vec::new(),
             );
-            let waiting = match gates.get(name) {
+            let current = match evals.get(name) {
+                Some((_, Eval::Run { fleet, .. })) => gate_key(name, &fleet.spec.model),
+                _ => String::new(),
+            };
+            let waiting = match gates.get(&current) {
                 Some(Gate::Waiting(why)) if desired > 0 => Some(why.as_str()),
                 _ => None,
             };
