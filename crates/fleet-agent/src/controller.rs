@@ -815,7 +815,10 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                         self.warmer.state(&o.id),
                         Some(Warmth::Warm | Warmth::Failed(_))
                     );
-                if running && adopted && (!probe.probed || warming) {
+                // An adopted instance not yet probed, or probed but not yet confirmed warm
+                // again, is unknown (until the agent settles): not unready.
+                let unknown = running && adopted && (!probe.probed || warming);
+                if unknown {
                     unsettled += 1;
                 }
                 let startup_since = match gate {
@@ -840,7 +843,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                     startup_since,
                     unhealthy: probe.unhealthy && running,
                     memory: self.memory.get(&o.id).map(|(_, m)| *m),
-                    known: probe.probed,
+                    known: probe.probed && (self.settled || !unknown),
                     model_pending: matches!(gate, Gate::Waiting(_)),
                 }
             })

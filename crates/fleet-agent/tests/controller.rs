@@ -1028,3 +1028,44 @@ async fn without_a_shared_cache_each_instance_gets_its_own_model() {
     .await
     .expect("in time");
 }
+
+/// Regression: an agent restarted during a rollout took the adopted instances of the previous
+/// spec, probed but not yet confirmed warm again, for unready ones and replaced them all at once.
+#[tokio::test]
+async fn a_restart_during_a_rollout_keeps_the_budget() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let extra = "  replicas: {perNode: 3}\n  rollout: {maxUnavailable: 1}\n";
+        let (a, s) = converged(extra, 3).await;
+        let (rt, store) = (a.runtime.clone(), a.store.clone());
+        a.stop().await;
+        // Older than a second (creation times are whole seconds), then a new spec.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let doc = manifest("f", &format!("{extra}  env: {{NEW: \"1\"}}\n"));
+        let rev = put(&store, "f", &doc, Expect::Revision(s.observed_generation)).await;
+
+        let b = start(rt, store, config());
+        // At every SIGTERM, the other two instances are ready endpoints.
+        let seen: Arc<std::sync::Mutex<Vec<usize>>> = Arc::default();
+        let (view, log) = (b.view.clone(), seen.clone());
+        b.runtime.on_kill(move |_, signal| {
+            if signal == fleet_runtime::SIGTERM {
+                let v = view.read().expect("view");
+                let ready = v.endpoints.iter().filter(|e| e.ready).count();
+                log.lock().expect("log").push(ready);
+            }
+        });
+        wait_status(&b.store, "f", "rolled out", |s| {
+            s.observed_generation == rev && s.updated_replicas == 3 && s.ready_replicas == 3
+        })
+        .await;
+        let seen = seen.lock().expect("log").clone();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(
+            seen.iter().all(|ready| *ready >= 2),
+            "more than maxUnavailable down at a SIGTERM: {seen:?}"
+        );
+        b.stop().await;
+    })
+    .await
+    .expect("in time");
+}
