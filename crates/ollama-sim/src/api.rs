@@ -70,13 +70,16 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/sim/hang", post(sim_hang))
         .route("/sim/leak", post(sim_leak))
         .layer(middleware::from_fn_with_state(app.clone(), hang_guard))
-        .layer(middleware::from_fn(access_log))
+        .layer(middleware::from_fn_with_state(app.clone(), access_log))
         .with_state(app)
 }
 
 /// Once hung, no request gets an answer.
 /// One line per request on stderr, in the shape of Ollama's (gin's) access log.
-async fn access_log(req: Request, next: Next) -> Response {
+async fn access_log(State(app): Shared, req: Request, next: Next) -> Response {
+    if !app.cfg.access_log {
+        return next.run(req).await;
+    }
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let started = Instant::now();
     let resp = next.run(req).await;

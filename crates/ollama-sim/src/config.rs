@@ -98,6 +98,9 @@ pub struct Config {
     pub leak_rate: u64,
     /// `SIM_IGNORE_SIGTERM`: keep running on SIGTERM (to exercise the grace period and SIGKILL).
     pub ignore_sigterm: bool,
+    /// `SIM_ACCESS_LOG`: a line on stderr per request, like Ollama's access log (default on;
+    /// `0` turns it off, e.g. for benchmarks).
+    pub access_log: bool,
     /// Physical cores of the host, which Ollama sizes its threads from (not the cgroup);
     /// `SIM_HOST_CORES` overrides the count from `/proc/cpuinfo`, so a small test machine can
     /// look like a many-core server.
@@ -177,6 +180,7 @@ impl Config {
             hang_after: duration("SIM_HANG_AFTER")?,
             leak_rate: quantity("SIM_LEAK_RATE", 0)?,
             ignore_sigterm: flag("SIM_IGNORE_SIGTERM"),
+            access_log: get("SIM_ACCESS_LOG").is_none() || flag("SIM_ACCESS_LOG"),
             host_cores: match get("SIM_HOST_CORES") {
                 Some(v) => v
                     .parse()

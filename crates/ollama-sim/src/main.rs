@@ -40,6 +40,8 @@ Faults:
   SIM_HANG_AFTER=10s        stop answering anything
   SIM_LEAK_RATE=10Mi        leak that many bytes per second
   SIM_IGNORE_SIGTERM=1      keep running on SIGTERM
+  SIM_HOST_CORES=64         the host's cores as the sim sees them (its default thread count)
+  SIM_ACCESS_LOG=0          no line per request on stderr (default: one, like Ollama's)
   POST /sim/exit {\"code\":3}   POST /sim/hang   POST /sim/leak {\"rate\":\"10Mi\"}   GET /sim/state
 ";
 
