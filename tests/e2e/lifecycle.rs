@@ -321,6 +321,30 @@ async fn rotation_with_surge_keeps_every_instance_ready() {
     assert!(running >= 10);
 }
 
+/// Applies `manifest` to fleet `u` (10 instances) and waits until every instance is ready on a
+/// spec hash other than `off`; returns the status and the fewest ready and running instances
+/// seen meanwhile.
+async fn roll_out(
+    world: &World,
+    agent: &AgentProcess,
+    manifest: &str,
+    off: &Value,
+) -> (Value, usize, usize) {
+    let sampler = Sampler::start(world, agent, "u");
+    apply(world, manifest);
+    let status = world
+        .wait_status("u", "10 updated and ready", 120, |s| {
+            s["updatedReplicas"] == 10
+                && s["readyReplicas"] == 10
+                && s["instances"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == 10 && a.iter().all(|i| i["specHash"] != *off))
+        })
+        .await;
+    let (ready, running, _) = sampler.finish().await;
+    (status, ready, running)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_updates_and_a_stalled_one() {
     let world = World::new("lc-roll");
@@ -350,24 +374,9 @@ async fn rolling_updates_and_a_stalled_one() {
     apply(&world, &fleet(&world, "u", 10, base, "", rollout));
 
     // An env change rolls out one at a time.
-    let sampler = Sampler::start(&world, &agent, "u");
-    apply(
-        &world,
-        &fleet(&world, "u", 10, base, ", GREETING: hello", rollout),
-    );
-    let after = world
-        .wait_status("u", "10 updated and ready", 120, |s| {
-            s["updatedReplicas"] == 10
-                && s["readyReplicas"] == 10
-                && s["instances"]
-                    .as_array()
-                    .is_some_and(|a| a.len() == 10 && a.iter().all(|i| i["specHash"] != old_hash))
-        })
-        .await;
-    let (ready, running, samples) = sampler.finish().await;
-    eprintln!(
-        "rolling update, maxUnavailable 1: fewest ready {ready}, fewest running {running}, {samples} samples"
-    );
+    let changed = fleet(&world, "u", 10, base, ", GREETING: hello", rollout);
+    let (after, ready, running) = roll_out(&world, &agent, &changed, &old_hash).await;
+    eprintln!("rolling update, maxUnavailable 1: fewest ready {ready}, fewest running {running}");
     assert!(
         ready >= 9 && running >= 9,
         "more than 1 unavailable: {ready} ready, {running} running"
@@ -390,20 +399,9 @@ async fn rolling_updates_and_a_stalled_one() {
 
     // A new CPU allowance is a new thread count: the node's model is re-derived while the old
     // instances keep serving, and the new ones run with 2 threads.
-    let sampler = Sampler::start(&world, &agent, "u");
     let bigger = fleet(&world, "u", 10, base, ", GREETING: hello", rollout)
         .replace("cpus: 1.5,", "cpus: 2.5,");
-    apply(&world, &bigger);
-    let done = world
-        .wait_status("u", "10 on 2.5 CPUs and ready", 120, |s| {
-            s["updatedReplicas"] == 10
-                && s["readyReplicas"] == 10
-                && s["instances"]
-                    .as_array()
-                    .is_some_and(|a| a.len() == 10 && a.iter().all(|i| i["specHash"] != new_hash))
-        })
-        .await;
-    let (ready, running, _) = sampler.finish().await;
+    let (done, ready, running) = roll_out(&world, &agent, &bigger, &new_hash).await;
     assert!(
         ready >= 9 && running >= 9,
         "more than 1 unavailable while the model was re-derived: {ready} ready, {running} running"

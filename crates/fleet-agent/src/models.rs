@@ -483,6 +483,19 @@ mod tests {
         );
     }
 
+    fn cache_on(ollama: &Arc<ScriptedOllama>, backoff: Duration) -> ModelCache {
+        ModelCache::new(ollama.clone(), Arc::new(Notify::new()), backoff)
+    }
+
+    fn need(model: &str, pull: bool, threads: Option<u32>) -> Need {
+        Need {
+            cache: "/cache".into(),
+            model: model.into(),
+            pull,
+            threads,
+        }
+    }
+
     async fn open(cache: &ModelCache, need: &Need, via: &[String]) -> Gate {
         fleet_e2e::wait_for("the gate", Duration::from_secs(5), || {
             let g = cache.gate(need, via);
@@ -495,17 +508,8 @@ mod tests {
     async fn one_pull_then_threads_then_open() {
         let ollama = Arc::new(ScriptedOllama::default());
         ollama.share("/cache");
-        let cache = ModelCache::new(
-            ollama.clone(),
-            Arc::new(Notify::new()),
-            Duration::from_millis(50),
-        );
-        let need = Need {
-            cache: "/cache".into(),
-            model: "m:1".into(),
-            pull: true,
-            threads: Some(2),
-        };
+        let cache = cache_on(&ollama, Duration::from_millis(50));
+        let need = need("m:1", true, Some(2));
         assert!(
             matches!(cache.gate(&need, &[]), Gate::Waiting(m) if m.contains("waiting for an instance"))
         );
@@ -532,17 +536,8 @@ mod tests {
     async fn a_new_thread_count_keeps_the_gate_open() {
         let ollama = Arc::new(ScriptedOllama::default());
         ollama.share("/cache");
-        let cache = ModelCache::new(
-            ollama.clone(),
-            Arc::new(Notify::new()),
-            Duration::from_millis(50),
-        );
-        let mut need = Need {
-            cache: "/cache".into(),
-            model: "m".into(),
-            pull: true,
-            threads: Some(2),
-        };
+        let cache = cache_on(&ollama, Duration::from_millis(50));
+        let mut need = need("m", true, Some(2));
         let via = vec!["http://a".to_string()];
         let Gate::Open(since) = open(&cache, &need, &via).await else {
             unreachable!()
@@ -566,17 +561,8 @@ mod tests {
     #[tokio::test]
     async fn failures_back_off_and_recover() {
         let ollama = Arc::new(ScriptedOllama::default());
-        let cache = ModelCache::new(
-            ollama.clone(),
-            Arc::new(Notify::new()),
-            Duration::from_millis(200),
-        );
-        let need = Need {
-            cache: "/c".into(),
-            model: "m".into(),
-            pull: true,
-            threads: None,
-        };
+        let cache = cache_on(&ollama, Duration::from_millis(200));
+        let need = need("m", true, None);
         ollama.set_failing("pull", true);
         let via = vec!["http://a".to_string()];
         let waiting = fleet_e2e::wait_for("a failure", Duration::from_secs(5), || {
@@ -604,17 +590,8 @@ mod tests {
     #[tokio::test]
     async fn without_pull_an_absent_model_is_reported() {
         let ollama = Arc::new(ScriptedOllama::default());
-        let cache = ModelCache::new(
-            ollama.clone(),
-            Arc::new(Notify::new()),
-            Duration::from_secs(10),
-        );
-        let need = Need {
-            cache: "/c".into(),
-            model: "m".into(),
-            pull: false,
-            threads: Some(1),
-        };
+        let cache = cache_on(&ollama, Duration::from_secs(10));
+        let need = need("m", false, Some(1));
         let via = vec!["http://a".to_string()];
         let m = fleet_e2e::wait_for("the error", Duration::from_secs(5), || {
             let g = cache.gate(&need, &via);

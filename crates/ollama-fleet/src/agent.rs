@@ -48,13 +48,8 @@ pub struct Args {
     /// Address of the HTTP endpoints (/healthz, /readyz, /metrics, /instances).
     #[arg(long, env = "OLLAMA_FLEET_LISTEN", default_value = "127.0.0.1:9477")]
     pub listen: SocketAddr,
-    /// The agent's state directory (instance logs go to STATE_DIR/logs).
-    #[arg(
-        long,
-        env = "OLLAMA_FLEET_STATE_DIR",
-        default_value = "/var/lib/ollama-fleet"
-    )]
-    pub state_dir: PathBuf,
+    #[command(flatten)]
+    pub state_dir: crate::global::StateDir,
     /// CPU sockets of this node (default: detected from sysfs).
     #[arg(long, env = "OLLAMA_FLEET_SOCKETS")]
     pub sockets: Option<u32>,
@@ -228,14 +223,14 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
         Containerd::new(
             &args.containerd_socket,
             &args.namespace,
-            args.state_dir.join("logs"),
+            args.state_dir.logs(),
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .with_registry(registry),
     );
     tokio::spawn(tend_logs(
         runtime.clone(),
-        args.state_dir.join("logs"),
+        args.state_dir.logs(),
         args.log_max_size,
         args.log_check_interval,
     ));

@@ -101,3 +101,23 @@ impl Global {
         }
     }
 }
+
+/// The agent's state directory on a node: the agent's `--state-dir`, and where `logs` reads.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StateDir {
+    /// The agent's state directory on this node (instance logs are in STATE_DIR/logs; `logs`
+    /// must be given the agent's).
+    #[arg(
+        long = "state-dir",
+        env = "OLLAMA_FLEET_STATE_DIR",
+        default_value = "/var/lib/ollama-fleet"
+    )]
+    pub path: std::path::PathBuf,
+}
+
+impl StateDir {
+    /// STATE_DIR/logs: one log file per instance.
+    pub fn logs(&self) -> std::path::PathBuf {
+        self.path.join("logs")
+    }
+}

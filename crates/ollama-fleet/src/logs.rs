@@ -2,7 +2,6 @@
 //! agent's state directory (STATE_DIR/logs/ID.log, and ID.log.1 once rotated).
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -19,13 +18,8 @@ pub struct Args {
     /// Print only the last N lines.
     #[arg(long, value_name = "N")]
     pub tail: Option<usize>,
-    /// The agent's state directory on this node (the same as the agent's --state-dir).
-    #[arg(
-        long,
-        env = "OLLAMA_FLEET_STATE_DIR",
-        default_value = "/var/lib/ollama-fleet"
-    )]
-    pub state_dir: PathBuf,
+    #[command(flatten)]
+    pub state_dir: crate::global::StateDir,
 }
 
 /// The last `n` lines of `text`.
@@ -43,7 +37,7 @@ fn last_lines(text: &[u8], n: usize) -> &[u8] {
 
 /// Runs `logs`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let dir = args.state_dir.join("logs");
+    let dir = args.state_dir.logs();
     let Some(all) = logs::read(&dir, &args.instance) else {
         eprintln!(
             "error: no log of instance {:?} in {}: logs stay on the node that runs the instance \
