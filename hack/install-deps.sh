@@ -1,9 +1,26 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the project needs to build, test and run, when missing.
-# Safe to run again: it does nothing when everything is present.
+# Installs the Debian packages the project needs to build, test, run and benchmark, when missing.
+# Safe to run again: it does nothing (and prints nothing) when everything is present.
+#
+# A fresh Debian 12 machine needs only rustup's toolchain beforehand; hack/fresh-check.sh proves
+# it in a minimal Debian root. When a script or test starts calling a new tool, add its package
+# here (and run hack/fresh-check.sh).
 set -euo pipefail
 
-PACKAGES=(etcd-server etcd-client containerd runc protobuf-compiler busybox-static curl binutils docker-registry skopeo python3 openssl)
+PACKAGES=(
+  # Build: rustc links with the system C compiler and libc; ring and aws-lc-sys compile C;
+  # etcd-client and containerd-client compile .proto files that import Google's well-known
+  # types (libprotobuf-dev, which protobuf-compiler only recommends); cargo fetches crates over
+  # HTTPS (ca-certificates).
+  gcc libc6-dev protobuf-compiler libprotobuf-dev ca-certificates
+  # Run: what the agent talks to, and the CLIs the scripts and tests drive them with.
+  etcd-server etcd-client containerd runc
+  # Scripts and tests: curl (quickstart, HTTP checks), strip (binutils, sim-image.sh), openssl
+  # (make-test-image.sh), pkill/kill/free (procps), a local OCI registry and skopeo (registry
+  # tests, bench-pull.sh), python3 (bcrypt hashes for registry credentials), a static busybox
+  # for tiny test roots.
+  curl binutils openssl procps docker-registry skopeo python3 busybox-static
+)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -17,8 +34,7 @@ if ((${#missing[@]})); then
   echo "installing: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >&2
-  # A package's post-install may try to start its systemd service; we never use those.
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
-# Debian may have started system etcd/containerd services; ours run on their own ports and
-# sockets, so they are left alone.
+# A package's post-install may have started Debian's own etcd or containerd service; ours run on
+# their own ports and sockets (hack/dev-env.sh), so those are left alone.

@@ -15,6 +15,7 @@ while (($#)); do
     *) echo "make-test-image: unknown argument $1" >&2; exit 2 ;;
   esac
 done
+"$(dirname "${BASH_SOURCE[0]}")/install-deps.sh"   # openssl; silent when present
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT" "$WORK/blobs/sha256"

@@ -16,7 +16,7 @@ eval "$(hack/dev-env.sh up)"
 hack/dev-env.sh status || true
 
 step "Building ollama-fleet and ollama-sim"
-cargo build --locked --quiet -p ollama-fleet -p ollama-sim
+cargo build --locked -p ollama-fleet -p ollama-sim   # a few minutes the first time
 FLEET=$ROOT/target/debug/ollama-fleet
 
 step "Importing the ollama-sim image into containerd namespace ollama-fleet"

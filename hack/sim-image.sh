@@ -33,6 +33,7 @@ while (($#)); do
   esac
 done
 
+"$ROOT/hack/install-deps.sh"   # strip, ldd, tar, gzip; silent when present
 if [[ -z $BINARY ]]; then
   (cd "$ROOT" && cargo build --quiet -p ollama-sim --bin ollama-sim)
   BINARY=$ROOT/target/debug/ollama-sim

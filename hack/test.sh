@@ -5,7 +5,8 @@
 # containerd (hack/dev-env.sh, in $OLLAMA_FLEET_DEV_DIR, default /tmp/ollama-fleet-test), builds
 # the workspace and the ollama-sim image, runs every test (unit, conformance and end-to-end against
 # the real etcd and containerd), then stops the environment (KEEP_ENV=1 keeps it running).
-# Extra arguments go to `cargo test`, e.g. `hack/test.sh -p fleet-api`.
+# Extra arguments replace `--workspace` in `cargo test`, e.g. `hack/test.sh -p fleet-api` or
+# `hack/test.sh -p fleet-e2e --test agent`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,5 +27,9 @@ export OLLAMA_FLEET_SIM_IMAGE_TAR=$ROOT/target/images/ollama-sim.oci.tar
 hack/sim-image.sh --binary "$ROOT/target/debug/ollama-sim" >/dev/null
 
 echo "test: running tests (etcd $OLLAMA_FLEET_ETCD_ENDPOINTS, containerd $OLLAMA_FLEET_CONTAINERD_SOCKET)" >&2
-timeout 1800 cargo test --locked --workspace "$@"
+if (($#)); then
+  timeout 1800 cargo test --locked "$@"
+else
+  timeout 1800 cargo test --locked --workspace
+fi
 echo "test: all tests passed" >&2
