@@ -77,6 +77,7 @@ async fn baseline(world: &World, n: u32, concurrency: usize, base: u16) -> Durat
         sockets: 1,
         topology: Topology::read(std::path::Path::new("/")),
         cgroup_parent: format!("/ollama-fleet/{}", world.ns.name),
+        nofile: fleet_agent::topology::hard_nofile().map(|n| n.min(65_536)),
     };
     let hash = fleet_api::spec_hash(&fleet.spec, &image.digest);
     let now = SystemTime::now();
@@ -398,9 +399,9 @@ async fn main() {
         // The agent.
         let world = World::new(&format!("bench-agent-{n}"));
         let base = free_port_range(n as u16 + 2);
-        // Backoff initial 0 for the crash run: every kill is replaced at once.
+        // The shortest backoff for the crash run (a slot's first restart is at once anyway).
         let manifest = quiet(world.sim_fleet("bench", n, base, ""))
-            .replace("initial: 200ms, max: 2s", "initial: 0, max: 5m")
+            .replace("initial: 200ms, max: 2s", "initial: 100ms, max: 5m")
             // Ready when serving HTTP, like the floor: no model pull or warm-up.
             .replace(
                 "models: {hostPath: ",

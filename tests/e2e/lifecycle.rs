@@ -397,10 +397,10 @@ async fn rolling_updates_and_a_stalled_one() {
     ]);
     assert!(env.contains("GREETING=hello"));
 
-    // A new CPU allowance is a new thread count: the node's model is re-derived while the old
+    // A new CPU allowance (1.5 -> 2 cores, all this node has) is a new thread count: the node's model is re-derived while the old
     // instances keep serving, and the new ones run with 2 threads.
     let bigger = fleet(&world, "u", 10, base, ", GREETING: hello", rollout)
-        .replace("cpus: 1.5,", "cpus: 2.5,");
+        .replace("cpus: 1.5,", "cpus: 2,");
     let (done, ready, running) = roll_out(&world, &agent, &bigger, &new_hash).await;
     assert!(
         ready >= 9 && running >= 9,
@@ -429,7 +429,7 @@ async fn rolling_updates_and_a_stalled_one() {
     apply(
         &world,
         &fleet(&world, "u", 10, base, ", GREETING: hello", &broken)
-            .replace("cpus: 1.5,", "cpus: 2.5,"),
+            .replace("cpus: 1.5,", "cpus: 2,"),
     );
     let stalled = world
         .wait_status("u", "the stall reported", 60, |s| {

@@ -210,6 +210,9 @@ impl AgentProcess {
                 .to_string(),
             "--sockets".into(),
             "1".into(),
+            // The world's model caches live under its own directory.
+            "--allow-host-path".into(),
+            world.dir.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let env = vec![

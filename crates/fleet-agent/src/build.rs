@@ -31,6 +31,8 @@ pub struct NodeCtx {
     pub topology: Topology,
     /// cgroup parent of every instance.
     pub cgroup_parent: String,
+    /// `RLIMIT_NOFILE` of instances.
+    pub nofile: Option<u64>,
 }
 
 /// What a new instance inherits from its slot's history.
@@ -165,6 +167,7 @@ pub fn container_spec(
         .collect();
     env.extend(default_env(spec, port));
     env.extend(spec.env.clone());
+    let security = security(spec, &image.config.user, &mut env);
     let args = if spec.command.is_empty() {
         image
             .config
@@ -206,6 +209,7 @@ pub fn container_spec(
         pids: r.pids.map(|p| i64::try_from(p).unwrap_or(i64::MAX)),
         cpuset_cpus,
         cpuset_mems,
+        nofile: node.nofile,
     };
     let mut labels = BTreeMap::from([
         (LABEL_FLEET.to_string(), fleet.to_string()),
@@ -242,12 +246,95 @@ pub fn container_spec(
         cgroup_parent: node.cgroup_parent.clone(),
         runtime: spec.runtime.name.clone(),
         runtime_binary: spec.runtime.binary_name.clone(),
+        security,
+    }
+}
+
+/// Who an instance runs as (the manifest's `securityContext`, else the image's numeric `USER`,
+/// else root), its `HOME` (set when the image has none: `/root` for root, `/tmp` for others),
+/// and with `readOnlyRootFilesystem` the private tmpfs mounts Ollama needs (`/tmp`, `HOME`).
+fn security(
+    spec: &FleetSpec,
+    image_user: &str,
+    env: &mut BTreeMap<String, String>,
+) -> fleet_runtime::Security {
+    let sc = &spec.security_context;
+    let (user, group) = match image_user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (image_user, None),
+    };
+    let id = |part: &str, field: &str, set: Option<u32>| -> Result<u32, String> {
+        match set {
+            Some(n) => Ok(n),
+            None if part.is_empty() => Ok(0),
+            None => part.parse().map_err(|_| {
+                format!(
+                    "the image's USER {image_user:?} names a {field} that the agent cannot look up; set spec.securityContext.runAs{} to its number",
+                    if field == "user" { "User" } else { "Group" }
+                )
+            }),
+        }
+    };
+    let ids = id(user, "user", sc.run_as_user)
+        .and_then(|uid| Ok((uid, id(group.unwrap_or(""), "group", sc.run_as_group)?)));
+    let uid = ids.as_ref().map_or(0, |(u, _)| *u);
+    let home = env
+        .entry("HOME".into())
+        .or_insert_with(|| if uid == 0 { "/root" } else { "/tmp" }.into())
+        .clone();
+    let mut tmpfs = Vec::new();
+    if sc.read_only_root_filesystem {
+        tmpfs.push("/tmp".to_string());
+        if home != "/" && !home.starts_with("/tmp") && fleet_api::is_normalised_path(&home) {
+            tmpfs.push(home);
+        }
+    }
+    fleet_runtime::Security {
+        user: ids,
+        read_only_root: sc.read_only_root_filesystem,
+        tmpfs,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_homes_and_read_only_roots() {
+        let spec = |sc: &str| {
+            let src = format!(
+                "apiVersion: ollama-fleet.io/v1alpha1\nkind: OllamaFleet\nmetadata: {{name: a}}\nspec:\n  model: m\n  replicas: {{perNode: 1}}\n  securityContext: {sc}\n"
+            );
+            fleet_api::parse_fleet(&src, &fleet_api::Context::default())
+                .expect("valid")
+                .spec
+        };
+        let run = |sc: &str, image_user: &str| {
+            let mut env = BTreeMap::new();
+            let s = security(&spec(sc), image_user, &mut env);
+            (s, env.get("HOME").cloned().unwrap_or_default())
+        };
+        let (s, home) = run("{}", "");
+        assert_eq!(
+            (s.user, s.read_only_root, home.as_str()),
+            (Ok((0, 0)), false, "/root")
+        );
+        let (s, _) = run("{}", "1000:100");
+        assert_eq!(s.user, Ok((1000, 100)));
+        let (s, home) = run("{runAsUser: 2000}", "ollama");
+        assert_eq!((s.user, home.as_str()), (Ok((2000, 0)), "/tmp"));
+        let (s, _) = run("{}", "ollama");
+        assert!(s.user.is_err_and(|e| e.contains("runAsUser")));
+        let (s, _) = run(
+            "{runAsUser: 1, runAsGroup: 2, readOnlyRootFilesystem: true}",
+            "",
+        );
+        assert_eq!(s.user, Ok((1, 2)));
+        assert_eq!(s.tmpfs, ["/tmp"]);
+        let (s, _) = run("{readOnlyRootFilesystem: true}", "");
+        assert_eq!(s.tmpfs, ["/tmp", "/root"]);
+    }
     use crate::topology::Socket;
     use fleet_api::{Context, parse_fleet};
 
@@ -274,6 +361,7 @@ mod tests {
                 ],
             },
             cgroup_parent: "/ollama-fleet/ns".into(),
+            nofile: Some(4096),
         }
     }
 

@@ -24,6 +24,7 @@ use crate::executor::{Executor, Op};
 use crate::models::{Gate, ModelCache, Need, WarmTarget, Warmer, Warmth};
 use crate::ollama::{HttpOllama, Ollama};
 use crate::planner::{self, Action, Desired, Instance, Target, Why};
+use crate::policy::{self, Host, Policy, Refusal};
 use crate::prober::{self, Probes};
 use crate::status::{self, StatusWriter};
 use crate::topology::Topology;
@@ -83,6 +84,11 @@ pub struct AgentConfig {
     pub image_refresh: Duration,
     /// First retry after a failed image pull (doubling up to 5 minutes).
     pub pull_backoff: Duration,
+    /// What fleets may ask of this node (allowlists, default limits, admission).
+    pub policy: Policy,
+    /// `RLIMIT_NOFILE` of instances: 65536, or the agent's own hard limit when lower (runc
+    /// cannot raise it past the shim's hard limit, which normally matches the agent's).
+    pub nofile: u64,
 }
 
 impl AgentConfig {
@@ -105,6 +111,8 @@ impl AgentConfig {
             min_pass_interval: Duration::from_millis(100),
             image_refresh: Duration::from_secs(600),
             pull_backoff: Duration::from_secs(10),
+            policy: Policy::default(),
+            nofile: crate::topology::hard_nofile().map_or(65_536, |n| n.min(65_536)),
         }
     }
 }
@@ -174,9 +182,19 @@ enum Eval {
         hash: String,
         image: Option<Box<ImageInfo>>,
         image_error: Option<String>,
+        /// The memory each instance asks for in the manifest (admission counts it).
+        request: Option<u64>,
+        /// Admitted with fewer instances than asked for (and why).
+        cut: Option<Refusal>,
     },
     Paused(Box<OllamaFleet>),
     Invalid(String),
+    /// Valid, but this node does not run it: what runs is kept, nothing starts.
+    Refused {
+        fleet: Box<OllamaFleet>,
+        replicas: u32,
+        refusal: Refusal,
+    },
 }
 
 /// A fleet document parsed and validated for this node: (fleet, its replicas here), or why not.
@@ -188,6 +206,7 @@ fn conditions(
     s: &FleetStatus,
     stalled: Option<&str>,
     model_waiting: Option<&str>,
+    policy: &Policy,
 ) -> Vec<fleet_api::Condition> {
     use crate::status::condition as c;
     match eval {
@@ -215,8 +234,21 @@ fn conditions(
                 "spec.paused is true: no changes are made",
             ),
         ],
+        Some(Eval::Refused { refusal, .. }) => vec![
+            c("SpecValid", true, "Parsed", ""),
+            c("Admitted", false, refusal.reason(), refusal.message(policy)),
+            c(
+                "Progressing",
+                false,
+                refusal.reason(),
+                "nothing is started on this node; running instances are left as they are",
+            ),
+        ],
         Some(Eval::Run {
-            fleet, image_error, ..
+            fleet,
+            image_error,
+            cut,
+            ..
         }) => {
             let desired = s.desired_replicas;
             let (max_unavailable, _) = fleet.spec.rollout.budget(desired);
@@ -265,8 +297,13 @@ fn conditions(
             } else {
                 "MinimumReplicasUnavailable"
             };
+            let admitted = match cut {
+                Some(r) => c("Admitted", false, r.reason(), r.message(policy)),
+                None => c("Admitted", true, "Admitted", ""),
+            };
             vec![
                 c("SpecValid", true, "Parsed", ""),
+                admitted,
                 c(
                     "Available",
                     available,
@@ -307,6 +344,8 @@ pub struct Agent<R: Runtime, S: Store> {
     view: Arc<RwLock<View>>,
     salt: u64,
     node_written: Option<(Instant, u64)>,
+    /// What admission asks of the host (symlinks, addresses, cpus, memory).
+    host: Arc<dyn Host + Send + Sync>,
 }
 
 impl<R: Runtime, S: Store> std::fmt::Debug for Agent<R, S> {
@@ -365,7 +404,14 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             parsed: HashMap::new(),
             salt: 0,
             node_written: None,
+            host: Arc::new(policy::RealHost),
         }
+    }
+
+    /// Answers admission's questions about the host with `host` (tests script it).
+    pub fn with_host(mut self, host: Arc<dyn Host + Send + Sync>) -> Agent<R, S> {
+        self.host = host;
+        self
     }
 
     /// Talks to the instances' Ollama API through `ollama` (tests script it).
@@ -519,6 +565,115 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         Ok((fleet, replicas))
     }
 
+    /// A fleet this node runs (or could run: `replicas` may be 0), with its image resolved.
+    async fn admitted(&mut self, doc: &FleetDoc, mut fleet: OllamaFleet, replicas: u32) -> Eval {
+        // The hash is of the manifest as written: a change of the agent's defaults rolls
+        // nothing out (as a Kubernetes LimitRange applies when a pod is created).
+        let written = fleet.spec.clone();
+        fleet.spec = self.cfg.policy.effective(&fleet.spec);
+        let name = fleet
+            .spec
+            .image_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        let changed = self
+            .last_valid
+            .get(&doc.name)
+            .is_none_or(|f| f.spec != fleet.spec);
+        let (image, image_error) = if replicas == 0 {
+            (None, None)
+        } else {
+            let policy = fleet.spec.image_pull_policy;
+            match self
+                .images
+                .ensure(&name, policy, doc.revision, changed)
+                .await
+            {
+                crate::images::Resolution::Ready(i) => (Some(i), None),
+                crate::images::Resolution::Waiting(m) => (None, Some(m)),
+            }
+        };
+        // Under `Always` a new digest of the tag is a change that rolls out; under
+        // `IfNotPresent`/`Never` what runs keeps running when the tag moves locally (as in
+        // Kubernetes), so the digest is not part of the hash.
+        let digest = match fleet.spec.image_pull_policy {
+            fleet_api::PullPolicy::Always => image.as_ref().map_or("", |i| i.digest.as_str()),
+            _ => "",
+        };
+        let hash = spec_hash(&written, digest);
+        Eval::Run {
+            fleet: Box::new(fleet),
+            replicas,
+            hash,
+            image,
+            image_error,
+            request: written.resources.memory.map(fleet_api::Quantity::bytes),
+            cut: None,
+        }
+    }
+
+    /// Admission across the fleets this node runs: later fleets whose ports overlap an
+    /// earlier one's are refused; fleets that ask for memory run as many instances as fit.
+    fn admit_across(
+        &self,
+        evals: &mut BTreeMap<String, (i64, Eval)>,
+        created: &HashMap<String, i64>,
+        labelled: &[(&fleet_runtime::Observed, build::InstanceLabels)],
+    ) {
+        let running = |name: &str| {
+            labelled
+                .iter()
+                .filter(|(_, l)| l.fleet == name)
+                .map(|(_, l)| l.slot + 1)
+                .max()
+                .unwrap_or(0)
+        };
+        let claims: Vec<policy::Claim<'_>> = evals
+            .iter()
+            .filter_map(|(name, (_, eval))| match eval {
+                Eval::Run {
+                    fleet,
+                    replicas,
+                    request,
+                    ..
+                } if *replicas > 0 => Some(policy::Claim {
+                    name,
+                    created: created.get(name).copied().unwrap_or(i64::MAX),
+                    spec: &fleet.spec,
+                    memory: *request,
+                    replicas: *replicas,
+                    running: running(name),
+                }),
+                _ => None,
+            })
+            .collect();
+        let verdicts = policy::admit_all(&claims, &self.cfg.policy, self.host.memory());
+        drop(claims);
+        for (name, (admitted, refusal)) in verdicts {
+            let (Some(refusal), Some((_, eval))) = (refusal, evals.get_mut(&name)) else {
+                continue;
+            };
+            if refusal.partial() {
+                if let Eval::Run { replicas, cut, .. } = eval {
+                    *replicas = admitted;
+                    *cut = Some(refusal);
+                }
+                continue;
+            }
+            let placeholder = Eval::Invalid(String::new());
+            if let Eval::Run {
+                fleet, replicas, ..
+            } = std::mem::replace(eval, placeholder)
+            {
+                *eval = Eval::Refused {
+                    fleet,
+                    replicas,
+                    refusal,
+                };
+            }
+        }
+    }
+
     async fn reconcile(&mut self) -> Result<Option<SystemTime>, String> {
         let now = SystemTime::now();
         self.ensure_session().await;
@@ -537,53 +692,30 @@ impl<R: Runtime, S: Store> Agent<R, S> {
 
         // Evaluate each fleet for this node.
         let mut evals: BTreeMap<String, (i64, Eval)> = BTreeMap::new();
+        let mut created: HashMap<String, i64> = HashMap::new();
         for doc in docs.iter().flat_map(|d| d.values()) {
+            created.insert(doc.name.clone(), doc.created);
             let eval = match self.evaluate(doc) {
                 Err(e) => Eval::Invalid(e),
                 Ok((fleet, _)) if fleet.spec.paused => Eval::Paused(Box::new(fleet)),
-                Ok((fleet, replicas)) => {
-                    let name = fleet
-                        .spec
-                        .image_ref()
-                        .map(|r| r.to_string())
-                        .unwrap_or_default();
-                    let changed = self
-                        .last_valid
-                        .get(&doc.name)
-                        .is_none_or(|f| f.spec != fleet.spec);
-                    let (image, image_error) = if replicas == 0 {
-                        (None, None)
-                    } else {
-                        let policy = fleet.spec.image_pull_policy;
-                        match self
-                            .images
-                            .ensure(&name, policy, doc.revision, changed)
-                            .await
-                        {
-                            crate::images::Resolution::Ready(i) => (Some(i), None),
-                            crate::images::Resolution::Waiting(m) => (None, Some(m)),
+                Ok((mut fleet, replicas)) if replicas > 0 => {
+                    match self.cfg.policy.admit(&fleet.spec, &*self.host) {
+                        Err(refusal) => {
+                            fleet.spec = self.cfg.policy.effective(&fleet.spec);
+                            Eval::Refused {
+                                fleet: Box::new(fleet),
+                                replicas,
+                                refusal,
+                            }
                         }
-                    };
-                    // Under `Always` a new digest of the tag is a change that rolls out; under
-                    // `IfNotPresent`/`Never` what runs keeps running when the tag moves locally
-                    // (as in Kubernetes), so the digest is not part of the hash.
-                    let digest = match fleet.spec.image_pull_policy {
-                        fleet_api::PullPolicy::Always => {
-                            image.as_ref().map_or("", |i| i.digest.as_str())
-                        }
-                        _ => "",
-                    };
-                    let hash = spec_hash(&fleet.spec, digest);
-                    Eval::Run {
-                        fleet: Box::new(fleet),
-                        replicas,
-                        hash,
-                        image,
-                        image_error,
+                        Ok(()) => self.admitted(doc, fleet, replicas).await,
                     }
                 }
+                Ok((fleet, replicas)) => self.admitted(doc, fleet, replicas).await,
             };
-            if let Eval::Run { fleet, .. } | Eval::Paused(fleet) = &eval {
+            if let Eval::Run { fleet, .. } | Eval::Paused(fleet) | Eval::Refused { fleet, .. } =
+                &eval
+            {
                 self.last_valid.insert(doc.name.clone(), (**fleet).clone());
             }
             evals.insert(doc.name.clone(), (doc.revision, eval));
@@ -601,6 +733,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             .iter()
             .filter_map(|o| Some((o, build::parse_labels(&o.labels)?)))
             .collect();
+        self.admit_across(&mut evals, &created, &labelled);
         let gates = self.model_gates(&labelled);
         self.sample_memory(&labelled).await;
         let (instances, messages, warm_targets, unsettled) =
@@ -632,7 +765,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                         hash,
                         can_create: image.is_some(),
                     },
-                    Eval::Paused(_) | Eval::Invalid(_) => Desired::Keep,
+                    Eval::Paused(_) | Eval::Invalid(_) | Eval::Refused { .. } => Desired::Keep,
                 },
             })
             .collect();
@@ -656,6 +789,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             sockets: self.cfg.sockets,
             topology: self.cfg.topology.clone(),
             cgroup_parent: self.cfg.cgroup_parent.clone(),
+            nofile: Some(self.cfg.nofile),
         };
         let (stopping, starting): (Vec<&Action>, Vec<&Action>) =
             plan.actions.iter().partition(|a| a.stops().is_some());
@@ -1187,6 +1321,9 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 Some((generation, Eval::Paused(f))) => {
                     (*generation, f.spec.replicas.count(self.cfg.sockets), None)
                 }
+                Some((generation, Eval::Refused { replicas, .. })) => {
+                    (*generation, *replicas, None)
+                }
                 Some((generation, Eval::Run { replicas, hash, .. })) => {
                     (*generation, *replicas, Some(hash.as_str()))
                 }
@@ -1220,6 +1357,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 &summary,
                 plan.stalled.get(name).map(String::as_str),
                 waiting,
+                &self.cfg.policy,
             );
             out.push(summary);
         }

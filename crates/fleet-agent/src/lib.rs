@@ -2,6 +2,7 @@
 //!
 //! - [`planner`]: pure decisions, `plan(fleets, instances, busy, now) -> Plan`;
 //! - [`build`]: pure construction of an instance's container;
+//! - [`policy`]: what fleets may ask of this node (allowlists, default limits, admission);
 //! - [`backoff`], [`topology`]: small pure pieces;
 //! - [`images`]: images present, pulled per policy, once per node, with backoff;
 //! - [`executor`]: runs actions with bounded concurrency, one at a time per slot;
@@ -21,6 +22,7 @@ pub mod images;
 pub mod models;
 pub mod ollama;
 pub mod planner;
+pub mod policy;
 pub mod prober;
 pub mod status;
 pub mod tasks;

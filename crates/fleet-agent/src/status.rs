@@ -27,6 +27,10 @@ pub fn phase(i: &Instance, terminating: bool, backing_off: bool) -> Phase {
     }
 }
 
+/// The longest message kept per instance (errors from containerd or a registry; a node's
+/// status holds hundreds of instances).
+pub const MAX_INSTANCE_MESSAGE_BYTES: usize = 512;
+
 /// An instance's status entry.
 pub fn instance_status(i: &Instance, phase: Phase, message: Option<String>) -> InstanceStatus {
     InstanceStatus {
@@ -39,7 +43,7 @@ pub fn instance_status(i: &Instance, phase: Phase, message: Option<String>) -> I
         restarts: i.carry.restarts,
         spec_hash: i.spec_hash.clone(),
         last_exit: i.exit().or_else(|| i.carry.last_exit.clone()),
-        message,
+        message: message.map(|m| fleet_api::clip(&m, MAX_INSTANCE_MESSAGE_BYTES).into_owned()),
     }
 }
 
@@ -56,17 +60,23 @@ pub fn pending_slot(slot: u32, port: u16, why: &str) -> InstanceStatus {
         restarts: 0,
         spec_hash: String::new(),
         last_exit: None,
-        message: Some(why.to_string()),
+        message: Some(fleet_api::clip(why, MAX_INSTANCE_MESSAGE_BYTES).into_owned()),
     }
 }
 
 /// A condition.
+/// The longest condition message kept (a validation report of a hostile document can be
+/// megabytes; status must stay far below etcd's request limit).
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// A condition; the message is cut to [`MAX_MESSAGE_BYTES`].
 pub fn condition(kind: &str, ok: bool, reason: &str, message: impl Into<String>) -> Condition {
+    let message: String = message.into();
     Condition {
         kind: kind.into(),
         status: if ok { "True" } else { "False" }.into(),
         reason: reason.into(),
-        message: message.into(),
+        message: fleet_api::clip(&message, MAX_MESSAGE_BYTES).into_owned(),
         last_transition_time: String::new(),
     }
 }
@@ -224,7 +234,16 @@ impl StatusWriter {
             self.pending.remove(&fleet);
             status.updated_at = stamp.clone();
             let json = serde_json::to_string(&status).unwrap_or_default();
-            store.put_status(&fleet, &self.node, &json).await?;
+            match store.put_status(&fleet, &self.node, &json).await {
+                Ok(()) => {}
+                // etcd refuses this one value (too large, say): the other fleets' status is
+                // still written, and this one is tried again on the next change.
+                Err(fleet_store::StoreError::Invalid(e)) => {
+                    tracing::warn!(fleet = %fleet, bytes = json.len(), error = %e, "cannot write this fleet's status");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             self.writes += 1;
             status.updated_at = String::new();
             self.written.insert(fleet, (status, Instant::now()));
@@ -359,6 +378,41 @@ mod tests {
         // A fleet no longer reported loses its key.
         w.write(&store, vec![]).await.expect("write");
         assert!(store.list_status(None).await.expect("list").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_status_etcd_refuses_does_not_hold_back_the_others() {
+        let store = MemoryStore::default();
+        store
+            .start_session(Duration::from_secs(15))
+            .await
+            .expect("session");
+        let mut w =
+            StatusWriter::new("n1", Duration::from_secs(300)).with_min_interval(Duration::ZERO);
+        let i = instance_status(&inst(TaskState::Running, true, true), Phase::Ready, None);
+        let mut huge = summarize("a", "n1", 1, 1, Some("h"), vec![i.clone()], vec![]);
+        // Built by hand: `condition` would cut the message.
+        huge.conditions.push(Condition {
+            kind: "SpecValid".into(),
+            status: "False".into(),
+            reason: "Invalid".into(),
+            message: "x".repeat(2 << 20),
+            last_transition_time: String::new(),
+        });
+        let fine = summarize("b", "n1", 1, 1, Some("h"), vec![i], vec![]);
+        w.write(&store, vec![huge, fine])
+            .await
+            .expect("a refused value is not a store outage");
+        let written: Vec<String> = store
+            .list_status(None)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|e| e.fleet)
+            .collect();
+        assert_eq!(written, ["b"], "the other fleet's status is written");
+        let long = condition("SpecValid", false, "Invalid", "y".repeat(1 << 20));
+        assert!(long.message.len() <= MAX_MESSAGE_BYTES);
     }
 
     #[tokio::test]

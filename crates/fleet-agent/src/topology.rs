@@ -119,6 +119,14 @@ pub fn format_cpulist(cpus: &[u32]) -> String {
     parts.join(",")
 }
 
+/// This process's hard `RLIMIT_NOFILE`, from /proc/self/limits.
+pub fn hard_nofile() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    // "Max open files  <soft>  <hard>  files"
+    line.split_whitespace().nth(4)?.parse().ok()
+}
+
 /// Total memory from /proc/meminfo, in bytes.
 pub fn memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")

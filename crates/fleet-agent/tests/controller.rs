@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use fleet_agent::controller::{Agent, AgentConfig, View};
 use fleet_agent::ollama::ScriptedOllama;
+use fleet_agent::policy::ScriptedHost;
 use fleet_agent::prober::ScriptedProbes;
 use fleet_api::{FleetStatus, LABEL_FLEET, Phase};
 use fleet_e2e::wait_for;
@@ -46,6 +47,7 @@ fn config() -> AgentConfig {
     let mut cfg = AgentConfig::new("node-a", "test");
     cfg.sockets = 2;
     cfg.resync = Duration::from_millis(200);
+    cfg.policy.host_paths.push("/node-cache".into());
     cfg
 }
 
@@ -61,7 +63,8 @@ fn start(runtime: FakeRuntime, store: MemoryStore, cfg: AgentConfig) -> Running 
         probes.clone(),
         wake,
     )
-    .with_ollama(ollama.clone());
+    .with_ollama(ollama.clone())
+    .with_host(Arc::new(ScriptedHost::default()));
     let view = agent.view();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(agent.run(async {
@@ -415,6 +418,7 @@ async fn scale_delete_and_unlabelled_containers() {
             cgroup_parent: "/".into(),
             runtime: "io.containerd.runc.v2".into(),
             runtime_binary: String::new(),
+            security: Default::default(),
         });
         let r = put(
             &store,
@@ -1065,6 +1069,127 @@ async fn a_restart_during_a_rollout_keeps_the_budget() {
             "more than maxUnavailable down at a SIGTERM: {seen:?}"
         );
         b.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+/// Issue 10: what a manifest may ask of the node is the operator's decision. A fleet asking for
+/// a host path or runtime outside the allowlists, ports another fleet holds, or more memory
+/// than the node has, starts nothing (or only what fits) and says why; nothing else is
+/// disturbed, and what already runs keeps running.
+#[tokio::test]
+async fn fleets_asking_for_more_than_the_node_allows_start_nothing() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (rt, store) = fresh();
+        let r = put(
+            &store,
+            "ok",
+            &manifest("ok", "  replicas: {perNode: 2}\n"),
+            Expect::Absent,
+        )
+        .await;
+        let a = start(rt.clone(), store, config());
+        wait_status(&a.store, "ok", "2 ready", |s| s.ready_replicas == 2).await;
+        let before = running(&rt).await;
+        let refused = |fleet: &'static str, extra: &'static str, reason: &'static str| {
+            let store = a.store.clone();
+            let rt = rt.clone();
+            async move {
+                let doc = manifest(fleet, &format!("  replicas: {{perNode: 2}}\n{extra}"));
+                put(&store, fleet, &doc, Expect::Absent).await;
+                let s = wait_status(&store, fleet, reason, |s| {
+                    s.condition("Admitted")
+                        .is_some_and(|c| c.status == "False" && c.reason == reason)
+                })
+                .await;
+                let mine = running(&rt)
+                    .await
+                    .into_iter()
+                    .filter(|id| id.starts_with(&format!("{fleet}-")))
+                    .count();
+                (s, mine)
+            }
+        };
+        let (s, n) = refused(
+            "evil",
+            "  models: {hostPath: /etc}\n  network: {basePort: 12000}\n",
+            "HostPathNotAllowed",
+        )
+        .await;
+        assert_eq!(n, 0, "nothing started");
+        assert!(
+            s.condition("Admitted")
+                .is_some_and(|c| c.message.contains("--allow-host-path"))
+        );
+        let (_, n) = refused(
+            "crun",
+            "  runtime: {binaryName: crun}\n  network: {basePort: 12100}\n",
+            "RuntimeNotAllowed",
+        )
+        .await;
+        assert_eq!(n, 0);
+        let (s, n) = refused("clash", "  network: {basePort: 11435}\n", "PortConflict").await;
+        assert_eq!(n, 0);
+        assert!(
+            s.condition("Admitted")
+                .is_some_and(|c| c.message.contains("\"ok\""))
+        );
+        // 1 TiB node, 1 GiB reserved: one 600 GiB instance fits, not two.
+        let (s, n) = refused(
+            "big",
+            "  resources: {memory: 600Gi}\n  network: {basePort: 12200}\n",
+            "InsufficientMemory",
+        )
+        .await;
+        wait_for(
+            "one instance of big running",
+            Duration::from_secs(10),
+            || async {
+                let n = running(&a.runtime)
+                    .await
+                    .iter()
+                    .filter(|id| id.starts_with("big-"))
+                    .count();
+                (n == 1).then_some(())
+            },
+        )
+        .await;
+        assert!(n <= 1, "never more than fits");
+        assert!(
+            s.condition("Admitted")
+                .is_some_and(|c| c.message.contains("only 1 of 2"))
+        );
+        let ok_now: Vec<String> = running(&rt)
+            .await
+            .into_iter()
+            .filter(|id| id.starts_with("ok-"))
+            .collect();
+        assert_eq!(ok_now, before, "the admitted fleet is not disturbed");
+
+        // A running fleet edited to ask for a forbidden path: what runs stays.
+        put(
+            &a.store,
+            "ok",
+            &manifest(
+                "ok",
+                "  replicas: {perNode: 3}\n  models: {hostPath: /run/containerd}\n",
+            ),
+            Expect::Revision(r),
+        )
+        .await;
+        wait_status(&a.store, "ok", "ok refused", |s| {
+            s.condition("Admitted")
+                .is_some_and(|c| c.reason == "HostPathNotAllowed")
+        })
+        .await;
+        let ok_now: Vec<String> = running(&rt)
+            .await
+            .into_iter()
+            .filter(|id| id.starts_with("ok-"))
+            .collect();
+        assert_eq!(ok_now, before, "running instances are left as they are");
+        a.stop().await;
     })
     .await
     .expect("in time");

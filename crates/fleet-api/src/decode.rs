@@ -69,9 +69,47 @@ pub(crate) trait Decode: Sized {
     fn decode(node: &Node, path: &str, errs: &mut Errors) -> Option<Self>;
 }
 
+/// Longest string accepted in any field (a command argument, an env value, a label).
+pub const MAX_STRING_BYTES: usize = 16 * 1024;
+/// Most items of any list or mapping (`command`, `env`, labels).
+pub const MAX_ITEMS: usize = 1024;
+
+/// Records an error when a string is too long or holds a NUL byte (which no path, argument or
+/// variable can carry); returns whether it is acceptable.
+fn text_ok(text: &str, node: &Node, path: &str, errs: &mut Errors) -> bool {
+    if text.len() > MAX_STRING_BYTES {
+        errs.add(
+            path,
+            node.pos,
+            format!(
+                "is {} bytes long; the limit is {MAX_STRING_BYTES}",
+                text.len()
+            ),
+        );
+        false
+    } else if text.contains('\0') {
+        errs.add(path, node.pos, "must not contain NUL bytes");
+        false
+    } else {
+        true
+    }
+}
+
+/// Records an error when a list or mapping has more than [`MAX_ITEMS`] items.
+fn count_ok(n: usize, node: &Node, path: &str, errs: &mut Errors) -> bool {
+    if n > MAX_ITEMS {
+        errs.add(
+            path,
+            node.pos,
+            format!("has {n} items; the limit is {MAX_ITEMS}"),
+        );
+    }
+    n <= MAX_ITEMS
+}
+
 fn type_error(node: &Node, path: &str, errs: &mut Errors, want: &str) {
     let got = match &node.value {
-        Value::Str(s) => format!("a string ({s:?})"),
+        Value::Str(s) => format!("a string ({:?})", crate::clip(s, 64)),
         Value::Int(i) => format!("an integer ({i})"),
         Value::Float(f) => format!("a number ({f})"),
         Value::Bool(b) => format!("a boolean ({b})"),
@@ -83,7 +121,7 @@ fn type_error(node: &Node, path: &str, errs: &mut Errors, want: &str) {
 impl Decode for String {
     fn decode(node: &Node, path: &str, errs: &mut Errors) -> Option<Self> {
         match &node.value {
-            Value::Str(s) => Some(s.clone()),
+            Value::Str(s) => text_ok(s, node, path, errs).then(|| s.clone()),
             _ => {
                 type_error(node, path, errs, "a string");
                 None
@@ -159,6 +197,9 @@ impl<T: Decode> Decode for Vec<T> {
         match &node.value {
             Value::Null => Some(Vec::new()),
             Value::Seq(items) => {
+                if !count_ok(items.len(), node, path, errs) {
+                    return None;
+                }
                 let before = errs.0.len();
                 let out: Vec<T> = items
                     .iter()
@@ -187,9 +228,16 @@ impl Decode for BTreeMap<String, String> {
                 return None;
             }
         };
+        if !count_ok(entries.len(), node, path, errs) {
+            return None;
+        }
         let before = errs.0.len();
         let mut out = BTreeMap::new();
         for (key, value) in entries {
+            let entry = format!("{path}[{}]", crate::clip(&key.name, 64));
+            if !text_ok(&key.name, value, &entry, errs) {
+                continue;
+            }
             let text = match &value.value {
                 Value::Str(s) => s.clone(),
                 Value::Int(i) => i.to_string(),
@@ -197,11 +245,13 @@ impl Decode for BTreeMap<String, String> {
                 Value::Bool(b) => b.to_string(),
                 Value::Null => String::new(),
                 _ => {
-                    type_error(value, &format!("{path}[{}]", key.name), errs, "a string");
+                    type_error(value, &entry, errs, "a string");
                     continue;
                 }
             };
-            out.insert(key.name.clone(), text);
+            if text_ok(&text, value, &entry, errs) {
+                out.insert(key.name.clone(), text);
+            }
         }
         (errs.0.len() == before).then_some(out)
     }
@@ -407,7 +457,7 @@ impl<'a> Fields<'a> {
                 None => format!("; known fields: {}", self.known.join(", ")),
             };
             self.errs.add(
-                &join(&self.path, &key.name),
+                &join(&self.path, &crate::clip(&key.name, 64)),
                 key.pos,
                 format!("unknown field{hint}"),
             );

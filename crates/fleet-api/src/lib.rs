@@ -18,6 +18,7 @@ mod manifest;
 pub mod refs;
 mod schema;
 mod status;
+pub mod text;
 pub mod units;
 mod validate;
 pub mod yaml;
@@ -25,8 +26,9 @@ pub mod yaml;
 pub use decode::FieldError;
 pub use manifest::{
     API_VERSION, CpuPinning, DEFAULT_IMAGE, DEFAULT_MODELS_PATH, EPHEMERAL_PORT_START, FleetSpec,
-    KIND, MIN_MEMORY, Metadata, Models, Network, OllamaFleet, Probe, Probes, PullPolicy, Replicas,
-    Resources, RestartBackoff, Rollout, Rotation, RuntimeSpec, is_dns_label,
+    KIND, MAX_CPUS, MAX_MEMORY, MIN_MEMORY, MIN_PORT, Metadata, Models, Network, OllamaFleet,
+    Probe, Probes, PullPolicy, Replicas, Resources, RestartBackoff, Rollout, Rotation, RuntimeSpec,
+    SecurityContext, is_dns_label, is_normalised_path,
 };
 pub use refs::{ImageRef, ModelRef};
 pub use schema::schema_json;
@@ -34,6 +36,7 @@ pub use status::{
     Capacity, Condition, FleetStatus, InstanceStatus, LABEL_CREATED_AT, LABEL_FLEET, LABEL_PORT,
     LABEL_SLOT, LABEL_SPEC_HASH, LastExit, NodeInfo, Phase, Versions, sha256_hex, spec_hash,
 };
+pub use text::{clip, printable};
 pub use units::{Duration, IntOrPercent, Quantity};
 pub use validate::{Context, validate};
 

@@ -26,8 +26,15 @@ pub const DEFAULT_IMAGE: &str = "docker.io/ollama/ollama:0.4.0";
 pub const DEFAULT_MODELS_PATH: &str = "/var/lib/ollama-fleet/models";
 /// The smallest memory limit accepted (Ollama and its runner do not start below it).
 pub const MIN_MEMORY: Quantity = Quantity::mebibytes(4);
+/// The largest memory limit accepted (cgroups take a signed 64-bit count; 1 PiB is far above
+/// any node).
+pub const MAX_MEMORY: Quantity = Quantity::mebibytes(1024 * 1024 * 1024);
 /// The first port of the Linux ephemeral range: instance ports must stay below it.
 pub const EPHEMERAL_PORT_START: u32 = 32768;
+/// The lowest instance port: ports below it are privileged and belong to system services.
+pub const MIN_PORT: u16 = 1024;
+/// The most cores `resources.cpus` may ask for (the agent also checks the node's own count).
+pub const MAX_CPUS: f64 = 1024.0;
 
 /// A fleet of identical Ollama instances, declared once and run on every matching node.
 #[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
@@ -125,6 +132,9 @@ pub struct FleetSpec {
     /// The containerd runtime.
     #[serde(default)]
     pub runtime: RuntimeSpec,
+    /// The user instances run as, and a read-only root filesystem, as in Kubernetes.
+    #[serde(default, skip_serializing_if = "SecurityContext::is_default")]
+    pub security_context: SecurityContext,
     /// When true, keep what runs and make no changes.
     #[serde(default)]
     pub paused: bool,
@@ -182,7 +192,7 @@ impl Replicas {
 pub struct Resources {
     /// CFS quota in cores; fractions allowed (`0.5`). Absent: no quota.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.01))]
+    #[schemars(range(min = 0.01, max = 1024.0))]
     pub cpus: Option<f64>,
     /// Relative CPU weight (cgroup `cpu.shares`, 2 to 262144).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -220,7 +230,7 @@ pub struct Network {
     pub host_ip: IpAddr,
     /// Slot `i` listens on `basePort + i`; every port must stay below 32768.
     #[serde(default = "default_base_port")]
-    #[schemars(range(min = 1, max = 32767))]
+    #[schemars(range(min = 1024, max = 32767))]
     pub base_port: u16,
 }
 
@@ -245,7 +255,9 @@ impl Default for Network {
 #[derive(Clone, Debug, PartialEq, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Models {
-    /// Host directory mounted at `/models` in every instance; empty: no mount.
+    /// Host directory mounted at `/models` in every instance; empty: no mount. An absolute,
+    /// normalised path (no `.`, `..`, `//` or trailing `/`); the agent also requires it to be
+    /// under one of its `--allow-host-path` prefixes (default `/var/lib/ollama-fleet/models`).
     #[serde(default = "default_models_path")]
     pub host_path: String,
     /// Ensure `spec.model` is present before instances are Ready.
@@ -444,9 +456,34 @@ pub struct RuntimeSpec {
     /// The containerd runtime (shim) name.
     #[serde(default = "default_runtime")]
     pub name: String,
-    /// The OCI runtime binary the shim runs, e.g. `crun`; empty: the shim's default (runc).
+    /// The OCI runtime binary the shim runs, e.g. `crun`: a bare name, never a path (the
+    /// agent maps allowed names to binaries with `--allow-runtime`); empty: the shim's default
+    /// (runc).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub binary_name: String,
+}
+
+/// The identity and root filesystem of instances.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecurityContext {
+    /// The uid instances run as; absent: the image's numeric `USER`, else 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_as_user: Option<u32>,
+    /// The gid instances run as; absent: the image's `USER` group, else 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_as_group: Option<u32>,
+    /// Mount the image read-only; `/tmp` and the instance's `HOME` become small private tmpfs
+    /// mounts (Ollama writes its key pair under `HOME`), and models live in `/models`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only_root_filesystem: bool,
+}
+
+impl SecurityContext {
+    /// True when nothing is set (the spec hash of fleets without it stays as it was).
+    pub fn is_default(&self) -> bool {
+        *self == SecurityContext::default()
+    }
 }
 
 fn default_runtime() -> String {
@@ -550,6 +587,7 @@ impl Default for FleetSpec {
             restart_backoff: RestartBackoff::default(),
             termination_grace_period: default_grace(),
             runtime: RuntimeSpec::default(),
+            security_context: SecurityContext::default(),
             paused: false,
         }
     }
@@ -719,13 +757,32 @@ fn decode_spec(f: &mut Fields<'_>) -> FleetSpec {
             .unwrap_or_else(default_runtime),
         binary_name: f
             .parsed::<String, _>("binaryName", |b| {
-                if b.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    Err(format!("invalid binary name {b:?}: no spaces allowed"))
-                } else {
+                let bare = b.is_empty()
+                    || (b.len() <= 64
+                        && b != "."
+                        && b != ".."
+                        && b.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+')));
+                if bare {
                     Ok(b.clone())
+                } else {
+                    Err(format!(
+                        "invalid binary name {:?}: use a bare program name such as crun, never a path; the node's agent maps it to a binary (--allow-runtime)",
+                        crate::clip(b, 64)
+                    ))
                 }
             })
             .unwrap_or_default(),
+    });
+    let security_context = f.object("securityContext", |f| {
+        let id = |f: &mut Fields<'_>, name: &'static str| {
+            let node = f.node(name)?;
+            int_in(node, &f.path_of(name), f.errs, 0, i64::from(u32::MAX - 1)).map(|n| n as u32)
+        };
+        SecurityContext {
+            run_as_user: id(f, "runAsUser"),
+            run_as_group: id(f, "runAsGroup"),
+            read_only_root_filesystem: f.or("readOnlyRootFilesystem", false),
+        }
     });
     let paused = f.or("paused", false);
     FleetSpec {
@@ -745,6 +802,7 @@ fn decode_spec(f: &mut Fields<'_>) -> FleetSpec {
         restart_backoff,
         termination_grace_period,
         runtime,
+        security_context,
         paused,
     }
 }
@@ -830,6 +888,14 @@ fn decode_resources(f: &mut Fields<'_>) -> Resources {
                 _ => f64::decode(node, &path, f.errs).ok_or(()),
             };
             match value {
+                Ok(c) if c > MAX_CPUS => {
+                    f.errs.add(
+                        &path,
+                        node.pos,
+                        format!("must be at most {MAX_CPUS} cores, got {c}"),
+                    );
+                    None
+                }
                 Ok(c) if c >= 0.01 => Some(c),
                 Ok(c) => {
                     f.errs.add(
@@ -856,13 +922,15 @@ fn decode_resources(f: &mut Fields<'_>) -> Resources {
         int_in(node, &f.path_of("cpuShares"), f.errs, 2, 262_144).map(|n| n as u64)
     });
     let memory: Option<Quantity> = f.opt("memory");
-    if let Some(m) = memory.filter(|m| *m < MIN_MEMORY) {
+    let memory_ok = |m: &Quantity| *m >= MIN_MEMORY && m.bytes() <= MAX_MEMORY.bytes();
+    if let Some(m) = memory.filter(|m| !memory_ok(m)) {
         let pos = f.pos_of("memory");
-        f.errs.add(
-            &f.path_of("memory"),
-            pos,
-            format!("must be at least {MIN_MEMORY}, got {m}"),
-        );
+        let message = if m < MIN_MEMORY {
+            format!("must be at least {MIN_MEMORY}, got {m}")
+        } else {
+            format!("must be at most {MAX_MEMORY}, got {m}")
+        };
+        f.errs.add(&f.path_of("memory"), pos, message);
     }
     let pids = f
         .node("pids")
@@ -877,7 +945,7 @@ fn decode_resources(f: &mut Fields<'_>) -> Resources {
     Resources {
         cpus,
         cpu_shares,
-        memory: memory.filter(|m| *m >= MIN_MEMORY),
+        memory: memory.filter(memory_ok),
         pids,
         cpu_pinning,
     }
@@ -892,7 +960,16 @@ fn decode_network(f: &mut Fields<'_>) -> Network {
         .unwrap_or_else(default_host_ip);
     let base_port = f
         .node("basePort")
-        .and_then(|node| int_in(node, &f.path_of("basePort"), f.errs, 1, 65535).map(|p| p as u16))
+        .and_then(|node| {
+            int_in(
+                node,
+                &f.path_of("basePort"),
+                f.errs,
+                i64::from(MIN_PORT),
+                65535,
+            )
+            .map(|p| p as u16)
+        })
         .unwrap_or_else(default_base_port);
     Network { host_ip, base_port }
 }
@@ -905,11 +982,15 @@ fn decode_models(f: &mut Fields<'_>) -> Models {
             }
             if !p.starts_with('/') {
                 return Err(format!(
-                    "{p:?} must be an absolute path (or empty for no cache)"
+                    "{:?} must be an absolute path (or empty for no cache)",
+                    crate::clip(p, 256)
                 ));
             }
-            if p == "/" || p.split('/').any(|c| c == "..") || p.contains('\0') {
-                return Err(format!("{p:?} must be a directory below / without '..'"));
+            if !is_normalised_path(p) {
+                return Err(format!(
+                    "{:?} must be a normalised directory below / (no '.', '..', '//' or trailing '/')",
+                    crate::clip(p, 256)
+                ));
             }
             Ok(p.clone())
         })
@@ -919,6 +1000,18 @@ fn decode_models(f: &mut Fields<'_>) -> Models {
         pull: f.or("pull", true),
         warm: f.or("warm", true),
     }
+}
+
+/// An absolute path other than `/` whose components are all plain names: no empty ones (`//`,
+/// a trailing `/`), no `.` and no `..`: no lexical tricks get past a prefix comparison (the
+/// agent also resolves symlinks on the host before it compares).
+pub fn is_normalised_path(p: &str) -> bool {
+    p.strip_prefix('/').is_some_and(|rest| {
+        !rest.is_empty()
+            && rest
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".." && !c.contains('\0'))
+    })
 }
 
 fn decode_probes(f: &mut Fields<'_>) -> Probes {

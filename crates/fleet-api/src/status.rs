@@ -193,6 +193,13 @@ struct ContainerShape<'a> {
     runtime: &'a crate::RuntimeSpec,
     model: &'a str,
     models: &'a crate::Models,
+    /// Absent when unset, so fleets without it keep the hash they had before it existed.
+    #[serde(skip_serializing_if = "unset")]
+    security_context: &'a crate::SecurityContext,
+}
+
+fn unset(s: &&crate::SecurityContext) -> bool {
+    s.is_default()
 }
 
 /// The hash (16 hex digits) of everything in `spec` that affects containers, plus an image
@@ -212,6 +219,7 @@ pub fn spec_hash(spec: &FleetSpec, image_digest: &str) -> String {
         runtime: &spec.runtime,
         model: &spec.model,
         models: &spec.models,
+        security_context: &spec.security_context,
     };
     let bytes = serde_json::to_vec(&shape).unwrap_or_default();
     let mut hex = sha256_hex(&bytes);

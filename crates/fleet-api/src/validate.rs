@@ -91,13 +91,36 @@ pub(crate) fn validate_except(
     }
 
     let backoff = &spec.restart_backoff;
-    if backoff.max < backoff.initial {
+    if backoff.initial < MIN_BACKOFF {
+        add(
+            &spec_path("restartBackoff.initial"),
+            &["restartBackoff"],
+            format!(
+                "must be at least {MIN_BACKOFF}, got {}: a crashing instance would be restarted in a tight loop",
+                backoff.initial
+            ),
+        );
+    } else if backoff.max < backoff.initial {
         add(
             &spec_path("restartBackoff.max"),
             &["restartBackoff"],
             format!(
                 "must be at least initial ({}), got {}",
                 backoff.initial, backoff.max
+            ),
+        );
+    }
+
+    if !spec.models.host_path.is_empty()
+        && let Some(v) = spec.env.get("OLLAMA_NOPRUNE")
+        && v != "1"
+    {
+        add(
+            &spec_path("env[OLLAMA_NOPRUNE]"),
+            &["env", "models"],
+            format!(
+                "must be \"1\" (or absent) while models.hostPath is shared, got {:?}: an instance that prunes at start deletes blobs the node's other instances are pulling or using",
+                crate::clip(v, 32)
             ),
         );
     }
@@ -125,13 +148,21 @@ pub(crate) fn validate_except(
     errs
 }
 
+/// The shortest restart backoff accepted.
+const MIN_BACKOFF: Duration = Duration::millis(100);
+
 const PORT_FIELDS: &[&str] = &["replicas", "network", "rollout"];
 
 /// The position of the value at a dotted path (`spec.network.basePort`), or of the deepest
 /// parent present.
 fn position(root: &Node, path: &str) -> Option<Pos> {
     let mut node = root;
-    for part in path.split('.') {
+    // `spec.env[KEY]` walks spec, env, KEY.
+    let parts = path.split('.').flat_map(|part| match part.split_once('[') {
+        Some((name, key)) => vec![name, key.trim_end_matches(']')],
+        None => vec![part],
+    });
+    for part in parts {
         let Value::Map(entries) = &node.value else {
             break;
         };

@@ -1,9 +1,10 @@
 //! A small, positioned YAML (and JSON) document tree, built from `saphyr-parser` events.
 //!
 //! Every manifest goes through here, including documents that anyone with etcd access can
-//! write, so the builder enforces hard limits: input size, nesting depth and the number of
-//! nodes (aliases are expanded against that budget, so a "billion laughs" document fails
-//! fast instead of eating memory). Scalars are resolved with the YAML 1.2 core schema:
+//! write, so the builder enforces hard limits: input size, nesting depth, the number of nodes
+//! and the bytes of text they hold (aliases are expanded against both budgets, so a "billion
+//! laughs" document, or one long string used a thousand times, fails fast instead of eating
+//! memory), and duplicate keys are found in linear time. Scalars are resolved with the YAML 1.2 core schema:
 //! `yes`/`no`/`on`/`off` are strings, quoted scalars are always strings.
 
 use std::fmt;
@@ -16,6 +17,9 @@ pub const MAX_INPUT_BYTES: usize = 1024 * 1024;
 pub const MAX_DEPTH: usize = 64;
 /// Most nodes one stream may produce, counting every alias expansion.
 pub const MAX_NODES: usize = 100_000;
+/// Most bytes of text (scalars and keys) one stream may produce, counting every alias
+/// expansion: a 1 MiB document cannot grow past this in memory.
+pub const MAX_EXPANDED_BYTES: usize = 4 * 1024 * 1024;
 
 /// A position in the source text, both 1-based.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -92,12 +96,17 @@ impl Node {
         }
     }
 
-    /// Number of nodes in this subtree, this one included.
-    fn count(&self) -> usize {
+    /// Number of nodes in this subtree, this one included, and the bytes of text they hold.
+    fn size(&self) -> (usize, usize) {
+        let add = |(n, b): (usize, usize), (m, c): (usize, usize)| (n + m, b + c);
         match &self.value {
-            Value::Seq(items) => 1 + items.iter().map(Node::count).sum::<usize>(),
-            Value::Map(entries) => 1 + entries.iter().map(|(_, v)| v.count()).sum::<usize>(),
-            _ => 1,
+            Value::Seq(items) => items.iter().map(Node::size).fold((1, 0), add),
+            Value::Map(entries) => entries
+                .iter()
+                .map(|(k, v)| add((0, k.name.len()), v.size()))
+                .fold((1, 0), add),
+            Value::Str(s) => (1, s.len()),
+            _ => (1, 0),
         }
     }
 
@@ -149,6 +158,8 @@ enum Frame {
     },
     Map {
         entries: Vec<(Key, Node)>,
+        /// The keys so far, for the duplicate check.
+        seen: std::collections::HashSet<String>,
         key: Option<Key>,
         pos: Pos,
         anchor: usize,
@@ -189,6 +200,7 @@ struct Builder {
     stack: Vec<Frame>,
     anchors: std::collections::HashMap<usize, Node>,
     nodes: usize,
+    bytes: usize,
 }
 
 impl Builder {
@@ -207,11 +219,11 @@ impl Builder {
                     .get(&id)
                     .cloned()
                     .ok_or_else(|| SyntaxError::at(pos, "alias to an unknown anchor"))?;
-                self.budget(node.count(), pos)?;
+                self.budget(node.size(), pos)?;
                 self.push(Node { pos, ..node })
             }
             Event::Scalar(text, style, anchor, tag) => {
-                self.budget(1, pos)?;
+                self.budget((1, text.len()), pos)?;
                 let tag = tag.map(|t| (t.handle.clone(), t.suffix.clone()));
                 let value = resolve_scalar(&text, style, tag, pos)?;
                 let node = Node { value, pos };
@@ -230,7 +242,7 @@ impl Builder {
                         ),
                     ));
                 }
-                self.budget(1, pos)?;
+                self.budget((1, 0), pos)?;
                 if self.stack.len() >= MAX_DEPTH {
                     return Err(SyntaxError::at(
                         pos,
@@ -246,6 +258,7 @@ impl Builder {
                 } else {
                     Frame::Map {
                         entries: Vec::new(),
+                        seen: Default::default(),
                         key: None,
                         pos,
                         anchor,
@@ -285,12 +298,22 @@ impl Builder {
         }
     }
 
-    fn budget(&mut self, n: usize, pos: Pos) -> Result<(), SyntaxError> {
-        self.nodes = self.nodes.saturating_add(n);
+    /// Counts `(nodes, bytes)` more against the stream's budgets.
+    fn budget(&mut self, (nodes, bytes): (usize, usize), pos: Pos) -> Result<(), SyntaxError> {
+        self.nodes = self.nodes.saturating_add(nodes);
+        self.bytes = self.bytes.saturating_add(bytes);
         if self.nodes > MAX_NODES {
             return Err(SyntaxError::at(
                 pos,
                 format!("document has more than {MAX_NODES} nodes (aliases count once per use)"),
+            ));
+        }
+        if self.bytes > MAX_EXPANDED_BYTES {
+            return Err(SyntaxError::at(
+                pos,
+                format!(
+                    "document holds more than {MAX_EXPANDED_BYTES} bytes of text (aliases count once per use)"
+                ),
             ));
         }
         Ok(())
@@ -309,7 +332,9 @@ impl Builder {
                 items.push(node);
                 Ok(())
             }
-            Some(Frame::Map { entries, key, .. }) => match key.take() {
+            Some(Frame::Map {
+                entries, seen, key, ..
+            }) => match key.take() {
                 None => {
                     let name = match node.value {
                         Value::Str(s) => s,
@@ -324,8 +349,11 @@ impl Builder {
                             ));
                         }
                     };
-                    if entries.iter().any(|(k, _)| k.name == name) {
-                        return Err(SyntaxError::at(node.pos, format!("duplicate key {name:?}")));
+                    if !seen.insert(name.clone()) {
+                        return Err(SyntaxError::at(
+                            node.pos,
+                            format!("duplicate key {:?}", crate::clip(&name, 64)),
+                        ));
                     }
                     *key = Some(Key {
                         name,
@@ -547,6 +575,29 @@ mod tests {
 
         let huge = "a: ".to_string() + &"x".repeat(MAX_INPUT_BYTES + 1);
         assert!(parse_stream(&huge).is_err());
+
+        // One long string used many times: few nodes, gigabytes once expanded.
+        let mut strings = format!("a: &a \"{}\"\nb: [", "x".repeat(800 * 1024));
+        strings.push_str(&vec!["*a"; 1000].join(","));
+        strings.push_str("]\n");
+        assert!(strings.len() < MAX_INPUT_BYTES);
+        let err = parse_stream(&strings).expect_err("string bomb");
+        assert!(err.message.contains("bytes of text"), "{err:?}");
+    }
+
+    #[test]
+    fn duplicates_among_many_keys() {
+        // 49k keys took 5 s per parse with the quadratic duplicate check (now a set).
+        let src: String = (0..49_000).map(|i| format!("k{i}: {i}\n")).collect();
+        let node = one(&src);
+        assert!(matches!(node.value, Value::Map(ref e) if e.len() == 49_000));
+        let dup = format!("{src}k48999: 1\n");
+        assert!(
+            parse_stream(&dup)
+                .expect_err("dup")
+                .message
+                .contains("duplicate key")
+        );
     }
 
     #[test]

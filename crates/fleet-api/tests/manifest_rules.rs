@@ -638,11 +638,11 @@ fn rollout() {
 #[test]
 fn backoff_grace_runtime_paused() {
     let f = passes(&doc(
-        "restartBackoff: {initial: 0, max: 30s}\nterminationGracePeriod: 500ms\nruntime: {binaryName: crun}\npaused: true",
+        "restartBackoff: {initial: 100ms, max: 30s}\nterminationGracePeriod: 500ms\nruntime: {binaryName: crun}\npaused: true",
     ));
     assert_eq!(
         f.spec.restart_backoff.initial,
-        fleet_api::Duration::default()
+        fleet_api::Duration::millis(100)
     );
     assert_eq!(
         f.spec.termination_grace_period,
@@ -673,7 +673,7 @@ fn backoff_grace_runtime_paused() {
     fails(
         &doc("runtime: {binaryName: \"my crun\"}"),
         "spec.runtime.binaryName",
-        "no spaces",
+        "bare program name",
     );
     fails(&doc("paused: yes"), "spec.paused", "true or false");
 }
@@ -728,4 +728,139 @@ fn several_documents_in_one_stream() {
         parse_fleet(&src, &Context::default()).is_err(),
         "parse_fleet wants exactly one"
     );
+}
+
+/// What a manifest written by an attacker tries first (issue 10): every case is an error that
+/// names its field.
+#[test]
+fn hostile_values_are_refused() {
+    // Paths that only look like a directory below the models root.
+    for path in [
+        "//",
+        "/.",
+        "/etc/",
+        "/var//lib",
+        "/var/lib/./x",
+        "/var/lib/ollama-fleet/models/../../..",
+    ] {
+        fails(
+            &doc(&format!("models: {{hostPath: \"{path}\"}}")),
+            "spec.models.hostPath",
+            "normalised",
+        );
+    }
+    fails(
+        &doc("models: {hostPath: /}"),
+        "spec.models.hostPath",
+        "normalised",
+    );
+    passes(&doc("models: {hostPath: /var/lib/ollama-fleet/models/a}"));
+    // A runtime binary is a bare name, never a path.
+    for name in [
+        "/tmp/evil",
+        "../../bin/sh",
+        "bin/sh",
+        "..",
+        "crun;id",
+        "a b",
+    ] {
+        fails(
+            &doc(&format!("runtime: {{binaryName: \"{name}\"}}")),
+            "spec.runtime.binaryName",
+            "never a path",
+        );
+    }
+    passes(&doc("runtime: {binaryName: crun}"));
+    // NUL bytes.
+    fails(&doc("env: {A: \"x\\0y\"}"), "spec.env[A]", "NUL");
+    fails(
+        &doc("command: [\"/bin/ollama\\0\", serve]"),
+        "spec.command[0]",
+        "NUL",
+    );
+    // Upper bounds.
+    fails(
+        &doc("resources: {cpus: 100000}"),
+        "spec.resources.cpus",
+        "at most 1024",
+    );
+    fails(
+        &doc("resources: {memory: 2Ei}"),
+        "spec.resources.memory",
+        "at most",
+    );
+    fails(
+        &doc("restartBackoff: {initial: 0s}"),
+        "spec.restartBackoff.initial",
+        "at least 100ms",
+    );
+    fails(
+        &doc("restartBackoff: {initial: 10ms}"),
+        "spec.restartBackoff.initial",
+        "at least 100ms",
+    );
+    fails(
+        &doc("network: {basePort: 80}"),
+        "spec.network.basePort",
+        ">= 1024",
+    );
+    fails(
+        &doc(&format!("env: {{A: \"{}\"}}", "x".repeat(20_000))),
+        "spec.env[A]",
+        "limit is 16384",
+    );
+    let many: String = (0..1100).map(|i| format!("\"a{i}\",")).collect();
+    fails(
+        &doc(&format!("command: [{many}]")),
+        "spec.command",
+        "limit is 1024",
+    );
+    // The shared cache must not be pruned by an instance.
+    fails(
+        &doc("env: {OLLAMA_NOPRUNE: \"0\"}"),
+        "spec.env[OLLAMA_NOPRUNE]",
+        "must be \"1\"",
+    );
+    passes(&doc("env: {OLLAMA_NOPRUNE: \"1\"}"));
+    passes(&doc(
+        "env: {OLLAMA_NOPRUNE: \"0\"}\nmodels: {hostPath: \"\"}",
+    ));
+}
+
+#[test]
+fn security_context() {
+    let f = passes(&doc(
+        "securityContext: {runAsUser: 1000, runAsGroup: 1000, readOnlyRootFilesystem: true}",
+    ));
+    let sc = &f.spec.security_context;
+    assert_eq!((sc.run_as_user, sc.run_as_group), (Some(1000), Some(1000)));
+    assert!(sc.read_only_root_filesystem);
+    assert!(passes(&doc("")).spec.security_context.is_default());
+    fails(
+        &doc("securityContext: {runAsUser: -1}"),
+        "spec.securityContext.runAsUser",
+        ">= 0",
+    );
+    fails(
+        &doc("securityContext: {privileged: true}"),
+        "spec.securityContext.privileged",
+        "unknown field",
+    );
+}
+
+/// A document of a megabyte that would expand to gigabytes, and one with tens of thousands of
+/// keys, fail fast with one error each.
+#[test]
+fn bombs_fail_with_one_error() {
+    let mut bomb = format!(
+        "{HEADER}spec:\n  model: &a \"{}\"\n  env:\n",
+        "x".repeat(800 * 1024)
+    );
+    for i in 0..1000 {
+        bomb.push_str(&format!("    A{i}: *a\n"));
+    }
+    assert!(bomb.len() < fleet_api::yaml::MAX_INPUT_BYTES);
+    let errs = check(&bomb).expect_err("bomb");
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].message.contains("bytes of text"), "{errs:?}");
 }

@@ -656,6 +656,13 @@ impl Containerd {
     }
 
     async fn create_leased(&self, c: &ContainerSpec, lease: &str) -> Result<()> {
+        if let Err(why) = &c.security.user {
+            return Err(RuntimeError::Failed {
+                op: "choose the user",
+                id: c.id.clone(),
+                message: why.clone(),
+            });
+        }
         // Bind-mount sources are created when missing (like a hostPath DirectoryOrCreate).
         for m in &c.mounts {
             tokio::fs::create_dir_all(&m.source)

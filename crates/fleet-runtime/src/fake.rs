@@ -95,6 +95,7 @@ impl FakeRuntime {
                 cmd: vec!["serve".into()],
                 env: vec!["PATH=/usr/bin:/bin".into()],
                 working_dir: String::new(),
+                user: String::new(),
             },
         }
     }
@@ -236,6 +237,13 @@ impl Runtime for FakeRuntime {
         let mut s = self.call(format!("create {}", spec.id))?;
         if s.containers.contains_key(&spec.id) {
             return Err(RuntimeError::AlreadyExists(spec.id.clone()));
+        }
+        if let Err(why) = &spec.security.user {
+            return Err(RuntimeError::Failed {
+                op: "choose the user",
+                id: spec.id.clone(),
+                message: why.clone(),
+            });
         }
         s.containers.insert(
             spec.id.clone(),

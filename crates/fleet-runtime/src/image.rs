@@ -52,6 +52,7 @@ pub fn parse_config(config: &Value) -> (ImageConfig, Vec<String>) {
         cmd: strings(&c["Cmd"]),
         env: strings(&c["Env"]),
         working_dir: c["WorkingDir"].as_str().unwrap_or("").to_string(),
+        user: c["User"].as_str().unwrap_or("").to_string(),
     };
     (image, strings(&config["rootfs"]["diff_ids"]))
 }

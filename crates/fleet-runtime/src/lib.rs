@@ -45,6 +45,8 @@ pub struct ImageConfig {
     pub env: Vec<String>,
     /// `WorkingDir`.
     pub working_dir: String,
+    /// `User`: `uid`, `uid:gid`, a name, or empty (root).
+    pub user: String,
 }
 
 /// A bind mount from the host.
@@ -75,6 +77,8 @@ pub struct Limits {
     pub cpuset_cpus: Option<String>,
     /// cpuset mems (NUMA nodes), e.g. `0`.
     pub cpuset_mems: Option<String>,
+    /// `RLIMIT_NOFILE` (soft and hard); `None`: inherited from the shim.
+    pub nofile: Option<u64>,
 }
 
 /// Everything needed to create a container.
@@ -102,6 +106,32 @@ pub struct ContainerSpec {
     pub runtime: String,
     /// OCI runtime binary for the runc shim (`crun`), empty for the default.
     pub runtime_binary: String,
+    /// Who the process runs as, and how much of the filesystem it may write.
+    pub security: Security,
+}
+
+/// The identity and filesystem access of a container's process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Security {
+    /// uid and gid, or why they cannot be known (an image `USER` given by name: this runtime
+    /// does not read the image's `/etc/passwd`); creating the container then fails with it.
+    pub user: Result<(u32, u32), String>,
+    /// Mount the root filesystem read-only.
+    pub read_only_root: bool,
+    /// Directories that get a private, size-limited tmpfs (with a read-only root: `/tmp` and
+    /// the process's `HOME`).
+    pub tmpfs: Vec<String>,
+}
+
+impl Default for Security {
+    /// root, writable root filesystem, no tmpfs.
+    fn default() -> Self {
+        Security {
+            user: Ok((0, 0)),
+            read_only_root: false,
+            tmpfs: Vec::new(),
+        }
+    }
 }
 
 /// The state of a container's task.

@@ -2,30 +2,139 @@
 //!
 //! Host network (no network namespace), its own pid/ipc/uts/mount namespaces, the standard
 //! mounts, the host's `/etc/hosts` and `/etc/resolv.conf` read-only, the fleet's bind mounts,
-//! no-new-privileges, a reduced capability set, and the cgroup limits.
+//! the cgroup limits, and current container defaults: no-new-privileges, a reduced capability
+//! set, a seccomp filter that denies what container runtimes deny by default, an
+//! `oom_score_adj` that makes instances the host's first victims, a bounded `RLIMIT_NOFILE`,
+//! masked kernel interfaces, and optionally another user and a read-only root.
 
 use serde_json::{Value, json};
 
 use crate::ContainerSpec;
 
-/// Capabilities granted to instances: containerd's defaults without `NET_RAW` and `MKNOD`,
-/// which an inference server never needs.
-pub const CAPABILITIES: [&str; 12] = [
+/// Capabilities granted to instances (a uid-0 process; others get none in effect): containerd's
+/// defaults without `NET_RAW`, `MKNOD`, `SETFCAP`, `SYS_CHROOT` and `AUDIT_WRITE`, none of which
+/// an inference server needs.
+pub const CAPABILITIES: [&str; 9] = [
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_FSETID",
     "CAP_FOWNER",
     "CAP_SETGID",
     "CAP_SETUID",
-    "CAP_SETFCAP",
     "CAP_SETPCAP",
     "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT",
     "CAP_KILL",
-    "CAP_AUDIT_WRITE",
 ];
 
-const MASKED: [&str; 10] = [
+/// `oom_score_adj` of instances: in a host-wide OOM the kernel kills an instance (replaced
+/// within a second) before the agent, etcd or containerd (0 or below). The kubelet gives
+/// burstable pods 2..999 and best-effort ones 1000.
+pub const OOM_SCORE_ADJ: i32 = 900;
+
+/// Size of each private tmpfs (`/tmp`, `HOME`) of a read-only instance; what is written there
+/// counts against the instance's memory limit.
+pub const TMPFS_SIZE: &str = "1g";
+
+/// Syscalls denied (EPERM) to instances: what Docker's and containerd's default profiles keep
+/// from containers (kernel modules, mounts, namespaces, keyrings, tracing other processes,
+/// clocks, reboot, BPF, perf, io_uring, ...). Names the host's libseccomp does not know are
+/// skipped by runc.
+pub const DENIED_SYSCALLS: [&str; 56] = [
+    "_sysctl",
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "init_module",
+    "io_uring_enter",
+    "io_uring_register",
+    "io_uring_setup",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "query_module",
+    "quotactl",
+    "quotactl_fd",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "sysfs",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "vm86",
+    "vm86old",
+];
+
+/// `clone` flags that create namespaces: a `clone` with any of them is denied too.
+const NAMESPACE_FLAGS: [u64; 7] = [
+    0x0002_0000, // CLONE_NEWNS
+    0x0200_0000, // CLONE_NEWCGROUP
+    0x0400_0000, // CLONE_NEWUTS
+    0x0800_0000, // CLONE_NEWIPC
+    0x1000_0000, // CLONE_NEWUSER
+    0x2000_0000, // CLONE_NEWPID
+    0x4000_0000, // CLONE_NEWNET
+];
+
+/// The seccomp filter of instances: allow by default, deny [`DENIED_SYSCALLS`] and namespace
+/// creation, and answer `clone3` with ENOSYS (its flags are behind a pointer a filter cannot
+/// read; the C library then falls back to `clone`, which the filter can check).
+pub fn seccomp() -> Value {
+    const EPERM: u32 = 1;
+    const ENOSYS: u32 = 38;
+    let mut syscalls = vec![
+        json!({"names": DENIED_SYSCALLS.as_slice(), "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM}),
+        json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS}),
+    ];
+    for flag in NAMESPACE_FLAGS {
+        syscalls.push(json!({
+            "names": ["clone"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": EPERM,
+            "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}],
+        }));
+    }
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+        "syscalls": syscalls,
+    })
+}
+
+const MASKED: [&str; 11] = [
     "/proc/acpi",
     "/proc/asound",
     "/proc/kcore",
@@ -36,6 +145,7 @@ const MASKED: [&str; 10] = [
     "/proc/sched_debug",
     "/proc/scsi",
     "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 ];
 
 const READONLY: [&str; 5] = [
@@ -133,6 +243,22 @@ pub fn build(c: &ContainerSpec) -> Value {
         let mode = if m.read_only { "ro" } else { "rw" };
         mounts.push(mount(&m.destination, "bind", &source, &["rbind", mode]));
     }
+    let (uid, gid) = c.security.user.clone().unwrap_or((0, 0));
+    for dir in &c.security.tmpfs {
+        let size = format!("size={TMPFS_SIZE}");
+        let (owner, group) = (format!("uid={uid}"), format!("gid={gid}"));
+        let mode = if dir == "/tmp" {
+            "mode=1777"
+        } else {
+            "mode=0700"
+        };
+        mounts.push(mount(
+            dir,
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "nodev", mode, &size, &owner, &group],
+        ));
+    }
 
     let l = &c.limits;
     let mut cpu = serde_json::Map::new();
@@ -169,26 +295,34 @@ pub fn build(c: &ContainerSpec) -> Value {
     }
 
     let caps: Vec<&str> = CAPABILITIES.to_vec();
+    let rlimits: Vec<Value> = l
+        .nofile
+        .map(|n| json!({"type": "RLIMIT_NOFILE", "hard": n, "soft": n}))
+        .into_iter()
+        .collect();
     json!({
         "ociVersion": "1.0.2-dev",
         "process": {
             "terminal": false,
-            "user": {"uid": 0, "gid": 0},
+            "user": {"uid": uid, "gid": gid},
             "args": c.args,
             "env": c.env,
             "cwd": if c.cwd.is_empty() { "/" } else { c.cwd.as_str() },
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
             "noNewPrivileges": true,
+            "oomScoreAdj": OOM_SCORE_ADJ,
+            "rlimits": rlimits,
         },
-        "root": {"path": "rootfs", "readonly": false},
+        "root": {"path": "rootfs", "readonly": c.security.read_only_root},
         "hostname": c.id,
         "mounts": mounts,
         "linux": {
             "resources": resources,
             "cgroupsPath": format!("{}/{}", c.cgroup_parent.trim_end_matches('/'), c.id),
             "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-            "maskedPaths": MASKED,
+            "maskedPaths": MASKED.as_slice(),
             "readonlyPaths": READONLY,
+            "seccomp": seccomp(),
         },
     })
 }
@@ -224,10 +358,12 @@ mod tests {
                 pids: Some(4096),
                 cpuset_cpus: Some("0-31".into()),
                 cpuset_mems: Some("0".into()),
+                nofile: Some(65_536),
             },
             cgroup_parent: "/ollama-fleet/prod".into(),
             runtime: "io.containerd.runc.v2".into(),
             runtime_binary: String::new(),
+            security: Default::default(),
         }
     }
 
@@ -271,6 +407,83 @@ mod tests {
             .find(|m| m["destination"] == "/models")
             .expect("models mount");
         assert_eq!(models["options"], json!(["rbind", "rw"]));
+    }
+
+    #[test]
+    fn current_container_defaults() {
+        let s = build(&spec());
+        let p = &s["process"];
+        assert_eq!(p["user"], json!({"uid": 0, "gid": 0}));
+        assert_eq!(p["oomScoreAdj"], OOM_SCORE_ADJ);
+        assert_eq!(p["rlimits"][0]["type"], "RLIMIT_NOFILE");
+        for cap in [
+            "CAP_SETFCAP",
+            "CAP_SYS_CHROOT",
+            "CAP_AUDIT_WRITE",
+            "CAP_NET_RAW",
+            "CAP_MKNOD",
+        ] {
+            assert!(
+                !p["capabilities"]["bounding"]
+                    .as_array()
+                    .expect("caps")
+                    .iter()
+                    .any(|c| c == cap),
+                "{cap}"
+            );
+        }
+        let masked = s["linux"]["maskedPaths"].as_array().expect("masked");
+        assert!(masked.iter().any(|m| m == "/sys/devices/virtual/powercap"));
+        let seccomp = &s["linux"]["seccomp"];
+        assert_eq!(seccomp["defaultAction"], "SCMP_ACT_ALLOW");
+        let denied: Vec<&str> = seccomp["syscalls"][0]["names"]
+            .as_array()
+            .expect("names")
+            .iter()
+            .filter_map(|n| n.as_str())
+            .collect();
+        for call in [
+            "mount",
+            "unshare",
+            "setns",
+            "ptrace",
+            "bpf",
+            "kexec_load",
+            "init_module",
+        ] {
+            assert!(denied.contains(&call), "{call}");
+        }
+        assert_eq!(s["root"]["readonly"], false);
+    }
+
+    #[test]
+    fn another_user_and_a_read_only_root() {
+        let mut c = spec();
+        c.security = crate::Security {
+            user: Ok((1000, 1000)),
+            read_only_root: true,
+            tmpfs: vec!["/tmp".into(), "/home/ollama".into()],
+        };
+        let s = build(&c);
+        assert_eq!(s["process"]["user"], json!({"uid": 1000, "gid": 1000}));
+        assert_eq!(s["root"]["readonly"], true);
+        let tmpfs: Vec<&Value> = s["mounts"]
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .filter(|m| {
+                m["type"] == "tmpfs"
+                    && (m["destination"] == "/tmp" || m["destination"] == "/home/ollama")
+            })
+            .collect();
+        assert_eq!(tmpfs.len(), 2);
+        assert!(
+            tmpfs[1]["options"]
+                .as_array()
+                .expect("opts")
+                .iter()
+                .any(|o| o == "uid=1000")
+        );
     }
 
     #[test]

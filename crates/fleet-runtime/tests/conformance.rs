@@ -43,6 +43,7 @@ fn spec(image: &ImageInfo, id: &str, labelled: bool, port: u16) -> ContainerSpec
         cgroup_parent: "/ollama-fleet-test".into(),
         runtime: "io.containerd.runc.v2".into(),
         runtime_binary: String::new(),
+        security: Default::default(),
     }
 }
 

@@ -71,6 +71,7 @@ async fn pulls_unpacks_and_runs_from_a_registry() {
         cgroup_parent: "/ollama-fleet-test".into(),
         runtime: "io.containerd.runc.v2".into(),
         runtime_binary: String::new(),
+        security: Default::default(),
     };
     rt.create(&spec).await.expect("create");
     rt.start(&spec.id).await.expect("start");

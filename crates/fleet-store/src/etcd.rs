@@ -53,8 +53,21 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+/// etcd's error, classified: a request etcd refuses for what it is (too large, invalid) is
+/// [`StoreError::Invalid`] and says nothing about etcd's health; anything else means etcd is
+/// unreachable or unwell.
+fn unavailable(e: etcd_client::Error) -> StoreError {
+    match &e {
+        etcd_client::Error::GRpcStatus(s)
+            if matches!(
+                s.code(),
+                tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
+            ) =>
+        {
+            StoreError::Invalid(format!("request refused by etcd: {}", s.message()))
+        }
+        _ => StoreError::Unavailable(e.to_string()),
+    }
 }
 
 async fn deadline<T>(
@@ -132,7 +145,10 @@ impl EtcdStore {
         Ok(rev)
     }
 
-    async fn prefixed(&self, prefix: &str) -> Result<(Vec<(String, String, i64)>, i64)> {
+    /// The keys under `prefix`: (key, value, mod_revision, create_revision), and the store's
+    /// revision.
+    #[allow(clippy::type_complexity)]
+    async fn prefixed(&self, prefix: &str) -> Result<(Vec<(String, String, i64, i64)>, i64)> {
         let mut c = self.client.clone();
         let resp = deadline("get", c.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
         let revision = resp.header().map_or(0, |h| h.revision());
@@ -144,6 +160,7 @@ impl EtcdStore {
                     String::from_utf8_lossy(kv.key()).into_owned(),
                     String::from_utf8_lossy(kv.value()).into_owned(),
                     kv.mod_revision(),
+                    kv.create_revision(),
                 )
             })
             .collect();
@@ -155,12 +172,13 @@ impl EtcdStore {
         let (kvs, rev) = self.prefixed(&prefix).await?;
         let docs = kvs
             .into_iter()
-            .filter_map(|(k, value, revision)| {
+            .filter_map(|(k, value, revision, created)| {
                 let name = k.strip_prefix(&prefix)?;
                 (!name.is_empty() && !name.contains('/')).then(|| FleetDoc {
                     name: name.to_string(),
                     value,
                     revision,
+                    created,
                 })
             })
             .collect();
@@ -239,6 +257,7 @@ impl Store for EtcdStore {
             name: name.to_string(),
             value: String::from_utf8_lossy(kv.value()).into_owned(),
             revision: kv.mod_revision(),
+            created: kv.create_revision(),
         }))
     }
 
@@ -333,6 +352,7 @@ impl Store for EtcdStore {
                                 name: name.to_string(),
                                 value: String::from_utf8_lossy(kv.value()).into_owned(),
                                 revision: kv.mod_revision(),
+                                created: kv.create_revision(),
                             }),
                             EventType::Delete => FleetEvent::Delete(name.to_string()),
                         };
@@ -397,7 +417,7 @@ impl Store for EtcdStore {
         let (kvs, _) = self.prefixed(&self.keys.status(fleet)).await?;
         Ok(kvs
             .into_iter()
-            .filter_map(|(k, value, _)| {
+            .filter_map(|(k, value, _, _)| {
                 let (fleet, node) = self.keys.parse_status(&k)?;
                 Some(Entry { fleet, node, value })
             })
@@ -409,7 +429,7 @@ impl Store for EtcdStore {
         let (kvs, _) = self.prefixed(&prefix).await?;
         Ok(kvs
             .into_iter()
-            .map(|(k, value, _)| Entry {
+            .map(|(k, value, _, _)| Entry {
                 fleet: String::new(),
                 node: k[prefix.len()..].to_string(),
                 value,

@@ -21,6 +21,10 @@ use futures::stream::BoxStream;
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/ollama-fleet";
 
+/// etcd's default request limit (`--max-request-bytes`, 1.5 MiB): larger values are refused
+/// ([`StoreError::Invalid`]), by etcd and by the in-memory store alike.
+pub const MAX_REQUEST_BYTES: usize = 1536 * 1024;
+
 /// A fleet document as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FleetDoc {
@@ -30,6 +34,9 @@ pub struct FleetDoc {
     pub value: String,
     /// Its `mod_revision`: the fleet's generation.
     pub revision: i64,
+    /// Its `create_revision`: which of two fleets came first (the earlier keeps contested
+    /// ports and memory on a node).
+    pub created: i64,
 }
 
 /// What a compare-and-swap write expects to find.

@@ -10,12 +10,16 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::broadcast;
 
-use crate::{Entry, Expect, FleetDoc, FleetEvent, Keys, Result, Store, StoreError, check_segment};
+use crate::{
+    Entry, Expect, FleetDoc, FleetEvent, Keys, MAX_REQUEST_BYTES, Result, Store, StoreError,
+    check_segment,
+};
 
 #[derive(Debug, Clone)]
 struct Value {
     text: String,
     mod_revision: i64,
+    create_revision: i64,
     leased: bool,
 }
 
@@ -99,6 +103,12 @@ impl MemoryStore {
     }
 
     fn put(&self, key: String, text: &str, leased: bool) -> Result<i64> {
+        if text.len() > MAX_REQUEST_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "request refused: {} bytes is more than etcd's request limit ({MAX_REQUEST_BYTES})",
+                text.len()
+            )));
+        }
         if leased && !self.active.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable(
                 "no session: call start_session first".into(),
@@ -107,11 +117,13 @@ impl MemoryStore {
         let mut d = self.live()?;
         d.revision += 1;
         let rev = d.revision;
+        let created = d.kv.get(&key).map_or(rev, |v| v.create_revision);
         d.kv.insert(
             key,
             Value {
                 text: text.to_string(),
                 mod_revision: rev,
+                create_revision: created,
                 leased,
             },
         );
@@ -136,6 +148,7 @@ impl Store for MemoryStore {
             name: name.to_string(),
             value: v.text.clone(),
             revision: v.mod_revision,
+            created: v.create_revision,
         }))
     }
 
@@ -149,12 +162,19 @@ impl Store for MemoryStore {
                 name: k[prefix.len()..].to_string(),
                 value: v.text.clone(),
                 revision: v.mod_revision,
+                created: v.create_revision,
             })
             .collect())
     }
 
     async fn put_fleet(&self, name: &str, value: &str, expect: Expect) -> Result<i64> {
         check_segment("fleet", name)?;
+        if value.len() > MAX_REQUEST_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "request refused: {} bytes is more than etcd's request limit ({MAX_REQUEST_BYTES})",
+                value.len()
+            )));
+        }
         let key = self.keys.fleet(name);
         let mut d = self.live()?;
         let current = d.kv.get(&key).map(|v| v.mod_revision);
@@ -167,11 +187,13 @@ impl Store for MemoryStore {
         }
         d.revision += 1;
         let rev = d.revision;
+        let created = d.kv.get(&key).map_or(rev, |v| v.create_revision);
         d.kv.insert(
             key.clone(),
             Value {
                 text: value.to_string(),
                 mod_revision: rev,
+                create_revision: created,
                 leased: false,
             },
         );
@@ -180,6 +202,7 @@ impl Store for MemoryStore {
             name: name.to_string(),
             value: value.to_string(),
             revision: rev,
+            created,
         };
         let _ = self.events.send((key, Some(doc)));
         Ok(rev)

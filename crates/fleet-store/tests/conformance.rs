@@ -43,6 +43,17 @@ async fn conformance(s: &dyn Store, other: &dyn Store) {
         .await
         .expect("update");
     assert!(r2 > r1, "the generation grows");
+    let doc = s.get_fleet("a").await.expect("get").expect("present");
+    assert_eq!(doc.created, r1, "an update keeps the creation revision");
+    // A value over etcd's request limit is refused as invalid, not taken for an outage.
+    let huge = "x".repeat(fleet_store::MAX_REQUEST_BYTES + 1);
+    assert!(
+        matches!(
+            s.put_fleet("huge", &huge, Expect::Absent).await,
+            Err(StoreError::Invalid(_))
+        ),
+        "a value over the request limit"
+    );
     assert!(matches!(
         s.put_fleet("a", "v3", Expect::Revision(r1)).await,
         Err(StoreError::Conflict(_))
@@ -77,7 +88,8 @@ async fn conformance(s: &dyn Store, other: &dyn Store) {
         FleetEvent::Put(fleet_store::FleetDoc {
             name: "b".into(),
             value: "b1".into(),
-            revision: rb
+            revision: rb,
+            created: rb,
         })
     );
     assert!(s.delete_fleet("a").await.expect("delete"));

@@ -94,6 +94,94 @@ pub struct Args {
     /// How often instance log sizes are checked.
     #[arg(long, env = "OLLAMA_FLEET_LOG_CHECK_INTERVAL", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub log_check_interval: std::time::Duration,
+    /// A host directory under which fleets may put `models.hostPath` (mounted read-write into
+    /// their instances); may be repeated. Default: /var/lib/ollama-fleet/models. A fleet that
+    /// asks for another path starts nothing here (condition Admitted=False,
+    /// HostPathNotAllowed). Symlinks are resolved before comparing.
+    #[arg(
+        long = "allow-host-path",
+        value_name = "PREFIX",
+        env = "OLLAMA_FLEET_ALLOW_HOST_PATHS",
+        value_delimiter = ','
+    )]
+    pub allow_host_paths: Vec<String>,
+    /// An OCI runtime fleets may choose with `runtime.binaryName` (for the runc shim), NAME or
+    /// NAME=BINARY (e.g. crun=/usr/bin/crun), or another containerd shim by its full name
+    /// (io.containerd.kata.v2); may be repeated. Default: runc only. A fleet asking for another
+    /// starts nothing here (RuntimeNotAllowed).
+    #[arg(
+        long = "allow-runtime",
+        value_name = "NAME[=BINARY]",
+        env = "OLLAMA_FLEET_ALLOW_RUNTIMES",
+        value_delimiter = ','
+    )]
+    pub allow_runtimes: Vec<String>,
+    /// Memory limit of instances whose fleet sets no `resources.memory` ("none": unlimited).
+    /// Only fleets that set it are counted against the node's memory at admission.
+    #[arg(long, env = "OLLAMA_FLEET_DEFAULT_MEMORY", value_name = "QUANTITY", default_value = "8Gi", value_parser = parse_optional_quantity)]
+    pub default_memory: std::option::Option<u64>,
+    /// CPU quota, in cores, of instances whose fleet sets no `resources.cpus` (default: none).
+    #[arg(long, env = "OLLAMA_FLEET_DEFAULT_CPUS", value_name = "CORES")]
+    pub default_cpus: Option<f64>,
+    /// pids limit of instances whose fleet sets no `resources.pids` (instances are always
+    /// limited).
+    #[arg(long, env = "OLLAMA_FLEET_DEFAULT_PIDS", value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub default_pids: u64,
+    /// Memory kept for the system (agent, containerd, shims, etcd): fleets that set
+    /// `resources.memory` are admitted while their instances fit in the rest.
+    #[arg(long, env = "OLLAMA_FLEET_RESERVED_MEMORY", value_name = "QUANTITY", default_value = "1Gi", value_parser = parse_quantity)]
+    pub reserved_memory: u64,
+}
+
+fn parse_optional_quantity(s: &str) -> Result<Option<u64>, String> {
+    if s == "none" {
+        return Ok(None);
+    }
+    parse_quantity(s).map(Some)
+}
+
+/// The node's policy from the flags.
+fn policy(args: &Args) -> anyhow::Result<fleet_agent::policy::Policy> {
+    let mut policy = fleet_agent::policy::Policy::default();
+    if !args.allow_host_paths.is_empty() {
+        policy.host_paths.clear();
+        for p in args.allow_host_paths.iter().map(|p| p.trim()) {
+            anyhow::ensure!(
+                fleet_api::is_normalised_path(p),
+                "--allow-host-path {p:?} must be an absolute, normalised directory other than / (no '.', '..', '//' or trailing '/')"
+            );
+            policy.host_paths.push(p.to_string());
+        }
+    }
+    if !args.allow_runtimes.is_empty() {
+        policy.runtimes.clear();
+        for r in args.allow_runtimes.iter().map(|r| r.trim()) {
+            let (name, binary) = r.split_once('=').unwrap_or((r, ""));
+            anyhow::ensure!(
+                !name.is_empty() && !name.contains('/'),
+                "--allow-runtime {r:?} must be NAME or NAME=BINARY, e.g. crun=/usr/bin/crun"
+            );
+            anyhow::ensure!(
+                binary.is_empty() || binary.starts_with('/'),
+                "--allow-runtime {r:?}: BINARY must be an absolute path"
+            );
+            policy.runtimes.insert(name.to_string(), binary.to_string());
+        }
+    }
+    if let Some(c) = args.default_cpus {
+        anyhow::ensure!(
+            (0.01..=fleet_api::MAX_CPUS).contains(&c),
+            "--default-cpus must be between 0.01 and {}",
+            fleet_api::MAX_CPUS
+        );
+    }
+    policy.defaults = fleet_agent::policy::Defaults {
+        memory: args.default_memory,
+        cpus: args.default_cpus,
+        pids: args.default_pids,
+    };
+    policy.reserved_memory = args.reserved_memory;
+    Ok(policy)
 }
 
 fn parse_quantity(s: &str) -> Result<u64, String> {
@@ -215,6 +303,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
         cfg.cgroup_parent = p.clone();
     }
     cfg.image_refresh = args.image_refresh;
+    cfg.policy = policy(args)?;
     let registry = registry_options(args)?;
     if !args.containerd_socket.exists() {
         tracing::warn!(socket = %args.containerd_socket.display(), "containerd socket not found yet; will keep trying (see --containerd-socket)");
@@ -237,7 +326,8 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (see --listen)", args.listen))?;
-    tracing::info!(node = %node, namespace = %args.namespace, sockets = cfg.sockets, listen = %args.listen, "agent starting");
+    tracing::info!(node = %node, namespace = %args.namespace, sockets = cfg.sockets, listen = %args.listen,
+        host_paths = ?cfg.policy.host_paths, runtimes = ?cfg.policy.runtimes.keys().collect::<Vec<_>>(), "agent starting");
 
     match &args.manifests {
         Some(dir) => {
