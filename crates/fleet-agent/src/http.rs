@@ -17,6 +17,61 @@ use crate::controller::View;
 
 type Shared = State<Arc<RwLock<View>>>;
 
+/// Bounds of the agent's HTTP server: it listens on a node's address, so anything that can
+/// reach the port must not be able to hold it.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    /// Connections served at once; more are closed as they arrive.
+    pub max_connections: usize,
+    /// Time for a request's headers to arrive (slow clients are cut off).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_connections: 256,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves `router` on `listener` (HTTP/1.1) within `limits`, until the listener fails.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: ServerLimits,
+) -> std::io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            // Out of file descriptors and the like: wait a little rather than spin.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "too many connections; closing this one");
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+            drop(slot);
+        });
+    }
+}
+
 /// The router.
 pub fn router(view: Arc<RwLock<View>>) -> Router {
     Router::new()

@@ -63,6 +63,10 @@ const PULL_IDLE: Duration = Duration::from_secs(120);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(900);
 /// Other calls.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most of an answer that is read (an instance is untrusted: it could stream forever).
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+/// The longest line of a pull's progress stream.
+pub const MAX_LINE: usize = 64 * 1024;
 
 fn error_of(status: u16, body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
@@ -70,7 +74,7 @@ fn error_of(status: u16, body: &[u8]) -> String {
         .ok()
         .and_then(|v| v["error"].as_str().map(str::to_string))
         .unwrap_or_else(|| text.trim().to_string());
-    format!("HTTP {status}: {message}")
+    format!("HTTP {status}: {}", fleet_api::clip(&message, 512))
 }
 
 /// The `num_thread` line of `/api/show`'s `parameters` text.
@@ -156,11 +160,10 @@ impl HttpOllama {
         let fut = async {
             let resp = self.send(method, url.clone(), body).await?;
             let status = resp.status().as_u16();
-            let bytes = resp
-                .into_body()
+            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
                 .collect()
                 .await
-                .map_err(|e| format!("{url}: {e}"))?
+                .map_err(|e| format!("{url}: {e} (answers are read up to {MAX_BODY} bytes)"))?
                 .to_bytes();
             Ok((status, bytes))
         };
@@ -221,6 +224,11 @@ impl Ollama for HttpOllama {
                 continue;
             };
             buf.extend_from_slice(&data);
+            if buf.len() > MAX_LINE && !buf.contains(&b'\n') {
+                return Err(format!(
+                    "the pull's progress stream sent a line longer than {MAX_LINE} bytes"
+                ));
+            }
             while let Some(end) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=end).collect();
                 let Ok(v) = serde_json::from_slice::<Value>(&line) else {

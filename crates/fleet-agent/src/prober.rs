@@ -55,7 +55,8 @@ pub struct Target {
     pub liveness: Option<(String, Probe)>,
 }
 
-type Http = Client<HttpConnector, Empty<Bytes>>;
+/// The HTTP client probes use.
+pub type Http = Client<HttpConnector, Empty<Bytes>>;
 
 /// Where probe results come from: the HTTP [`Prober`], or [`ScriptedProbes`] in tests.
 pub trait Probes: Send + Sync + 'static {
@@ -183,6 +184,9 @@ impl Probes for Prober {
     }
 }
 
+/// The most of a probe answer's body that is read.
+pub const PROBE_BODY_LIMIT: usize = 64 * 1024;
+
 /// One GET: true for 2xx/3xx within the timeout.
 pub async fn probe_once(client: &Http, url: &str, timeout: Duration) -> bool {
     let Ok(uri) = url.parse::<hyper::Uri>() else {
@@ -191,10 +195,10 @@ pub async fn probe_once(client: &Http, url: &str, timeout: Duration) -> bool {
     match tokio::time::timeout(timeout, client.get(uri)).await {
         Ok(Ok(resp)) => {
             let ok = resp.status().is_success() || resp.status().is_redirection();
-            // Drain the (small) body so the connection can be reused.
-            let _ =
-                tokio::time::timeout(timeout, http_body_util::BodyExt::collect(resp.into_body()))
-                    .await;
+            // Drain a small body so the connection can be reused; a larger one is not read (the
+            // connection is dropped), whatever the instance sends.
+            let body = http_body_util::Limited::new(resp.into_body(), PROBE_BODY_LIMIT);
+            let _ = tokio::time::timeout(timeout, http_body_util::BodyExt::collect(body)).await;
             ok
         }
         _ => false,

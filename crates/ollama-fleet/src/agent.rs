@@ -367,7 +367,8 @@ async fn serve<S: Store>(
     let agent = Agent::new(cfg, runtime, store);
     let router = fleet_agent::http::router(agent.view());
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+        let limits = fleet_agent::http::ServerLimits::default();
+        if let Err(e) = fleet_agent::http::serve(listener, router, limits).await {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });
@@ -469,7 +470,9 @@ type FileFleets = Vec<(String, String)>;
 /// The fleets of one file, as (name, document text). Documents are stored even when invalid
 /// (the agent reports them), as long as they name a fleet.
 fn read_fleets(path: &Path) -> Result<FileFleets, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let text = crate::input::read_bounded(file, &path.display().to_string())
+        .map_err(|e| format!("{e:#}"))?;
     let docs = fleet_api::yaml::parse_stream(&text).map_err(|e| match e.pos {
         Some(p) => format!("{}:{}: {}", p.line, p.col, e.message),
         None => e.message,

@@ -248,6 +248,9 @@ pub async fn run(global: &Global, what: &What) -> anyhow::Result<ExitCode> {
         eprintln!("error: ollamafleet/{name} not found; `ollama-fleet get fleets` lists them");
         return Ok(ExitCode::FAILURE);
     };
-    print!("{}", describe(view, SystemTime::now()));
+    // Messages and exits come from containers and registries: escape control characters.
+    for line in describe(view, SystemTime::now()).lines() {
+        println!("{}", fleet_api::printable(line));
+    }
     Ok(ExitCode::SUCCESS)
 }

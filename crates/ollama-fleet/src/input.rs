@@ -63,10 +63,7 @@ pub fn read_sources(args: &[String], recursive: bool) -> anyhow::Result<Vec<Sour
     let mut out = Vec::new();
     for arg in args {
         if arg == "-" {
-            let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .context("reading manifests from standard input")?;
+            let text = read_bounded(std::io::stdin().lock(), "<stdin>")?;
             out.push(Source {
                 name: "<stdin>".into(),
                 text,
@@ -116,10 +113,25 @@ fn collect(dir: &Path, recursive: bool, files: &mut Vec<PathBuf>) -> anyhow::Res
 }
 
 fn read_file(path: &Path) -> anyhow::Result<Source> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?;
-    Ok(Source {
-        name: path.display().to_string(),
-        text,
-    })
+    let name = path.display().to_string();
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {name}"))?;
+    let text = read_bounded(file, &name)?;
+    Ok(Source { name, text })
+}
+
+/// Reads UTF-8 text of at most the size a manifest may have (`/dev/zero` or a huge file
+/// fails at once instead of filling memory).
+pub fn read_bounded(reader: impl Read, name: &str) -> anyhow::Result<String> {
+    let limit = fleet_api::yaml::MAX_INPUT_BYTES;
+    let mut bytes = Vec::new();
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {name}"))?;
+    if bytes.len() > limit {
+        bail!(
+            "{name} is larger than {limit} bytes, the most a manifest may have; split it into several files"
+        );
+    }
+    String::from_utf8(bytes).with_context(|| format!("cannot read {name} as UTF-8 text"))
 }

@@ -37,6 +37,13 @@ fn last_lines(text: &[u8], n: usize) -> &[u8] {
 
 /// Runs `logs`.
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    if !fleet_api::is_dns_label(&args.instance, 64) {
+        eprintln!(
+            "error: {:?} is not an instance ID; IDs look like devassist-3-7f2a91 (`ollama-fleet get instances` lists them)",
+            fleet_api::clip(&args.instance, 80)
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     let dir = args.state_dir.logs();
     let Some(all) = logs::read(&dir, &args.instance) else {
         eprintln!(

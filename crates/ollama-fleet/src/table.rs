@@ -3,13 +3,20 @@
 use std::time::{Duration, SystemTime};
 
 /// Columns padded to their widest cell, three spaces apart. An empty cell shows as `-`, so
-/// every line splits into the same number of fields.
+/// every line splits into the same number of fields; control characters (from containers,
+/// registries, hostile manifests) are escaped, so a cell cannot move the cursor or forge lines.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|row| {
             row.iter()
-                .map(|c| if c.is_empty() { "-".into() } else { c.clone() })
+                .map(|c| {
+                    if c.is_empty() {
+                        "-".into()
+                    } else {
+                        fleet_api::printable(c).into_owned()
+                    }
+                })
                 .collect()
         })
         .collect();
@@ -65,6 +72,16 @@ pub fn time(s: &str) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_from_containers_are_escaped() {
+        let t = render(
+            &["ID", "MESSAGE"],
+            &[vec!["a-0-abcdef".into(), "ok\u{1b}[2J\nFAKE LINE".into()]],
+        );
+        assert_eq!(t.lines().count(), 2, "{t}");
+        assert!(!t.contains('\u{1b}') && t.contains("\\u{1b}[2J"), "{t}");
+    }
 
     #[test]
     fn tables_and_ages() {

@@ -146,3 +146,25 @@ fn exit_codes() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("validate"));
 }
+
+#[test]
+fn hostile_inputs_fail_fast_and_paths_are_not_ids() {
+    // An endless input is cut at the manifest size limit.
+    let out = run(&["validate", "-f", "/dev/zero"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("larger than"), "{}", stderr(&out));
+    let big = "#".repeat(fleet_api::yaml::MAX_INPUT_BYTES + 10);
+    let out = run(&["validate", "-f", "-"], Some(&big));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("larger than"), "{}", stderr(&out));
+    // `logs` takes instance IDs, not paths.
+    for id in ["../../etc/shadow", "/etc/passwd", "a/b", "x\u{1b}[2J"] {
+        let out = run(&["logs", id, "--state-dir", "/tmp"], None);
+        assert_eq!(out.status.code(), Some(1), "{id}");
+        assert!(
+            stderr(&out).contains("not an instance ID"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}

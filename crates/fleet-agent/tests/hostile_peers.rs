@@ -1,0 +1,134 @@
+//! The agent's HTTP with untrusted peers (issue 10): an instance that streams without end is
+//! read only up to a bound, and the agent's own server cuts off slow and surplus connections.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::{get, post};
+use fleet_agent::controller::View;
+use fleet_agent::http::{ServerLimits, router, serve};
+use fleet_agent::ollama::{HttpOllama, Ollama};
+use fleet_agent::prober::{Http, probe_once};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An endless body: 64 KiB chunks for as long as anyone reads.
+fn endless(newlines: bool) -> Body {
+    let chunk = if newlines {
+        "{\"status\":\"pulling\"}\n".repeat(3000)
+    } else {
+        "x".repeat(64 * 1024)
+    };
+    let stream = futures::stream::repeat_with(move || {
+        Ok::<_, std::io::Error>(bytes::Bytes::from(chunk.clone()))
+    });
+    Body::from_stream(stream)
+}
+
+async fn hostile_instance() -> String {
+    let app = Router::new()
+        .route("/", get(|| async { endless(false) }))
+        .route("/api/show", post(|| async { endless(false) }))
+        .route("/api/pull", post(|| async { endless(false) }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test]
+async fn endless_answers_are_read_only_up_to_a_bound() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let base = hostile_instance().await;
+        // A probe: the status decides; the body is not read to its (missing) end.
+        let client: Http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(hyper_util::client::legacy::connect::HttpConnector::new());
+        let started = Instant::now();
+        assert!(probe_once(&client, &format!("{base}/"), Duration::from_secs(5)).await);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the probe did not wait for the body"
+        );
+        // /api/show: an error that says why, not gigabytes in memory.
+        let ollama = HttpOllama::default();
+        let err = ollama.show(&base, "m").await.expect_err("too large");
+        assert!(err.contains("bytes"), "{err}");
+        // A pull stream with no line end: refused once a line is longer than the bound.
+        let progress = Default::default();
+        let err = ollama
+            .pull(&base, "m", &progress)
+            .await
+            .expect_err("no line end");
+        assert!(err.contains("longer than"), "{err}");
+    })
+    .await
+    .expect("bounded in time too");
+}
+
+#[tokio::test]
+async fn the_agent_server_cuts_slow_and_surplus_connections() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = ServerLimits {
+            max_connections: 2,
+            header_read_timeout: Duration::from_millis(500),
+        };
+        let view = Arc::new(RwLock::new(View::default()));
+        tokio::spawn(serve(listener, router(view), limits));
+
+        // Headers that never finish: the connection is closed after the timeout.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let _ = slow.read_to_end(&mut buf).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a slow client was cut off ({:?})",
+            started.elapsed()
+        );
+
+        // Two connections hold both slots; a third is closed at once, and served again once a
+        // slot is free.
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("write");
+            let mut first = [0u8; 9];
+            c.read_exact(&mut first).await.expect("answered");
+            assert_eq!(&first, b"HTTP/1.1 ", "answered");
+            held.push(c);
+        }
+        let mut third = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _ = third
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        let mut buf = Vec::new();
+        let n = third.read_to_end(&mut buf).await.unwrap_or(0);
+        assert_eq!(n, 0, "the surplus connection is closed unanswered");
+        drop(held);
+        fleet_e2e::wait_for("a slot free again", Duration::from_secs(5), || async {
+            let mut c = tokio::net::TcpStream::connect(addr).await.ok()?;
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut buf = Vec::new();
+            c.read_to_end(&mut buf).await.ok()?;
+            buf.starts_with(b"HTTP/1.1").then_some(())
+        })
+        .await;
+    })
+    .await
+    .expect("in time");
+}
