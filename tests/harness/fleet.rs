@@ -121,6 +121,21 @@ impl World {
         );
     }
 
+    /// `etcdctl put` of a fleet document read from standard input (values over the 128 KiB
+    /// an argument may hold).
+    pub fn etcdctl_put_stdin(&self, fleet: &str, value: &str) {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .env("ETCDCTL_ENDPOINTS", &self.ns.env.etcd_endpoints)
+            .args(["put", &format!("{}/fleets/{fleet}", self.prefix)]);
+        let out = crate::run_with_stdin(cmd, Some(value));
+        assert!(
+            out.status.success(),
+            "etcdctl put: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// A sim fleet manifest: `replicas` per node from `base_port`, Never pulling the test image.
     pub fn sim_fleet(&self, name: &str, replicas: u32, base_port: u16, extra: &str) -> String {
         let models = self.dir.join("models");

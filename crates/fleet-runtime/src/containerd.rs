@@ -663,15 +663,23 @@ impl Containerd {
                 message: why.clone(),
             });
         }
-        // Bind-mount sources are created when missing (like a hostPath DirectoryOrCreate).
+        // Bind-mount sources are created when missing (like a hostPath DirectoryOrCreate),
+        // owned by the instance's user so that a non-root instance can write its models there
+        // (an existing directory is left as the operator made it).
+        let (uid, gid) = c.security.user.clone().unwrap_or((0, 0));
         for m in &c.mounts {
-            tokio::fs::create_dir_all(&m.source)
-                .await
-                .map_err(|e| RuntimeError::Failed {
-                    op: "create mount source",
-                    id: m.source.display().to_string(),
-                    message: e.to_string(),
-                })?;
+            let failed = |e: std::io::Error| RuntimeError::Failed {
+                op: "create mount source",
+                id: m.source.display().to_string(),
+                message: e.to_string(),
+            };
+            if tokio::fs::metadata(&m.source).await.is_ok() {
+                continue;
+            }
+            tokio::fs::create_dir_all(&m.source).await.map_err(failed)?;
+            if uid != 0 || gid != 0 {
+                std::os::unix::fs::chown(&m.source, Some(uid), Some(gid)).map_err(failed)?;
+            }
         }
         let mut snapshots = SnapshotsClient::new(self.channel.clone());
         match snapshots
