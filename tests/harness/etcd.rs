@@ -14,16 +14,144 @@ pub struct PrivateEtcd {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    tls: Option<Certs>,
+}
+
+/// A test CA and certificates signed by it (ECDSA P-256, PEM files), made with openssl.
+#[derive(Clone, Debug)]
+pub struct Certs {
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// etcd's server certificate and key (for 127.0.0.1 and localhost).
+    pub server: (PathBuf, PathBuf),
+    dir: PathBuf,
+}
+
+impl Certs {
+    /// A new CA in `dir`, with a server certificate for loopback.
+    pub fn new(dir: &std::path::Path) -> Certs {
+        std::fs::create_dir_all(dir).expect("certs dir");
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl (see hack/install-deps.sh)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+        ]);
+        let certs = Certs {
+            ca: dir.join("ca.crt"),
+            server: (dir.join("server.crt"), dir.join("server.key")),
+            dir: dir.to_path_buf(),
+        };
+        certs.sign(
+            "server",
+            "etcd",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth",
+        );
+        certs
+    }
+
+    /// A client certificate whose common name is `cn` (etcd takes it as the user name when
+    /// authentication is on): (certificate, key).
+    pub fn client(&self, cn: &str) -> (PathBuf, PathBuf) {
+        self.sign(cn, cn, "extendedKeyUsage=clientAuth");
+        (
+            self.dir.join(format!("{cn}.crt")),
+            self.dir.join(format!("{cn}.key")),
+        )
+    }
+
+    fn sign(&self, name: &str, cn: &str, extensions: &str) {
+        let ext = self.dir.join(format!("{name}.ext"));
+        std::fs::write(&ext, extensions.replace("\\n", "\n")).expect("ext file");
+        let run = |args: Vec<String>| {
+            let out = Command::new("openssl")
+                .args(&args)
+                .current_dir(&self.dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let s = |x: &str| x.to_string();
+        run(vec![
+            s("req"),
+            s("-newkey"),
+            s("ec"),
+            s("-pkeyopt"),
+            s("ec_paramgen_curve:prime256v1"),
+            s("-nodes"),
+            s("-keyout"),
+            format!("{name}.key"),
+            s("-out"),
+            format!("{name}.csr"),
+            s("-subj"),
+            format!("/CN={cn}"),
+        ]);
+        run(vec![
+            s("x509"),
+            s("-req"),
+            s("-in"),
+            format!("{name}.csr"),
+            s("-CA"),
+            s("ca.crt"),
+            s("-CAkey"),
+            s("ca.key"),
+            s("-CAcreateserial"),
+            s("-out"),
+            format!("{name}.crt"),
+            s("-days"),
+            s("2"),
+            s("-extfile"),
+            ext.display().to_string(),
+        ]);
+    }
 }
 
 impl PrivateEtcd {
     /// Starts one and waits until it answers.
     pub fn start(tag: &str) -> PrivateEtcd {
+        PrivateEtcd::start_with(tag, None)
+    }
+
+    /// One that serves TLS only and requires client certificates signed by `certs`' CA
+    /// (etcd's `--client-cert-auth`).
+    pub fn start_tls(tag: &str, certs: &Certs) -> PrivateEtcd {
+        PrivateEtcd::start_with(tag, Some(certs.clone()))
+    }
+
+    fn start_with(tag: &str, tls: Option<Certs>) -> PrivateEtcd {
         let mut etcd = PrivateEtcd {
             child: None,
             dir: temp_dir(&format!("etcd-{tag}")),
             client_port: free_port(),
             peer_port: free_port(),
+            tls,
         };
         etcd.resume();
         etcd
@@ -31,13 +159,24 @@ impl PrivateEtcd {
 
     /// The client URL.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Starts it again (same data, same ports) and waits until it answers.
     pub fn resume(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(c) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&c.server.0)
+                .arg("--key-file")
+                .arg(&c.server.1)
+                .arg("--trusted-ca-file")
+                .arg(&c.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "test", "--data-dir"])
             .arg(self.dir.join("data"))
             .args([

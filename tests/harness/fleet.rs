@@ -50,6 +50,8 @@ pub struct World {
     pub prefix: String,
     /// Scratch space (models, state, manifests).
     pub dir: PathBuf,
+    /// Extra environment of every CLI call and agent (etcd credentials, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl World {
@@ -83,6 +85,7 @@ impl World {
             prefix: format!("/e2e/{}", ns.name),
             ns,
             dir,
+            env: Vec::new(),
         }
     }
 
@@ -91,7 +94,8 @@ impl World {
         let mut cmd = Command::new(binary());
         cmd.args(args)
             .env("OLLAMA_FLEET_ETCD_ENDPOINTS", &self.ns.env.etcd_endpoints)
-            .env("OLLAMA_FLEET_ETCD_PREFIX", &self.prefix);
+            .env("OLLAMA_FLEET_ETCD_PREFIX", &self.prefix)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         crate::run_with_stdin(cmd, stdin)
     }
 
@@ -230,14 +234,17 @@ impl AgentProcess {
             world.dir.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let env = vec![
+        let env: Vec<(String, String)> = vec![
             (
                 "OLLAMA_FLEET_ETCD_ENDPOINTS".to_string(),
                 world.ns.env.etcd_endpoints.clone(),
             ),
             ("OLLAMA_FLEET_ETCD_PREFIX".to_string(), world.prefix.clone()),
             ("RUST_LOG".to_string(), "info".to_string()),
-        ];
+        ]
+        .into_iter()
+        .chain(world.env.iter().cloned())
+        .collect();
         let mut agent = AgentProcess {
             child: None,
             args,

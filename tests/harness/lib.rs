@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use containerd::Namespace;
-pub use etcd::PrivateEtcd;
+pub use etcd::{Certs, PrivateEtcd};
 pub use fleet::{AgentProcess, World, free_port_range};
 pub use http::{get, json, post, post_lines, request};
 pub use registry::PrivateRegistry;

@@ -19,11 +19,12 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    /// A new error at `path`.
+    /// A new error at `path`; path and message are clipped, whatever the document holds.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        let (path, message): (String, String) = (path.into(), message.into());
         FieldError {
-            path: path.into(),
-            message: message.into(),
+            path: crate::clip(&path, MAX_PATH_BYTES).into_owned(),
+            message: crate::clip(&message, MAX_MESSAGE_BYTES).into_owned(),
             pos: None,
         }
     }
@@ -48,6 +49,11 @@ impl fmt::Display for FieldError {
 /// The errors collected while decoding one document.
 #[derive(Debug, Default)]
 pub(crate) struct Errors(pub(crate) Vec<FieldError>);
+
+/// The longest field path kept in an error (a hostile key can be kilobytes long).
+const MAX_PATH_BYTES: usize = 256;
+/// The longest message kept in an error.
+const MAX_MESSAGE_BYTES: usize = 1024;
 
 impl Errors {
     pub(crate) fn add(&mut self, path: &str, pos: Pos, message: impl Into<String>) {

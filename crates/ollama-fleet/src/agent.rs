@@ -342,6 +342,12 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
         }
         None => {
             let config = global.etcd_config()?;
+            if global.etcd_is_open() {
+                tracing::warn!(
+                    endpoints = %global.etcd_endpoints.join(","),
+                    "etcd is reached without TLS client certificates or a user: whoever can write to it can run containers on this node through a fleet; see SECURITY.md"
+                );
+            }
             let mut delay = Duration::from_millis(500);
             let store = loop {
                 match EtcdStore::connect(&config, &global.etcd_prefix).await {

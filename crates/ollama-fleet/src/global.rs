@@ -63,6 +63,15 @@ impl Global {
             Some(user) => {
                 let password = std::env::var("OLLAMA_FLEET_ETCD_PASSWORD")
                     .context("--etcd-user needs the password in OLLAMA_FLEET_ETCD_PASSWORD")?;
+                if let Some(plain) = self
+                    .etcd_endpoints
+                    .iter()
+                    .find(|e| !e.starts_with("https://"))
+                {
+                    anyhow::bail!(
+                        "refusing to send the etcd password in clear text to {plain}: use https:// endpoints (with --etcd-cacert), or client certificates (--etcd-cert, --etcd-key)"
+                    );
+                }
                 Some((user.clone(), password))
             }
             None => None,
@@ -76,6 +85,13 @@ impl Global {
                 _ => None,
             },
         })
+    }
+
+    /// Whether etcd is reached without authentication (no client certificate, no user): then,
+    /// unless etcd itself refuses anonymous clients, anyone who can reach it can write fleets
+    /// that agents run.
+    pub fn etcd_is_open(&self) -> bool {
+        self.etcd_user.is_none() && self.etcd_cert.is_none()
     }
 
     /// Connects to etcd once (for the CLI commands).
