@@ -11,6 +11,11 @@ fn etcdctl(etcd: &PrivateEtcd, certs: &Certs, user: &str, args: &[&str]) -> (boo
     let (cert, key) = certs.client(user);
     let out = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
+        // The dev environment's variables would clash with the flags (etcdctl refuses both).
+        .env_remove("ETCDCTL_ENDPOINTS")
+        .env_remove("ETCDCTL_CACERT")
+        .env_remove("ETCDCTL_CERT")
+        .env_remove("ETCDCTL_KEY")
         .arg("--endpoints")
         .arg(etcd.endpoint())
         .arg("--cacert")

@@ -27,30 +27,36 @@ pub struct Certs {
     dir: PathBuf,
 }
 
+/// Runs openssl in `dir`, panicking with its error output when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (see hack/install-deps.sh)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An ECDSA P-256 key, as openssl's `-newkey` arguments.
+const EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
 impl Certs {
     /// A new CA in `dir`, with a server certificate for loopback.
     pub fn new(dir: &std::path::Path) -> Certs {
         std::fs::create_dir_all(dir).expect("certs dir");
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .output()
-                .expect("openssl (see hack/install-deps.sh)");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
+        let mut args = vec!["req", "-x509"];
+        args.extend(EC_KEY);
+        args.extend([
             "-keyout",
             "ca.key",
             "-out",
@@ -60,6 +66,7 @@ impl Certs {
             "-subj",
             "/CN=test-ca",
         ]);
+        openssl(dir, &args);
         let certs = Certs {
             ca: dir.join("ca.crt"),
             server: (dir.join("server.crt"), dir.join("server.key")),
@@ -83,53 +90,40 @@ impl Certs {
         )
     }
 
+    /// A key and a certificate `name.key`, `name.crt` for `cn`, signed by the CA.
     fn sign(&self, name: &str, cn: &str, extensions: &str) {
-        let ext = self.dir.join(format!("{name}.ext"));
-        std::fs::write(&ext, extensions.replace("\\n", "\n")).expect("ext file");
-        let run = |args: Vec<String>| {
-            let out = Command::new("openssl")
-                .args(&args)
-                .current_dir(&self.dir)
-                .output()
-                .expect("openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let s = |x: &str| x.to_string();
-        run(vec![
-            s("req"),
-            s("-newkey"),
-            s("ec"),
-            s("-pkeyopt"),
-            s("ec_paramgen_curve:prime256v1"),
-            s("-nodes"),
-            s("-keyout"),
+        let ext = format!("{name}.ext");
+        std::fs::write(self.dir.join(&ext), extensions).expect("ext file");
+        let (key, csr, crt, subj) = (
             format!("{name}.key"),
-            s("-out"),
             format!("{name}.csr"),
-            s("-subj"),
-            format!("/CN={cn}"),
-        ]);
-        run(vec![
-            s("x509"),
-            s("-req"),
-            s("-in"),
-            format!("{name}.csr"),
-            s("-CA"),
-            s("ca.crt"),
-            s("-CAkey"),
-            s("ca.key"),
-            s("-CAcreateserial"),
-            s("-out"),
             format!("{name}.crt"),
-            s("-days"),
-            s("2"),
-            s("-extfile"),
-            ext.display().to_string(),
-        ]);
+            format!("/CN={cn}"),
+        );
+        let mut args = vec!["req"];
+        args.extend(EC_KEY);
+        args.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(&self.dir, &args);
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
     }
 }
 

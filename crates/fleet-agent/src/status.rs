@@ -331,13 +331,7 @@ mod tests {
 
     #[tokio::test]
     async fn writes_only_changes() {
-        let store = MemoryStore::default();
-        store
-            .start_session(Duration::from_secs(15))
-            .await
-            .expect("session");
-        let mut w =
-            StatusWriter::new("n1", Duration::from_secs(300)).with_min_interval(Duration::ZERO);
+        let (store, mut w) = session_and_writer().await;
         let i = instance_status(&inst(TaskState::Running, true, true), Phase::Ready, None);
         let s = summarize(
             "f",
@@ -380,15 +374,20 @@ mod tests {
         assert!(store.list_status(None).await.expect("list").is_empty());
     }
 
-    #[tokio::test]
-    async fn a_status_etcd_refuses_does_not_hold_back_the_others() {
+    /// A store with a session, and a writer that writes every change at once.
+    async fn session_and_writer() -> (MemoryStore, StatusWriter) {
         let store = MemoryStore::default();
         store
             .start_session(Duration::from_secs(15))
             .await
             .expect("session");
-        let mut w =
-            StatusWriter::new("n1", Duration::from_secs(300)).with_min_interval(Duration::ZERO);
+        let w = StatusWriter::new("n1", Duration::from_secs(300)).with_min_interval(Duration::ZERO);
+        (store, w)
+    }
+
+    #[tokio::test]
+    async fn a_status_etcd_refuses_does_not_hold_back_the_others() {
+        let (store, mut w) = session_and_writer().await;
         let i = instance_status(&inst(TaskState::Running, true, true), Phase::Ready, None);
         let mut huge = summarize("a", "n1", 1, 1, Some("h"), vec![i.clone()], vec![]);
         // Built by hand: `condition` would cut the message.
