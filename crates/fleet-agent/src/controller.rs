@@ -26,12 +26,17 @@ use crate::ollama::{HttpOllama, Ollama};
 use crate::planner::{self, Action, Desired, Instance, Target, Why};
 use crate::policy::{self, Host, Policy, Refusal};
 use crate::prober::{self, Probes};
-use crate::status::{self, StatusWriter};
+use crate::publish::{PublishConfig, Publisher, Report};
+use crate::status;
 use crate::topology::Topology;
 
 /// How long a starting agent waits at most to learn the readiness of the instances it adopts
 /// before it publishes status.
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(15);
+
+/// How long a pass waits for the status write that announces instances leaving before it stops
+/// them (only while the store answers).
+pub const STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// How often the memory of instances with `rotation.maxMemory` is measured.
 pub const MEMORY_PERIOD: Duration = Duration::from_secs(5);
@@ -340,10 +345,11 @@ pub struct Agent<R: Runtime, S: Store> {
     /// Each fleet's document as last parsed, by revision.
     parsed: HashMap<String, (i64, Parsed)>,
     last_valid: HashMap<String, OllamaFleet>,
-    writer: StatusWriter,
+    publisher: Publisher,
     view: Arc<RwLock<View>>,
     salt: u64,
-    node_written: Option<(Instant, u64)>,
+    /// containerd's version, and when it was asked.
+    containerd_version: Option<(Instant, String)>,
     /// What admission asks of the host (symlinks, addresses, cpus, memory).
     host: Arc<dyn Host + Send + Sync>,
 }
@@ -389,7 +395,16 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             images: crate::images::Images::new(runtime.clone(), wake.clone(), cfg.image_refresh)
                 .with_backoff(cfg.pull_backoff),
             prober: probes,
-            writer: StatusWriter::new(&cfg.node, cfg.status_heartbeat),
+            publisher: Publisher::start(
+                store.clone(),
+                PublishConfig {
+                    node: cfg.node.clone(),
+                    session_ttl: cfg.session_ttl,
+                    node_heartbeat: cfg.node_heartbeat,
+                    status_heartbeat: cfg.status_heartbeat,
+                    min_interval: Duration::from_secs(1),
+                },
+            ),
             view: Arc::new(RwLock::new(View {
                 node: cfg.node.clone(),
                 ..View::default()
@@ -403,7 +418,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             last_valid: HashMap::new(),
             parsed: HashMap::new(),
             salt: 0,
-            node_written: None,
+            containerd_version: None,
             host: Arc::new(policy::RealHost),
         }
     }
@@ -676,7 +691,6 @@ impl<R: Runtime, S: Store> Agent<R, S> {
 
     async fn reconcile(&mut self) -> Result<Option<SystemTime>, String> {
         let now = SystemTime::now();
-        self.ensure_session().await;
         // Slots with work in flight are taken before observing: an action that finishes while
         // we list may have left a half-made container in the listing (created, not yet
         // started), which must not be mistaken for one that failed to start.
@@ -829,28 +843,36 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         let endpoints = self.endpoints(&instances, &statuses);
         // Until the readiness of what runs is known, the last agent's status stays (it expires
         // with its lease) rather than being replaced by "not ready" out of ignorance.
-        let stored = if self.settled {
+        if self.settled {
             self.view
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .endpoints = endpoints;
-            self.writer.write(&*self.store, statuses.clone()).await
-        } else {
-            Ok(())
-        };
-        if let Err(e) = &stored {
-            tracing::warn!(error = %e, "cannot write status");
+        }
+        let node_info = self.node_info().await;
+        let seq = self.publisher.publish(Report {
+            node: Some(node_info),
+            statuses: self.settled.then(|| statuses.clone()),
+        });
+        // Load balancers watching the status keys learn that an instance leaves before it
+        // stops: wait (briefly) for that write, unless the store is away.
+        if !stopping.is_empty()
+            && self.settled
+            && self.publisher.store_up()
+            && !self.publisher.written(seq, STOP_WAIT).await
+        {
+            tracing::debug!("status not written within {STOP_WAIT:?}; stopping anyway");
         }
         for action in stopping {
             self.submit(action, &evals, &node, now);
         }
-        self.set_up(true, Some(stored.is_ok() && self.store.session_alive()));
+        self.set_up(true, Some(self.publisher.store_up()));
         {
             let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
             v.statuses = statuses;
             v.fleets_known = docs.is_some();
             v.actions = self.exec.counts();
-            v.status_writes = self.writer.writes();
+            v.status_writes = self.publisher.writes();
             v.pulls = self.images.stats();
             v.models = self.models.stats();
             v.rotations = self.rotations.clone();
@@ -861,9 +883,6 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         }
         let mut wake = plan.wake_at;
         let mut wake_at = |t: SystemTime| wake = Some(wake.map_or(t, |w: SystemTime| w.min(t)));
-        if let Some(d) = self.writer.pending_until() {
-            wake_at(SystemTime::now() + d);
-        }
         if self
             .last_valid
             .values()
@@ -1142,42 +1161,34 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         }
     }
 
-    /// Starts the session when there is none, and writes the node record when it is due.
-    async fn ensure_session(&mut self) {
-        let generation = self.store.session_generation();
-        if generation == 0
-            && let Err(e) = self.store.start_session(self.cfg.session_ttl).await
-        {
-            tracing::warn!(error = %e, "cannot start the etcd session; retrying");
-            return;
+    /// This node's record (containerd's version asked for at most once a minute).
+    async fn node_info(&mut self) -> NodeInfo {
+        let stale = self
+            .containerd_version
+            .as_ref()
+            .is_none_or(|(at, v)| v.is_empty() || at.elapsed() >= self.cfg.node_heartbeat);
+        if stale {
+            let v = self.runtime.version().await.unwrap_or_default();
+            self.containerd_version = Some((Instant::now(), v));
         }
-        let generation = self.store.session_generation();
-        let due = self
-            .node_written
-            .is_none_or(|(at, g)| g != generation || at.elapsed() >= self.cfg.node_heartbeat);
-        if !due {
-            return;
-        }
-        let containerd = self.runtime.version().await.unwrap_or_default();
-        let info = NodeInfo {
+        NodeInfo {
             name: self.cfg.node.clone(),
             labels: self.cfg.labels.clone(),
             capacity: Capacity {
                 sockets: self.cfg.sockets,
                 cpus: self.cfg.topology.cpus(),
-                memory_bytes: crate::topology::memory_bytes(),
+                memory_bytes: self.host.memory(),
             },
             versions: Versions {
                 agent: self.cfg.version.clone(),
-                containerd,
+                containerd: self
+                    .containerd_version
+                    .as_ref()
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default(),
                 runtime: "io.containerd.runc.v2".into(),
             },
-            heartbeat: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        };
-        let json = serde_json::to_string(&info).unwrap_or_default();
-        match self.store.put_node(&self.cfg.node, &json).await {
-            Ok(()) => self.node_written = Some((Instant::now(), generation)),
-            Err(e) => tracing::warn!(error = %e, "cannot write the node record"),
+            heartbeat: String::new(),
         }
     }
 

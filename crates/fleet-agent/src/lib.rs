@@ -10,6 +10,7 @@
 //! - [`ollama`]: Ollama's API (show, pull, create with `num_thread`, load), HTTP and scripted;
 //! - [`models`]: the node's model cache (one pull per node) and each instance's warm-up;
 //! - [`status`]: status computation (pure) and the writer that writes only changes;
+//! - [`publish`]: the session, node record and status writes, beside the loop (never in it);
 //! - [`controller`]: the level-triggered loop that ties them together;
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/instances`.
 
@@ -24,6 +25,7 @@ pub mod ollama;
 pub mod planner;
 pub mod policy;
 pub mod prober;
+pub mod publish;
 pub mod status;
 pub mod tasks;
 pub mod topology;

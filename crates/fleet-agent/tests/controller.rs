@@ -1194,3 +1194,45 @@ async fn fleets_asking_for_more_than_the_node_allows_start_nothing() {
     .await
     .expect("in time");
 }
+
+/// Issue 11: local work never waits on etcd. With every store call stalled for 20 s (etcd
+/// behind a network that drops packets), a crashed instance is still replaced and the new one
+/// shows in the agent's own endpoints at once; when the store answers again, its status
+/// catches up.
+#[tokio::test]
+async fn a_stalled_store_does_not_slow_crash_replacement() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let (a, s) = converged("  replicas: {perNode: 2}\n", 2).await;
+        let victim = s.instances[0].id.clone();
+        a.store.set_stall(Duration::from_secs(20));
+        // Let the publisher get stuck in a call first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.runtime.exit(&victim, 3);
+        let endpoints = |a: &Running| {
+            a.view
+                .read()
+                .map(|v| v.endpoints.clone())
+                .unwrap_or_default()
+        };
+        wait_for(
+            "the replacement ready in /instances",
+            Duration::from_secs(5),
+            || async {
+                let e = endpoints(&a);
+                (e.len() == 2 && e.iter().all(|e| e.id != victim && e.ready)).then_some(())
+            },
+        )
+        .await;
+        a.store.set_stall(Duration::ZERO);
+        // The call under way still takes its 20 s (as an etcd call runs into its deadline).
+        wait_for("the status catches up", Duration::from_secs(30), || async {
+            status(&a.store, "f")
+                .await
+                .filter(|s| s.ready_replicas == 2 && s.instances.iter().all(|i| i.id != victim))
+        })
+        .await;
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}

@@ -43,6 +43,10 @@ pub struct EtcdStore {
     /// Whether the lease's grant or last keep-alive was answered.
     alive: Arc<AtomicBool>,
     keeper: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// The session's TTL in seconds (to grant a replacement lease).
+    ttl: Arc<AtomicU64>,
+    /// One lease replacement at a time.
+    regrant: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -126,6 +130,8 @@ impl EtcdStore {
             generation: Arc::new(AtomicU64::new(0)),
             alive: Arc::new(AtomicBool::new(false)),
             keeper: Arc::new(Mutex::new(None)),
+            ttl: Arc::new(AtomicU64::new(15)),
+            regrant: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -193,12 +199,28 @@ impl EtcdStore {
             ));
         }
         let mut c = self.client.clone();
-        deadline(
-            "put",
+        let put = tokio::time::timeout(
+            REQUEST_TIMEOUT,
             c.put(key, value, Some(PutOptions::new().with_lease(lease))),
         )
-        .await?;
-        Ok(())
+        .await;
+        match put {
+            Ok(Ok(_)) => Ok(()),
+            // etcd no longer knows the lease (it expired while we could not reach etcd): replace
+            // it now; the owner sees a new session generation and writes its keys again.
+            Ok(Err(e)) if lease_gone(&e) => {
+                tracing::warn!(
+                    lease,
+                    "etcd refused a write: the session's lease is gone; replacing it"
+                );
+                self.replace_lease(lease).await;
+                Err(StoreError::Unavailable(format!("put: {e}")))
+            }
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "put: no answer within {REQUEST_TIMEOUT:?}"
+            ))),
+        }
     }
 
     async fn grant(&self, ttl: Duration) -> Result<i64> {
@@ -213,38 +235,88 @@ impl EtcdStore {
         Ok(id)
     }
 
-    /// Keeps the lease alive; when it is lost (etcd away longer than the TTL), grants a new one.
+    /// Grants a new lease in place of `lost`, unless another caller already did. Returns once
+    /// a lease is granted or etcd did not answer.
+    async fn replace_lease(&self, lost: i64) {
+        let _one_at_a_time = self.regrant.lock().await;
+        if self.lease.load(Ordering::SeqCst) != lost {
+            return;
+        }
+        let ttl = Duration::from_secs(self.ttl.load(Ordering::SeqCst).max(2));
+        match self.grant(ttl).await {
+            Ok(id) => tracing::info!(lost, lease = id, "new etcd lease granted"),
+            Err(e) => tracing::warn!(error = %e, "cannot grant a new etcd lease yet"),
+        }
+    }
+
+    /// Keeps the lease alive. However the news that etcd no longer knows it arrives (a
+    /// keep-alive answered with TTL 0, a keep-alive stream ending in "lease not found", a write
+    /// refused for it, or simply no confirmation for longer than the TTL, after which it cannot
+    /// exist any more), a new one is granted as soon as etcd answers.
     async fn keep_alive(self, ttl: Duration) {
         let interval = ttl / 3;
-        'session: loop {
+        let mut confirmed = tokio::time::Instant::now();
+        loop {
             let id = self.lease.load(Ordering::SeqCst);
+            if confirmed.elapsed() > ttl {
+                // Unconfirmed for a whole TTL: the lease has expired on etcd's side.
+                self.replace_lease(id).await;
+                if self.lease.load(Ordering::SeqCst) != id {
+                    confirmed = tokio::time::Instant::now();
+                    continue;
+                }
+            }
             let mut c = self.client.clone();
             match deadline("lease keep-alive", c.lease_keep_alive(id)).await {
                 Ok((mut keeper, mut stream)) => loop {
+                    if self.lease.load(Ordering::SeqCst) != id {
+                        break; // replaced by a writer that was refused
+                    }
                     if keeper.keep_alive().await.is_err() {
                         break;
                     }
-                    match tokio::time::timeout(REQUEST_TIMEOUT, stream.message()).await {
+                    match tokio::time::timeout(REQUEST_TIMEOUT.min(interval * 2), stream.message())
+                        .await
+                    {
                         Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
                             self.alive.store(true, Ordering::SeqCst);
+                            confirmed = tokio::time::Instant::now();
                         }
                         Ok(Ok(Some(_))) => {
                             tracing::warn!(lease = id, "etcd lease expired; granting a new one");
-                            while self.grant(ttl).await.is_err() {
-                                tokio::time::sleep(interval).await;
-                            }
-                            continue 'session;
+                            self.replace_lease(id).await;
+                            break;
+                        }
+                        Ok(Err(e)) if lease_gone(&e) => {
+                            tracing::warn!(
+                                lease = id,
+                                "etcd no longer knows the lease; granting a new one"
+                            );
+                            self.replace_lease(id).await;
+                            break;
                         }
                         _ => break,
                     }
                     tokio::time::sleep(interval).await;
                 },
-                Err(e) => tracing::debug!(error = %e, "etcd lease keep-alive failed; retrying"),
+                Err(e) => tracing::debug!(error = %e, "lease keep-alive not started"),
             }
             // Unanswered: the store is away until a keep-alive gets through again.
-            self.alive.store(false, Ordering::SeqCst);
+            if confirmed.elapsed() > interval * 2 {
+                self.alive.store(false, Ordering::SeqCst);
+            }
             tokio::time::sleep(Duration::from_millis(500).min(interval)).await;
         }
+    }
+}
+
+/// Whether etcd's answer says the lease does not exist (any more).
+fn lease_gone(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::NotFound || s.message().contains("lease not found")
+        }
+        other => other.to_string().contains("lease not found"),
     }
 }
 
@@ -373,6 +445,7 @@ impl Store for EtcdStore {
     }
 
     async fn start_session(&self, ttl: Duration) -> Result<()> {
+        self.ttl.store(ttl.as_secs().max(2), Ordering::SeqCst);
         self.grant(ttl).await?;
         let task = tokio::spawn(self.clone().keep_alive(ttl));
         let mut keeper = self.keeper.lock().unwrap_or_else(|p| p.into_inner());

@@ -39,6 +39,8 @@ pub struct MemoryStore {
     keys: Keys,
     session: Arc<AtomicU64>,
     active: Arc<AtomicBool>,
+    /// Every call first waits this long (milliseconds): etcd behind a network that drops packets.
+    stall_ms: Arc<AtomicU64>,
 }
 
 impl Default for MemoryStore {
@@ -56,6 +58,7 @@ impl MemoryStore {
             keys: Keys::new(prefix),
             session: Arc::new(AtomicU64::new(0)),
             active: Arc::new(AtomicBool::new(false)),
+            stall_ms: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -85,6 +88,22 @@ impl MemoryStore {
     /// Makes every call fail as if etcd were unreachable (or reachable again).
     pub fn set_down(&self, down: bool) {
         self.data().down = down;
+    }
+
+    /// Makes every call wait `delay` before it is answered (zero: at once), as calls to an etcd
+    /// behind a network that drops packets wait for their deadline.
+    pub fn set_stall(&self, delay: Duration) {
+        self.stall_ms.store(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
+    }
+
+    async fn stall(&self) {
+        let ms = self.stall_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
     }
 
     /// Expires the session's lease, as etcd does when keep-alives stop: its keys vanish, and
@@ -143,6 +162,7 @@ impl MemoryStore {
 #[async_trait::async_trait]
 impl Store for MemoryStore {
     async fn get_fleet(&self, name: &str) -> Result<Option<FleetDoc>> {
+        self.stall().await;
         let d = self.live()?;
         Ok(d.kv.get(&self.keys.fleet(name)).map(|v| FleetDoc {
             name: name.to_string(),
@@ -153,6 +173,7 @@ impl Store for MemoryStore {
     }
 
     async fn list_fleets(&self) -> Result<Vec<FleetDoc>> {
+        self.stall().await;
         let prefix = self.keys.fleets();
         let d = self.live()?;
         Ok(d.kv
@@ -168,6 +189,7 @@ impl Store for MemoryStore {
     }
 
     async fn put_fleet(&self, name: &str, value: &str, expect: Expect) -> Result<i64> {
+        self.stall().await;
         check_segment("fleet", name)?;
         if value.len() > MAX_REQUEST_BYTES {
             return Err(StoreError::Invalid(format!(
@@ -209,6 +231,7 @@ impl Store for MemoryStore {
     }
 
     async fn delete_fleet(&self, name: &str) -> Result<bool> {
+        self.stall().await;
         let key = self.keys.fleet(name);
         let mut d = self.live()?;
         let existed = d.kv.remove(&key).is_some();
@@ -260,6 +283,7 @@ impl Store for MemoryStore {
     }
 
     async fn start_session(&self, _ttl: Duration) -> Result<()> {
+        self.stall().await;
         let _d = self.live()?;
         self.session.fetch_add(1, Ordering::SeqCst);
         self.active.store(true, Ordering::SeqCst);
@@ -275,12 +299,14 @@ impl Store for MemoryStore {
     }
 
     async fn put_node(&self, node: &str, value: &str) -> Result<()> {
+        self.stall().await;
         check_segment("node", node)?;
         self.put(format!("{}{node}", self.keys.nodes()), value, true)
             .map(|_| ())
     }
 
     async fn put_status(&self, fleet: &str, node: &str, value: &str) -> Result<()> {
+        self.stall().await;
         check_segment("fleet", fleet)?;
         check_segment("node", node)?;
         self.put(
@@ -292,6 +318,7 @@ impl Store for MemoryStore {
     }
 
     async fn delete_status(&self, fleet: &str, node: &str) -> Result<()> {
+        self.stall().await;
         let key = format!("{}{node}", self.keys.status(Some(fleet)));
         let mut d = self.live()?;
         if d.kv.remove(&key).is_some() {
@@ -301,6 +328,7 @@ impl Store for MemoryStore {
     }
 
     async fn list_status(&self, fleet: Option<&str>) -> Result<Vec<Entry>> {
+        self.stall().await;
         Ok(self
             .entries(&self.keys.status(fleet))?
             .into_iter()
@@ -312,6 +340,7 @@ impl Store for MemoryStore {
     }
 
     async fn list_nodes(&self) -> Result<Vec<Entry>> {
+        self.stall().await;
         let prefix = self.keys.nodes();
         Ok(self
             .entries(&prefix)?
@@ -325,6 +354,7 @@ impl Store for MemoryStore {
     }
 
     async fn end_session(&self) -> Result<()> {
+        self.stall().await;
         self.active.store(false, Ordering::SeqCst);
         self.expire_session();
         Ok(())

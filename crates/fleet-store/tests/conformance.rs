@@ -316,3 +316,38 @@ async fn etcd_session_reports_an_outage() {
         .await
         .expect("writes work after the outage");
 }
+
+/// A write refused because etcd no longer knows the lease replaces the lease at once, without
+/// waiting for the keep-alive to find out (issue 11: after a partition longer than the TTL,
+/// every write failed with "requested lease not found" until the agent was restarted).
+#[tokio::test]
+async fn etcd_a_write_refused_for_a_lost_lease_replaces_it() {
+    let etcd = PrivateEtcd::start("lease-write");
+    let s = EtcdStore::connect(&config(&etcd.endpoint()), "/lw")
+        .await
+        .expect("connect");
+    // A long TTL: the keep-alive (every 20 s) is not what notices.
+    s.start_session(Duration::from_secs(60))
+        .await
+        .expect("session");
+    let first = s.session_generation();
+    let revoked = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .env("ETCDCTL_ENDPOINTS", etcd.endpoint())
+        .args(["lease", "revoke", &format!("{:x}", s.lease_id())])
+        .output()
+        .expect("etcdctl");
+    assert!(revoked.status.success());
+    assert!(
+        s.put_node("n1", "{}").await.is_err(),
+        "the write on the lost lease is refused"
+    );
+    assert!(
+        s.session_generation() > first,
+        "the refused write replaced the lease"
+    );
+    s.put_node("n1", "{}")
+        .await
+        .expect("the next write goes through");
+    assert_eq!(s.list_nodes().await.expect("nodes").len(), 1);
+}
