@@ -70,7 +70,50 @@ fn unavailable(e: etcd_client::Error) -> StoreError {
         {
             StoreError::Invalid(format!("request refused by etcd: {}", s.message()))
         }
-        _ => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Unavailable(cause(&e)),
+    }
+}
+
+/// What went wrong talking to etcd, in a few words (not a transport dump): the underlying
+/// socket error when there is one, else what etcd's answer means.
+pub fn cause(e: &etcd_client::Error) -> String {
+    use std::error::Error as _;
+    let status = match e {
+        etcd_client::Error::GRpcStatus(s) => Some(s),
+        _ => None,
+    };
+    // The deepest socket error, if any (refused, reset, timed out, no route...).
+    let mut source: Option<&(dyn std::error::Error + 'static)> = match status {
+        Some(s) => s.source(),
+        None => e.source(),
+    };
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+                std::io::ErrorKind::TimedOut => "the connection timed out".into(),
+                std::io::ErrorKind::ConnectionReset => "the connection was reset".into(),
+                _ => io.to_string().to_lowercase(),
+            };
+        }
+        source = err.source();
+    }
+    let Some(s) = status else {
+        return e.to_string();
+    };
+    let message = s.message();
+    match s.code() {
+        tonic::Code::Unauthenticated => format!("authentication failed ({message})"),
+        tonic::Code::PermissionDenied => format!("permission denied ({message})"),
+        tonic::Code::Unimplemented => {
+            format!("the endpoint does not speak etcd's API ({message})")
+        }
+        tonic::Code::DeadlineExceeded => "no answer in time".into(),
+        tonic::Code::Unavailable if message.contains("tcp connect error") => {
+            "cannot connect".into()
+        }
+        _ if message.is_empty() => format!("{:?}", s.code()),
+        _ => message.to_string(),
     }
 }
 
@@ -81,7 +124,7 @@ async fn deadline<T>(
     match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
         Ok(r) => r.map_err(unavailable),
         Err(_) => Err(StoreError::Unavailable(format!(
-            "{what}: no answer within {REQUEST_TIMEOUT:?}"
+            "no answer to {what} within {REQUEST_TIMEOUT:?} (packets dropped, or etcd overloaded)"
         ))),
     }
 }
@@ -113,16 +156,10 @@ impl EtcdStore {
         .await
         .map_err(|_| {
             StoreError::Unavailable(format!(
-                "cannot reach etcd at {}",
-                config.endpoints.join(",")
+                "no answer to connect within {REQUEST_TIMEOUT:?} (packets dropped?)"
             ))
         })?
-        .map_err(|e| {
-            StoreError::Unavailable(format!(
-                "cannot reach etcd at {}: {e}",
-                config.endpoints.join(",")
-            ))
-        })?;
+        .map_err(|e| StoreError::Unavailable(cause(&e)))?;
         Ok(EtcdStore {
             client,
             keys: Keys::new(prefix),

@@ -353,7 +353,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
                 match EtcdStore::connect(&config, &global.etcd_prefix).await {
                     Ok(s) => break s,
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot reach etcd yet; retrying (running instances are not touched)");
+                        tracing::warn!(endpoints = %config.endpoints.join(","), error = %e, "cannot reach etcd yet; retrying (running instances are not touched)");
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(10));
                     }

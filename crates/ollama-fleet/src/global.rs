@@ -96,11 +96,19 @@ impl Global {
 
     /// Connects to etcd once (for the CLI commands).
     pub async fn store(&self) -> anyhow::Result<EtcdStore> {
-        EtcdStore::connect(&self.etcd_config()?, &self.etcd_prefix)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("{e}; check --etcd-endpoints (or OLLAMA_FLEET_ETCD_ENDPOINTS)")
-            })
+        Ok(EtcdStore::connect(&self.etcd_config()?, &self.etcd_prefix).await?)
+    }
+
+    /// An error for people: trouble reaching etcd becomes one line that names the endpoints,
+    /// the cause and what to do.
+    pub fn explain(&self, e: &anyhow::Error) -> String {
+        match e.downcast_ref::<fleet_store::StoreError>() {
+            Some(fleet_store::StoreError::Unavailable(cause)) => format!(
+                "cannot reach etcd at {}: {cause}; check that etcd runs there and that --etcd-endpoints (OLLAMA_FLEET_ETCD_ENDPOINTS) and the TLS/user flags are right",
+                self.etcd_endpoints.join(",")
+            ),
+            _ => format!("{e:#}"),
+        }
     }
 
     /// Sets up logging to stderr.

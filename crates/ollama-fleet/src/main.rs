@@ -112,7 +112,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cli.global.explain(&e));
             ExitCode::FAILURE
         }
     }

@@ -168,3 +168,34 @@ fn hostile_inputs_fail_fast_and_paths_are_not_ids() {
         );
     }
 }
+
+#[test]
+fn an_unreachable_etcd_is_one_line_that_says_what_to_do() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    for args in [
+        vec!["get", "fleets"],
+        vec!["describe", "fleet", "x"],
+        vec!["delete", "fleet", "x"],
+        vec!["apply", "-f", "manifests/examples/sim.yaml"],
+    ] {
+        let mut all = args.clone();
+        all.extend(["--etcd-endpoints", &endpoint]);
+        let out = run(&all, None);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with(&format!(
+                "error: cannot reach etcd at {endpoint}: connection refused;"
+            )),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("--etcd-endpoints"), "{err}");
+    }
+}
