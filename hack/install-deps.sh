@@ -20,6 +20,8 @@ PACKAGES=(
   # tests, bench-pull.sh), python3 (bcrypt hashes for registry credentials), a static busybox
   # for tiny test roots.
   curl binutils openssl procps docker-registry skopeo python3 busybox-static
+  # Fault tests: iptables drops packets to a private etcd (a silent partition).
+  iptables
 )
 
 missing=()

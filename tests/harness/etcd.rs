@@ -151,6 +151,11 @@ impl PrivateEtcd {
         etcd
     }
 
+    /// The client port (to cut it off with [`crate::netfault::Partition`]).
+    pub fn client_port(&self) -> u16 {
+        self.client_port
+    }
+
     /// The client URL.
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };

@@ -6,6 +6,7 @@ pub mod containerd;
 pub mod etcd;
 pub mod fleet;
 pub mod http;
+pub mod netfault;
 pub mod registry;
 
 use std::path::PathBuf;

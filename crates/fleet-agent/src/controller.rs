@@ -855,8 +855,17 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             statuses: self.settled.then(|| statuses.clone()),
         });
         // Load balancers watching the status keys learn that an instance leaves before it
-        // stops: wait (briefly) for that write, unless the store is away.
-        if !stopping.is_empty()
+        // stops: wait (briefly) for that write, unless the store is away. An instance that has
+        // exited already (a crash) serves nothing: replacing it never waits.
+        let serving: HashSet<&str> = instances
+            .iter()
+            .filter(|i| i.is_running() && (i.ready || i.was_ready))
+            .map(|i| i.id.as_str())
+            .collect();
+        let stops_serving = stopping
+            .iter()
+            .any(|a| a.stops().is_some_and(|id| serving.contains(id)));
+        if stops_serving
             && self.settled
             && self.publisher.store_up()
             && !self.publisher.written(seq, STOP_WAIT).await
