@@ -15,6 +15,9 @@ pub struct PrivateEtcd {
     client_port: u16,
     peer_port: u16,
     tls: Option<Certs>,
+    /// Its member name and the cluster it belongs to (`name=peerURL,...`).
+    name: String,
+    cluster: String,
 }
 
 /// A test CA and certificates signed by it (ECDSA P-256, PEM files), made with openssl.
@@ -140,15 +143,61 @@ impl PrivateEtcd {
     }
 
     fn start_with(tag: &str, tls: Option<Certs>) -> PrivateEtcd {
+        let peer_port = free_port();
         let mut etcd = PrivateEtcd {
             child: None,
             dir: temp_dir(&format!("etcd-{tag}")),
             client_port: free_port(),
-            peer_port: free_port(),
+            peer_port,
             tls,
+            name: "test".into(),
+            cluster: format!("test=http://127.0.0.1:{peer_port}"),
         };
         etcd.resume();
         etcd
+    }
+
+    /// A cluster of `members` etcd processes on loopback, as production runs etcd (three or
+    /// five members); every member answers clients.
+    pub fn cluster(tag: &str, members: usize) -> Vec<PrivateEtcd> {
+        let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut all: Vec<PrivateEtcd> = ports
+            .into_iter()
+            .enumerate()
+            .map(|(i, (client_port, peer_port))| PrivateEtcd {
+                child: None,
+                dir: temp_dir(&format!("etcd-{tag}-m{i}")),
+                client_port,
+                peer_port,
+                tls: None,
+                name: format!("m{i}"),
+                cluster: cluster.clone(),
+            })
+            .collect();
+        // Every member must be up before any can elect a leader.
+        for m in &mut all {
+            m.spawn();
+        }
+        for m in &all {
+            m.wait_listening();
+        }
+        all
+    }
+
+    /// This member's name (`m0`, ...; `test` alone).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The peer port (to cut a member off from the others).
+    pub fn peer_port(&self) -> u16 {
+        self.peer_port
     }
 
     /// The client port (to cut it off with [`crate::netfault::Partition`]).
@@ -162,8 +211,13 @@ impl PrivateEtcd {
         format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
-    /// Starts it again (same data, same ports) and waits until it answers.
+    /// Starts it again (same data, same ports) and waits until it listens.
     pub fn resume(&mut self) {
+        self.spawn();
+        self.wait_listening();
+    }
+
+    fn spawn(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new("etcd");
         if let Some(c) = &self.tls {
@@ -176,7 +230,7 @@ impl PrivateEtcd {
                 .arg("--client-cert-auth");
         }
         let child = cmd
-            .args(["--name", "test", "--data-dir"])
+            .args(["--name", &self.name, "--data-dir"])
             .arg(self.dir.join("data"))
             .args([
                 "--listen-client-urls",
@@ -192,7 +246,9 @@ impl PrivateEtcd {
             ])
             .args([
                 "--initial-cluster",
-                &format!("test={peer}"),
+                &self.cluster,
+                "--initial-cluster-token",
+                "ollama-fleet-test",
                 "--logger",
                 "zap",
                 "--log-level",
@@ -203,6 +259,9 @@ impl PrivateEtcd {
             .spawn()
             .expect("start etcd (is etcd-server installed? see hack/install-deps.sh)");
         self.child = Some(child);
+    }
+
+    fn wait_listening(&self) {
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
             assert!(
