@@ -70,6 +70,9 @@ impl Drop for Publisher {
 /// How often the publisher looks at the session when nothing else wakes it: a replaced lease
 /// is noticed (and every key written again) within this.
 const SESSION_CHECK: Duration = Duration::from_millis(500);
+/// A round (heartbeats) at least this often while nothing changes; an idle round compares and
+/// writes nothing unless a heartbeat is due.
+const IDLE_ROUND: Duration = Duration::from_secs(5);
 /// First retry after a failed write; doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 const MAX_RETRY: Duration = Duration::from_secs(2);
@@ -132,35 +135,53 @@ async fn run<S: Store>(
     // The node record last written: (content, session generation, when).
     let mut node_written: Option<(NodeInfo, u64, Instant)> = None;
     let mut retry = FIRST_RETRY;
+    // A round is due: a new report, a failed round, a new session, or the idle timer.
+    let mut due = true;
+    let mut last_round = Instant::now();
+    let mut generation = store.session_generation();
     loop {
-        let (seq, report) = rx.borrow_and_update().clone();
-        let outcome = publish_once(&*store, &cfg, &report, &mut writer, &mut node_written).await;
-        let ok = outcome.is_ok();
-        shared.writes.store(writer.writes(), Ordering::SeqCst);
-        shared
-            .up
-            .store(ok && store.session_alive(), Ordering::SeqCst);
-        let wait = match outcome {
-            Ok(()) => {
-                let _ = written.send(seq);
-                retry = FIRST_RETRY;
-                let held_back = writer.pending_until().unwrap_or(SESSION_CHECK);
-                held_back.min(SESSION_CHECK)
+        let now_generation = store.session_generation();
+        if due || now_generation != generation || last_round.elapsed() >= IDLE_ROUND {
+            let (seq, report) = rx.borrow_and_update().clone();
+            let outcome =
+                publish_once(&*store, &cfg, &report, &mut writer, &mut node_written).await;
+            last_round = Instant::now();
+            generation = store.session_generation();
+            shared.writes.store(writer.writes(), Ordering::SeqCst);
+            shared
+                .up
+                .store(outcome.is_ok() && store.session_alive(), Ordering::SeqCst);
+            match outcome {
+                Ok(()) => {
+                    let _ = written.send(seq);
+                    retry = FIRST_RETRY;
+                    due = false;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?retry, "cannot write to the store; running instances are not affected");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(MAX_RETRY);
+                    continue;
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?retry, "cannot write to the store; running instances are not affected");
-                let wait = retry;
-                retry = (retry * 2).min(MAX_RETRY);
-                wait
-            }
-        };
+        }
+        // Held-back churn is written when its interval has passed.
+        let wait = writer
+            .pending_until()
+            .map_or(SESSION_CHECK, |d| d.min(SESSION_CHECK));
+        if writer.pending_until().is_some_and(|d| d.is_zero()) {
+            due = true;
+        }
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
                     return; // the loop is gone
                 }
+                due = true;
             }
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(wait) => {
+                due |= writer.pending_until().is_some_and(|d| d.is_zero());
+            }
         }
     }
 }
