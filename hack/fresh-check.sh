@@ -10,7 +10,8 @@
 #   hack/fresh-check.sh [--full] [--bench] [--keep] [--dir DIR]
 #
 #   --full     run the whole test suite inside (default: a slice that touches every external
-#              tool: etcd, etcdctl, containerd, ctr, runc limits, the registry, skopeo, python3)
+#              tool: etcd, etcdctl, containerd, ctr, runc limits, the registry, skopeo, python3,
+#              openssl, iptables)
 #   --bench    also run hack/bench.sh with a small fleet (release build, about 5 more minutes)
 #   --keep     keep the root afterwards (default: removed)
 #   --dir DIR  where the root and the log go (default /var/tmp/ollama-fleet-fresh)
@@ -129,7 +130,8 @@ if [[ $FRESH_FULL == 1 ]]; then
 else
   step "hack/test.sh (slice)"
   hack/test.sh -p fleet-e2e -- --exact sim_serves_on_its_ollama_host_port_within_its_limits \
-    the_reconcile_loop_end_to_end registry_credentials
+    the_reconcile_loop_end_to_end registry_credentials tls_client_certificates_and_a_role_per_node \
+    a_silent_partition_from_etcd_heals_by_itself
   done_ "hack/test.sh (slice)"
 fi
 if [[ $FRESH_BENCH == 1 ]]; then

@@ -51,14 +51,7 @@ fn apply(world: &World, manifest: &str) {
 
 /// The fleet's instances in `/instances`.
 async fn listed(agent: &AgentProcess, fleet: &str) -> Vec<Value> {
-    agent
-        .instances()
-        .await
-        .and_then(|v| v["instances"].as_array().cloned())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|i| i["fleet"] == fleet)
-        .collect()
+    agent.listed(Some(fleet)).await
 }
 
 /// Slots with a ready instance.

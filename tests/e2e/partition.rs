@@ -18,10 +18,8 @@ const PARTITION: Duration = Duration::from_secs(30);
 /// slot -> (id, ready) from the agent's own /instances.
 async fn slots(agent: &AgentProcess) -> BTreeMap<u64, (String, bool)> {
     agent
-        .instances()
+        .listed(None)
         .await
-        .and_then(|v| v["instances"].as_array().cloned())
-        .unwrap_or_default()
         .into_iter()
         .filter_map(|i| {
             Some((
@@ -137,15 +135,7 @@ async fn a_silent_partition_from_etcd_heals_by_itself() {
         }
     }
     // An edit after the heal converges.
-    world.cli_ok(
-        &["apply", "-f", "-"],
-        Some(&world.sim_fleet("p", 4, base, "")),
-    );
-    world
-        .wait_status("p", "4 ready after the heal", 60, |s| {
-            s["readyReplicas"] == 4
-        })
-        .await;
+    world.apply_sim("p", 4, base).await;
     eprintln!(
         "partition: crash replacement {} ms before, {} ms during the partition; CLI failed after {} ms; keys back {} ms after the heal (lease TTL 15 s, partition {} s)",
         baseline.as_millis(),

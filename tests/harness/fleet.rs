@@ -179,6 +179,19 @@ impl World {
         .await
     }
 
+    /// Applies the sim fleet `name` with `replicas` instances from `base_port` and waits (up
+    /// to a minute) until a node reports them all ready; returns that status.
+    pub async fn apply_sim(&self, name: &str, replicas: u32, base_port: u16) -> Value {
+        self.cli_ok(
+            &["apply", "-f", "-"],
+            Some(&self.sim_fleet(name, replicas, base_port, "")),
+        );
+        self.wait_status(name, &format!("{replicas} ready"), 60, |s| {
+            s["readyReplicas"] == replicas
+        })
+        .await
+    }
+
     /// Starts an agent for node `node` with extra arguments.
     pub fn agent(&self, node: &str, extra: &[&str]) -> AgentProcess {
         AgentProcess::start(self, node, extra)
@@ -292,6 +305,18 @@ impl AgentProcess {
         request("GET", &url, None, Duration::from_secs(2))
             .await
             .ok()
+    }
+
+    /// The instances `/instances` lists (of `fleet`, or all); empty when the agent does not
+    /// answer.
+    pub async fn listed(&self, fleet: Option<&str>) -> Vec<Value> {
+        self.instances()
+            .await
+            .and_then(|v| v["instances"].as_array().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| fleet.is_none_or(|f| i["fleet"] == f))
+            .collect()
     }
 
     /// `GET /instances`, if the agent answers.

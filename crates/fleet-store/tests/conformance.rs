@@ -246,6 +246,21 @@ async fn etcd_watch_survives_compaction_and_restart() {
     assert!(seen_d.is_ok(), "and keeps watching");
 }
 
+/// Revokes `lease` with etcdctl, as an operator (or an expiry) would.
+fn revoke(etcd: &PrivateEtcd, lease: i64) {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .env("ETCDCTL_ENDPOINTS", etcd.endpoint())
+        .args(["lease", "revoke", &format!("{lease:x}")])
+        .output()
+        .expect("etcdctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// When the lease is lost (etcd was away longer than its TTL, or someone revoked it), its keys
 /// are gone; the session grants a new lease and says so, so the owner writes its keys again.
 #[tokio::test]
@@ -259,17 +274,7 @@ async fn etcd_session_replaces_a_lost_lease() {
         .expect("session");
     let first = s.session_generation();
     s.put_node("n1", "{}").await.expect("node");
-    let revoked = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .env("ETCDCTL_ENDPOINTS", etcd.endpoint())
-        .args(["lease", "revoke", &format!("{:x}", s.lease_id())])
-        .output()
-        .expect("etcdctl");
-    assert!(
-        revoked.status.success(),
-        "{}",
-        String::from_utf8_lossy(&revoked.stderr)
-    );
+    revoke(&etcd, s.lease_id());
     assert!(
         s.list_nodes().await.expect("nodes").is_empty(),
         "the lease's keys went with it"
@@ -331,13 +336,7 @@ async fn etcd_a_write_refused_for_a_lost_lease_replaces_it() {
         .await
         .expect("session");
     let first = s.session_generation();
-    let revoked = std::process::Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .env("ETCDCTL_ENDPOINTS", etcd.endpoint())
-        .args(["lease", "revoke", &format!("{:x}", s.lease_id())])
-        .output()
-        .expect("etcdctl");
-    assert!(revoked.status.success());
+    revoke(&etcd, s.lease_id());
     assert!(
         s.put_node("n1", "{}").await.is_err(),
         "the write on the lost lease is refused"
