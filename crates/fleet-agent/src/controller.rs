@@ -51,9 +51,9 @@ pub fn base_url(spec: &fleet_api::FleetSpec, port: u16) -> String {
     }
 }
 
-/// The key of a fleet's model gate for one model.
+/// The key of a fleet's model gate for one model (in any spelling).
 fn gate_key(fleet: &str, model: &str) -> String {
-    format!("{fleet}\u{0}{model}")
+    format!("{fleet}\u{0}{}", fleet_api::ModelRef::key(model))
 }
 
 /// The agent's settings.
@@ -1095,14 +1095,14 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             }
             let mut models: Vec<String> = mine.iter().map(|(_, l)| model_of(l)).collect();
             models.push(spec.model.clone());
-            models.sort();
-            models.dedup();
+            models.sort_by_key(|m| fleet_api::ModelRef::key(m));
+            models.dedup_by_key(|m| fleet_api::ModelRef::key(m));
             for model in models {
                 let need = Need {
                     model: model.clone(),
                     ..base_need.clone()
                 };
-                let key = (need.cache.clone(), model.clone());
+                let key = (need.cache.clone(), fleet_api::ModelRef::key(&model));
                 if let Some((other, threads)) = claimed.get(&key)
                     && *threads != need.threads
                 {
@@ -1119,7 +1119,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 claimed.insert(key, (name.clone(), need.threads));
                 let via: Vec<String> = answering
                     .iter()
-                    .filter(|a| a.3 == model)
+                    .filter(|a| crate::ollama::same_model(&a.3, &model))
                     .map(|a| a.2.clone())
                     .collect();
                 gates.insert(gate_key(name, &model), waits(self.models.gate(&need, &via)));

@@ -159,7 +159,8 @@ impl ModelCache {
         if need.is_empty() {
             return Gate::Open(SystemTime::UNIX_EPOCH);
         }
-        let key = (need.cache.clone(), need.model.clone());
+        // Every spelling of a model is one worker: two of them would race on the cache.
+        let key = (need.cache.clone(), fleet_api::ModelRef::key(&need.model));
         let mut entries = lock(&self.entries);
         let now = Instant::now();
         let (attempts, open) = match entries.get(&key) {

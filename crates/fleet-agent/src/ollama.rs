@@ -41,6 +41,8 @@ pub trait Ollama: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct HttpOllama {
     client: Client<HttpConnector, Full<Bytes>>,
+    /// How long a pull may go without a line: (while downloading, while verifying).
+    pull_idle: (Duration, Duration),
 }
 
 impl Default for HttpOllama {
@@ -53,12 +55,25 @@ impl Default for HttpOllama {
                 .pool_idle_timeout(Duration::from_secs(30))
                 .pool_max_idle_per_host(1)
                 .build(connector),
+            pull_idle: (PULL_IDLE, VERIFY_IDLE),
         }
+    }
+}
+
+impl HttpOllama {
+    /// How long a pull may go without a progress line, while downloading and while Ollama
+    /// verifies the blobs (defaults 2 min and 30 min).
+    pub fn with_pull_idle(mut self, downloading: Duration, verifying: Duration) -> HttpOllama {
+        self.pull_idle = (downloading, verifying);
+        self
     }
 }
 
 /// How long a pull may go without a progress line.
 const PULL_IDLE: Duration = Duration::from_secs(120);
+/// How long Ollama's final check may go silent: after "verifying sha256 digest" it hashes every
+/// downloaded blob without a word (tens of GB at disk speed).
+const VERIFY_IDLE: Duration = Duration::from_secs(1800);
 /// How long loading a model may take.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(900);
 /// Other calls.
@@ -88,11 +103,11 @@ fn num_thread_of(parameters: &str) -> Option<u32> {
 }
 
 /// Whether two model names are the same model (`m` and `m:latest`, with or without the
-/// default registry).
+/// default registry, in any case: Ollama compares names case-insensitively).
 pub fn same_model(a: &str, b: &str) -> bool {
     match (ModelRef::parse(a), ModelRef::parse(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
+        (Ok(x), Ok(y)) => x.same_as(&y),
+        _ => a.eq_ignore_ascii_case(b),
     }
 }
 
@@ -215,9 +230,16 @@ impl Ollama for HttpOllama {
         let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
         let mut last = String::new();
         loop {
-            let frame = tokio::time::timeout(PULL_IDLE, body.frame())
+            let idle = if last.starts_with("verifying") {
+                self.pull_idle.1
+            } else {
+                self.pull_idle.0
+            };
+            let frame = tokio::time::timeout(idle, body.frame())
                 .await
-                .map_err(|_| format!("the pull stalled: no progress for {PULL_IDLE:?}"))?;
+                .map_err(|_| {
+                    format!("the pull stalled: no progress for {idle:?} (last: {last:?})")
+                })?;
             let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| e.to_string())?;
             let Ok(data) = frame.into_data() else {
@@ -449,6 +471,7 @@ mod tests {
             "registry.ollama.ai/library/smollm2:135m"
         ));
         assert!(same_model("llama3", "llama3:latest"));
+        assert!(same_model("Llama3", "llama3:LATEST"));
         assert!(!same_model("llama3:8b", "llama3:70b"));
     }
 }

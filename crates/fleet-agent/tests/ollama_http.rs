@@ -9,8 +9,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::post;
 use fleet_agent::models::{Gate, ModelCache, Need, WarmTarget, Warmer, Warmth};
-use fleet_agent::ollama::HttpOllama;
+use fleet_agent::ollama::{HttpOllama, Ollama};
 use fleet_e2e::wait_for;
+use futures::StreamExt;
 use tokio::sync::Notify;
 
 async fn minimal_server(pulls: Arc<AtomicUsize>) -> String {
@@ -80,4 +81,73 @@ async fn a_partial_ollama_api_still_gets_its_model_and_warms() {
     })
     .await
     .expect("in time");
+}
+
+/// Ollama's pull goes silent while it verifies the blobs' digests (no progress lines for as long
+/// as hashing tens of GB takes); the agent waits for it, but not for a download that stalls.
+#[tokio::test]
+async fn the_silent_digest_check_is_waited_for() {
+    use axum::body::Body;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let stream = |silent_before_verify: bool| {
+            let lines = async_stream_lines(silent_before_verify);
+            Body::from_stream(lines)
+        };
+        let app = Router::new()
+            .route("/ok/api/pull", post(move || async move { stream(false) }))
+            .route(
+                "/stalls/api/pull",
+                post(move || async move { stream(true) }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let ollama = HttpOllama::default()
+            .with_pull_idle(Duration::from_millis(300), Duration::from_secs(5));
+        let progress = Default::default();
+        ollama
+            .pull(&format!("{base}/ok"), "m", &progress)
+            .await
+            .expect("a second of silent verification is waited for");
+        let err = ollama
+            .pull(&format!("{base}/stalls"), "m", &progress)
+            .await
+            .expect_err("a silent download is not");
+        assert!(err.contains("stalled"), "{err}");
+    })
+    .await
+    .expect("in time");
+}
+
+/// A pull's progress: a layer, then "verifying sha256 digest", a second of silence, success.
+/// With `silent_before_verify` the second of silence comes while downloading instead.
+fn async_stream_lines(
+    silent_before_verify: bool,
+) -> impl futures::Stream<Item = Result<String, std::io::Error>> {
+    let steps: Vec<(u64, &'static str)> = if silent_before_verify {
+        vec![
+            (
+                0,
+                "{\"status\":\"pulling abc\",\"digest\":\"sha256:abc\",\"total\":10,\"completed\":5}\n",
+            ),
+            (1000, "{\"status\":\"verifying sha256 digest\"}\n"),
+            (0, "{\"status\":\"success\"}\n"),
+        ]
+    } else {
+        vec![
+            (
+                0,
+                "{\"status\":\"pulling abc\",\"digest\":\"sha256:abc\",\"total\":10,\"completed\":10}\n",
+            ),
+            (0, "{\"status\":\"verifying sha256 digest\"}\n"),
+            (1000, "{\"status\":\"writing manifest\"}\n"),
+            (0, "{\"status\":\"success\"}\n"),
+        ]
+    };
+    futures::stream::iter(steps).then(|(wait, line)| async move {
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        Ok(line.to_string())
+    })
 }

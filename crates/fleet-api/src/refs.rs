@@ -285,6 +285,25 @@ impl ModelRef {
     }
 }
 
+impl ModelRef {
+    /// Whether two references name the same model: Ollama compares names case-insensitively
+    /// (`Llama3` is `llama3:latest`).
+    pub fn same_as(&self, other: &ModelRef) -> bool {
+        self.host.eq_ignore_ascii_case(&other.host)
+            && self.namespace.eq_ignore_ascii_case(&other.namespace)
+            && self.model.eq_ignore_ascii_case(&other.model)
+            && self.tag.eq_ignore_ascii_case(&other.tag)
+    }
+
+    /// A key under which every spelling of one model is the same (full, lowercase): what the
+    /// node's model cache and its workers are keyed by.
+    pub fn key(text: &str) -> String {
+        ModelRef::parse(text)
+            .map_or_else(|_| text.to_string(), |r| r.to_string())
+            .to_ascii_lowercase()
+    }
+}
+
 impl fmt::Display for ModelRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -298,6 +317,18 @@ impl fmt::Display for ModelRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_names_compare_as_ollama_does() {
+        let p = |s: &str| ModelRef::parse(s).expect("valid");
+        assert!(p("Llama3").same_as(&p("llama3:latest")));
+        assert!(p("registry.ollama.ai/library/LLAMA3:8B").same_as(&p("llama3:8b")));
+        assert!(!p("llama3:8b").same_as(&p("llama3:70b")));
+        assert_eq!(
+            ModelRef::key("Llama3"),
+            ModelRef::key("registry.ollama.ai/library/llama3:latest")
+        );
+    }
 
     #[test]
     fn image_references_normalise() {
