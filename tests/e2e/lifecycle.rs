@@ -656,3 +656,35 @@ async fn a_new_model_rolls_out_while_the_old_one_serves() {
     let pulls: Vec<&str> = journal.lines().filter(|l| l.starts_with("start")).collect();
     assert_eq!(pulls.len(), 2, "one pull per model on the node:\n{journal}");
 }
+
+/// An embedding-only model refuses /api/generate; the agent warms it with an embed instead, so
+/// the fleet becomes Ready (issue 12: it never did).
+#[tokio::test]
+async fn an_embedding_model_becomes_ready() {
+    let world = World::new("lc-embed");
+    let base = free_port_range(2);
+    let manifest = fleet(&world, "emb", 2, base, "", "")
+        .replace(&format!("model: {MODEL}"), "model: all-minilm:22m");
+    apply(&world, &manifest);
+    let agent = world.agent("node-1", &[]);
+    let ready = wait_ready(&agent, "emb", 2, 90).await;
+    for i in &ready {
+        let address = i["address"].as_str().expect("address");
+        let (_, ps) = get(&format!("http://{address}/api/ps")).await;
+        assert_eq!(
+            json(&ps)["models"][0]["name"],
+            "all-minilm:22m",
+            "loaded before Ready"
+        );
+        let (status, body) = post(
+            &format!("http://{address}/api/embed"),
+            json!({"model": "all-minilm:22m", "input": "hello"}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            json(&body)["embeddings"][0].as_array().map(Vec::len),
+            Some(384)
+        );
+    }
+}

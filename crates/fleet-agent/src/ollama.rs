@@ -307,14 +307,22 @@ impl Ollama for HttpOllama {
     }
 
     async fn load(&self, base: &str, model: &str) -> Result<(), String> {
-        let (status, body) = self
+        // A generate without a prompt loads the model; an embedding-only model refuses it
+        // ("does not support generate", 400) and is loaded by an embed without input instead.
+        let pin = json!({"model": model, "keep_alive": -1, "stream": false});
+        let (mut status, mut body) = self
             .call(
                 "POST",
                 format!("{base}/api/generate"),
-                Some(json!({"model": model, "keep_alive": -1, "stream": false})),
+                Some(pin.clone()),
                 LOAD_TIMEOUT,
             )
             .await?;
+        if status == 400 && error_of(status, &body).contains("does not support generate") {
+            (status, body) = self
+                .call("POST", format!("{base}/api/embed"), Some(pin), LOAD_TIMEOUT)
+                .await?;
+        }
         if status != 200 {
             return Err(error_of(status, &body));
         }

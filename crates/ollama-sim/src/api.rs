@@ -62,6 +62,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/pull", post(pull))
         .route("/api/generate", post(generate))
         .route("/api/chat", post(chat))
+        .route("/api/embed", post(embed))
+        .route("/api/embeddings", post(embeddings))
         .route("/api/create", post(create))
         .route("/api/show", post(show))
         .route("/api/delete", delete(delete_model))
@@ -436,6 +438,17 @@ async fn chat(State(app): Shared, body: Bytes) -> ApiResult {
 async fn infer(app: Arc<App>, body: Value, prompt: String, shape: Shape) -> ApiResult {
     let (name, r) = model_field(&body)?;
     let info = find_model(&app, &name, &r)?;
+    if info.embedding_only() {
+        // Ollama refuses before it loads anything.
+        let what = match shape {
+            Shape::Generate => "generate",
+            Shape::Chat => "chat",
+        };
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("{name:?} does not support {what}"),
+        ));
+    }
     let keep = keep_alive(&app, &body)?;
     if prompt.is_empty() {
         let reason = app.runner.load_only(&info, keep).await.map_err(refusal)?;
@@ -600,8 +613,109 @@ async fn show(State(app): Shared, body: Bytes) -> ApiResult {
             "llama.context_length": 8192,
         },
         "modified_at": timestamp(info.modified),
+        "capabilities": info.capabilities(),
     }))
     .into_response())
+}
+
+/// The dimensions of the sim's embeddings.
+const EMBEDDING_DIMS: usize = 384;
+
+/// A deterministic unit vector for `text` (the same text always embeds the same).
+fn embedding(text: &str) -> Vec<f32> {
+    let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        x = (x ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut v: Vec<f32> = (0..EMBEDDING_DIMS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect();
+    let norm = v
+        .iter()
+        .map(|a| a * a)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
+    v.iter_mut().for_each(|a| *a /= norm);
+    v
+}
+
+/// `POST /api/embed`: `input` is a string or a list of strings; without input the model is
+/// only loaded (and pinned by `keep_alive`), as Ollama does. Any model embeds.
+async fn embed(State(app): Shared, body: Bytes) -> ApiResult {
+    let body = parse_body(&body)?;
+    let (name, r) = model_field(&body)?;
+    let invalid = || error(StatusCode::BAD_REQUEST, "invalid input type");
+    let inputs: Vec<String> = match &body["input"] {
+        Value::Null => Vec::new(),
+        Value::String(s) if s.is_empty() => Vec::new(),
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(invalid))
+            .collect::<Result<_, _>>()?,
+        _ => return Err(invalid()),
+    };
+    let info = app
+        .store
+        .get(&r)
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("model '{name}' not found")))?;
+    let keep = keep_alive(&app, &body)?;
+    let started = Instant::now();
+    if inputs.is_empty() {
+        app.runner.load_only(&info, keep).await.map_err(refusal)?;
+        return Ok(axum::Json(json!({"model": name, "embeddings": []})).into_response());
+    }
+    let lease = app
+        .runner
+        .acquire(&info, keep, None)
+        .await
+        .map_err(refusal)?;
+    let load = lease.load_duration;
+    let embeddings: Vec<Vec<f32>> = inputs.iter().map(|t| embedding(t)).collect();
+    drop(lease);
+    let tokens: usize = inputs
+        .iter()
+        .map(|t| t.split_whitespace().count().max(1))
+        .sum();
+    Ok(axum::Json(json!({
+        "model": name,
+        "embeddings": embeddings,
+        "total_duration": started.elapsed().as_nanos() as u64,
+        "load_duration": load.as_nanos() as u64,
+        "prompt_eval_count": tokens,
+    }))
+    .into_response())
+}
+
+/// `POST /api/embeddings` (Ollama's older route): `prompt` in, `embedding` out; an empty prompt
+/// only loads the model.
+async fn embeddings(State(app): Shared, body: Bytes) -> ApiResult {
+    let body = parse_body(&body)?;
+    let (name, r) = model_field(&body)?;
+    let info = app
+        .store
+        .get(&r)
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("model '{name}' not found")))?;
+    let keep = keep_alive(&app, &body)?;
+    let prompt = body["prompt"].as_str().unwrap_or("");
+    if prompt.is_empty() {
+        app.runner.load_only(&info, keep).await.map_err(refusal)?;
+        return Ok(axum::Json(json!({"embedding": []})).into_response());
+    }
+    let lease = app
+        .runner
+        .acquire(&info, keep, None)
+        .await
+        .map_err(refusal)?;
+    let v = embedding(prompt);
+    drop(lease);
+    Ok(axum::Json(json!({"embedding": v})).into_response())
 }
 
 async fn delete_model(State(app): Shared, body: Bytes) -> ApiResult {

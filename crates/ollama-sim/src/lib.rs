@@ -2,8 +2,9 @@
 //! `agnhost`.
 //!
 //! It serves Ollama's routes with Ollama's JSON shapes (`/`, `/api/version`, `/api/tags`,
-//! `/api/ps`, `/api/pull`, `/api/generate`, `/api/chat`, `/api/create`, `/api/show`,
-//! `/api/delete`), honours `OLLAMA_HOST`, `OLLAMA_MODELS`, `OLLAMA_NUM_PARALLEL`,
+//! `/api/ps`, `/api/pull`, `/api/generate`, `/api/chat`, `/api/embed`, `/api/embeddings`,
+//! `/api/create`, `/api/show`, `/api/delete`; embedding-only models, named like Ollama's library
+//! ones such as `all-minilm` or `nomic-embed-text`, refuse generate and chat), honours `OLLAMA_HOST`, `OLLAMA_MODELS`, `OLLAMA_NUM_PARALLEL`,
 //! `OLLAMA_MAX_QUEUE`, `OLLAMA_MAX_LOADED_MODELS`, `OLLAMA_KEEP_ALIVE` and `OLLAMA_NOPRUNE`,
 //! and has realistic costs: a loaded model really holds its memory, loading and generating take
 //! time, and requests queue. Faults are injected by `SIM_*` variables or `/sim/*` endpoints:

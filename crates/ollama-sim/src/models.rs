@@ -35,6 +35,25 @@ pub struct ModelInfo {
     pub model_blob: String,
 }
 
+impl ModelInfo {
+    /// Whether the model only embeds (no completion): Ollama reads it from the weights; the sim
+    /// goes by the names of the embedding models in Ollama's library (`nomic-embed-text`,
+    /// `mxbai-embed-large`, `all-minilm`, `bge-m3`, ...).
+    pub fn embedding_only(&self) -> bool {
+        let m = self.reference.model.to_ascii_lowercase();
+        m.contains("embed") || m.contains("minilm") || m.starts_with("bge")
+    }
+
+    /// What the model can do, as `/api/show` lists it.
+    pub fn capabilities(&self) -> Vec<&'static str> {
+        if self.embedding_only() {
+            vec!["embedding"]
+        } else {
+            vec!["completion"]
+        }
+    }
+}
+
 /// The store rooted at a models directory.
 #[derive(Clone, Debug)]
 pub struct Store {

@@ -469,3 +469,89 @@ async fn delete_removes_a_model() {
     let (_, tags) = get(&format!("{url}/api/tags")).await;
     assert_eq!(json(&tags)["models"], json!([]));
 }
+
+/// Embedding models (issue 12): they refuse generate and chat before loading anything, load on
+/// an embed without input, embed strings and lists, and say so in /api/show.
+#[tokio::test]
+async fn embedding_models_embed_and_refuse_generation() {
+    let url = start("embed", &[]).await;
+    let (status, lines) = post_lines(
+        &format!("{url}/api/pull"),
+        json!({"model": "all-minilm:22m"}),
+    )
+    .await;
+    assert_eq!(
+        (status, lines.last()),
+        (200, Some(&json!({"status": "success"})))
+    );
+    for (route, what) in [("generate", "generate"), ("chat", "chat")] {
+        let (status, body) = post(
+            &format!("{url}/api/{route}"),
+            json!({"model": "all-minilm:22m", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        assert_eq!(status, 400, "{route}");
+        assert_eq!(
+            json(&body)["error"],
+            format!("\"all-minilm:22m\" does not support {what}")
+        );
+    }
+    let (_, ps) = get(&format!("{url}/api/ps")).await;
+    assert_eq!(
+        json(&ps)["models"],
+        json!([]),
+        "nothing was loaded by a refusal"
+    );
+    // No input: loads and pins it.
+    let (status, body) = post(
+        &format!("{url}/api/embed"),
+        json!({"model": "all-minilm:22m", "keep_alive": -1}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["embeddings"], json!([]));
+    let (_, ps) = get(&format!("{url}/api/ps")).await;
+    assert_eq!(json(&ps)["models"][0]["name"], "all-minilm:22m");
+    // A string and a list; the same text embeds the same.
+    let (status, one) = post(
+        &format!("{url}/api/embed"),
+        json!({"model": "all-minilm:22m", "input": "hello"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, two) = post(
+        &format!("{url}/api/embed"),
+        json!({"model": "all-minilm:22m", "input": ["hello", "world"]}),
+    )
+    .await;
+    let (one, two) = (json(&one), json(&two));
+    assert_eq!(one["embeddings"].as_array().map(Vec::len), Some(1));
+    assert_eq!(one["embeddings"][0].as_array().map(Vec::len), Some(384));
+    assert_eq!(two["embeddings"][0], one["embeddings"][0]);
+    assert_ne!(two["embeddings"][1], one["embeddings"][0]);
+    let (status, _) = post(
+        &format!("{url}/api/embed"),
+        json!({"model": "all-minilm:22m", "input": 42}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, legacy) = post(
+        &format!("{url}/api/embeddings"),
+        json!({"model": "all-minilm:22m", "prompt": "hello"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&legacy)["embedding"], one["embeddings"][0]);
+    let (_, show) = post(
+        &format!("{url}/api/show"),
+        json!({"model": "all-minilm:22m"}),
+    )
+    .await;
+    assert_eq!(json(&show)["capabilities"], json!(["embedding"]));
+    let (status, _) = post(
+        &format!("{url}/api/embed"),
+        json!({"model": "nope", "input": "x"}),
+    )
+    .await;
+    assert_eq!(status, 404);
+}
