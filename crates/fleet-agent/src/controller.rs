@@ -38,6 +38,10 @@ pub const SETTLE_LIMIT: Duration = Duration::from_secs(15);
 /// them (only while the store answers).
 pub const STOP_WAIT: Duration = Duration::from_secs(2);
 
+/// An instance younger than this that has not answered yet may be walking its model cache
+/// (Ollama's start): the agent starts no pull or create in that cache meanwhile.
+pub const STARTUP_QUIET: Duration = Duration::from_secs(30);
+
 /// How often the memory of instances with `rotation.maxMemory` is measured.
 pub const MEMORY_PERIOD: Duration = Duration::from_secs(5);
 
@@ -1020,6 +1024,25 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         node: &NodeCtx,
         now: SystemTime,
     ) {
+        // An instance starting now would walk a cache the agent is writing into (Ollama exits
+        // when a blob vanishes under that walk): its start waits for the write to end (which
+        // wakes the loop).
+        let starts_on_cache = match action {
+            Action::Create { fleet, .. }
+            | Action::Surge { fleet, .. }
+            | Action::Replace { fleet, .. } => self
+                .last_valid
+                .get(fleet)
+                .map(|f| f.spec.models.host_path.clone())
+                .filter(|c| !c.is_empty()),
+            Action::Remove { .. } => None,
+        };
+        if let Some(cache) = starts_on_cache
+            && self.models.writing(&cache)
+        {
+            tracing::debug!(slot = %action.slot_key(), cache = %cache, "start deferred: the model cache is being written");
+            return;
+        }
         let Some(op) = self.op_for(action, evals, node, now) else {
             return;
         };
@@ -1046,6 +1069,24 @@ impl<R: Runtime, S: Store> Agent<R, S> {
     ) -> HashMap<String, Gate> {
         let mut gates = HashMap::new();
         let mut claimed: HashMap<(String, String), (String, Option<u32>)> = HashMap::new();
+        // Ollama walks blobs/ when it starts and exits when a file vanishes under it (as at the
+        // end of a pull): nothing is written into a cache while one of its instances starts.
+        let mut starting: HashSet<&str> = HashSet::new();
+        for (o, l) in labelled {
+            let Some(f) = self.last_valid.get(&l.fleet) else {
+                continue;
+            };
+            let young = SystemTime::now()
+                .duration_since(l.created_at)
+                .is_ok_and(|age| age < STARTUP_QUIET);
+            if o.state == fleet_runtime::TaskState::Running
+                && young
+                && !self.prober.state(&o.id).was_ready
+                && !f.spec.models.host_path.is_empty()
+            {
+                starting.insert(f.spec.models.host_path.as_str());
+            }
+        }
         let mut fleets: Vec<(&String, &OllamaFleet)> = self.last_valid.iter().collect();
         fleets.sort_by_key(|(name, _)| name.as_str());
         for (name, fleet) in fleets {
@@ -1077,6 +1118,10 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 .map(|(o, l)| (l.slot, o.id.as_str(), base_url(spec, l.port), model_of(l)))
                 .collect();
             answering.sort();
+            if starting.contains(base_need.cache.as_str()) {
+                // No new work on this cache now (work under way goes on).
+                answering.clear();
+            }
             if base_need.cache.is_empty() {
                 for (o, l) in &mine {
                     let via: Vec<String> = answering

@@ -148,6 +148,14 @@ impl ModelCache {
         }
     }
 
+    /// Whether the agent is writing into `cache` now (a pull, or a create for the thread
+    /// count): no instance on it should start meanwhile.
+    pub fn writing(&self, cache: &str) -> bool {
+        lock(&self.entries).iter().any(|((c, _), state)| {
+            c == cache && matches!(state, State::Working { step, .. } if *step != "checking")
+        })
+    }
+
     /// Statistics so far.
     pub fn stats(&self) -> ModelStats {
         *lock(&self.stats)

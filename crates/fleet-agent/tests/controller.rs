@@ -1236,3 +1236,67 @@ async fn a_stalled_store_does_not_slow_crash_replacement() {
     .await
     .expect("in time");
 }
+
+/// Issue 12: Ollama walks blobs/ when it starts and exits when a file vanishes under it, which
+/// happens at the end of a pull. No instance on a cache starts while the agent pulls into it:
+/// a crash during the pull is replaced once the pull is over.
+#[tokio::test]
+async fn no_instance_starts_while_the_cache_is_written() {
+    tokio::time::timeout(Duration::from_secs(40), async {
+        let (rt, store) = fresh();
+        put(
+            &store,
+            "f",
+            &manifest(
+                "f",
+                "  replicas: {perNode: 3}\n  models: {hostPath: /node-cache}\n",
+            ),
+            Expect::Absent,
+        )
+        .await;
+        let a = start(rt.clone(), store, config());
+        a.ollama.set_pull_time(Duration::from_secs(3));
+        let pulling = wait_status(&a.store, "f", "the pull under way", |s| {
+            s.instances.len() == 3
+                && s.instances
+                    .iter()
+                    .any(|i| i.message.as_deref().is_some_and(|m| m.contains("pulling")))
+        })
+        .await;
+        let victim = pulling.instances[2].id.clone();
+        let creates_before = rt
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("create "))
+            .count();
+        a.runtime.exit(&victim, 1);
+        // While the pull runs, the crashed instance is not replaced.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let pull_running = a
+            .ollama
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("pull "))
+            .count()
+            == 1
+            && status(&a.store, "f").await.is_some_and(|s| {
+                s.instances
+                    .iter()
+                    .any(|i| i.message.as_deref().is_some_and(|m| m.contains("pulling")))
+            });
+        let creates_during = rt
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("create "))
+            .count();
+        assert!(pull_running, "the 3 s pull is still under way");
+        assert_eq!(creates_during, creates_before, "no start during the pull");
+        wait_status(&a.store, "f", "3 ready after the pull", |s| {
+            s.ready_replicas == 3 && s.instances.iter().all(|i| i.id != victim)
+        })
+        .await;
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
