@@ -735,6 +735,7 @@ async fn sim_state(State(app): Shared) -> Response {
         "pid": std::process::id(),
         "uptimeSeconds": app.started.elapsed().as_secs_f64(),
         "inFlight": app.runner.in_flight(),
+        "loads": app.runner.loads(),
         "loaded": app.runner.running().iter().map(|r| r.info.name.clone()).collect::<Vec<_>>(),
         "leakedBytes": app.faults.leaked_bytes(),
         "leakRate": app.faults.leak_rate(),

@@ -56,6 +56,8 @@ pub struct Runner {
     load_lock: tokio::sync::Mutex<()>,
     slots: Arc<Semaphore>,
     admitted: AtomicUsize,
+    /// Runner starts and restarts so far (tests count reloads).
+    loads: AtomicUsize,
 }
 
 /// A request's hold on a loaded model and a parallel slot; released on drop.
@@ -82,11 +84,28 @@ impl Runner {
             loaded: Mutex::new(HashMap::new()),
             load_lock: tokio::sync::Mutex::new(()),
             admitted: AtomicUsize::new(0),
+            loads: AtomicUsize::new(0),
         })
     }
 
     fn loaded(&self) -> MutexGuard<'_, HashMap<String, Loaded>> {
         self.loaded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runner starts and restarts so far.
+    pub fn loads(&self) -> usize {
+        self.loads.load(Ordering::SeqCst)
+    }
+
+    /// The key a model is loaded under: like Ollama's scheduler, the weights file, so two names
+    /// of the same weights with the same options share one runner (and differing options, such
+    /// as the thread count, mean a reload).
+    fn key_of(info: &ModelInfo) -> String {
+        if info.model_blob.is_empty() {
+            info.reference.to_string()
+        } else {
+            info.model_blob.clone()
+        }
     }
 
     /// Requests admitted and not finished (running or waiting).
@@ -114,7 +133,7 @@ impl Runner {
             .acquire_owned()
             .await
             .map_err(|_| Refusal::LoadFailed("scheduler closed".into()))?;
-        let key = info.reference.to_string();
+        let key = Runner::key_of(info);
         let wanted_threads = num_thread
             .or_else(|| {
                 info.parameters
@@ -169,6 +188,7 @@ impl Runner {
             }
             None => false,
         };
+        self.loads.fetch_add(1, Ordering::SeqCst);
         if reload {
             tokio::time::sleep(self.cfg.load_time).await;
             eprintln!(
@@ -178,6 +198,8 @@ impl Runner {
             if let Some(l) = self.loaded().get_mut(key) {
                 l.num_thread = threads;
                 l.last_used = Instant::now();
+                // The runner now serves the name that reloaded it.
+                l.info = info.clone();
             }
             return Ok(threads);
         }
@@ -233,7 +255,7 @@ impl Runner {
         keep_alive: KeepAlive,
     ) -> Result<&'static str, Refusal> {
         if keep_alive == KeepAlive::For(Duration::ZERO) {
-            let key = info.reference.to_string();
+            let key = Runner::key_of(info);
             let mut loaded = self.loaded();
             if loaded.get(&key).is_some_and(|l| l.refs == 0) {
                 loaded.remove(&key);

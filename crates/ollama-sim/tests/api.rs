@@ -401,21 +401,57 @@ async fn create_derives_a_model_with_parameters() {
 #[tokio::test]
 async fn loaded_models_are_capped() {
     let url = pulled("cap", &[("OLLAMA_MAX_LOADED_MODELS", "1")]).await;
-    post(
-        &format!("{url}/api/create"),
-        json!({"model": "other", "from": "smollm2:135m", "stream": false}),
+    // Other weights: a second model.
+    let (status, _) = post(
+        &format!("{url}/api/pull"),
+        json!({"model": "other:1b", "stream": false}),
     )
     .await;
+    assert_eq!(status, 200);
     post(
         &format!("{url}/api/generate"),
         json!({"model": "smollm2:135m"}),
     )
     .await;
-    post(&format!("{url}/api/generate"), json!({"model": "other"})).await;
+    post(&format!("{url}/api/generate"), json!({"model": "other:1b"})).await;
     let (_, ps) = get(&format!("{url}/api/ps")).await;
     let ps = json(&ps);
     assert_eq!(ps["models"].as_array().map(Vec::len), Some(1));
-    assert_eq!(ps["models"][0]["name"], "other:latest");
+    assert_eq!(ps["models"][0]["name"], "other:1b");
+}
+
+/// Like Ollama's scheduler, runners are keyed by the weights: another name of the same weights
+/// with the same options shares the loaded runner; different options (the thread count) reload.
+#[tokio::test]
+async fn names_of_the_same_weights_share_a_runner_unless_options_differ() {
+    let url = pulled("share", &[]).await;
+    for (name, threads) in [("same", 4), ("more", 6)] {
+        let (status, _) = post(
+            &format!("{url}/api/create"),
+            json!({"model": name, "from": "smollm2:135m", "parameters": {"num_thread": threads}, "stream": false}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let loads = |url: String| async move {
+        let (_, state) = get(&format!("{url}/sim/state")).await;
+        json(&state)["loads"].as_u64().expect("loads")
+    };
+    post(&format!("{url}/api/generate"), json!({"model": "same", "keep_alive": -1})).await;
+    assert_eq!(loads(url.clone()).await, 1);
+    // The same weights and thread count under another name: no reload.
+    let (_, body) = post(
+        &format!("{url}/api/generate"),
+        json!({"model": "same", "prompt": "hi", "options": {"num_thread": 4}, "stream": false}),
+    )
+    .await;
+    assert_eq!(json(&body)["done"], true);
+    assert_eq!(loads(url.clone()).await, 1, "no reload for equal options");
+    // Another thread count: a reload.
+    post(&format!("{url}/api/generate"), json!({"model": "more", "prompt": "hi", "stream": false})).await;
+    assert_eq!(loads(url.clone()).await, 2, "a different num_thread reloads");
+    let (_, ps) = get(&format!("{url}/api/ps")).await;
+    assert_eq!(json(&ps)["models"][0]["name"], "more:latest");
 }
 
 #[tokio::test]
