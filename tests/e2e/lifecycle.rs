@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use fleet_agent::models::derived_name;
 use fleet_e2e::http::request_with_headers;
 use fleet_e2e::{AgentProcess, World, free_port_range, get, json, post, wait_for};
 use serde_json::{Value, json};
@@ -203,8 +204,9 @@ async fn the_model_is_pulled_once_and_loaded_before_ready() {
                     .await;
                     let ps = json(&ps);
                     assert_eq!(
-                        ps["models"][0]["name"], MODEL,
-                        "{id} is ready without its model loaded: {ps}"
+                        ps["models"][0]["name"],
+                        derived_name(MODEL, 1),
+                        "{id} is ready without its model (derived for 1 thread) loaded: {ps}"
                     );
                     assert_eq!(ps["models"][0]["num_thread"], 1, "{id}: {ps}");
                 }
@@ -638,7 +640,9 @@ async fn a_new_model_rolls_out_while_the_old_one_serves() {
             for i in &l {
                 let url = format!("http://{}/api/ps", i["address"].as_str().unwrap_or(""));
                 let ps = fleet_e2e::request("GET", &url, None, Duration::from_secs(2)).await;
-                all_new &= ps.is_ok_and(|(_, ps)| json(&ps)["models"][0]["name"] == "smollm2:360m");
+                all_new &= ps.is_ok_and(|(_, ps)| {
+                    json(&ps)["models"][0]["name"] == derived_name("smollm2:360m", 1).as_str()
+                });
             }
             all_new.then_some(l)
         },
@@ -673,7 +677,7 @@ async fn an_embedding_model_becomes_ready() {
         let (_, ps) = get(&format!("http://{address}/api/ps")).await;
         assert_eq!(
             json(&ps)["models"][0]["name"],
-            "all-minilm:22m",
+            derived_name("all-minilm:22m", 1),
             "loaded before Ready"
         );
         let (status, body) = post(

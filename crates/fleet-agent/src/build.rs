@@ -19,6 +19,9 @@ pub const LABEL_CRASHLOOP: &str = "ollama-fleet.io/crashloop";
 /// Label: the model the instance serves (`spec.model` when it was created), so an instance of a
 /// previous spec keeps using its own model while a new one is pulled.
 pub const LABEL_MODEL: &str = "ollama-fleet.io/model";
+/// Label: the thread count the instance runs its model with (it loads the model derived for
+/// it, see [`crate::models::derived_name`]); absent when nothing limits it.
+pub const LABEL_THREADS: &str = "ollama-fleet.io/threads";
 /// Label: how the slot's previous instance ended, `code:reason:RFC3339`.
 pub const LABEL_LAST_EXIT: &str = "ollama-fleet.io/last-exit";
 
@@ -63,6 +66,9 @@ pub struct InstanceLabels {
     pub carry: Carry,
     /// The model it serves (absent on containers made before the label existed).
     pub model: Option<String>,
+    /// The thread count it runs the model with (absent: not limited, or made before the
+    /// label existed; it then loads the model by its own name).
+    pub threads: Option<u32>,
 }
 
 /// Parses an instance's labels; `None` when they are not ours or are broken.
@@ -85,6 +91,7 @@ pub fn parse_labels(labels: &BTreeMap<String, String>) -> Option<InstanceLabels>
             .and_then(|t| humantime::parse_rfc3339(t).ok())
             .unwrap_or(SystemTime::UNIX_EPOCH),
         model: get(LABEL_MODEL).map(str::to_string),
+        threads: get(LABEL_THREADS).and_then(|t| t.parse().ok()),
         carry: Carry {
             restarts: get(LABEL_RESTARTS)
                 .and_then(|v| v.parse().ok())
@@ -224,6 +231,9 @@ pub fn container_spec(
         (LABEL_CRASHLOOP.to_string(), carry.crashloop.to_string()),
         (LABEL_MODEL.to_string(), spec.model.clone()),
     ]);
+    if let Some(t) = crate::models::threads(spec, &node.topology) {
+        labels.insert(LABEL_THREADS.to_string(), t.to_string());
+    }
     if let Some(e) = &carry.last_exit {
         labels.insert(
             LABEL_LAST_EXIT.to_string(),

@@ -951,10 +951,16 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                         // Kept while the probe fails for a while, so a warm instance that
                         // stops answering is Unready, not Starting again.
                         if running && probe.was_ready {
+                            // The model made for its thread count, so that it keeps what it
+                            // loaded when the model's own name gets another count.
+                            let loads = l.threads.map_or_else(
+                                || model.clone(),
+                                |t| crate::models::derived_name(&model, t),
+                            );
                             warm_targets.push(WarmTarget {
                                 id: o.id.clone(),
                                 base: base_url(spec, l.port),
-                                model: model.clone(),
+                                model: loads,
                             });
                         }
                         match self.warmer.state(&o.id) {
@@ -1063,12 +1069,14 @@ impl<R: Runtime, S: Store> Agent<R, S> {
     /// The model gates: for each fleet and each model its instances serve (keyed by
     /// [`gate_key`]; instances of a previous spec may serve another model than `spec.model`), or
     /// for each instance (keyed by `#` and its container ID) of fleets without a shared cache.
+    /// On a shared cache, every fleet and instance that uses a model adds to one need: the thread
+    /// counts its instances run with (one derived model each), the first fleet's (by name)
+    /// thread count on the model's own name, and a pull when any fleet asks for one.
     fn model_gates(
         &self,
         labelled: &[(&fleet_runtime::Observed, build::InstanceLabels)],
     ) -> HashMap<String, Gate> {
         let mut gates = HashMap::new();
-        let mut claimed: HashMap<(String, String), (String, Option<u32>)> = HashMap::new();
         // Ollama walks blobs/ when it starts and exits when a file vanishes under it (as at the
         // end of a pull): nothing is written into a cache while one of its instances starts.
         let mut starting: HashSet<&str> = HashSet::new();
@@ -1087,18 +1095,18 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 starting.insert(f.spec.models.host_path.as_str());
             }
         }
+        // (cache, model key) -> the merged need, the instances to work through, and the fleets
+        // (with the model as each names it) whose gate it is.
+        type Users = Vec<(String, String)>;
+        let mut shared: BTreeMap<(String, String), (Need, Vec<(u32, String)>, Users)> =
+            BTreeMap::new();
         let mut fleets: Vec<(&String, &OllamaFleet)> = self.last_valid.iter().collect();
         fleets.sort_by_key(|(name, _)| name.as_str());
         for (name, fleet) in fleets {
             let spec = &fleet.spec;
+            let spec_threads = crate::models::threads(spec, &self.cfg.topology);
             let model_of =
                 |l: &build::InstanceLabels| l.model.clone().unwrap_or(spec.model.clone());
-            let base_need = Need {
-                cache: spec.models.host_path.clone(),
-                model: spec.model.clone(),
-                pull: spec.models.pull,
-                threads: crate::models::threads(spec, &self.cfg.topology),
-            };
             // Without pull and warm-up, readiness does not wait for the model (the thread count
             // is still set, in the background, once the model is there).
             let waits = |gate: Gate| {
@@ -1110,64 +1118,79 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             };
             let mine: Vec<&(&fleet_runtime::Observed, build::InstanceLabels)> =
                 labelled.iter().filter(|(_, l)| &l.fleet == name).collect();
-            let mut answering: Vec<(u32, &str, String, String)> = mine
-                .iter()
-                .filter(|(o, _)| {
-                    o.state == fleet_runtime::TaskState::Running && self.prober.state(&o.id).ready
-                })
-                .map(|(o, l)| (l.slot, o.id.as_str(), base_url(spec, l.port), model_of(l)))
-                .collect();
-            answering.sort();
-            if starting.contains(base_need.cache.as_str()) {
-                // No new work on this cache now (work under way goes on).
-                answering.clear();
-            }
-            if base_need.cache.is_empty() {
+            let answering = |o: &fleet_runtime::Observed| {
+                o.state == fleet_runtime::TaskState::Running && self.prober.state(&o.id).ready
+            };
+            let cache = spec.models.host_path.clone();
+            if cache.is_empty() {
+                // Each instance has its own models directory: its own need.
                 for (o, l) in &mine {
-                    let via: Vec<String> = answering
-                        .iter()
-                        .filter(|a| a.1 == o.id)
-                        .map(|a| a.2.clone())
-                        .collect();
-                    let need = Need {
-                        cache: o.id.clone(),
-                        model: model_of(l),
-                        ..base_need.clone()
+                    let via: Vec<String> = if answering(o) {
+                        vec![base_url(spec, l.port)]
+                    } else {
+                        Vec::new()
                     };
+                    let need = Need::new(&o.id, &model_of(l), spec.models.pull, l.threads);
                     gates.insert(format!("#{}", o.id), waits(self.models.gate(&need, &via)));
                 }
                 continue;
             }
-            let mut models: Vec<String> = mine.iter().map(|(_, l)| model_of(l)).collect();
-            models.push(spec.model.clone());
-            models.sort_by_key(|m| fleet_api::ModelRef::key(m));
-            models.dedup_by_key(|m| fleet_api::ModelRef::key(m));
-            for model in models {
-                let need = Need {
-                    model: model.clone(),
-                    ..base_need.clone()
-                };
-                let key = (need.cache.clone(), fleet_api::ModelRef::key(&model));
-                if let Some((other, threads)) = claimed.get(&key)
-                    && *threads != need.threads
-                {
-                    let gate = Gate::Waiting(format!(
-                        "fleet {other} runs model {model} from the same cache {} with num_thread {}, \
-                         this fleet needs {}: give one of them its own models.hostPath",
-                        need.cache,
-                        threads.map_or("unset".into(), |t| t.to_string()),
-                        need.threads.map_or("unset".into(), |t| t.to_string()),
-                    ));
-                    gates.insert(gate_key(name, &model), gate);
-                    continue;
+            let mut uses: Vec<(String, Option<u32>)> =
+                mine.iter().map(|(_, l)| (model_of(l), l.threads)).collect();
+            uses.push((spec.model.clone(), spec_threads));
+            for (model, threads) in uses {
+                let key = (cache.clone(), fleet_api::ModelRef::key(&model));
+                let (need, _, users) = shared.entry(key).or_insert_with(|| {
+                    (
+                        Need {
+                            cache: cache.clone(),
+                            model: model.clone(),
+                            pull: false,
+                            threads: Default::default(),
+                            base_threads: None,
+                        },
+                        Vec::new(),
+                        Vec::new(),
+                    )
+                });
+                need.pull |= spec.models.pull;
+                need.threads.extend(threads);
+                if need.base_threads.is_none() && crate::ollama::same_model(&model, &spec.model) {
+                    need.base_threads = spec_threads;
                 }
-                claimed.insert(key, (name.clone(), need.threads));
-                let via: Vec<String> = answering
-                    .iter()
-                    .filter(|a| crate::ollama::same_model(&a.3, &model))
-                    .map(|a| a.2.clone())
-                    .collect();
-                gates.insert(gate_key(name, &model), waits(self.models.gate(&need, &via)));
+                if !users.iter().any(|(f, m)| f == name && m == &model) {
+                    users.push((name.clone(), model));
+                }
+            }
+            for (o, l) in &mine {
+                if answering(o) {
+                    let key = (cache.clone(), fleet_api::ModelRef::key(&model_of(l)));
+                    if let Some((_, via, _)) = shared.get_mut(&key) {
+                        via.push((l.slot, base_url(spec, l.port)));
+                    }
+                }
+            }
+        }
+        for ((cache, _), (need, mut via, users)) in shared {
+            via.sort();
+            let via: Vec<String> = if starting.contains(cache.as_str()) {
+                // No new work on this cache now (work under way goes on).
+                Vec::new()
+            } else {
+                via.into_iter().map(|(_, url)| url).collect()
+            };
+            let gate = self.models.gate(&need, &via);
+            for (fleet, model) in users {
+                let waits = self
+                    .last_valid
+                    .get(&fleet)
+                    .is_some_and(|f| f.spec.models.pull || f.spec.models.warm);
+                let gate = if waits {
+                    gate.clone()
+                } else {
+                    Gate::Open(SystemTime::UNIX_EPOCH)
+                };
+                gates.insert(gate_key(&fleet, &model), gate);
             }
         }
         gates

@@ -2,19 +2,24 @@
 //!
 //! [`ModelCache`]: per node, per cache directory and model, one worker at a time makes sure the
 //! model is there (pulled through one instance's `/api/pull` when `models.pull` is set; no other
-//! instance pulls meanwhile, since instances only load models) and carries the node's thread
-//! count (`num_thread`, see [`threads`]). Failures back off 10 s doubling to 5 minutes, like
-//! image pulls. Its [`Gate`] says whether instances may load the model, or why not yet.
+//! instance pulls meanwhile, since instances only load models) and that each thread count its
+//! instances run with has a derived model, [`derived_name`] (`llama3:8b-fleet-t4`: the same
+//! blobs plus `num_thread`), so an instance keeps the model it loaded when another gets a new
+//! CPU allowance, and fleets with different allowances share one cache. The model's own name
+//! carries the current spec's thread count too, for clients that name it directly. Derived
+//! models no instance needs any more are removed (the agent is the cache's only writer).
+//! Failures back off 10 s doubling to 5 minutes, like image pulls. Its [`Gate`] says whether
+//! instances may load the model, or why not yet.
 //!
 //! [`Warmer`]: per instance, once the gate is open, loads the model and pins it
 //! (`keep_alive: -1`), confirmed through `/api/ps`; retried every few seconds until it works.
 //! An instance is `Ready` only when its readiness probe passes and it is warm.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use fleet_api::{CpuPinning, FleetSpec};
+use fleet_api::{CpuPinning, FleetSpec, ModelRef};
 use tokio::sync::Notify;
 
 use crate::ollama::{Ollama, Progress};
@@ -46,23 +51,67 @@ pub fn threads(spec: &FleetSpec, topology: &Topology) -> Option<u32> {
     }
 }
 
-/// What a fleet needs of the node's model cache.
+/// The model instances with `threads` threads load: `model` with a tag that says so
+/// (`llama3:8b` -> `llama3:8b-fleet-t4`), made from it by the agent.
+pub fn derived_name(model: &str, threads: u32) -> String {
+    let Ok(r) = ModelRef::parse(model) else {
+        return format!("{model}-fleet-t{threads}");
+    };
+    let tag = format!("{}-fleet-t{threads}", r.tag);
+    if r.host == "registry.ollama.ai" && r.namespace == "library" {
+        format!("{}:{tag}", r.model)
+    } else if r.host == "registry.ollama.ai" {
+        format!("{}/{}:{tag}", r.namespace, r.model)
+    } else {
+        format!("{}/{}/{}:{tag}", r.host, r.namespace, r.model)
+    }
+}
+
+/// The thread count of `name` when it is a model derived from `model` (see [`derived_name`]).
+pub fn derived_threads(model: &str, name: &str) -> Option<u32> {
+    let (m, n) = (ModelRef::parse(model).ok()?, ModelRef::parse(name).ok()?);
+    let same_base = m.host.eq_ignore_ascii_case(&n.host)
+        && m.namespace.eq_ignore_ascii_case(&n.namespace)
+        && m.model.eq_ignore_ascii_case(&n.model);
+    let rest = n
+        .tag
+        .to_ascii_lowercase()
+        .strip_prefix(&format!("{}-fleet-t", m.tag.to_ascii_lowercase()))?
+        .to_string();
+    same_base.then(|| rest.parse().ok()).flatten()
+}
+
+/// What the instances on one cache need of one model.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Need {
     /// The cache: `models.hostPath`, or an instance's ID when it has no shared cache.
     pub cache: String,
-    /// `spec.model`.
+    /// The model, as the fleet names it.
     pub model: String,
     /// Pull it when absent (`models.pull`).
     pub pull: bool,
-    /// The `num_thread` it must carry.
-    pub threads: Option<u32>,
+    /// The thread counts instances run it with: a derived model for each.
+    pub threads: BTreeSet<u32>,
+    /// The `num_thread` the model's own name carries (for clients that name it directly).
+    pub base_threads: Option<u32>,
 }
 
 impl Need {
+    /// One fleet's need: its instances run with `threads` (its CPU allowance), which the
+    /// model's own name carries too.
+    pub fn new(cache: &str, model: &str, pull: bool, threads: Option<u32>) -> Need {
+        Need {
+            cache: cache.into(),
+            model: model.into(),
+            pull,
+            threads: threads.into_iter().collect(),
+            base_threads: threads,
+        }
+    }
+
     /// Whether anything must happen before instances may load the model.
     pub fn is_empty(&self) -> bool {
-        !self.pull && self.threads.is_none()
+        !self.pull && self.threads.is_empty() && self.base_threads.is_none()
     }
 }
 
@@ -286,6 +335,33 @@ impl ModelCache {
         self.wake.notify_one();
     }
 
+    /// Makes `name` from `model` with `threads`, and checks it.
+    async fn derive(
+        &self,
+        base: &str,
+        model: &str,
+        name: &str,
+        threads: u32,
+    ) -> Result<(), Unprepared> {
+        let made = match self.ollama.derive(base, model, name, threads).await {
+            Ok(()) => self.ollama.show(base, name).await,
+            Err(e) => Err(e),
+        };
+        match made {
+            Ok(Some(Some(t))) if t == threads => {
+                tracing::info!(model, name, threads, "model carries the thread count");
+                Ok(())
+            }
+            // The model is there; only its thread count could not be set (a server without
+            // /api/create, say). Instances may still load it (running with Ollama's own thread
+            // count beats not running); retried with backoff.
+            other => Err(Unprepared {
+                error: format!("cannot set num_thread to {threads} on {name}: {other:?}"),
+                model_present: true,
+            }),
+        }
+    }
+
     async fn prepare(
         &self,
         base: &str,
@@ -326,26 +402,35 @@ impl ModelCache {
                 .map_err(absent)?
                 .or(Some(None));
         }
-        if let Some(threads) = need.threads
+        for &threads in &need.threads {
+            let name = derived_name(model, threads);
+            if matches!(self.ollama.show(base, &name).await, Ok(Some(Some(t))) if t == threads) {
+                continue;
+            }
+            self.step(key, "deriving num_thread for", progress);
+            self.derive(base, model, &name, threads).await?;
+        }
+        if let Some(threads) = need.base_threads
             && present != Some(Some(threads))
         {
             self.step(key, "setting num_thread of", progress);
-            let set = match self.ollama.set_threads(base, model, threads).await {
-                Ok(()) => self.ollama.show(base, model).await,
-                Err(e) => Err(e),
-            };
-            match set {
-                Ok(Some(Some(t))) if t == threads => {
-                    tracing::info!(model, threads, "model carries the node's thread count");
+            self.derive(base, model, model, threads).await?;
+        }
+        // Derived models no instance runs with any more.
+        if let Ok(names) = self.ollama.names(base).await {
+            for name in names {
+                let Some(threads) = derived_threads(model, &name) else {
+                    continue;
+                };
+                if need.threads.contains(&threads) {
+                    continue;
                 }
-                // The model is there; only its thread count could not be set (a server without
-                // /api/create, say). Instances may still load it (running with Ollama's own
-                // thread count beats not running); retried with backoff.
-                other => {
-                    return Err(Unprepared {
-                        error: format!("cannot set num_thread to {threads}: {other:?}"),
-                        model_present: true,
-                    });
+                self.step(key, "removing unused derivations of", progress);
+                match self.ollama.delete(base, &name).await {
+                    Ok(()) => tracing::info!(model, name, "derived model no instance uses removed"),
+                    Err(e) => {
+                        tracing::warn!(model, name, error = %e, "cannot remove a derived model")
+                    }
                 }
             }
         }
@@ -497,12 +582,7 @@ mod tests {
     }
 
     fn need(model: &str, pull: bool, threads: Option<u32>) -> Need {
-        Need {
-            cache: "/cache".into(),
-            model: model.into(),
-            pull,
-            threads,
-        }
+        Need::new("/cache", model, pull, threads)
     }
 
     async fn open(cache: &ModelCache, need: &Need, via: &[String]) -> Gate {
@@ -534,8 +614,12 @@ mod tests {
                 "show http://a m:1",
                 "pull http://a m:1",
                 "show http://a m:1",
-                "set_threads http://a m:1",
-                "show http://a m:1"
+                "show http://a m:1-fleet-t2",
+                "derive http://a m:1-fleet-t2",
+                "show http://a m:1-fleet-t2",
+                "derive http://a m:1",
+                "show http://a m:1",
+                "names http://a ",
             ]
         );
         assert_eq!(cache.stats().pulls, 1);
@@ -552,19 +636,76 @@ mod tests {
             unreachable!()
         };
         // A new CPU allowance: the model is re-derived while instances go on using it.
-        need.threads = Some(3);
-        ollama.set_failing("set_threads", true);
+        need = Need::new("/cache", "m", true, Some(3));
+        ollama.set_failing("derive", true);
         for _ in 0..20 {
             assert_eq!(cache.gate(&need, &via), Gate::Open(since));
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        ollama.set_failing("set_threads", false);
+        ollama.set_failing("derive", false);
         fleet_e2e::wait_for("num_thread 3", Duration::from_secs(5), || {
             let done = cache.gate(&need, &via) == Gate::Open(since)
                 && ollama.show_threads("m") == Some(Some(3));
             async move { done.then_some(()) }
         })
         .await;
+    }
+
+    #[test]
+    fn derived_names_say_what_they_derive() {
+        assert_eq!(
+            derived_name("llama3.1:8b-instruct-q4_0", 4),
+            "llama3.1:8b-instruct-q4_0-fleet-t4"
+        );
+        assert_eq!(derived_name("llama3", 2), "llama3:latest-fleet-t2");
+        assert_eq!(derived_name("team/m:1", 2), "team/m:1-fleet-t2");
+        assert_eq!(
+            derived_name("reg.example:5000/team/m:1", 8),
+            "reg.example:5000/team/m:1-fleet-t8"
+        );
+        assert_eq!(derived_threads("llama3", "llama3:latest-fleet-t2"), Some(2));
+        assert_eq!(
+            derived_threads("Llama3:8B", "llama3:8b-fleet-t16"),
+            Some(16)
+        );
+        assert_eq!(derived_threads("llama3:8b", "llama3:8b"), None);
+        assert_eq!(derived_threads("llama3:8b", "llama3:70b-fleet-t2"), None);
+        assert_eq!(derived_threads("llama3:8b", "other:8b-fleet-t2"), None);
+    }
+
+    /// Instances with two thread counts share one cache: one derived model each, no rewrite of
+    /// what the other loaded; a derivation no instance needs any more is removed.
+    #[tokio::test]
+    async fn each_thread_count_gets_its_own_model_and_unused_ones_go() {
+        let ollama = Arc::new(ScriptedOllama::default());
+        ollama.share("/cache");
+        let cache = cache_on(&ollama, Duration::from_millis(50));
+        let via = vec!["http://a".to_string()];
+        let mut both = need("m", true, Some(2));
+        both.threads.insert(4);
+        open(&cache, &both, &via).await;
+        assert_eq!(ollama.show_threads("m:latest-fleet-t2"), Some(Some(2)));
+        assert_eq!(ollama.show_threads("m:latest-fleet-t4"), Some(Some(4)));
+        assert_eq!(
+            ollama.show_threads("m"),
+            Some(Some(2)),
+            "the own name: the first fleet's"
+        );
+        // The instances with 2 threads are gone.
+        let only4 = need("m", true, Some(4));
+        fleet_e2e::wait_for("t2 removed", Duration::from_secs(5), || {
+            let done = matches!(cache.gate(&only4, &via), Gate::Open(_))
+                && ollama.show_threads("m:latest-fleet-t2").is_none();
+            async move { done.then_some(()) }
+        })
+        .await;
+        assert_eq!(
+            ollama.show_threads("m:latest-fleet-t4"),
+            Some(Some(4)),
+            "t4 kept"
+        );
+        assert_eq!(ollama.show_threads("m"), Some(Some(4)));
+        assert_eq!(cache.stats().pulls, 1, "one pull for all of it");
     }
 
     #[tokio::test]

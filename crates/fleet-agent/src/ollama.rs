@@ -31,8 +31,13 @@ pub trait Ollama: Send + Sync + 'static {
     async fn show(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, String>;
     /// Pulls the model into the instance's models directory.
     async fn pull(&self, base: &str, model: &str, progress: &Progress) -> Result<(), String>;
-    /// Re-creates the model under its own name with `num_thread` = `threads`.
-    async fn set_threads(&self, base: &str, model: &str, threads: u32) -> Result<(), String>;
+    /// Creates (or re-creates) model `name` from model `from` with `num_thread` = `threads`
+    /// (the same blobs plus a parameters layer). `name == from` rewrites `from` itself.
+    async fn derive(&self, base: &str, from: &str, name: &str, threads: u32) -> Result<(), String>;
+    /// The names of the models present (`/api/tags`).
+    async fn names(&self, base: &str) -> Result<Vec<String>, String>;
+    /// Removes a model's name (Ollama keeps blobs other names still use).
+    async fn delete(&self, base: &str, model: &str) -> Result<(), String>;
     /// Loads the model and pins it (`keep_alive: -1`); succeeds once `/api/ps` shows it.
     async fn load(&self, base: &str, model: &str) -> Result<(), String>;
 }
@@ -282,13 +287,14 @@ impl Ollama for HttpOllama {
         }
     }
 
-    async fn set_threads(&self, base: &str, model: &str, threads: u32) -> Result<(), String> {
+    async fn derive(&self, base: &str, from: &str, name: &str, threads: u32) -> Result<(), String> {
+        // Current Ollama reads `from` and `parameters`; older ones read `modelfile`.
         let body = json!({
-            "model": model,
-            "name": model,
-            "from": model,
+            "model": name,
+            "name": name,
+            "from": from,
             "parameters": {"num_thread": threads},
-            "modelfile": format!("FROM {model}\nPARAMETER num_thread {threads}\n"),
+            "modelfile": format!("FROM {from}\nPARAMETER num_thread {threads}\n"),
             "stream": false,
         });
         let (status, body) = self
@@ -303,6 +309,38 @@ impl Ollama for HttpOllama {
             Ok(())
         } else {
             Err(error_of(status, &body))
+        }
+    }
+
+    async fn names(&self, base: &str) -> Result<Vec<String>, String> {
+        let (status, body) = self
+            .call("GET", format!("{base}/api/tags"), None, CALL_TIMEOUT)
+            .await?;
+        if status != 200 {
+            return Err(error_of(status, &body));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        Ok(v["models"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["name"].as_str().or_else(|| m["model"].as_str()))
+            .map(str::to_string)
+            .collect())
+    }
+
+    async fn delete(&self, base: &str, model: &str) -> Result<(), String> {
+        let (status, body) = self
+            .call(
+                "DELETE",
+                format!("{base}/api/delete"),
+                Some(json!({"model": model, "name": model})),
+                CALL_TIMEOUT,
+            )
+            .await?;
+        match status {
+            200 | 404 => Ok(()),
+            s => Err(error_of(s, &body)),
         }
     }
 
@@ -383,7 +421,8 @@ impl ScriptedOllama {
         self.lock().dirs.remove("*");
     }
 
-    /// Makes calls of a kind (`show`, `pull`, `set_threads`, `load`) fail, or succeed again.
+    /// Makes calls of a kind (`show`, `pull`, `derive`, `names`, `delete`, `load`) fail, or
+    /// succeed again.
     pub fn set_failing(&self, call: &str, failing: bool) {
         let mut s = self.lock();
         if failing {
@@ -437,15 +476,30 @@ impl Ollama for ScriptedOllama {
         Ok(())
     }
 
-    async fn set_threads(&self, base: &str, model: &str, threads: u32) -> Result<(), String> {
-        let key = self.record("set_threads", base, model)?;
-        match self.lock().models.get_mut(&key) {
-            Some(t) => {
-                *t = Some(threads);
-                Ok(())
-            }
-            None => Err(format!("model {model:?} not found")),
+    async fn derive(&self, base: &str, from: &str, name: &str, threads: u32) -> Result<(), String> {
+        let (dir, _) = self.record("derive", base, name)?;
+        let mut s = self.lock();
+        if !s.models.contains_key(&(dir.clone(), from.to_string())) {
+            return Err(format!("model {from:?} not found"));
         }
+        s.models.insert((dir, name.to_string()), Some(threads));
+        Ok(())
+    }
+
+    async fn names(&self, base: &str) -> Result<Vec<String>, String> {
+        let (dir, _) = self.record("names", base, "")?;
+        let s = self.lock();
+        Ok(s.models
+            .keys()
+            .filter(|(d, _)| *d == dir)
+            .map(|(_, m)| m.clone())
+            .collect())
+    }
+
+    async fn delete(&self, base: &str, model: &str) -> Result<(), String> {
+        let key = self.record("delete", base, model)?;
+        self.lock().models.remove(&key);
+        Ok(())
     }
 
     async fn load(&self, base: &str, model: &str) -> Result<(), String> {

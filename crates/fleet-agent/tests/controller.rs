@@ -878,9 +878,13 @@ async fn the_model_is_pulled_once_per_node_and_loaded_before_ready() {
         let calls = a.ollama.calls();
         let kinds = |k: &str| calls.iter().filter(|c| c.starts_with(k)).count();
         assert_eq!(kinds("pull "), 1, "one pull per node: {calls:?}");
-        assert_eq!(kinds("set_threads "), 1, "{calls:?}");
+        assert_eq!(kinds("derive "), 2, "a derived model, and the model's own name: {calls:?}");
         let first_load = calls.iter().position(|c| c.starts_with("load ")).expect("loads");
-        let threads = calls.iter().position(|c| c.starts_with("set_threads ")).expect("threads");
+        let threads = calls.iter().position(|c| c.starts_with("derive ")).expect("threads");
+        assert!(
+            calls.iter().filter(|c| c.starts_with("load ")).all(|c| c.ends_with(" m:latest-fleet-t2")),
+            "instances load the model derived for their thread count: {calls:?}"
+        );
         assert!(threads < first_load, "the thread count is set before any load: {calls:?}");
         assert_eq!(
             a.ollama.show_threads("m"),

@@ -48,12 +48,7 @@ async fn a_partial_ollama_api_still_gets_its_model_and_warms() {
             Arc::new(Notify::new()),
             Duration::from_millis(100),
         );
-        let need = Need {
-            cache: "/cache".into(),
-            model: "m".into(),
-            pull: true,
-            threads: Some(2),
-        };
+        let need = Need::new("/cache", "m", true, Some(2));
         let via = vec![base.clone()];
         wait_for("the gate open", Duration::from_secs(10), || {
             let g = cache.gate(&need, &via);

@@ -437,7 +437,11 @@ async fn names_of_the_same_weights_share_a_runner_unless_options_differ() {
         let (_, state) = get(&format!("{url}/sim/state")).await;
         json(&state)["loads"].as_u64().expect("loads")
     };
-    post(&format!("{url}/api/generate"), json!({"model": "same", "keep_alive": -1})).await;
+    post(
+        &format!("{url}/api/generate"),
+        json!({"model": "same", "keep_alive": -1}),
+    )
+    .await;
     assert_eq!(loads(url.clone()).await, 1);
     // The same weights and thread count under another name: no reload.
     let (_, body) = post(
@@ -448,8 +452,16 @@ async fn names_of_the_same_weights_share_a_runner_unless_options_differ() {
     assert_eq!(json(&body)["done"], true);
     assert_eq!(loads(url.clone()).await, 1, "no reload for equal options");
     // Another thread count: a reload.
-    post(&format!("{url}/api/generate"), json!({"model": "more", "prompt": "hi", "stream": false})).await;
-    assert_eq!(loads(url.clone()).await, 2, "a different num_thread reloads");
+    post(
+        &format!("{url}/api/generate"),
+        json!({"model": "more", "prompt": "hi", "stream": false}),
+    )
+    .await;
+    assert_eq!(
+        loads(url.clone()).await,
+        2,
+        "a different num_thread reloads"
+    );
     let (_, ps) = get(&format!("{url}/api/ps")).await;
     assert_eq!(json(&ps)["models"][0]["name"], "more:latest");
 }
