@@ -1097,9 +1097,13 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         }
         // (cache, model key) -> the merged need, the instances to work through, and the fleets
         // (with the model as each names it) whose gate it is.
-        type Users = Vec<(String, String)>;
-        let mut shared: BTreeMap<(String, String), (Need, Vec<(u32, String)>, Users)> =
-            BTreeMap::new();
+        #[derive(Default)]
+        struct Shared {
+            need: Option<Need>,
+            via: Vec<(u32, String)>,
+            users: Vec<(String, String)>,
+        }
+        let mut shared: BTreeMap<(String, String), Shared> = BTreeMap::new();
         let mut fleets: Vec<(&String, &OllamaFleet)> = self.last_valid.iter().collect();
         fleets.sort_by_key(|(name, _)| name.as_str());
         for (name, fleet) in fleets {
@@ -1140,19 +1144,15 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             uses.push((spec.model.clone(), spec_threads));
             for (model, threads) in uses {
                 let key = (cache.clone(), fleet_api::ModelRef::key(&model));
-                let (need, _, users) = shared.entry(key).or_insert_with(|| {
-                    (
-                        Need {
-                            cache: cache.clone(),
-                            model: model.clone(),
-                            pull: false,
-                            threads: Default::default(),
-                            base_threads: None,
-                        },
-                        Vec::new(),
-                        Vec::new(),
-                    )
+                let entry = shared.entry(key).or_default();
+                let need = entry.need.get_or_insert_with(|| Need {
+                    cache: cache.clone(),
+                    model: model.clone(),
+                    pull: false,
+                    threads: Default::default(),
+                    base_threads: None,
                 });
+                let users = &mut entry.users;
                 need.pull |= spec.models.pull;
                 need.threads.extend(threads);
                 if need.base_threads.is_none() && crate::ollama::same_model(&model, &spec.model) {
@@ -1165,13 +1165,21 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             for (o, l) in &mine {
                 if answering(o) {
                     let key = (cache.clone(), fleet_api::ModelRef::key(&model_of(l)));
-                    if let Some((_, via, _)) = shared.get_mut(&key) {
-                        via.push((l.slot, base_url(spec, l.port)));
+                    if let Some(entry) = shared.get_mut(&key) {
+                        entry.via.push((l.slot, base_url(spec, l.port)));
                     }
                 }
             }
         }
-        for ((cache, _), (need, mut via, users)) in shared {
+        for ((cache, _), entry) in shared {
+            let Shared {
+                need: Some(need),
+                mut via,
+                users,
+            } = entry
+            else {
+                continue;
+            };
             via.sort();
             let via: Vec<String> = if starting.contains(cache.as_str()) {
                 // No new work on this cache now (work under way goes on).
