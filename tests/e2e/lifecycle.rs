@@ -692,3 +692,168 @@ async fn an_embedding_model_becomes_ready() {
         );
     }
 }
+
+/// The thread count per instance (issue 12): two fleets with different CPU allowances share one
+/// cache (one pull, a derived model each); a CPU rollout of one of them under steady requests
+/// (each instance asked for the model it loaded, as the gateway does) never makes an old
+/// instance reload, the new ones run with the new count, and the derivation nobody uses any
+/// more is removed.
+#[tokio::test]
+async fn thread_counts_change_without_reloads() {
+    let world = World::new("lc-threads");
+    let base = free_port_range(8);
+    let rollout = "  rollout: {maxUnavailable: 1}\n";
+    let one = fleet(&world, "a", 3, base, "", rollout).replace("cpus: 1.5,", "cpus: 1,");
+    let two = fleet(&world, "b", 2, base + 4, "", "").replace("cpus: 1.5,", "cpus: 2,");
+    apply(&world, &one);
+    apply(&world, &two);
+    let agent = world.agent("node-1", &[]);
+    wait_ready(&agent, "a", 3, 120).await;
+    wait_ready(&agent, "b", 2, 120).await;
+    for (fleet, threads) in [("a", 1), ("b", 2)] {
+        for i in listed(&agent, fleet).await {
+            let (_, ps) = get(&format!(
+                "http://{}/api/ps",
+                i["address"].as_str().unwrap_or("")
+            ))
+            .await;
+            assert_eq!(
+                json(&ps)["models"][0]["name"],
+                derived_name(MODEL, threads),
+                "{fleet}"
+            );
+        }
+    }
+
+    // Steady requests at fleet a's instances, each naming the model it loaded; the highest
+    // load count each instance ever reported.
+    let stop = Arc::new(AtomicBool::new(false));
+    let url = format!("http://{}/instances", agent.listen);
+    let (s, u) = (stop.clone(), url.clone());
+    let load = tokio::spawn(async move {
+        let mut loads: BTreeMap<String, u64> = BTreeMap::new();
+        while !s.load(Ordering::SeqCst) {
+            let Ok((200, body)) = fleet_e2e::request("GET", &u, None, Duration::from_secs(2)).await
+            else {
+                continue;
+            };
+            for i in json(&body)["instances"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+            {
+                if i["fleet"] != "a" || i["ready"] != true {
+                    continue;
+                }
+                let address = i["address"].as_str().unwrap_or("");
+                let Ok((_, ps)) = fleet_e2e::request(
+                    "GET",
+                    &format!("http://{address}/api/ps"),
+                    None,
+                    Duration::from_secs(2),
+                )
+                .await
+                else {
+                    continue;
+                };
+                let Some(model) = json(&ps)["models"][0]["name"].as_str().map(str::to_string)
+                else {
+                    continue;
+                };
+                let body = json!({"model": model, "prompt": "hi", "stream": false, "options": {"num_predict": 2}});
+                let _ = fleet_e2e::request(
+                    "POST",
+                    &format!("http://{address}/api/generate"),
+                    Some(&body),
+                    Duration::from_secs(5),
+                )
+                .await;
+                if let Ok((_, state)) = fleet_e2e::request(
+                    "GET",
+                    &format!("http://{address}/sim/state"),
+                    None,
+                    Duration::from_secs(2),
+                )
+                .await
+                {
+                    let n = json(&state)["loads"].as_u64().unwrap_or(0);
+                    let id = i["id"].as_str().unwrap_or("").to_string();
+                    let e = loads.entry(id).or_default();
+                    *e = (*e).max(n);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        loads
+    });
+    let old: BTreeSet<String> = id_set(&listed(&agent, "a").await);
+    apply(&world, &one.replace("cpus: 1,", "cpus: 2,"));
+    let done = wait_for("fleet a on 2 threads", Duration::from_secs(120), || async {
+        let l = listed(&agent, "a").await;
+        (ready_slots(&l) == 3 && l.len() == 3 && id_set(&l).is_disjoint(&old)).then_some(l)
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let loads = load.await.expect("load");
+    let seen_old: Vec<(&String, &u64)> = loads.iter().filter(|(id, _)| old.contains(*id)).collect();
+    assert!(
+        !seen_old.is_empty(),
+        "the old instances were asked during the rollout"
+    );
+    for (id, n) in &seen_old {
+        assert_eq!(
+            **n, 1,
+            "old instance {id} reloaded during the rollout: {loads:?}"
+        );
+    }
+    for i in &done {
+        let address = i["address"].as_str().expect("address");
+        let (_, headers, _) = request_with_headers(
+            "POST",
+            &format!("http://{address}/api/generate"),
+            Some(&json!({"model": derived_name(MODEL, 2), "prompt": "hi", "stream": false})),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("generate");
+        assert!(
+            headers
+                .iter()
+                .any(|(k, v)| k == "x-sim-num-thread" && v == "2"),
+            "{headers:?}"
+        );
+    }
+    // Nothing runs with 1 thread any more: its derivation leaves the cache.
+    let address = done[0]["address"].as_str().expect("address").to_string();
+    wait_for(
+        "the 1-thread derivation removed",
+        Duration::from_secs(60),
+        || {
+            let address = address.clone();
+            async move {
+                let (_, tags) = get(&format!("http://{address}/api/tags")).await;
+                let names: Vec<String> = json(&tags)["models"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|m| m["name"].as_str().map(str::to_string))
+                    .collect();
+                (!names.iter().any(|n| {
+                    fleet_api::ModelRef::key(n) == fleet_api::ModelRef::key(&derived_name(MODEL, 1))
+                }) && names.iter().any(|n| {
+                    fleet_api::ModelRef::key(n) == fleet_api::ModelRef::key(&derived_name(MODEL, 2))
+                }))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    let journal =
+        std::fs::read_to_string(world.dir.join("models/.sim-pulls.log")).expect("journal");
+    assert_eq!(
+        journal.lines().filter(|l| l.starts_with("start")).count(),
+        1,
+        "one pull:\n{journal}"
+    );
+}
