@@ -42,6 +42,28 @@ where
     }
 }
 
+/// Checks that `check` stays true for all of `window` (polled every 50 ms), or panics naming
+/// `what`: the one way tests say "nothing happens for a while".
+pub async fn holds_for<F, Fut>(what: &str, window: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < window {
+        assert!(
+            check().await,
+            "{what} stopped holding after {:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        check().await,
+        "{what} stopped holding at the end of {window:?}"
+    );
+}
+
 /// A fresh, empty temporary directory named after `tag` and this process.
 pub fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fleet-test-{tag}-{}", std::process::id()));

@@ -1274,27 +1274,26 @@ async fn no_instance_starts_while_the_cache_is_written() {
             .filter(|c| c.starts_with("create "))
             .count();
         a.runtime.exit(&victim, 1);
-        // While the pull runs, the crashed instance is not replaced.
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        let pull_running = a
-            .ollama
-            .calls()
-            .iter()
-            .filter(|c| c.starts_with("pull "))
-            .count()
-            == 1
-            && status(&a.store, "f").await.is_some_and(|s| {
-                s.instances
+        // While the pull runs (3 s), the crashed instance is not replaced.
+        fleet_e2e::holds_for(
+            "no start during the pull",
+            Duration::from_millis(800),
+            || async {
+                rt.calls()
                     .iter()
-                    .any(|i| i.message.as_deref().is_some_and(|m| m.contains("pulling")))
-            });
-        let creates_during = rt
-            .calls()
-            .iter()
-            .filter(|c| c.starts_with("create "))
-            .count();
-        assert!(pull_running, "the 3 s pull is still under way");
-        assert_eq!(creates_during, creates_before, "no start during the pull");
+                    .filter(|c| c.starts_with("create "))
+                    .count()
+                    == creates_before
+            },
+        )
+        .await;
+        assert!(
+            status(&a.store, "f").await.is_some_and(|s| s
+                .instances
+                .iter()
+                .any(|i| i.message.as_deref().is_some_and(|m| m.contains("pulling")))),
+            "the pull was under way all along"
+        );
         wait_status(&a.store, "f", "3 ready after the pull", |s| {
             s.ready_replicas == 3 && s.instances.iter().all(|i| i.id != victim)
         })

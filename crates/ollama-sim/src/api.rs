@@ -163,10 +163,13 @@ fn streaming(body: &Value) -> bool {
     body["stream"].as_bool().unwrap_or(true)
 }
 
-fn keep_alive(app: &App, body: &Value) -> Result<KeepAlive, ApiError> {
+/// The request's `keep_alive`, if it says one (else the runner keeps its own).
+fn keep_alive(_app: &App, body: &Value) -> Result<Option<KeepAlive>, ApiError> {
     match &body["keep_alive"] {
-        Value::Null => Ok(app.cfg.keep_alive),
-        v => KeepAlive::from_json(v).map_err(|e| error(StatusCode::BAD_REQUEST, e)),
+        Value::Null => Ok(None),
+        v => KeepAlive::from_json(v)
+            .map(Some)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, e)),
     }
 }
 

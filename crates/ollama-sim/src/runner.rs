@@ -1,8 +1,13 @@
 //! Loaded models and the request scheduler.
 //!
 //! A loaded model holds its memory for real (allocated and every page written), so cgroup
-//! limits bite exactly as they would on a real runner. Requests beyond `OLLAMA_NUM_PARALLEL`
-//! wait; beyond `OLLAMA_MAX_QUEUE` waiting ones, they are refused.
+//! limits bite exactly as they would on a real runner. Scheduling follows Ollama's
+//! (server/sched.go): a request for a model that is loaded with the same options gets the
+//! runner at once and waits for one of `OLLAMA_NUM_PARALLEL` slots without bound (never a 503);
+//! only requests that must load (or reload) a model queue, at most `OLLAMA_MAX_QUEUE` of them,
+//! beyond which they get the 503. A load without a prompt takes no slot. A request without
+//! `keep_alive` keeps the runner's current one (the pin stays); a new runner starts with
+//! `OLLAMA_KEEP_ALIVE`. Runners are keyed by the weights, as Ollama keys them by model path.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +31,8 @@ struct Loaded {
     expires: Option<Instant>,
     expires_at: Option<SystemTime>,
     last_used: Instant,
+    /// Its keep-alive (Ollama's `sessionDuration`): set by requests that say one.
+    session: KeepAlive,
 }
 
 /// What `/api/ps` shows of a loaded model.
@@ -55,7 +62,10 @@ pub struct Runner {
     loaded: Mutex<HashMap<String, Loaded>>,
     load_lock: tokio::sync::Mutex<()>,
     slots: Arc<Semaphore>,
+    /// Requests in the server (for `/sim/state`).
     admitted: AtomicUsize,
+    /// Requests waiting to load a model (bounded by `OLLAMA_MAX_QUEUE`).
+    pending: AtomicUsize,
     /// Runner starts and restarts so far (tests count reloads).
     loads: AtomicUsize,
 }
@@ -65,7 +75,7 @@ pub struct Runner {
 pub struct Lease {
     runner: Arc<Runner>,
     key: String,
-    keep_alive: KeepAlive,
+    keep_alive: Option<KeepAlive>,
     _permit: OwnedSemaphorePermit,
     /// Time spent loading (zero when it was loaded already).
     pub load_duration: Duration,
@@ -84,6 +94,7 @@ impl Runner {
             loaded: Mutex::new(HashMap::new()),
             load_lock: tokio::sync::Mutex::new(()),
             admitted: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
             loads: AtomicUsize::new(0),
         })
     }
@@ -113,28 +124,10 @@ impl Runner {
         self.admitted.load(Ordering::SeqCst)
     }
 
-    /// Admits a request for `info`, waits for a slot, loads the model if needed.
-    /// `num_thread` is the request's `options.num_thread`, if any.
-    pub async fn acquire(
-        self: &Arc<Self>,
-        info: &ModelInfo,
-        keep_alive: KeepAlive,
-        num_thread: Option<usize>,
-    ) -> Result<Lease, Refusal> {
-        let limit = self.cfg.num_parallel + self.cfg.max_queue;
-        if self.admitted.fetch_add(1, Ordering::SeqCst) >= limit {
-            self.admitted.fetch_sub(1, Ordering::SeqCst);
-            return Err(Refusal::Busy);
-        }
-        let admitted = Admitted(self.clone());
-        let permit = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Refusal::LoadFailed("scheduler closed".into()))?;
-        let key = Runner::key_of(info);
-        let wanted_threads = num_thread
+    /// The thread count a request runs with: its own `num_thread`, the model's parameter, or
+    /// the host's cores.
+    fn threads_for(&self, info: &ModelInfo, num_thread: Option<usize>) -> usize {
+        num_thread
             .or_else(|| {
                 info.parameters
                     .get("num_thread")
@@ -142,10 +135,60 @@ impl Runner {
                     .map(|n| n as usize)
             })
             .unwrap_or(self.cfg.host_cores)
-            .max(1);
+            .max(1)
+    }
+
+    /// Gets the runner for `info` (loading it when needed; only then is the request counted
+    /// against `OLLAMA_MAX_QUEUE`), counted as in use. Returns the thread count.
+    async fn runner_for(
+        &self,
+        info: &ModelInfo,
+        key: &str,
+        threads: usize,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<usize, Refusal> {
+        let ready = self
+            .loaded()
+            .get(key)
+            .is_some_and(|l| l.num_thread == threads);
+        let _pending = if ready {
+            None
+        } else {
+            // One load under way plus OLLAMA_MAX_QUEUE waiting (Ollama's pending channel).
+            if self.pending.fetch_add(1, Ordering::SeqCst) > self.cfg.max_queue {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                return Err(Refusal::Busy);
+            }
+            Some(Pending(&self.pending))
+        };
+        self.ensure_loaded(info, key, threads, keep_alive).await
+    }
+
+    /// Admits a request for `info`: the runner (loaded if needed), then a parallel slot.
+    /// `num_thread` is the request's `options.num_thread`, if any.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        info: &ModelInfo,
+        keep_alive: Option<KeepAlive>,
+        num_thread: Option<usize>,
+    ) -> Result<Lease, Refusal> {
+        self.admitted.fetch_add(1, Ordering::SeqCst);
+        let admitted = Admitted(self.clone());
+        let key = Runner::key_of(info);
+        let wanted_threads = self.threads_for(info, num_thread);
         let started = Instant::now();
-        let num_thread = self.ensure_loaded(info, &key, wanted_threads).await?;
+        let num_thread = self
+            .runner_for(info, &key, wanted_threads, keep_alive)
+            .await?;
         let load_duration = started.elapsed();
+        // The runner is ours (its refs count us); now wait for a slot, without bound.
+        let permit = match self.slots.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => {
+                self.release_runner(&key, keep_alive);
+                return Err(Refusal::LoadFailed("scheduler closed".into()));
+            }
+        };
         std::mem::forget(admitted);
         Ok(Lease {
             runner: self.clone(),
@@ -167,18 +210,25 @@ impl Runner {
         info: &ModelInfo,
         key: &str,
         threads: usize,
+        keep_alive: Option<KeepAlive>,
     ) -> Result<usize, Refusal> {
         if let Some(l) = self.loaded().get_mut(key)
             && l.num_thread == threads
         {
             l.refs += 1;
             l.last_used = Instant::now();
+            if let Some(k) = keep_alive {
+                l.session = k;
+            }
             return Ok(l.num_thread);
         }
         let _guard = self.load_lock.lock().await;
         let reload = match self.loaded().get_mut(key) {
             Some(l) if l.num_thread == threads => {
                 l.refs += 1;
+                if let Some(k) = keep_alive {
+                    l.session = k;
+                }
                 return Ok(l.num_thread);
             }
             // Like Ollama, other runner options (here: the thread count) mean a reload.
@@ -200,6 +250,7 @@ impl Runner {
                 l.last_used = Instant::now();
                 // The runner now serves the name that reloaded it.
                 l.info = info.clone();
+                l.session = keep_alive.unwrap_or(self.cfg.keep_alive);
             }
             return Ok(threads);
         }
@@ -224,6 +275,7 @@ impl Runner {
                 expires: None,
                 expires_at: None,
                 last_used: Instant::now(),
+                session: keep_alive.unwrap_or(self.cfg.keep_alive),
             },
         );
         Ok(threads)
@@ -248,22 +300,24 @@ impl Runner {
     }
 
     /// Loads a model without a request (an empty prompt), or unloads it when `keep_alive` is 0.
-    /// Returns "load" or "unload".
+    /// Takes no parallel slot (Ollama answers as soon as the runner is there). Returns "load"
+    /// or "unload".
     pub async fn load_only(
         self: &Arc<Self>,
         info: &ModelInfo,
-        keep_alive: KeepAlive,
+        keep_alive: Option<KeepAlive>,
     ) -> Result<&'static str, Refusal> {
-        if keep_alive == KeepAlive::For(Duration::ZERO) {
-            let key = Runner::key_of(info);
+        let key = Runner::key_of(info);
+        if keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
             let mut loaded = self.loaded();
             if loaded.get(&key).is_some_and(|l| l.refs == 0) {
                 loaded.remove(&key);
             }
             return Ok("unload");
         }
-        let lease = self.acquire(info, keep_alive, None).await?;
-        drop(lease);
+        let threads = self.threads_for(info, None);
+        self.runner_for(info, &key, threads, keep_alive).await?;
+        self.release_runner(&key, keep_alive);
         Ok("load")
     }
 
@@ -289,12 +343,17 @@ impl Runner {
             .retain(|_, l| l.refs > 0 || l.expires.is_none_or(|e| e > now));
     }
 
-    fn release(&self, key: &str, keep_alive: KeepAlive) {
+    /// A request is done with its runner: idle, the runner expires after its keep-alive (the
+    /// request's, when it said one; else the one it had).
+    fn release_runner(&self, key: &str, keep_alive: Option<KeepAlive>) {
         let mut loaded = self.loaded();
         if let Some(l) = loaded.get_mut(key) {
             l.refs = l.refs.saturating_sub(1);
             l.last_used = Instant::now();
-            match keep_alive {
+            if let Some(k) = keep_alive {
+                l.session = k;
+            }
+            match l.session {
                 KeepAlive::Forever => {
                     l.expires = None;
                     l.expires_at = None;
@@ -304,11 +363,24 @@ impl Runner {
                     l.expires_at = Some(SystemTime::now() + d);
                 }
             }
-            if l.refs == 0 && keep_alive == KeepAlive::For(Duration::ZERO) {
+            if l.refs == 0 && l.session == KeepAlive::For(Duration::ZERO) {
                 loaded.remove(key);
             }
         }
+    }
+
+    fn release(&self, key: &str, keep_alive: Option<KeepAlive>) {
+        self.release_runner(key, keep_alive);
         self.admitted.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A request waiting for a model to load, counted against `OLLAMA_MAX_QUEUE`.
+struct Pending<'a>(&'a AtomicUsize);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -292,27 +292,71 @@ async fn chat_answers_with_a_message() {
 }
 
 #[tokio::test]
-async fn requests_beyond_parallel_queue_and_beyond_the_queue_get_503() {
+async fn requests_to_a_loaded_model_wait_without_bound() {
+    // As in Ollama (server/sched.go): a request for a loaded model gets the runner at once and
+    // waits for a slot; OLLAMA_MAX_QUEUE does not apply to it.
     let url = pulled(
         "queue",
         &[
             ("OLLAMA_NUM_PARALLEL", "1"),
             ("OLLAMA_MAX_QUEUE", "1"),
-            ("SIM_TOKENS_PER_SECOND", "20"),
+            ("SIM_TOKENS_PER_SECOND", "50"),
         ],
     )
     .await;
-    let slow = json!({"model": "smollm2:135m", "prompt": "long", "stream": false, "options": {"num_predict": 20}});
-    let a = tokio::spawn({
-        let (url, slow) = (url.clone(), slow.clone());
-        async move { post(&format!("{url}/api/generate"), slow).await }
-    });
-    let b = tokio::spawn({
-        let (url, slow) = (url.clone(), slow.clone());
-        async move { post(&format!("{url}/api/generate"), slow).await }
-    });
+    let (status, _) = post(
+        &format!("{url}/api/generate"),
+        json!({"model": "smollm2:135m", "keep_alive": -1}),
+    )
+    .await;
+    assert_eq!(status, 200, "loaded");
+    let slow = json!({"model": "smollm2:135m", "prompt": "long", "stream": false, "options": {"num_predict": 10}});
+    let requests: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, slow) = (url.clone(), slow.clone());
+            tokio::spawn(async move { post(&format!("{url}/api/generate"), slow).await.0 })
+        })
+        .collect();
     wait_for(
-        "two requests in flight (one running, one queued)",
+        "four requests in flight",
+        Duration::from_secs(5),
+        || async {
+            let (_, s) = get(&format!("{url}/sim/state")).await;
+            (json(&s)["inFlight"].as_u64() >= Some(3)).then_some(())
+        },
+    )
+    .await;
+    for r in requests {
+        assert_eq!(
+            r.await.expect("request"),
+            200,
+            "queued behind a loaded model, never refused"
+        );
+    }
+}
+
+#[tokio::test]
+async fn requests_that_must_load_beyond_the_queue_get_503() {
+    // Only requests that must load a model queue: one load under way plus OLLAMA_MAX_QUEUE
+    // waiting; more get Ollama's 503.
+    let url = pulled(
+        "loadq",
+        &[
+            ("OLLAMA_NUM_PARALLEL", "1"),
+            ("OLLAMA_MAX_QUEUE", "1"),
+            ("SIM_LOAD_TIME", "1s"),
+        ],
+    )
+    .await;
+    let load = json!({"model": "smollm2:135m", "prompt": "x", "stream": false, "options": {"num_predict": 1}});
+    let first: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, load) = (url.clone(), load.clone());
+            tokio::spawn(async move { post(&format!("{url}/api/generate"), load).await.0 })
+        })
+        .collect();
+    wait_for(
+        "two requests waiting for the load",
         Duration::from_secs(5),
         || async {
             let (_, s) = get(&format!("{url}/sim/state")).await;
@@ -320,18 +364,15 @@ async fn requests_beyond_parallel_queue_and_beyond_the_queue_get_503() {
         },
     )
     .await;
-    let (status, body) = post(&format!("{url}/api/generate"), slow).await;
+    let (status, body) = post(&format!("{url}/api/generate"), load).await;
     assert_eq!(status, 503);
     assert_eq!(
         json(&body)["error"],
         "server busy, please try again.  maximum pending requests exceeded"
     );
-    let (ra, rb) = (a.await.expect("a"), b.await.expect("b"));
-    assert_eq!(
-        (ra.0, rb.0),
-        (200, 200),
-        "queued requests are served, not refused"
-    );
+    for r in first {
+        assert_eq!(r.await.expect("request"), 200, "the queued load is served");
+    }
 }
 
 #[tokio::test]
@@ -602,4 +643,47 @@ async fn embedding_models_embed_and_refuse_generation() {
     )
     .await;
     assert_eq!(status, 404);
+}
+
+/// As in Ollama, a request without `keep_alive` keeps the runner's current one: a model pinned
+/// with -1 stays loaded past OLLAMA_KEEP_ALIVE.
+#[tokio::test]
+async fn a_request_without_keep_alive_keeps_the_pin() {
+    let url = pulled("pin", &[("OLLAMA_KEEP_ALIVE", "300ms")]).await;
+    let (status, _) = post(
+        &format!("{url}/api/generate"),
+        json!({"model": "smollm2:135m", "keep_alive": -1}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = post(
+        &format!("{url}/api/generate"),
+        json!({"model": "smollm2:135m", "prompt": "hi", "stream": false, "options": {"num_predict": 1}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    fleet_e2e::holds_for(
+        "the pin past the default keep-alive",
+        Duration::from_millis(1200),
+        || async {
+            let (_, ps) = get(&format!("{url}/api/ps")).await;
+            json(&ps)["models"][0]["name"] == "smollm2:135m"
+        },
+    )
+    .await;
+    // Saying one changes it.
+    post(
+        &format!("{url}/api/generate"),
+        json!({"model": "smollm2:135m", "prompt": "hi", "stream": false, "keep_alive": "200ms", "options": {"num_predict": 1}}),
+    )
+    .await;
+    wait_for(
+        "unloaded after its new keep-alive",
+        Duration::from_secs(5),
+        || async {
+            let (_, ps) = get(&format!("{url}/api/ps")).await;
+            (json(&ps)["models"] == json!([])).then_some(())
+        },
+    )
+    .await;
 }
