@@ -118,11 +118,9 @@ fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
     ApiError(status, message.into())
 }
 
+/// Ollama's answer for a model that is not there: `model 'm' not found`.
 fn not_found_pull(name: &str) -> ApiError {
-    error(
-        StatusCode::NOT_FOUND,
-        format!("model {name:?} not found, try pulling it first"),
-    )
+    error(StatusCode::NOT_FOUND, format!("model '{name}' not found"))
 }
 
 fn now() -> String {
@@ -245,10 +243,14 @@ async fn ps(State(app): Shared) -> Response {
                 "details": details(),
                 "expires_at": timestamp(r.expires_at.unwrap_or(forever)),
                 "size_vram": 0,
+                "context_length": 4096,
                 "num_thread": r.num_thread,
             })
         })
         .collect();
+    // Ollama lists the model that expires last first.
+    let mut models = models;
+    models.sort_by(|a, b| b["expires_at"].as_str().cmp(&a["expires_at"].as_str()));
     axum::Json(json!({"models": models})).into_response()
 }
 
@@ -590,7 +592,7 @@ async fn show(State(app): Shared, body: Bytes) -> ApiResult {
     let Some(info) = app.store.get(&r) else {
         return Err(error(
             StatusCode::NOT_FOUND,
-            format!("model {name:?} not found"),
+            format!("model '{name}' not found"),
         ));
     };
     let mut modelfile = format!(
@@ -728,7 +730,7 @@ async fn delete_model(State(app): Shared, body: Bytes) -> ApiResult {
         Ok(()) => Ok(StatusCode::OK.into_response()),
         Err(_) => Err(error(
             StatusCode::NOT_FOUND,
-            format!("model {name:?} not found"),
+            format!("model '{name}' not found"),
         )),
     }
 }

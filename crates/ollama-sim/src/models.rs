@@ -75,13 +75,32 @@ impl Store {
         Store { dir: dir.into() }
     }
 
+    /// Where `r`'s manifest is: the path of a name that matches it case-insensitively when
+    /// there is one (Ollama compares names that way), else the exact one.
     fn manifest_path(&self, r: &ModelRef) -> PathBuf {
-        self.dir
+        let exact = self
+            .dir
             .join("manifests")
             .join(&r.host)
             .join(&r.namespace)
             .join(&r.model)
-            .join(&r.tag)
+            .join(&r.tag);
+        if exact.exists() {
+            return exact;
+        }
+        let mut at = self.dir.join("manifests");
+        for part in [&r.host, &r.namespace, &r.model, &r.tag] {
+            let found = std::fs::read_dir(&at).ok().and_then(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .find(|e| e.file_name().to_string_lossy().eq_ignore_ascii_case(part))
+            });
+            match found {
+                Some(e) => at = e.path(),
+                None => return exact,
+            }
+        }
+        at
     }
 
     /// The path of a blob, `blobs/sha256-<hex>`.
@@ -147,9 +166,9 @@ impl Store {
         });
         let path = self.manifest_path(r);
         std::fs::create_dir_all(path.parent().unwrap_or(&self.dir))?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, manifest.to_string())?;
-        std::fs::rename(tmp, path)
+        // In place (truncate, then write), as Ollama writes manifests: a reader in between sees
+        // a short file.
+        std::fs::write(path, manifest.to_string())
     }
 
     /// Finishes a pull whose model blob is already committed: writes the config and manifest.

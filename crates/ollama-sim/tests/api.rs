@@ -73,7 +73,8 @@ async fn generate_needs_a_pulled_model() {
     assert_eq!(status, 404);
     assert_eq!(
         json(&body)["error"],
-        "model \"smollm2:135m\" not found, try pulling it first"
+        "model 'smollm2:135m' not found",
+        "current Ollama's words (GenerateHandler)"
     );
     let (status, body) = post(&format!("{url}/api/generate"), json!({"prompt": "hi"})).await;
     assert_eq!(
@@ -686,4 +687,18 @@ async fn a_request_without_keep_alive_keeps_the_pin() {
         },
     )
     .await;
+}
+
+/// Names compare case-insensitively, as in Ollama.
+#[tokio::test]
+async fn names_are_case_insensitive() {
+    let url = pulled("case", &[]).await;
+    let (status, body) = post(
+        &format!("{url}/api/generate"),
+        json!({"model": "SmolLM2:135M", "prompt": "hi", "stream": false, "options": {"num_predict": 1}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = post(&format!("{url}/api/show"), json!({"model": "SMOLLM2:135m"})).await;
+    assert_eq!(status, 200);
 }
