@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Config, KeepAlive, cgroup_cpu_allowance};
 use crate::faults::{Faults, exit_now};
-use crate::models::{ModelInfo, Store, parameters_text, parse_modelfile};
+use crate::models::{ModelInfo, Store, parameters_text};
 use crate::runner::{Lease, Refusal, Runner};
 
 /// Everything the handlers share.
@@ -546,43 +546,88 @@ impl Generation {
     }
 }
 
+/// `POST /api/create` as current Ollama takes it: `from` (pulled first when absent),
+/// `parameters`, `system`, `template`; `modelfile` is ignored. (`files`, `adapters`, quantizing
+/// and remote models are beyond the sim.)
 async fn create(State(app): Shared, body: Bytes) -> ApiResult {
     let body = parse_body(&body)?;
     let (_, new) = model_field(&body)?;
-    let (from, mut params) = match body["modelfile"].as_str() {
-        Some(mf) => parse_modelfile(mf),
-        None => (body["from"].as_str().map(str::to_string), BTreeMap::new()),
+    let from = match body["from"].as_str().filter(|f| !f.is_empty()) {
+        Some(f) => f.to_string(),
+        None if body["files"].is_object() => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "ollama-sim cannot create a model from files; use from",
+            ));
+        }
+        None => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "neither 'from' or 'files' was specified",
+            ));
+        }
     };
+    let base_ref =
+        ModelRef::parse(&from).map_err(|_| error(StatusCode::BAD_REQUEST, "invalid model name"))?;
+    let mut params = BTreeMap::new();
     if let Some(p) = body["parameters"].as_object() {
         params.extend(p.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
-    let Some(from) = from else {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "neither 'from' nor 'modelfile' was specified",
-        ));
-    };
-    let Ok(base_ref) = ModelRef::parse(&from) else {
-        return Err(error(StatusCode::BAD_REQUEST, "invalid model name"));
-    };
-    let base = find_model(&app, &from, &base_ref)?;
-    if let Err(e) = app.store.create(&new, &base, &params) {
-        return Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
-    }
-    let statuses = [
-        json!({"status": format!("using existing layer {}", base.model_blob)}),
-        json!({"status": "creating new layer"}),
-        json!({"status": "writing manifest"}),
-        json!({"status": "success"}),
-    ];
-    if streaming(&body) {
-        let (tx, rx) = mpsc::channel(statuses.len());
-        for s in statuses {
-            let _ = tx.try_send(s);
+    let text = |k: &str| body[k].as_str().map(str::to_string);
+    let (system, template) = (text("system"), text("template"));
+    let stream = streaming(&body);
+    let (tx, mut rx) = mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        if app.store.get(&base_ref).is_none() {
+            // Like Ollama: a `from` that is not here is pulled, its progress in this stream.
+            let missing = app
+                .cfg
+                .pull_missing
+                .iter()
+                .any(|m| *m == from || ModelRef::parse(m).is_ok_and(|mr| mr == base_ref));
+            let (ptx, mut prx) = mpsc::channel(64);
+            let pull = tokio::spawn(run_pull(app.clone(), base_ref.clone(), missing, ptx));
+            while let Some(v) = prx.recv().await {
+                let failed = v.get("error").is_some();
+                let _ = tx.send(v).await;
+                if failed {
+                    return;
+                }
+            }
+            let _ = pull.await;
         }
-        Ok(ndjson(rx))
-    } else {
-        Ok(axum::Json(json!({"status": "success"})).into_response())
+        let Some(base) = app.store.get(&base_ref) else {
+            let _ = tx
+                .send(json!({"error": format!("model '{from}' not found")}))
+                .await;
+            return;
+        };
+        let texts = (system.as_deref(), template.as_deref());
+        if let Err(e) = app.store.create(&new, &base, &params, texts) {
+            let _ = tx.send(json!({"error": e.to_string()})).await;
+            return;
+        }
+        for status in [
+            format!("using existing layer {}", base.model_blob),
+            "creating new layer".into(),
+            "writing manifest".into(),
+            "success".into(),
+        ] {
+            let _ = tx.send(json!({"status": status})).await;
+        }
+    });
+    if stream {
+        return Ok(ndjson(rx));
+    }
+    let mut last = json!({"status": "success"});
+    while let Some(v) = rx.recv().await {
+        last = v;
+    }
+    let _ = task.await;
+    match last.get("error").and_then(Value::as_str) {
+        Some(e) if e.contains("not found") => Err(error(StatusCode::NOT_FOUND, e)),
+        Some(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        None => Ok(axum::Json(json!({"status": "success"})).into_response()),
     }
 }
 
@@ -610,7 +655,8 @@ async fn show(State(app): Shared, body: Bytes) -> ApiResult {
         "license": "",
         "modelfile": modelfile,
         "parameters": parameters_text(&info.parameters),
-        "template": "{{ .Prompt }}",
+        "template": info.template.clone().unwrap_or_else(|| "{{ .Prompt }}".into()),
+        "system": info.system.clone().unwrap_or_default(),
         "details": details(),
         "model_info": {
             "general.architecture": "llama",

@@ -33,6 +33,10 @@ pub struct ModelInfo {
     pub parameters: BTreeMap<String, Value>,
     /// Digest of the model (weights) layer.
     pub model_blob: String,
+    /// The system prompt layer, if any.
+    pub system: Option<String>,
+    /// The template layer, if any.
+    pub template: Option<String>,
 }
 
 impl ModelInfo {
@@ -64,6 +68,8 @@ const MEDIA_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+js
 const MEDIA_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 const MEDIA_MODEL: &str = "application/vnd.ollama.image.model";
 const MEDIA_PARAMS: &str = "application/vnd.ollama.image.params";
+const MEDIA_SYSTEM: &str = "application/vnd.ollama.image.system";
+const MEDIA_TEMPLATE: &str = "application/vnd.ollama.image.template";
 
 fn digest_of(bytes: &[u8]) -> String {
     format!("sha256:{}", fleet_api::sha256_hex(bytes))
@@ -199,6 +205,7 @@ impl Store {
         let mut size = manifest["config"]["size"].as_u64().unwrap_or(0);
         let mut parameters = BTreeMap::new();
         let mut model_blob = String::new();
+        let (mut system, mut template) = (None, None);
         for layer in manifest["layers"].as_array()? {
             let digest = layer["digest"].as_str()?;
             let blob = self.blob_path(digest);
@@ -213,6 +220,8 @@ impl Store {
                     parameters.extend(params);
                 }
                 Some(MEDIA_MODEL) => model_blob = digest.to_string(),
+                Some(MEDIA_SYSTEM) => system = std::fs::read_to_string(&blob).ok(),
+                Some(MEDIA_TEMPLATE) => template = std::fs::read_to_string(&blob).ok(),
                 _ => {}
             }
         }
@@ -225,6 +234,8 @@ impl Store {
             modified,
             parameters,
             model_blob,
+            system,
+            template,
         })
     }
 
@@ -268,21 +279,34 @@ impl Store {
         new: &ModelRef,
         base: &ModelInfo,
         params: &BTreeMap<String, Value>,
+        texts: (Option<&str>, Option<&str>),
     ) -> std::io::Result<()> {
         let text = std::fs::read(self.manifest_path(&base.reference))?;
         let manifest: Value = serde_json::from_slice(&text).map_err(std::io::Error::other)?;
         let mut merged = base.parameters.clone();
         merged.extend(params.clone());
         let mut layers: Vec<(String, &str, u64)> = Vec::new();
+        let (system, template) = texts;
         for layer in manifest["layers"].as_array().into_iter().flatten() {
-            if layer["mediaType"].as_str() == Some(MEDIA_PARAMS) {
-                continue;
-            }
+            let media = match layer["mediaType"].as_str() {
+                Some(MEDIA_PARAMS) => continue,
+                Some(MEDIA_SYSTEM) if system.is_some() => continue,
+                Some(MEDIA_TEMPLATE) if template.is_some() => continue,
+                Some(MEDIA_SYSTEM) => MEDIA_SYSTEM,
+                Some(MEDIA_TEMPLATE) => MEDIA_TEMPLATE,
+                _ => MEDIA_MODEL,
+            };
             layers.push((
                 layer["digest"].as_str().unwrap_or_default().to_string(),
-                MEDIA_MODEL,
+                media,
                 layer["size"].as_u64().unwrap_or(0),
             ));
+        }
+        for (text, media) in [(system, MEDIA_SYSTEM), (template, MEDIA_TEMPLATE)] {
+            if let Some(t) = text {
+                let digest = self.write_blob(t.as_bytes())?;
+                layers.push((digest, media, t.len() as u64));
+            }
         }
         if !merged.is_empty() {
             let bytes = serde_json::to_vec(&merged).map_err(std::io::Error::other)?;
@@ -337,29 +361,6 @@ impl Store {
         }
         removed
     }
-}
-
-/// Parses the old `modelfile` form of `/api/create`: `FROM base` and `PARAMETER key value`
-/// lines (others are accepted and ignored).
-pub fn parse_modelfile(text: &str) -> (Option<String>, BTreeMap<String, Value>) {
-    let mut from = None;
-    let mut params = BTreeMap::new();
-    for line in text.lines() {
-        let line = line.trim();
-        let (word, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
-        match word.to_ascii_uppercase().as_str() {
-            "FROM" => from = Some(rest.trim().to_string()),
-            "PARAMETER" => {
-                let (k, v) = rest
-                    .trim()
-                    .split_once(char::is_whitespace)
-                    .unwrap_or((rest, ""));
-                params.insert(k.trim().to_string(), param_value(v.trim()));
-            }
-            _ => {}
-        }
-    }
-    (from, params)
 }
 
 /// A parameter value as Ollama stores it: numbers as numbers, the rest as strings.
@@ -428,7 +429,9 @@ mod tests {
 
         let params: BTreeMap<String, Value> = [("num_thread".to_string(), json!(2))].into();
         let derived = ModelRef::parse("smollm2-2t").expect("valid");
-        store.create(&derived, &info, &params).expect("create");
+        store
+            .create(&derived, &info, &params, (None, None))
+            .expect("create");
         let d = store.get(&derived).expect("derived");
         assert_eq!(d.parameters["num_thread"], json!(2));
         assert_eq!(d.model_blob, info.model_blob, "shares the weights");
@@ -452,12 +455,11 @@ mod tests {
     }
 
     #[test]
-    fn modelfiles() {
-        let (from, params) = parse_modelfile(
-            "FROM smollm2:135m\nPARAMETER num_thread 2\nPARAMETER stop \"<|end|>\"\nSYSTEM hi\n",
-        );
-        assert_eq!(from.as_deref(), Some("smollm2:135m"));
-        assert_eq!(params["num_thread"], json!(2));
+    fn parameters_print_like_ollama() {
+        let params = BTreeMap::from([
+            ("num_thread".to_string(), param_value("2")),
+            ("stop".to_string(), param_value("\"<|end|>\"")),
+        ]);
         assert_eq!(params["stop"], json!("<|end|>"));
         assert!(parameters_text(&params).starts_with("num_thread                     2"));
     }

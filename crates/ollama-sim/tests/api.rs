@@ -378,7 +378,7 @@ async fn requests_that_must_load_beyond_the_queue_get_503() {
 
 #[tokio::test]
 async fn create_derives_a_model_with_parameters() {
-    let url = pulled("create", &[]).await;
+    let url = pulled("create", &[("SIM_PULL_MISSING", "gone:1")]).await;
     let (status, lines) = post_lines(
         &format!("{url}/api/create"),
         json!({"model": "smol-2t", "from": "smollm2:135m", "parameters": {"num_thread": 2}}),
@@ -386,13 +386,27 @@ async fn create_derives_a_model_with_parameters() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(lines.last(), Some(&json!({"status": "success"})));
-    // The older modelfile form too.
-    let (status, _) = post(
+    // Current Ollama ignores the older modelfile form.
+    let (status, body) = post(
         &format!("{url}/api/create"),
         json!({"name": "smol-3t", "modelfile": "FROM smollm2:135m\nPARAMETER num_thread 3", "stream": false}),
     )
     .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        json(&body)["error"],
+        "neither 'from' or 'files' was specified"
+    );
+    let (status, _) = post(
+        &format!("{url}/api/create"),
+        json!({"model": "smol-3t", "from": "smollm2:135m", "parameters": {"num_thread": 3}, "system": "Be brief.", "template": "{{ .System }} {{ .Prompt }}", "stream": false}),
+    )
+    .await;
     assert_eq!(status, 200);
+    let (_, show3) = post(&format!("{url}/api/show"), json!({"model": "smol-3t"})).await;
+    let show3 = json(&show3);
+    assert_eq!(show3["system"], "Be brief.");
+    assert_eq!(show3["template"], "{{ .System }} {{ .Prompt }}");
 
     let (status, show) = post(&format!("{url}/api/show"), json!({"model": "smol-2t"})).await;
     assert_eq!(status, 200);
@@ -429,15 +443,30 @@ async fn create_derives_a_model_with_parameters() {
 
     let (_, tags) = get(&format!("{url}/api/tags")).await;
     assert_eq!(json(&tags)["models"].as_array().map(Vec::len), Some(3));
-    assert_eq!(
-        post(
-            &format!("{url}/api/create"),
-            json!({"model": "x", "from": "absent:1"})
-        )
-        .await
-        .0,
-        404
+    // A `from` that is not here is pulled first, its progress in the create's stream.
+    let (status, lines) = post_lines(
+        &format!("{url}/api/create"),
+        json!({"model": "x", "from": "absent:1"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        lines.iter().any(|l| l["status"] == "pulling manifest"),
+        "{lines:?}"
     );
+    assert_eq!(lines.last(), Some(&json!({"status": "success"})));
+    let (_, tags) = get(&format!("{url}/api/tags")).await;
+    assert_eq!(
+        json(&tags)["models"].as_array().map(Vec::len),
+        Some(5),
+        "absent:1 and x"
+    );
+    let (status, _) = post(
+        &format!("{url}/api/create"),
+        json!({"model": "y", "from": "gone:1", "stream": false}),
+    )
+    .await;
+    assert_ne!(status, 200, "a from that cannot be pulled fails the create");
 }
 
 #[tokio::test]
