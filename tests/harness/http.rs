@@ -27,8 +27,29 @@ pub async fn request_with_headers(
     body: Option<&Value>,
     timeout: Duration,
 ) -> Result<(u16, Vec<(String, String)>, String), String> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    send(method, url, payload, timeout).await
+}
+
+/// A request with a raw body (a blob, say): (status, body).
+pub async fn request_bytes(
+    method: &str,
+    url: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    send(method, url, Bytes::from(body), timeout)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+async fn send(
+    method: &str,
+    url: &str,
+    payload: Bytes,
+    timeout: Duration,
+) -> Result<(u16, Vec<(String, String)>, String), String> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let req = hyper::Request::builder()
         .method(method)
         .uri(url)

@@ -67,6 +67,18 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/create", post(create))
         .route("/api/show", post(show))
         .route("/api/delete", delete(delete_model))
+        .route("/api/copy", post(copy_model))
+        .route("/v1/models", get(crate::openai::models))
+        .route(
+            "/v1/chat/completions",
+            post(crate::openai::chat_completions),
+        )
+        .route("/v1/completions", post(crate::openai::completions))
+        .route("/v1/embeddings", post(crate::openai::embeddings))
+        .route(
+            "/api/blobs/{digest}",
+            axum::routing::head(head_blob).post(post_blob),
+        )
         .route("/sim/state", get(sim_state))
         .route("/sim/exit", post(sim_exit))
         .route("/sim/hang", post(sim_hang))
@@ -104,7 +116,7 @@ async fn hang_guard(State(app): Shared, req: Request, next: Next) -> Response {
 
 /// An error answer: a status and Ollama's `{"error": "..."}` body.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -112,9 +124,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
-fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> ApiError {
     ApiError(status, message.into())
 }
 
@@ -386,7 +398,7 @@ fn refusal(r: Refusal) -> ApiError {
 
 /// How a generation answers: `generate` (response text) or `chat` (a message).
 #[derive(Clone, Copy)]
-enum Shape {
+pub(crate) enum Shape {
     Generate,
     Chat,
 }
@@ -440,9 +452,36 @@ async fn chat(State(app): Shared, body: Bytes) -> ApiResult {
     infer(app, body, prompt, Shape::Chat).await
 }
 
-async fn infer(app: Arc<App>, body: Value, prompt: String, shape: Shape) -> ApiResult {
+pub(crate) async fn infer(app: Arc<App>, body: Value, prompt: String, shape: Shape) -> ApiResult {
     let (name, r) = model_field(&body)?;
     let info = find_model(&app, &name, &r)?;
+    // Capabilities the request needs that the model lacks (the sim's models have none of
+    // thinking, tools or vision), refused before loading, as Ollama does.
+    let lacks = |what: &str| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("{name:?} does not support {what}"),
+        )
+    };
+    if body["think"].as_bool() == Some(true) || body["think"].is_string() {
+        return Err(lacks("thinking"));
+    }
+    if body["tools"].as_array().is_some_and(|t| !t.is_empty()) {
+        return Err(lacks("tools"));
+    }
+    if body["images"].as_array().is_some_and(|i| !i.is_empty()) {
+        return Err(lacks("vision"));
+    }
+    match &body["format"] {
+        Value::Null | Value::Object(_) => {}
+        Value::String(f) if f.is_empty() || f == "json" => {}
+        other => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid format: {other}; use \"json\" or a JSON schema"),
+            ));
+        }
+    }
     if info.embedding_only() {
         // Ollama refuses before it loads anything.
         let what = match shape {
@@ -673,7 +712,7 @@ async fn show(State(app): Shared, body: Bytes) -> ApiResult {
 const EMBEDDING_DIMS: usize = 384;
 
 /// A deterministic unit vector for `text` (the same text always embeds the same).
-fn embedding(text: &str) -> Vec<f32> {
+pub(crate) fn embedding(text: &str) -> Vec<f32> {
     let mut x: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {
         x = (x ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
@@ -767,6 +806,75 @@ async fn embeddings(State(app): Shared, body: Bytes) -> ApiResult {
     let v = embedding(prompt);
     drop(lease);
     Ok(axum::Json(json!({"embedding": v})).into_response())
+}
+
+/// `POST /api/copy {source, destination}`.
+async fn copy_model(State(app): Shared, body: Bytes) -> ApiResult {
+    let body = parse_body(&body)?;
+    let field = |k: &str| {
+        body[k]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let (Some(source), Some(destination)) = (field("source"), field("destination")) else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "source and destination are required",
+        ));
+    };
+    let src = ModelRef::parse(&source).map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("source {source:?} is invalid"),
+        )
+    })?;
+    let dst = ModelRef::parse(&destination).map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("destination {destination:?} is invalid"),
+        )
+    })?;
+    if app.store.get(&src).is_none() {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("model {source:?} not found"),
+        ));
+    }
+    app.store
+        .copy(&src, &dst)
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(StatusCode::OK.into_response())
+}
+
+/// `HEAD /api/blobs/:digest`: 200 when the blob is here.
+async fn head_blob(
+    State(app): Shared,
+    axum::extract::Path(digest): axum::extract::Path<String>,
+) -> ApiResult {
+    if app.store.has_blob(&digest) {
+        Ok(StatusCode::OK.into_response())
+    } else {
+        Err(error(
+            StatusCode::NOT_FOUND,
+            format!("blob {digest:?} not found"),
+        ))
+    }
+}
+
+/// `POST /api/blobs/:digest`: stores the body as that blob when it hashes to it (201).
+async fn post_blob(
+    State(app): Shared,
+    axum::extract::Path(digest): axum::extract::Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    if app.store.has_blob(&digest) {
+        return Ok(StatusCode::OK.into_response());
+    }
+    app.store
+        .put_blob(&digest, &body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+    Ok(StatusCode::CREATED.into_response())
 }
 
 async fn delete_model(State(app): Shared, body: Bytes) -> ApiResult {

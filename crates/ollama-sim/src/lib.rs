@@ -14,6 +14,7 @@ pub mod api;
 pub mod config;
 pub mod faults;
 pub mod models;
+pub mod openai;
 pub mod runner;
 
 use std::sync::Arc;

@@ -318,6 +318,32 @@ impl Store {
         self.write_manifest(new, (config_digest, config_size), &layers)
     }
 
+    /// Copies a model's manifest to another name (the blobs are shared).
+    pub fn copy(&self, from: &ModelRef, to: &ModelRef) -> std::io::Result<()> {
+        let text = std::fs::read(self.manifest_path(from))?;
+        let path = self.manifest_path(to);
+        std::fs::create_dir_all(path.parent().unwrap_or(&self.dir))?;
+        std::fs::write(path, text)
+    }
+
+    /// Whether a blob is present.
+    pub fn has_blob(&self, digest: &str) -> bool {
+        self.blob_path(digest).exists()
+    }
+
+    /// Stores `bytes` as the blob `digest`, when they hash to it.
+    pub fn put_blob(&self, digest: &str, bytes: &[u8]) -> Result<(), String> {
+        let actual = digest_of(bytes);
+        if actual != digest {
+            return Err(format!(
+                "digest mismatch, expected {digest:?}, got {actual:?}"
+            ));
+        }
+        self.write_blob(bytes)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// Deletes a model's manifest (blobs stay until the next prune).
     pub fn delete(&self, r: &ModelRef) -> std::io::Result<()> {
         std::fs::remove_file(self.manifest_path(r))

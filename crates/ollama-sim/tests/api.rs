@@ -731,3 +731,133 @@ async fn names_are_case_insensitive() {
     let (status, _) = post(&format!("{url}/api/show"), json!({"model": "SMOLLM2:135m"})).await;
     assert_eq!(status, 200);
 }
+
+/// Ollama's OpenAI-compatible routes, copy, blobs, and capability refusals.
+#[tokio::test]
+async fn openai_routes_copy_blobs_and_capabilities() {
+    let url = pulled("openai", &[]).await;
+    let (status, models) = get(&format!("{url}/v1/models")).await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&models)["data"][0]["id"], "smollm2:135m");
+    let (status, body) = post(
+        &format!("{url}/v1/chat/completions"),
+        json!({"model": "smollm2:135m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v = json(&body);
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    let (status, body) = post(
+        &format!("{url}/v1/completions"),
+        json!({"model": "smollm2:135m", "prompt": "hi", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["object"], "text_completion");
+    let (status, text) = request(
+        "POST",
+        &format!("{url}/v1/chat/completions"),
+        Some(&json!({"model": "smollm2:135m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": true})),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("stream");
+    assert_eq!(status, 200);
+    let events: Vec<&str> = text.lines().filter(|l| l.starts_with("data: ")).collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"), "{text}");
+    assert!(events.len() >= 3, "{text}");
+    let (status, body) = post(
+        &format!("{url}/v1/embeddings"),
+        json!({"model": "smollm2:135m", "input": ["a", "b"]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["data"][1]["index"], 1);
+    let (status, body) = post(
+        &format!("{url}/v1/chat/completions"),
+        json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(
+        json(&body)["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not found"))
+    );
+
+    // Copy.
+    let (status, _) = post(
+        &format!("{url}/api/copy"),
+        json!({"source": "smollm2:135m", "destination": "mine:copy"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        post(&format!("{url}/api/show"), json!({"model": "mine:copy"}))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        post(
+            &format!("{url}/api/copy"),
+            json!({"source": "nope", "destination": "x"})
+        )
+        .await
+        .0,
+        404
+    );
+    // Blobs: by digest, checked.
+    let data = b"hello blob";
+    let digest = format!("sha256:{}", fleet_api::sha256_hex(data));
+    let blob = format!("{url}/api/blobs/{digest}");
+    assert_eq!(
+        request("HEAD", &blob, None, Duration::from_secs(5))
+            .await
+            .expect("head")
+            .0,
+        404
+    );
+    let (status, _) =
+        fleet_e2e::http::request_bytes("POST", &blob, data.to_vec(), Duration::from_secs(5))
+            .await
+            .expect("post");
+    assert_eq!(status, 201);
+    assert_eq!(
+        request("HEAD", &blob, None, Duration::from_secs(5))
+            .await
+            .expect("head")
+            .0,
+        200
+    );
+    let wrong = format!("{url}/api/blobs/sha256:{}", "0".repeat(64));
+    let (status, _) =
+        fleet_e2e::http::request_bytes("POST", &wrong, data.to_vec(), Duration::from_secs(5))
+            .await
+            .expect("post");
+    assert_eq!(status, 400, "a digest mismatch is refused");
+    // Capabilities the sim's models lack.
+    for (extra, what) in [
+        (json!({"think": true}), "thinking"),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+        ),
+    ] {
+        let mut body =
+            json!({"model": "smollm2:135m", "messages": [{"role": "user", "content": "hi"}]});
+        body.as_object_mut()
+            .expect("obj")
+            .extend(extra.as_object().expect("obj").clone());
+        let (status, resp) = post(&format!("{url}/api/chat"), body).await;
+        assert_eq!(status, 400, "{what}");
+        assert!(
+            json(&resp)["error"]
+                .as_str()
+                .is_some_and(|e| e.ends_with(&format!("does not support {what}"))),
+            "{resp}"
+        );
+    }
+}
