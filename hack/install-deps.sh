@@ -20,8 +20,9 @@ PACKAGES=(
   # tests, bench-pull.sh), python3 (bcrypt hashes for registry credentials), a static busybox
   # for tiny test roots.
   curl binutils openssl procps docker-registry skopeo python3 busybox-static
-  # Fault tests: iptables drops packets to a private etcd (a silent partition).
-  iptables
+  # Fault tests: iptables drops packets to a private etcd (a silent partition). The official
+  # Ollama Python client runs in a virtualenv (python3-venv; hack/python-client.sh).
+  iptables python3-venv
 )
 
 missing=()

@@ -26,6 +26,9 @@ cargo build --locked --workspace --all-targets
 export OLLAMA_FLEET_SIM_IMAGE_TAR=$ROOT/target/images/ollama-sim.oci.tar
 hack/sim-image.sh --binary "$ROOT/target/debug/ollama-sim" >/dev/null
 
+# The official Ollama Python client, for the sim's conformance test.
+OLLAMA_FLEET_PYTHON=$(hack/python-client.sh)
+export OLLAMA_FLEET_PYTHON
 echo "test: running tests (etcd $OLLAMA_FLEET_ETCD_ENDPOINTS, containerd $OLLAMA_FLEET_CONTAINERD_SOCKET)" >&2
 if (($#)); then
   timeout 1800 cargo test --locked "$@"

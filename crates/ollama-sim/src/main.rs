@@ -13,11 +13,34 @@ ollama-sim: an Ollama-compatible test workload with realistic costs and fault in
 Usage: ollama-sim [serve]        (also installed as /bin/ollama in the test image)
        ollama-sim --version
 
+Routes, following Ollama's server/routes.go, sched.go and create.go (read at Ollama's main
+branch, commit fb30760, December 2026), checked by tests/conformance/ollama_api.py with PyPI's
+ollama 0.6.3, which runs against a real Ollama too (OLLAMA_URL=...):
+  GET|HEAD /                \"Ollama is running\"
+  GET  /api/version         {\"version\"} (SIM_VERSION)
+  GET  /api/tags, /api/ps   models present / loaded (ps: the one expiring last first)
+  POST /api/pull            NDJSON progress; \"verifying sha256 digest\" then \"success\"
+  POST /api/generate, /api/chat   streamed or not; no prompt: load only (no slot taken);
+                            embedding-only models, thinking, tools, images: 400 before loading
+  POST /api/embed, /api/embeddings   deterministic 384-d vectors; no input: load only
+  POST /api/create          from (pulled when absent), parameters, system, template;
+                            modelfile ignored (400 without from)
+  POST /api/show, /api/copy   DELETE /api/delete   HEAD|POST /api/blobs/:digest
+  GET  /v1/models   POST /v1/chat/completions, /v1/completions (SSE streams), /v1/embeddings
+Scheduling as Ollama's: a request for a loaded model waits for a slot without bound (no 503);
+only requests that must load queue (one load plus OLLAMA_MAX_QUEUE); runners are keyed by the
+weights, so another name with the same num_thread shares one, a different num_thread reloads;
+a request without keep_alive keeps the runner's. Names compare case-insensitively; manifests are
+written in place. Deliberate differences: speed and memory are modelled (tokens are canned
+words, a loaded model holds SIM_MODEL_SIZE of real memory), embedding-only models are known by
+name (all-minilm, *embed*, bge*), no GPU, no files/adapters/quantizing in create, no
+registry auth or push.
+
 Ollama's variables:
   OLLAMA_HOST               where to listen          (default 127.0.0.1:11434)
   OLLAMA_MODELS             model store              (default ~/.ollama/models)
   OLLAMA_NUM_PARALLEL       requests served at once  (default 1)
-  OLLAMA_MAX_QUEUE          requests waiting beyond that; more get 503 (default 512)
+  OLLAMA_MAX_QUEUE          requests that must load a model and wait; more get 503 (default 512)
   OLLAMA_MAX_LOADED_MODELS  models held at once      (default 3)
   OLLAMA_KEEP_ALIVE         default keep-alive: 5m, 0, -1 (forever) (default 5m)
   OLLAMA_NOPRUNE            when unset, unreferenced blobs are deleted at start

@@ -1,0 +1,74 @@
+//! The sim driven by a client nobody here wrote: the official Python client (PyPI `ollama`,
+//! pinned by hack/python-client.sh) runs tests/conformance/ollama_api.py, the conformance
+//! runner that also runs against a real Ollama (`OLLAMA_URL=...`).
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use fleet_e2e::{repo_root, temp_dir};
+use ollama_sim::{App, Config};
+
+/// The venv's python: `$OLLAMA_FLEET_PYTHON` (hack/test.sh sets it), else what
+/// hack/python-client.sh makes.
+fn python() -> String {
+    if let Ok(p) = std::env::var("OLLAMA_FLEET_PYTHON") {
+        return p;
+    }
+    let out = Command::new(repo_root().join("hack/python-client.sh"))
+        .output()
+        .expect("hack/python-client.sh");
+    assert!(
+        out.status.success(),
+        "hack/python-client.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+async fn the_official_python_client_conforms() {
+    let dir = temp_dir("pyclient");
+    let env: HashMap<String, String> = [
+        ("OLLAMA_MODELS", dir.to_str().expect("utf-8")),
+        ("SIM_PULL_TIME", "100ms"),
+        ("SIM_LOAD_TIME", "20ms"),
+        ("SIM_MODEL_SIZE", "2Mi"),
+        ("SIM_TOKENS_PER_SECOND", "500"),
+        ("SIM_ACCESS_LOG", "0"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let app = App::new(Config::from_vars(&env).expect("config"));
+    ollama_sim::start_background(&app);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(ollama_sim::serve(app, listener, std::future::pending()));
+    let python = python();
+    let script = repo_root().join("tests/conformance/ollama_api.py");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .env("OLLAMA_URL", &url)
+            .output()
+            .expect("run the conformance runner")
+    })
+    .await
+    .expect("join");
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the official client found differences:\n{report}"
+    );
+    // Nothing skipped: every check the runner has ran and passed.
+    let summary = report
+        .lines()
+        .find(|l| l.contains(" checks passed against "))
+        .expect("a summary line");
+    let words: Vec<&str> = summary.split_whitespace().collect();
+    assert_eq!(words[0], words[2], "{summary}");
+    assert!(words[0].parse::<u32>().is_ok_and(|n| n >= 19), "{summary}");
+}
