@@ -65,6 +65,8 @@ Faults:
   SIM_IGNORE_SIGTERM=1      keep running on SIGTERM
   SIM_HOST_CORES=64         the host's cores as the sim sees them (its default thread count)
   SIM_ACCESS_LOG=0          no line per request on stderr (default: one, like Ollama's)
+  SIM_BLOB_WALK_DELAY=100ms time per file of the start's walk of blobs/ (a vanishing file
+                            ends the start, as in Ollama; the delay widens the window)
   POST /sim/exit {\"code\":3}   POST /sim/hang   POST /sim/leak {\"rate\":\"10Mi\"}   GET /sim/state
 ";
 
@@ -114,6 +116,16 @@ async fn run(cfg: Config) -> ExitCode {
     }
     tokio::time::sleep(cfg.start_delay).await;
     let app = App::new(cfg);
+    // Ollama's start walks blobs/ (fixBlobs) and gives up when a file vanishes under the walk,
+    // as one does when a pull or create finishes in a cache the instance shares.
+    let walk_delay = std::env::var("SIM_BLOB_WALK_DELAY")
+        .ok()
+        .and_then(|d| fleet_api::Duration::parse(&d).ok())
+        .map_or(Duration::ZERO, fleet_api::Duration::std);
+    if let Err(e) = app.store.walk_blobs(walk_delay).await {
+        eprintln!("Error: {e}");
+        return ExitCode::FAILURE;
+    }
     if !app.cfg.no_prune {
         let removed = app.store.prune();
         eprintln!("level=INFO source=images.go msg=\"total unused blobs removed: {removed}\"");

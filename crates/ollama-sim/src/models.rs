@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use fleet_api::ModelRef;
 use serde_json::{Value, json};
@@ -316,6 +316,30 @@ impl Store {
         let config_digest = manifest["config"]["digest"].as_str().unwrap_or_default();
         let config_size = manifest["config"]["size"].as_u64().unwrap_or(0);
         self.write_manifest(new, (config_digest, config_size), &layers)
+    }
+
+    /// Ollama's walk of `blobs/` at start (fixBlobs): every entry listed, then looked at one by
+    /// one (`delay` apart); an entry gone by then is an error, which ends Ollama's start.
+    pub async fn walk_blobs(&self, delay: Duration) -> Result<(), String> {
+        let dir = self.dir.join("blobs");
+        let mut names: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd.filter_map(Result::ok).map(|e| e.path()).collect(),
+            Err(_) => return Ok(()),
+        };
+        names.sort();
+        for path in names {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if let Err(e) = std::fs::symlink_metadata(&path) {
+                return Err(format!(
+                    "lstat {}: {}",
+                    path.display(),
+                    e.to_string().to_lowercase()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Copies a model's manifest to another name (the blobs are shared).

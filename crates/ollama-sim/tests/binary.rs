@@ -191,3 +191,39 @@ fn bad_configuration_is_a_clear_error() {
     let out = Command::new(BIN).arg("--help").output().expect("run");
     assert!(String::from_utf8_lossy(&out.stdout).contains("SIM_CRASH_AFTER"));
 }
+
+/// As Ollama's start (fixBlobs), the sim's start walks blobs/ and gives up when a file vanishes
+/// under the walk: the race the agent avoids by writing into no cache while an instance starts.
+#[test]
+fn a_blob_vanishing_during_the_start_walk_ends_the_start() {
+    let dir = temp_dir("walk");
+    let blobs = dir.join("blobs");
+    std::fs::create_dir_all(&blobs).expect("mkdir");
+    for i in 0..3 {
+        std::fs::write(blobs.join(format!("sha256-{i:064}")), b"x").expect("write");
+    }
+    let port = free_port();
+    let mut child = spawn(&[
+        ("OLLAMA_HOST", &format!("127.0.0.1:{port}")),
+        ("OLLAMA_MODELS", dir.to_str().expect("utf-8")),
+        ("OLLAMA_NOPRUNE", "1"),
+        ("SIM_BLOB_WALK_DELAY", "300ms"),
+    ]);
+    // The walk has listed all three and waits before the last: remove it.
+    std::thread::sleep(Duration::from_millis(450));
+    std::fs::remove_file(blobs.join(format!("sha256-{:064}", 2))).expect("remove");
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1));
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read");
+    assert!(
+        err.contains("lstat") && err.contains("no such file"),
+        "{err}"
+    );
+}
