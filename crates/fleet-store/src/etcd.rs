@@ -130,6 +130,43 @@ async fn deadline<T>(
 }
 
 impl EtcdStore {
+    /// Connects for one short task (a CLI command): through the members that answer now, so a
+    /// member that is down is not picked for the one request there is (the client's balancer
+    /// does not retry elsewhere). Falls back to every endpoint when none answers (the error
+    /// then says why).
+    pub async fn connect_to_live(config: &EtcdConfig, prefix: &str) -> Result<EtcdStore> {
+        if config.endpoints.len() > 1 {
+            let probes = config.endpoints.iter().map(|ep| async move {
+                let one = EtcdConfig {
+                    endpoints: vec![ep.clone()],
+                    ..config.clone()
+                };
+                let probe = async {
+                    let s = EtcdStore::connect(&one, prefix).await.ok()?;
+                    let mut c = s.client.clone();
+                    c.status().await.ok().map(|_| ep.clone())
+                };
+                tokio::time::timeout(Duration::from_secs(2), probe)
+                    .await
+                    .ok()
+                    .flatten()
+            });
+            let live: Vec<String> = futures::future::join_all(probes)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            if !live.is_empty() {
+                let config = EtcdConfig {
+                    endpoints: live,
+                    ..config.clone()
+                };
+                return EtcdStore::connect(&config, prefix).await;
+            }
+        }
+        EtcdStore::connect(config, prefix).await
+    }
+
     /// Connects to etcd; keys go under `prefix`.
     pub async fn connect(config: &EtcdConfig, prefix: &str) -> Result<EtcdStore> {
         let mut options = ConnectOptions::new()

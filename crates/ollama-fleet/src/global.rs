@@ -96,7 +96,7 @@ impl Global {
 
     /// Connects to etcd once (for the CLI commands).
     pub async fn store(&self) -> anyhow::Result<EtcdStore> {
-        Ok(EtcdStore::connect(&self.etcd_config()?, &self.etcd_prefix).await?)
+        Ok(EtcdStore::connect_to_live(&self.etcd_config()?, &self.etcd_prefix).await?)
     }
 
     /// An error for people: trouble reaching etcd becomes one line that names the endpoints,

@@ -269,14 +269,27 @@ async fn ps(State(app): Shared) -> Response {
 async fn pull(State(app): Shared, body: Bytes) -> ApiResult {
     let body = parse_body(&body)?;
     let (name, r) = model_field(&body)?;
-    let stream = streaming(&body);
-    let (tx, mut rx) = mpsc::channel(64);
-    let missing = app
-        .cfg
+    let (tx, rx) = mpsc::channel(64);
+    let missing = registry_lacks(&app, &name, &r);
+    let task = tokio::spawn(run_pull(app.clone(), r, missing, tx));
+    progress_answer(streaming(&body), rx, task).await
+}
+
+/// Whether the (simulated) registry lacks a model (`SIM_PULL_MISSING`).
+fn registry_lacks(app: &App, name: &str, r: &ModelRef) -> bool {
+    app.cfg
         .pull_missing
         .iter()
-        .any(|m| *m == name || ModelRef::parse(m).is_ok_and(|mr| mr == r));
-    let task = tokio::spawn(run_pull(app.clone(), r, missing, tx));
+        .any(|m| *m == name || ModelRef::parse(m).is_ok_and(|mr| mr == *r))
+}
+
+/// A progress stream's answer: the stream itself, or its outcome (`{"status": "success"}`, or
+/// the error: 404 when something was not found, else 500).
+async fn progress_answer(
+    stream: bool,
+    mut rx: mpsc::Receiver<Value>,
+    task: tokio::task::JoinHandle<()>,
+) -> ApiResult {
     if stream {
         return Ok(ndjson(rx));
     }
@@ -286,6 +299,7 @@ async fn pull(State(app): Shared, body: Bytes) -> ApiResult {
     }
     let _ = task.await;
     match last.get("error").and_then(Value::as_str) {
+        Some(e) if e.contains("not found") => Err(error(StatusCode::NOT_FOUND, e)),
         Some(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
         None => Ok(axum::Json(json!({"status": "success"})).into_response()),
     }
@@ -615,15 +629,11 @@ async fn create(State(app): Shared, body: Bytes) -> ApiResult {
     let text = |k: &str| body[k].as_str().map(str::to_string);
     let (system, template) = (text("system"), text("template"));
     let stream = streaming(&body);
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, rx) = mpsc::channel(64);
     let task = tokio::spawn(async move {
         if app.store.get(&base_ref).is_none() {
             // Like Ollama: a `from` that is not here is pulled, its progress in this stream.
-            let missing = app
-                .cfg
-                .pull_missing
-                .iter()
-                .any(|m| *m == from || ModelRef::parse(m).is_ok_and(|mr| mr == base_ref));
+            let missing = registry_lacks(&app, &from, &base_ref);
             let (ptx, mut prx) = mpsc::channel(64);
             let pull = tokio::spawn(run_pull(app.clone(), base_ref.clone(), missing, ptx));
             while let Some(v) = prx.recv().await {
@@ -655,19 +665,7 @@ async fn create(State(app): Shared, body: Bytes) -> ApiResult {
             let _ = tx.send(json!({"status": status})).await;
         }
     });
-    if stream {
-        return Ok(ndjson(rx));
-    }
-    let mut last = json!({"status": "success"});
-    while let Some(v) = rx.recv().await {
-        last = v;
-    }
-    let _ = task.await;
-    match last.get("error").and_then(Value::as_str) {
-        Some(e) if e.contains("not found") => Err(error(StatusCode::NOT_FOUND, e)),
-        Some(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
-        None => Ok(axum::Json(json!({"status": "success"})).into_response()),
-    }
+    progress_answer(stream, rx, task).await
 }
 
 async fn show(State(app): Shared, body: Bytes) -> ApiResult {

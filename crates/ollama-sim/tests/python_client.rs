@@ -2,11 +2,12 @@
 //! pinned by hack/python-client.sh) runs tests/conformance/ollama_api.py, the conformance
 //! runner that also runs against a real Ollama (`OLLAMA_URL=...`).
 
-use std::collections::HashMap;
 use std::process::Command;
 
-use fleet_e2e::{repo_root, temp_dir};
-use ollama_sim::{App, Config};
+use fleet_e2e::repo_root;
+
+mod common;
+use common::start;
 
 /// The venv's python: `$OLLAMA_FLEET_PYTHON` (hack/test.sh sets it), else what
 /// hack/python-client.sh makes.
@@ -27,25 +28,15 @@ fn python() -> String {
 
 #[tokio::test]
 async fn the_official_python_client_conforms() {
-    let dir = temp_dir("pyclient");
-    let env: HashMap<String, String> = [
-        ("OLLAMA_MODELS", dir.to_str().expect("utf-8")),
-        ("SIM_PULL_TIME", "100ms"),
-        ("SIM_LOAD_TIME", "20ms"),
-        ("SIM_MODEL_SIZE", "2Mi"),
-        ("SIM_TOKENS_PER_SECOND", "500"),
-        ("SIM_ACCESS_LOG", "0"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let app = App::new(Config::from_vars(&env).expect("config"));
-    ollama_sim::start_background(&app);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(ollama_sim::serve(app, listener, std::future::pending()));
+    let url = start(
+        "pyclient",
+        &[
+            ("SIM_PULL_TIME", "100ms"),
+            ("SIM_TOKENS_PER_SECOND", "500"),
+            ("SIM_ACCESS_LOG", "0"),
+        ],
+    )
+    .await;
     let python = python();
     let script = repo_root().join("tests/conformance/ollama_api.py");
     let out = tokio::task::spawn_blocking(move || {
