@@ -8,6 +8,15 @@ use serde_json::json;
 mod common;
 use common::start;
 
+/// Waits until nothing is loaded.
+async fn unloaded(url: &str, what: &str) {
+    wait_for(what, Duration::from_secs(5), || async {
+        let (_, ps) = get(&format!("{url}/api/ps")).await;
+        (json(&ps)["models"] == json!([])).then_some(())
+    })
+    .await;
+}
+
 async fn pulled(tag: &str, vars: &[(&str, &str)]) -> String {
     let url = start(tag, vars).await;
     let (status, lines) =
@@ -190,15 +199,7 @@ async fn keep_alive_expires() {
         Some(1),
         "loaded right after the request"
     );
-    wait_for(
-        "the model to unload after its keep-alive",
-        Duration::from_secs(5),
-        || async {
-            let (_, ps) = get(&format!("{url}/api/ps")).await;
-            (json(&ps)["models"] == json!([])).then_some(())
-        },
-    )
-    .await;
+    unloaded(&url, "the model to unload after its keep-alive").await;
 }
 
 #[tokio::test]
@@ -683,15 +684,7 @@ async fn a_request_without_keep_alive_keeps_the_pin() {
         json!({"model": "smollm2:135m", "prompt": "hi", "stream": false, "keep_alive": "200ms", "options": {"num_predict": 1}}),
     )
     .await;
-    wait_for(
-        "unloaded after its new keep-alive",
-        Duration::from_secs(5),
-        || async {
-            let (_, ps) = get(&format!("{url}/api/ps")).await;
-            (json(&ps)["models"] == json!([])).then_some(())
-        },
-    )
-    .await;
+    unloaded(&url, "unloaded after its new keep-alive").await;
 }
 
 /// Names compare case-insensitively, as in Ollama.
