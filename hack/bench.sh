@@ -7,6 +7,7 @@
 #   - the agent's peak RSS and idle CPU with N instances.
 # Usage: hack/bench.sh [--n 58,116] [--kills 20] [--concurrency 16] [--idle 30]
 #        hack/bench.sh --lifecycle N   (see hack/bench-lifecycle.sh)
+#        hack/bench.sh --partition ROUNDS   (see hack/bench-partition.sh)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -20,4 +21,12 @@ export OLLAMA_FLEET_BINARY=$ROOT/target/release/ollama-fleet
 export OLLAMA_FLEET_SIM_IMAGE_TAR=$ROOT/target/images-bench/ollama-sim.oci.tar
 hack/sim-image.sh --binary "$ROOT/target/release/ollama-sim" --out "$ROOT/target/images-bench" >/dev/null
 echo "bench: $(nproc) cpus, $(free -g | awk '/Mem:/ {print $2}') GiB, containerd $(containerd --version | awk '{print $3}'), runc $(runc --version | awk 'NR==1 {print $3}')" >&2
+if [[ ${1:-} == --partition ]]; then
+  # hack/bench-partition.sh: the silent-partition e2e test, ROUNDS times, printing its figures.
+  for round in $(seq "${2:-3}"); do
+    echo -n "round $round: "
+    cargo test --locked --release -p fleet-e2e --test partition -- --nocapture 2>&1 | grep -E '^partition:|panicked|FAILED' || true
+  done
+  exit 0
+fi
 "$ROOT/target/release/fleet-bench" "$@"
