@@ -542,3 +542,32 @@ async fn describe_and_logs() {
     );
     assert!(all.contains("[GIN]"), "{all}");
 }
+
+/// An instance is stopped with its own terminationGracePeriod even when its fleet is gone
+/// (issue 13: a deleted fleet's instances got the default 30 s). The sim ignores SIGTERM here,
+/// so only the SIGKILL after the grace (2 s) ends it.
+#[tokio::test]
+async fn a_deleted_fleets_instances_keep_their_own_grace() {
+    let world = World::new("grace");
+    let base = free_port_range(2);
+    let manifest = world.sim_fleet("g", 2, base, "").replace(
+        "SIM_LOAD_TIME: 50ms}",
+        "SIM_LOAD_TIME: 50ms, SIM_IGNORE_SIGTERM: \"1\"}",
+    );
+    world.cli_ok(&["apply", "-f", "-"], Some(&manifest));
+    let _agent = world.agent("node-1", &[]);
+    world
+        .wait_status("g", "2 ready", 60, |s| s["readyReplicas"] == 2)
+        .await;
+    let started = std::time::Instant::now();
+    world.cli_ok(&["delete", "fleet", "g"], None);
+    wait_for("every instance gone", Duration::from_secs(20), || async {
+        let left = world.ns.ctr_ok(&["containers", "ls", "-q"]);
+        left.lines().all(|l| !l.starts_with("g-")).then_some(())
+    })
+    .await;
+    eprintln!(
+        "deleted fleet with a 2s grace: instances gone after {:?}",
+        started.elapsed()
+    );
+}

@@ -857,3 +857,42 @@ async fn thread_counts_change_without_reloads() {
         "one pull:\n{journal}"
     );
 }
+
+/// A new network.hostIP rolls out within the budget (issue 13: it was not in the spec hash, so
+/// probes and endpoints moved to the new address while every instance still listened on the old
+/// one, and all of them went unready at once). Old instances are probed where they listen.
+#[tokio::test]
+async fn a_new_host_ip_rolls_out_within_the_budget() {
+    let world = World::new("lc-hostip");
+    let base = free_port_range(4);
+    let rollout = "  rollout: {maxUnavailable: 1}\n";
+    apply(&world, &fleet(&world, "h", 4, base, "", rollout));
+    let agent = world.agent("node-1", &[]);
+    let before = wait_ready(&agent, "h", 4, 120).await;
+    let old = id_set(&before);
+    let sampler = Sampler::start(&world, &agent, "h");
+    apply(
+        &world,
+        &fleet(&world, "h", 4, base, "", rollout).replace("hostIP: 127.0.0.1", "hostIP: 0.0.0.0"),
+    );
+    let after = wait_for(
+        "4 new instances ready",
+        Duration::from_secs(120),
+        || async {
+            let l = listed(&agent, "h").await;
+            (ready_slots(&l) == 4 && l.len() == 4 && id_set(&l).is_disjoint(&old)).then_some(l)
+        },
+    )
+    .await;
+    let (ready, running, samples) = sampler.finish().await;
+    eprintln!("hostIP rollout: fewest ready {ready}, fewest running {running}, {samples} samples");
+    assert!(ready >= 3, "more than 1 unavailable: {ready} ready");
+    for i in &after {
+        assert!(
+            i["address"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("0.0.0.0:")),
+            "{i}"
+        );
+    }
+}

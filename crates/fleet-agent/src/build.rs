@@ -22,6 +22,12 @@ pub const LABEL_MODEL: &str = "ollama-fleet.io/model";
 /// Label: the thread count the instance runs its model with (it loads the model derived for
 /// it, see [`crate::models::derived_name`]); absent when nothing limits it.
 pub const LABEL_THREADS: &str = "ollama-fleet.io/threads";
+/// Label: the address the instance listens on (`network.hostIP` when it was made), so that
+/// probes and endpoints follow it, not a later spec's, while a new address rolls out.
+pub const LABEL_HOST_IP: &str = "ollama-fleet.io/host-ip";
+/// Label: the instance's `terminationGracePeriod` in milliseconds, so that it is stopped with
+/// its own grace even when its fleet is deleted or its document is broken.
+pub const LABEL_GRACE: &str = "ollama-fleet.io/grace-ms";
 /// Label: how the slot's previous instance ended, `code:reason:RFC3339`.
 pub const LABEL_LAST_EXIT: &str = "ollama-fleet.io/last-exit";
 
@@ -69,6 +75,10 @@ pub struct InstanceLabels {
     /// The thread count it runs the model with (absent: not limited, or made before the
     /// label existed; it then loads the model by its own name).
     pub threads: Option<u32>,
+    /// Its `terminationGracePeriod` when it was made.
+    pub grace: Option<std::time::Duration>,
+    /// The address it listens on (absent on containers made before the label existed).
+    pub host_ip: Option<std::net::IpAddr>,
 }
 
 /// Parses an instance's labels; `None` when they are not ours or are broken.
@@ -92,6 +102,10 @@ pub fn parse_labels(labels: &BTreeMap<String, String>) -> Option<InstanceLabels>
             .unwrap_or(SystemTime::UNIX_EPOCH),
         model: get(LABEL_MODEL).map(str::to_string),
         threads: get(LABEL_THREADS).and_then(|t| t.parse().ok()),
+        host_ip: get(LABEL_HOST_IP).and_then(|ip| ip.parse().ok()),
+        grace: get(LABEL_GRACE)
+            .and_then(|g| g.parse().ok())
+            .map(std::time::Duration::from_millis),
         carry: Carry {
             restarts: get(LABEL_RESTARTS)
                 .and_then(|v| v.parse().ok())
@@ -231,6 +245,11 @@ pub fn container_spec(
         (LABEL_CRASHLOOP.to_string(), carry.crashloop.to_string()),
         (LABEL_MODEL.to_string(), spec.model.clone()),
     ]);
+    labels.insert(LABEL_HOST_IP.to_string(), spec.network.host_ip.to_string());
+    labels.insert(
+        LABEL_GRACE.to_string(),
+        spec.termination_grace_period.std().as_millis().to_string(),
+    );
     if let Some(t) = crate::models::threads(spec, &node.topology) {
         labels.insert(LABEL_THREADS.to_string(), t.to_string());
     }

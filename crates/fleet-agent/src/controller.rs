@@ -34,6 +34,9 @@ use crate::topology::Topology;
 /// before it publishes status.
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(15);
 
+/// The grace of an instance nothing says anything about (made before the grace label).
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
 /// How long a pass waits for the status write that announces instances leaving before it stops
 /// them (only while the store answers).
 pub const STOP_WAIT: Duration = Duration::from_secs(2);
@@ -47,7 +50,12 @@ pub const MEMORY_PERIOD: Duration = Duration::from_secs(5);
 
 /// `http://host:port` of an instance of `spec` (loopback when it binds every address).
 pub fn base_url(spec: &fleet_api::FleetSpec, port: u16) -> String {
-    match spec.network.host_ip {
+    base_url_at(spec.network.host_ip, port)
+}
+
+/// `http://ip:port` (loopback when `ip` is a wildcard).
+pub fn base_url_at(ip: std::net::IpAddr, port: u16) -> String {
+    match ip {
         std::net::IpAddr::V4(ip) if ip.is_unspecified() => format!("http://127.0.0.1:{port}"),
         std::net::IpAddr::V6(ip) if ip.is_unspecified() => format!("http://[::1]:{port}"),
         std::net::IpAddr::V6(ip) => format!("http://[{ip}]:{port}"),
@@ -266,12 +274,11 @@ fn conditions(
                 && s.updated_replicas == desired
                 && s.replicas == desired;
             let progressing = match image_error {
-                Some(e) if desired > 0 => c(
-                    "Progressing",
-                    false,
-                    e.split(':').next().unwrap_or("ErrImage"),
-                    e.clone(),
-                ),
+                // A pull under way is progress; a failed or impossible one is not.
+                Some(e) if desired > 0 => {
+                    let reason = e.split(':').next().unwrap_or("ErrImage");
+                    c("Progressing", reason == "Pulling", reason, e.clone())
+                }
                 _ if converged => c("Progressing", false, "Converged", ""),
                 _ if stalled.is_some() => c(
                     "Progressing",
@@ -354,6 +361,10 @@ pub struct Agent<R: Runtime, S: Store> {
     salt: u64,
     /// containerd's version, and when it was asked.
     containerd_version: Option<(Instant, String)>,
+    /// Each instance's own grace (from its label), for instances whose fleet cannot say.
+    graces: HashMap<String, Duration>,
+    /// Each instance's address (from its label): probes and endpoints follow it.
+    host_ips: HashMap<String, std::net::IpAddr>,
     /// What admission asks of the host (symlinks, addresses, cpus, memory).
     host: Arc<dyn Host + Send + Sync>,
 }
@@ -423,6 +434,8 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             parsed: HashMap::new(),
             salt: 0,
             containerd_version: None,
+            graces: HashMap::new(),
+            host_ips: HashMap::new(),
             host: Arc::new(policy::RealHost),
         }
     }
@@ -752,6 +765,14 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             .filter_map(|o| Some((o, build::parse_labels(&o.labels)?)))
             .collect();
         self.admit_across(&mut evals, &created, &labelled);
+        self.graces = labelled
+            .iter()
+            .filter_map(|(o, l)| Some((o.id.clone(), l.grace?)))
+            .collect();
+        self.host_ips = labelled
+            .iter()
+            .filter_map(|(o, l)| Some((o.id.clone(), l.host_ip?)))
+            .collect();
         let gates = self.model_gates(&labelled);
         self.sample_memory(&labelled).await;
         let (instances, messages, warm_targets, unsettled) =
@@ -821,7 +842,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             .filter(|i| i.is_running())
             .filter_map(|i| {
                 let spec = &self.last_valid.get(&i.fleet)?.spec;
-                let base = base_url(spec, i.port);
+                let base = self.base_of(spec, &i.id, i.port);
                 Some(prober::Target {
                     id: i.id.clone(),
                     url: format!("{base}{}", spec.probes.readiness.path),
@@ -959,7 +980,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                             );
                             warm_targets.push(WarmTarget {
                                 id: o.id.clone(),
-                                base: base_url(spec, l.port),
+                                base: self.base_of(spec, &o.id, l.port),
                                 model: loads,
                             });
                         }
@@ -1130,7 +1151,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 // Each instance has its own models directory: its own need.
                 for (o, l) in &mine {
                     let via: Vec<String> = if answering(o) {
-                        vec![base_url(spec, l.port)]
+                        vec![self.base_of(spec, &o.id, l.port)]
                     } else {
                         Vec::new()
                     };
@@ -1166,7 +1187,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 if answering(o) {
                     let key = (cache.clone(), fleet_api::ModelRef::key(&model_of(l)));
                     if let Some(entry) = shared.get_mut(&key) {
-                        entry.via.push((l.slot, base_url(spec, l.port)));
+                        entry.via.push((l.slot, self.base_of(spec, &o.id, l.port)));
                     }
                 }
             }
@@ -1246,6 +1267,14 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         }
     }
 
+    /// An instance's `http://ip:port`: the address it was made with, else the spec's.
+    fn base_of(&self, spec: &fleet_api::FleetSpec, id: &str, port: u16) -> String {
+        match self.host_ips.get(id) {
+            Some(ip) => base_url_at(*ip, port),
+            None => base_url(spec, port),
+        }
+    }
+
     /// This node's record (containerd's version asked for at most once a minute).
     async fn node_info(&mut self) -> NodeInfo {
         let stale = self
@@ -1284,12 +1313,14 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         node: &NodeCtx,
         now: SystemTime,
     ) -> Option<Op> {
-        let grace = |fleet: &str| {
-            self.last_valid
-                .get(fleet)
-                .map_or(Duration::from_secs(30), |f| {
-                    f.spec.termination_grace_period.std()
-                })
+        // The fleet's grace when it is there to say; else (deleted, broken) the instance's own.
+        let graces = &self.graces;
+        let grace = |fleet: &str, id: &str| match evals.get(fleet) {
+            Some((
+                _,
+                Eval::Run { fleet, .. } | Eval::Paused(fleet) | Eval::Refused { fleet, .. },
+            )) => fleet.spec.termination_grace_period.std(),
+            _ => graces.get(id).copied().unwrap_or(DEFAULT_GRACE),
         };
         let mut new_spec = |fleet: &str, slot: u32, port: u16, carry: &build::Carry| {
             let (
@@ -1326,8 +1357,12 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 carry,
             } => new_spec(fleet, *slot, *port, carry).map(Op::Create),
             Action::Surge {
-                fleet, slot, port, ..
-            } => new_spec(fleet, *slot, *port, &build::Carry::default()).map(Op::Create),
+                fleet,
+                slot,
+                port,
+                carry,
+                ..
+            } => new_spec(fleet, *slot, *port, carry).map(Op::Create),
             Action::Replace {
                 old,
                 fleet,
@@ -1339,13 +1374,13 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 let new = new_spec(fleet, *slot, *port, carry)?;
                 Some(Op::Replace {
                     old: old.clone(),
-                    grace: grace(fleet),
+                    grace: grace(fleet, old),
                     new,
                 })
             }
             Action::Remove { id, fleet, .. } => Some(Op::Remove {
                 id: id.clone(),
-                grace: grace(fleet),
+                grace: grace(fleet, id),
             }),
         }
     }
@@ -1470,10 +1505,14 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             .iter()
             .filter_map(|i| {
                 let s = phases.get(i.id.as_str())?;
-                let host = self.last_valid.get(&i.fleet).map_or_else(
-                    || "127.0.0.1".to_string(),
-                    |f| f.spec.network.host_ip.to_string(),
-                );
+                // The address it was made with (a new hostIP rolls out), else the spec's.
+                let host = match self.host_ips.get(&i.id) {
+                    Some(ip) => ip.to_string(),
+                    None => self.last_valid.get(&i.fleet).map_or_else(
+                        || "127.0.0.1".to_string(),
+                        |f| f.spec.network.host_ip.to_string(),
+                    ),
+                };
                 let address = if host.contains(':') {
                     format!("[{host}]:{}", i.port)
                 } else {

@@ -208,6 +208,8 @@ pub enum Action {
         slot: u32,
         /// Its port (after the fleet's range).
         port: u16,
+        /// The slot's history (a rotation or rollout is not a restart: it carries on as is).
+        carry: Carry,
         /// Why the serving instance goes.
         why: Why,
     },
@@ -674,6 +676,7 @@ impl FleetPlan<'_> {
                     fleet: fleet.into(),
                     slot: i.slot,
                     port,
+                    carry: i.carry.clone(),
                     why,
                 });
                 continue;
@@ -684,12 +687,13 @@ impl FleetPlan<'_> {
                 }
                 unavailable_room -= 1;
             }
+            // A rotation or rollout is not a restart: the slot's restarts and last exit stay.
             out.actions.push(Action::Replace {
                 old: i.id.clone(),
                 fleet: fleet.into(),
                 slot: i.slot,
                 port: i.port,
-                carry: Carry::default(),
+                carry: i.carry.clone(),
                 why,
             });
         }
@@ -1168,6 +1172,47 @@ mod tests {
         mixed[2].ready = false;
         let p = plan_of(Some(&run(&s, 4)), &mixed, &[], t(12));
         assert_eq!(kinds(&p), ["replace f-2-h0 Outdated"]);
+    }
+
+    /// A rotation or rollout is not a restart: the new instance carries the slot's restarts and
+    /// last exit unchanged (issue 13: they were reset).
+    #[test]
+    fn rotations_and_rollouts_keep_the_slot_history() {
+        let history = Carry {
+            restarts: 2,
+            crashloop: 0,
+            last_exit: Some(fleet_api::LastExit {
+                code: 137,
+                reason: "OOMKilled".into(),
+                at: "2026-11-28T09:59:58Z".into(),
+            }),
+        };
+        let carried = |p: &Plan| -> Vec<Carry> {
+            p.actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Replace { carry, .. } | Action::Surge { carry, .. } => {
+                        Some(carry.clone())
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        for (extra, hash, at) in [
+            ("  rotation: {maxAge: 100s}\n", "h1", t(200)),
+            ("  rollout: {maxUnavailable: 1}\n", "h0", t(10)),
+            ("  rollout: {maxUnavailable: 0, maxSurge: 1}\n", "h0", t(10)),
+        ] {
+            let s = spec(extra);
+            let mut i = inst(0, hash, TaskState::Running, true);
+            i.carry = history.clone();
+            let p = plan_of(Some(&run(&s, 1)), &[i], &[], at);
+            assert_eq!(
+                carried(&p),
+                std::slice::from_ref(&history),
+                "{extra}: {p:?}"
+            );
+        }
     }
 
     #[test]

@@ -747,6 +747,12 @@ async fn images_are_pulled_once_per_node_before_any_instance() {
             s.instances[0]
         );
         assert_eq!(s.replicas, 0, "placeholders are not instances");
+        let progressing = s.condition("Progressing").expect("Progressing");
+        assert_eq!(
+            (progressing.status.as_str(), progressing.reason.as_str()),
+            ("True", "Pulling"),
+            "a pull under way is progress (issue 13)"
+        );
         assert!(
             a.runtime.list().await.expect("list").is_empty(),
             "nothing is created before the image is there"

@@ -196,6 +196,14 @@ struct ContainerShape<'a> {
     /// Absent when unset, so fleets without it keep the hash they had before it existed.
     #[serde(skip_serializing_if = "unset")]
     security_context: &'a crate::SecurityContext,
+    /// Where instances listen: a change must roll out (probes and endpoints follow the spec).
+    /// Absent at its default, for the same reason.
+    #[serde(skip_serializing_if = "default_network")]
+    network: &'a crate::Network,
+}
+
+fn default_network(n: &&crate::Network) -> bool {
+    **n == crate::Network::default()
 }
 
 fn unset(s: &&crate::SecurityContext) -> bool {
@@ -204,22 +212,44 @@ fn unset(s: &&crate::SecurityContext) -> bool {
 
 /// The hash (16 hex digits) of everything in `spec` that affects containers, plus an image
 /// digest (the agent passes the resolved digest under `imagePullPolicy: Always`, else empty).
-/// Labels, probes, rotation, rollout, `terminationGracePeriod` (read when an instance stops)
-/// and `paused` are not part of it: changing them restarts nothing.
+/// Replicas, the node selector, probes, rotation, rollout, backoff, `terminationGracePeriod`
+/// (read when an instance stops) and `paused` are not part of it: changing them restarts
+/// nothing. Every field is named below, so a new one cannot be added without deciding.
 pub fn spec_hash(spec: &FleetSpec, image_digest: &str) -> String {
+    let FleetSpec {
+        model,
+        image,
+        image_pull_policy: _,
+        command,
+        env,
+        replicas: _,
+        node_selector: _,
+        resources,
+        network,
+        models,
+        probes: _,
+        rotation: _,
+        rollout: _,
+        restart_backoff: _,
+        termination_grace_period: _,
+        runtime,
+        security_context,
+        paused: _,
+    } = spec;
     let image = spec
         .image_ref()
-        .map_or_else(|_| spec.image.clone(), |r| r.to_string());
+        .map_or_else(|_| image.clone(), |r| r.to_string());
     let shape = ContainerShape {
         image: &image,
         image_digest,
-        command: &spec.command,
-        env: &spec.env,
-        resources: &spec.resources,
-        runtime: &spec.runtime,
-        model: &spec.model,
-        models: &spec.models,
-        security_context: &spec.security_context,
+        command,
+        env,
+        resources,
+        runtime,
+        model,
+        models,
+        security_context,
+        network,
     };
     let bytes = serde_json::to_vec(&shape).unwrap_or_default();
     let mut hex = sha256_hex(&bytes);
@@ -274,6 +304,9 @@ mod tests {
             "  resources: {memory: 1Gi}\n",
             "  runtime: {binaryName: crun}\n",
             "  models: {warm: false}\n",
+            "  network: {hostIP: 0.0.0.0}\n",
+            "  network: {basePort: 20000}\n",
+            "  securityContext: {runAsUser: 1000}\n",
         ] {
             assert_ne!(
                 spec_hash(&spec(differs), ""),
@@ -286,6 +319,14 @@ mod tests {
             base,
             "a new digest rolls out"
         );
+    }
+
+    /// Fields added to the hash later are left out while they are at their defaults, so an
+    /// agent upgrade does not roll out every instance of fleets that do not use them.
+    #[test]
+    fn the_hash_of_a_default_spec_does_not_move() {
+        // The hash before network (issue 13) and securityContext joined it.
+        assert_eq!(spec_hash(&spec(""), ""), "3c6ffb49cd848831");
     }
 
     #[test]
