@@ -46,6 +46,20 @@ spec:
     )
 }
 
+/// POSTs `body` to a sim at `url` (it must answer 200); the thread count the request ran with
+/// (the sim's `X-Sim-Num-Thread`).
+async fn threads_of(url: &str, body: &Value) -> Option<String> {
+    let (status, headers, _) =
+        request_with_headers("POST", url, Some(body), Duration::from_secs(30))
+            .await
+            .expect("request");
+    assert_eq!(status, 200, "{url}");
+    headers
+        .into_iter()
+        .find(|(k, _)| k == "x-sim-num-thread")
+        .map(|(_, v)| v)
+}
+
 fn apply(world: &World, manifest: &str) {
     world.cli_ok(&["apply", "-f", "-"], Some(manifest));
 }
@@ -236,20 +250,8 @@ async fn the_model_is_pulled_once_and_loaded_before_ready() {
                 json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
             ),
         ] {
-            let (status, headers, _) = request_with_headers(
-                "POST",
-                &format!("http://{addr}{path}"),
-                Some(&body),
-                Duration::from_secs(30),
-            )
-            .await
-            .expect("request");
-            assert_eq!(status, 200);
-            let threads = headers
-                .iter()
-                .find(|(k, _)| k == "x-sim-num-thread")
-                .map(|(_, v)| v.as_str());
-            assert_eq!(threads, Some("1"), "{addr}{path}");
+            let threads = threads_of(&format!("http://{addr}{path}"), &body).await;
+            assert_eq!(threads.as_deref(), Some("1"), "{addr}{path}");
         }
     }
     let s = world.statuses("m");
@@ -402,20 +404,12 @@ async fn rolling_updates_and_a_stalled_one() {
         "more than 1 unavailable while the model was re-derived: {ready} ready, {running} running"
     );
     let port = done["instances"][0]["port"].as_u64().expect("port");
-    let (_, headers, _) = request_with_headers(
-        "POST",
+    let threads = threads_of(
         &format!("http://127.0.0.1:{port}/api/generate"),
-        Some(&json!({"model": MODEL, "prompt": "hi", "stream": false})),
-        Duration::from_secs(30),
+        &json!({"model": MODEL, "prompt": "hi", "stream": false}),
     )
-    .await
-    .expect("generate");
-    assert!(
-        headers
-            .iter()
-            .any(|(k, v)| k == "x-sim-num-thread" && v == "2"),
-        "{headers:?}"
-    );
+    .await;
+    assert_eq!(threads.as_deref(), Some("2"));
 
     // A rollout to a command that exits at once: at most maxUnavailable old instances are lost,
     // and the condition says why it stopped.
@@ -808,20 +802,12 @@ async fn thread_counts_change_without_reloads() {
     }
     for i in &done {
         let address = i["address"].as_str().expect("address");
-        let (_, headers, _) = request_with_headers(
-            "POST",
+        let threads = threads_of(
             &format!("http://{address}/api/generate"),
-            Some(&json!({"model": derived_name(MODEL, 2), "prompt": "hi", "stream": false})),
-            Duration::from_secs(30),
+            &json!({"model": derived_name(MODEL, 2), "prompt": "hi", "stream": false}),
         )
-        .await
-        .expect("generate");
-        assert!(
-            headers
-                .iter()
-                .any(|(k, v)| k == "x-sim-num-thread" && v == "2"),
-            "{headers:?}"
-        );
+        .await;
+        assert_eq!(threads.as_deref(), Some("2"), "{address}");
     }
     // Nothing runs with 1 thread any more: its derivation leaves the cache.
     let address = done[0]["address"].as_str().expect("address").to_string();

@@ -13,6 +13,8 @@ use fleet_agent::ollama::{HttpOllama, Ollama};
 use fleet_agent::prober::{Http, probe_once};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod common;
+
 /// An endless body: 64 KiB chunks for as long as anyone reads.
 fn endless(newlines: bool) -> Body {
     let chunk = if newlines {
@@ -31,12 +33,7 @@ async fn hostile_instance() -> String {
         .route("/", get(|| async { endless(false) }))
         .route("/api/show", post(|| async { endless(false) }))
         .route("/api/pull", post(|| async { endless(false) }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
+    common::serve(app).await
 }
 
 #[tokio::test]

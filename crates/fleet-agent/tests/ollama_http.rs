@@ -14,6 +14,8 @@ use fleet_e2e::wait_for;
 use futures::StreamExt;
 use tokio::sync::Notify;
 
+mod common;
+
 async fn minimal_server(pulls: Arc<AtomicUsize>) -> String {
     let app = Router::new()
         .route(
@@ -29,12 +31,7 @@ async fn minimal_server(pulls: Arc<AtomicUsize>) -> String {
             "/api/generate",
             post(|| async { "{\"model\":\"m\",\"done\":true,\"response\":\"\"}" }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
+    common::serve(app).await
 }
 
 #[tokio::test]
@@ -94,11 +91,7 @@ async fn the_silent_digest_check_is_waited_for() {
                 "/stalls/api/pull",
                 post(move || async move { stream(true) }),
             );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let base = common::serve(app).await;
         let ollama = HttpOllama::default()
             .with_pull_idle(Duration::from_millis(300), Duration::from_secs(5));
         let progress = Default::default();
