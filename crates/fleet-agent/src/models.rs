@@ -180,6 +180,9 @@ impl std::fmt::Debug for ModelCache {
 
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
+/// How many instances a preparation tries in turn when the one it asks goes away.
+const VIA_TRIES: usize = 3;
+
 fn mib(b: u64) -> String {
     format!("{:.0} MiB", b as f64 / f64::from(1 << 20))
 }
@@ -257,7 +260,7 @@ impl ModelCache {
             }
             None => (0, None),
         };
-        let Some(base) = via.first().cloned() else {
+        if via.is_empty() {
             return open.map_or_else(
                 || {
                     Gate::Waiting(format!(
@@ -267,7 +270,7 @@ impl ModelCache {
                 },
                 Gate::Open,
             );
-        };
+        }
         let progress: Progress = Arc::default();
         entries.insert(
             key.clone(),
@@ -281,8 +284,9 @@ impl ModelCache {
         let this = self.clone();
         let model = need.model.clone();
         let need = need.clone();
+        let via: Vec<String> = via.iter().take(VIA_TRIES).cloned().collect();
         tokio::spawn(async move {
-            let result = this.prepare(&base, &need, &key, &progress).await;
+            let result = this.prepare_via(&via, &need, &key, &progress).await;
             let state = match result {
                 Ok(()) => State::Ready {
                     since: open.unwrap_or_else(SystemTime::now),
@@ -360,6 +364,28 @@ impl ModelCache {
                 model_present: true,
             }),
         }
+    }
+
+    /// Prepares through the first of `via`, and through the next when the instance asked
+    /// stopped answering meanwhile (a rollout stopping it, say): a failure the model causes is
+    /// the answer; one the instance's going causes is not.
+    async fn prepare_via(
+        &self,
+        via: &[String],
+        need: &Need,
+        key: &(String, String),
+        progress: &Progress,
+    ) -> Result<(), Unprepared> {
+        let mut result = Ok(());
+        for (i, base) in via.iter().enumerate() {
+            result = self.prepare(base, need, key, progress).await;
+            let Err(e) = &result else { break };
+            if i + 1 == via.len() || self.ollama.names(base).await.is_ok() {
+                break;
+            }
+            tracing::info!(model = %need.model, via = %base, error = %e.error, "the instance asked went away; preparing through the next");
+        }
+        result
     }
 
     async fn prepare(
@@ -706,6 +732,41 @@ mod tests {
         );
         assert_eq!(ollama.show_threads("m"), Some(Some(4)));
         assert_eq!(cache.stats().pulls, 1, "one pull for all of it");
+    }
+
+    /// A rollout stops the instance a re-preparation asks (the lowest slot goes first): the
+    /// work goes on through the next instance, not after a backoff, so the model's own name
+    /// carries the new thread count when the new instances are ready.
+    #[tokio::test]
+    async fn an_instance_going_away_hands_the_work_to_the_next() {
+        let ollama = Arc::new(ScriptedOllama::default());
+        ollama.share("/cache");
+        let cache = cache_on(&ollama, Duration::from_secs(600));
+        let via = vec!["http://a".to_string(), "http://b".to_string()];
+        open(&cache, &need("m", true, Some(1)), &via).await;
+        ollama.set_down("http://a", true);
+        let mut both = need("m", true, Some(2));
+        both.threads.insert(1);
+        fleet_e2e::wait_for("prepared through b", Duration::from_secs(5), || {
+            let done = matches!(cache.gate(&both, &via), Gate::Open(_))
+                && ollama.show_threads("m") == Some(Some(2));
+            async move { done.then_some(()) }
+        })
+        .await;
+        assert_eq!(ollama.show_threads("m:latest-fleet-t2"), Some(Some(2)));
+        assert_eq!(cache.stats().failures, 0);
+        assert!(ollama.calls().contains(&"derive http://b m".to_string()));
+
+        // A failure the model causes is the answer: not tried again elsewhere.
+        ollama.set_down("http://a", false);
+        ollama.set_failing("pull", true);
+        let other = need("n", true, None);
+        fleet_e2e::wait_for("backing off", Duration::from_secs(5), || {
+            let g = cache.gate(&other, &via);
+            async move { matches!(g, Gate::Waiting(m) if m.contains("BackOff")).then_some(()) }
+        })
+        .await;
+        assert!(!ollama.calls().contains(&"pull http://b n".to_string()));
     }
 
     #[tokio::test]

@@ -397,6 +397,8 @@ struct Scripted {
     /// Base URL → models directory (default: the base URL itself).
     dirs: HashMap<String, String>,
     failing: HashSet<String>,
+    /// Base URLs that no longer answer.
+    down: HashSet<String>,
     calls: Vec<String>,
     pull_time: Duration,
 }
@@ -432,6 +434,16 @@ impl ScriptedOllama {
         }
     }
 
+    /// Makes every call to `base` fail as if the instance were gone, or answer again.
+    pub fn set_down(&self, base: &str, down: bool) {
+        let mut s = self.lock();
+        if down {
+            s.down.insert(base.into());
+        } else {
+            s.down.remove(base);
+        }
+    }
+
     /// What `show` answers for a model in the shared directory (see [`ScriptedOllama::share`]).
     pub fn show_threads(&self, model: &str) -> Option<Option<u32>> {
         let s = self.lock();
@@ -447,6 +459,9 @@ impl ScriptedOllama {
     fn record(&self, kind: &str, base: &str, model: &str) -> Result<(String, String), String> {
         let mut s = self.lock();
         s.calls.push(format!("{kind} {base} {model}"));
+        if s.down.contains(base) {
+            return Err(format!("{base}: connection refused (scripted)"));
+        }
         if s.failing.contains(kind) {
             return Err(format!("{kind} failed (scripted)"));
         }
