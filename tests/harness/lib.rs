@@ -10,7 +10,9 @@ pub mod netfault;
 pub mod registry;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 pub use containerd::Namespace;
 pub use etcd::{Certs, PrivateEtcd};

@@ -8,7 +8,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use fleet_runtime::clock::{self, Instant};
 
 use fleet_api::{
     Capacity, Context, FleetStatus, InstanceStatus, NodeInfo, OllamaFleet, Phase, Versions,
@@ -404,7 +406,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             memory: HashMap::new(),
             rotations: BTreeMap::new(),
             started: Instant::now(),
-            started_at: SystemTime::now(),
+            started_at: clock::now(),
             settled: false,
             exec: Executor::new(runtime.clone(), cfg.concurrency, wake.clone()),
             images: crate::images::Images::new(runtime.clone(), wake.clone(), cfg.image_refresh)
@@ -489,7 +491,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             }
             let mut sleep = self.cfg.resync;
             if let Some(at) = next_wake {
-                sleep = sleep.min(planner::until(SystemTime::now(), at) + Duration::from_millis(5));
+                sleep = sleep.min(planner::until(clock::now(), at) + Duration::from_millis(5));
             }
             if !self
                 .view
@@ -707,7 +709,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
     }
 
     async fn reconcile(&mut self) -> Result<Option<SystemTime>, String> {
-        let now = SystemTime::now();
+        let now = clock::now();
         // Slots with work in flight are taken before observing: an action that finishes while
         // we list may have left a half-made container in the listing (created, not yet
         // started), which must not be mistaken for one that failed to start.
@@ -922,7 +924,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             .values()
             .any(|f| f.spec.rotation.max_memory.is_some())
         {
-            wake_at(SystemTime::now() + MEMORY_PERIOD);
+            wake_at(clock::now() + MEMORY_PERIOD);
         }
         Ok(wake)
     }
@@ -1105,7 +1107,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             let Some(f) = self.last_valid.get(&l.fleet) else {
                 continue;
             };
-            let young = SystemTime::now()
+            let young = clock::now()
                 .duration_since(l.created_at)
                 .is_ok_and(|age| age < STARTUP_QUIET);
             if o.state == fleet_runtime::TaskState::Running

@@ -4,7 +4,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use fleet_runtime::clock::Instant;
 
 use fleet_runtime::{ContainerSpec, Runtime};
 

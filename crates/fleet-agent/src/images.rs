@@ -9,7 +9,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use fleet_runtime::clock::Instant;
 
 use fleet_api::PullPolicy;
 use fleet_runtime::{ImageInfo, PullProgress, Runtime};

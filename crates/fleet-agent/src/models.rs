@@ -17,7 +17,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use fleet_runtime::clock::{self, Instant};
 
 use fleet_api::{CpuPinning, FleetSpec, ModelRef};
 use tokio::sync::Notify;
@@ -289,7 +291,7 @@ impl ModelCache {
             let result = this.prepare_via(&via, &need, &key, &progress).await;
             let state = match result {
                 Ok(()) => State::Ready {
-                    since: open.unwrap_or_else(SystemTime::now),
+                    since: open.unwrap_or_else(clock::now),
                     need: need.clone(),
                 },
                 Err(Unprepared {
@@ -297,7 +299,7 @@ impl ModelCache {
                     model_present,
                 }) => {
                     tracing::warn!(model = %need.model, cache = %need.cache, error = %error, model_present, "model not prepared; backing off");
-                    let open = open.or(model_present.then(SystemTime::now));
+                    let open = open.or(model_present.then(clock::now));
                     lock(&this.stats).failures += 1;
                     let delay = this
                         .backoff
@@ -619,7 +621,7 @@ mod tests {
         .await
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn one_pull_then_threads_then_open() {
         let ollama = Arc::new(ScriptedOllama::default());
         ollama.share("/cache");
@@ -651,7 +653,7 @@ mod tests {
         assert_eq!(cache.stats().pulls, 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_new_thread_count_keeps_the_gate_open() {
         let ollama = Arc::new(ScriptedOllama::default());
         ollama.share("/cache");
@@ -701,7 +703,7 @@ mod tests {
 
     /// Instances with two thread counts share one cache: one derived model each, no rewrite of
     /// what the other loaded; a derivation no instance needs any more is removed.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn each_thread_count_gets_its_own_model_and_unused_ones_go() {
         let ollama = Arc::new(ScriptedOllama::default());
         ollama.share("/cache");
@@ -737,7 +739,7 @@ mod tests {
     /// A rollout stops the instance a re-preparation asks (the lowest slot goes first): the
     /// work goes on through the next instance, not after a backoff, so the model's own name
     /// carries the new thread count when the new instances are ready.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_instance_going_away_hands_the_work_to_the_next() {
         let ollama = Arc::new(ScriptedOllama::default());
         ollama.share("/cache");
@@ -769,7 +771,7 @@ mod tests {
         assert!(!ollama.calls().contains(&"pull http://b n".to_string()));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn failures_back_off_and_recover() {
         let ollama = Arc::new(ScriptedOllama::default());
         let cache = cache_on(&ollama, Duration::from_millis(200));
@@ -798,7 +800,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn without_pull_an_absent_model_is_reported() {
         let ollama = Arc::new(ScriptedOllama::default());
         let cache = cache_on(&ollama, Duration::from_secs(10));

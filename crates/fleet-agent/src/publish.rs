@@ -10,7 +10,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
+
+use fleet_runtime::clock::{self, Instant};
 
 use fleet_api::{FleetStatus, NodeInfo};
 use fleet_store::Store;
@@ -207,7 +209,7 @@ async fn publish_once<S: Store>(
         });
         if due {
             let mut record = node.clone();
-            record.heartbeat = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+            record.heartbeat = humantime::format_rfc3339_seconds(clock::now()).to_string();
             let json = serde_json::to_string(&record).unwrap_or_default();
             store
                 .put_node(&cfg.node, &json)

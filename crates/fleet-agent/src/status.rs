@@ -3,7 +3,9 @@
 //! almost nothing.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
+
+use fleet_runtime::clock::{self, Instant};
 
 use fleet_api::{Condition, FleetStatus, InstanceStatus, Phase};
 use fleet_store::Store;
@@ -183,7 +185,7 @@ impl StatusWriter {
     ) -> fleet_store::Result<()> {
         let session = store.session_generation();
         let fresh_session = session != self.session;
-        let now = SystemTime::now();
+        let now = clock::now();
         let stamp = humantime::format_rfc3339_seconds(now).to_string();
         let mut seen = Vec::new();
         for mut status in statuses {
@@ -270,6 +272,7 @@ mod tests {
     use crate::build::Carry;
     use fleet_runtime::TaskState;
     use fleet_store::memory::MemoryStore;
+    use std::time::SystemTime;
 
     fn inst(state: TaskState, ready: bool, was_ready: bool) -> Instance {
         Instance {
@@ -329,7 +332,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn writes_only_changes() {
         let (store, mut w) = session_and_writer().await;
         let i = instance_status(&inst(TaskState::Running, true, true), Phase::Ready, None);
@@ -385,7 +388,7 @@ mod tests {
         (store, w)
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_status_etcd_refuses_does_not_hold_back_the_others() {
         let (store, mut w) = session_and_writer().await;
         let i = instance_status(&inst(TaskState::Running, true, true), Phase::Ready, None);
@@ -414,7 +417,7 @@ mod tests {
         assert!(long.message.len() <= MAX_MESSAGE_BYTES);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn churn_is_written_at_most_once_per_interval() {
         let store = MemoryStore::default();
         store

@@ -142,7 +142,7 @@ async fn running(rt: &FakeRuntime) -> Vec<String> {
     ids
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn converges_reports_and_stays_idle() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
@@ -197,12 +197,12 @@ async fn converges_reports_and_stays_idle() {
         // Idle: several passes later, nothing more was written.
         let writes = a.store.revision();
         let calls = a.runtime.calls().len();
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        assert_eq!(
-            a.store.revision(),
-            writes,
-            "an idle fleet writes nothing to the store"
-        );
+        fleet_e2e::holds_for(
+            "an idle fleet writing nothing to the store",
+            Duration::from_secs(1),
+            || async { a.store.revision() == writes },
+        )
+        .await;
         let new_calls: Vec<String> = a.runtime.calls()[calls..]
             .iter()
             .filter(|c| !c.starts_with("list") && !c.starts_with("image"))
@@ -220,7 +220,7 @@ async fn converges_reports_and_stays_idle() {
 
 /// An outage of an idle fleet's store (nothing to write) still shows in readiness, and stops
 /// nothing.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_store_outage_shows_while_idle_and_stops_nothing() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (a, _) = converged("  replicas: {perNode: 2}\n", 2).await;
@@ -249,7 +249,7 @@ async fn a_store_outage_shows_while_idle_and_stops_nothing() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn crashes_and_ooms_are_replaced_with_history() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (a, s) = converged("  replicas: {perNode: 2}\n", 2).await;
@@ -281,7 +281,7 @@ async fn crashes_and_ooms_are_replaced_with_history() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn crash_loops_back_off() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
@@ -303,7 +303,7 @@ async fn crash_loops_back_off() {
                 .is_some_and(|i| i.restarts == 1 && i.ready)
         })
         .await;
-        let second_crash = std::time::Instant::now();
+        let second_crash = fleet_runtime::clock::Instant::now();
         let crashed = s.instances[0].id.clone();
         a.runtime.exit(&crashed, 1);
         let s = wait_status(&a.store, "f", "BackOff after the second crash", |s| {
@@ -344,7 +344,7 @@ async fn crash_loops_back_off() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_restarted_agent_adopts_without_restarting() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
@@ -378,12 +378,12 @@ async fn a_restarted_agent_adopts_without_restarting() {
         )
         .await;
         assert_eq!(first.ready_replicas, 3, "{first:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(
-            running(&rt).await,
-            before,
-            "the same containers keep running"
-        );
+        fleet_e2e::holds_for(
+            "the same containers running",
+            Duration::from_millis(500),
+            || async { running(&rt).await == before },
+        )
+        .await;
         let changes: Vec<String> = rt.calls()[calls..]
             .iter()
             .filter(|c| {
@@ -401,7 +401,7 @@ async fn a_restarted_agent_adopts_without_restarting() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn scale_delete_and_unlabelled_containers() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
@@ -480,7 +480,7 @@ async fn scale_delete_and_unlabelled_containers() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn invalid_documents_and_pauses_leave_instances_alone() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
@@ -543,8 +543,10 @@ async fn invalid_documents_and_pauses_leave_instances_alone() {
         })
         .await;
         assert_eq!(s.replicas, 2);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(running(&rt).await, before, "paused: no changes");
+        fleet_e2e::holds_for("paused: no changes", Duration::from_millis(500), || async {
+            running(&rt).await == before
+        })
+        .await;
 
         put(
             &a.store,
@@ -563,7 +565,7 @@ async fn invalid_documents_and_pauses_leave_instances_alone() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn missing_image_and_node_selector() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let rt = FakeRuntime::new();
@@ -627,7 +629,7 @@ async fn missing_image_and_node_selector() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn unready_instances_are_reported() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (a, s) = converged("  replicas: {perNode: 2}\n", 2).await;
@@ -656,7 +658,7 @@ async fn unready_instances_are_reported() {
 /// Regression: a pass that lists while a create is half done (created, not yet started) and
 /// reads the busy slots after the action finished must not take the new container for one that
 /// failed to start (it would replace, i.e. kill, a healthy new instance).
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn half_done_actions_are_not_mistaken_for_failed_starts() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
@@ -704,7 +706,7 @@ fn pulled_manifest(name: &str, policy: &str, extra: &str) -> String {
     )
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn images_are_pulled_once_per_node_before_any_instance() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let rt = FakeRuntime::new();
@@ -776,7 +778,7 @@ async fn images_are_pulled_once_per_node_before_any_instance() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn failed_pulls_back_off_and_recover() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let rt = FakeRuntime::new();
@@ -818,7 +820,7 @@ async fn failed_pulls_back_off_and_recover() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn always_rolls_out_a_new_digest_of_the_same_tag() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let rt = FakeRuntime::new();
@@ -861,7 +863,7 @@ async fn always_rolls_out_a_new_digest_of_the_same_tag() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_model_is_pulled_once_per_node_and_loaded_before_ready() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let a = started(
@@ -903,7 +905,7 @@ async fn the_model_is_pulled_once_per_node_and_loaded_before_ready() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn liveness_failures_and_leaks_replace_instances() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (a, s) = converged(
@@ -932,7 +934,7 @@ async fn liveness_failures_and_leaks_replace_instances() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_crash_looping_update_stalls_and_says_so() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let extra = "  replicas: {perNode: 4}\n  rollout: {maxUnavailable: 1}\n";
@@ -975,7 +977,7 @@ async fn a_crash_looping_update_stalls_and_says_so() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn instances_leave_the_endpoints_before_they_are_stopped() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let extra = "  replicas: {perNode: 4}\n  rollout: {maxUnavailable: 1}\n";
@@ -1018,7 +1020,7 @@ async fn instances_leave_the_endpoints_before_they_are_stopped() {
     .expect("in time");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn without_a_shared_cache_each_instance_gets_its_own_model() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let a = started("  replicas: {perNode: 3}\n  models: {hostPath: \"\"}\n").await;
@@ -1045,7 +1047,7 @@ async fn without_a_shared_cache_each_instance_gets_its_own_model() {
 
 /// Regression: an agent restarted during a rollout took the adopted instances of the previous
 /// spec, probed but not yet confirmed warm again, for unready ones and replaced them all at once.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_restart_during_a_rollout_keeps_the_budget() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let extra = "  replicas: {perNode: 3}\n  rollout: {maxUnavailable: 1}\n";
@@ -1088,7 +1090,7 @@ async fn a_restart_during_a_rollout_keeps_the_budget() {
 /// a host path or runtime outside the allowlists, ports another fleet holds, or more memory
 /// than the node has, starts nothing (or only what fits) and says why; nothing else is
 /// disturbed, and what already runs keeps running.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn fleets_asking_for_more_than_the_node_allows_start_nothing() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
@@ -1209,7 +1211,7 @@ async fn fleets_asking_for_more_than_the_node_allows_start_nothing() {
 /// behind a network that drops packets), a crashed instance is still replaced and the new one
 /// shows in the agent's own endpoints at once; when the store answers again, its status
 /// catches up.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_stalled_store_does_not_slow_crash_replacement() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let (a, s) = converged("  replicas: {perNode: 2}\n", 2).await;
@@ -1250,7 +1252,7 @@ async fn a_stalled_store_does_not_slow_crash_replacement() {
 /// Issue 12: Ollama walks blobs/ when it starts and exits when a file vanishes under it, which
 /// happens at the end of a pull. No instance on a cache starts while the agent pulls into it:
 /// a crash during the pull is replaced once the pull is over.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn no_instance_starts_while_the_cache_is_written() {
     tokio::time::timeout(Duration::from_secs(40), async {
         let (rt, store) = fresh();

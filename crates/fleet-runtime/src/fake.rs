@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use crate::clock::{self, Instant};
+
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::broadcast;
@@ -28,7 +30,7 @@ struct State {
     images: BTreeMap<String, ImageInfo>,
     containers: BTreeMap<String, FakeContainer>,
     next_pid: u32,
-    calls: Vec<(std::time::Instant, String)>,
+    calls: Vec<(Instant, String)>,
     down: bool,
     start_delay: std::time::Duration,
     list_delay: std::time::Duration,
@@ -106,13 +108,13 @@ impl FakeRuntime {
         if let Some(c) = s.containers.get_mut(id) {
             c.state = TaskState::Stopped;
             c.exit_code = Some(code);
-            c.exited_at = Some(SystemTime::now());
+            c.exited_at = Some(clock::now());
         }
         drop(s);
         let _ = self.events.send(RuntimeEvent::Exit {
             id: id.to_string(),
             code,
-            at: SystemTime::now(),
+            at: clock::now(),
         });
     }
 
@@ -197,7 +199,7 @@ impl FakeRuntime {
     }
 
     /// The calls made so far, with when they were made.
-    pub fn timed_calls(&self) -> Vec<(std::time::Instant, String)> {
+    pub fn timed_calls(&self) -> Vec<(Instant, String)> {
         self.state().calls.clone()
     }
 
@@ -216,7 +218,7 @@ impl FakeRuntime {
         if s.down {
             return Err(RuntimeError::Unavailable("fake runtime is down".into()));
         }
-        s.calls.push((std::time::Instant::now(), what));
+        s.calls.push((Instant::now(), what));
         Ok(s)
     }
 }
@@ -294,12 +296,12 @@ impl Runtime for FakeRuntime {
         }
         c.state = TaskState::Stopped;
         c.exit_code = Some(128 + signal);
-        c.exited_at = Some(SystemTime::now());
+        c.exited_at = Some(clock::now());
         drop(s);
         let _ = self.events.send(RuntimeEvent::Exit {
             id: id.to_string(),
             code: 128 + signal,
-            at: SystemTime::now(),
+            at: clock::now(),
         });
         Ok(())
     }

@@ -7,6 +7,7 @@
 //! namespace can be touched by mistake.
 
 pub mod cgroup;
+pub mod clock;
 pub mod containerd;
 pub mod fake;
 pub mod image;
