@@ -10,7 +10,7 @@ use fleet_runtime::clock::Instant;
 
 use fleet_runtime::{ContainerSpec, Runtime};
 
-use crate::planner::InFlight;
+use crate::planner::{InFlight, SlotKey};
 use tokio::sync::{Notify, Semaphore};
 
 /// A unit of work.
@@ -38,10 +38,10 @@ pub enum Op {
 
 #[derive(Debug, Default)]
 struct State {
-    busy: HashMap<String, InFlight>,
+    busy: HashMap<SlotKey, InFlight>,
     terminating: HashSet<String>,
     /// The error of each slot whose last action failed.
-    errors: HashMap<String, String>,
+    errors: HashMap<SlotKey, String>,
     completed: u64,
     failed: u64,
 }
@@ -82,7 +82,7 @@ impl<R: Runtime> Executor<R> {
     }
 
     /// Slot keys with work in flight, and the port each creates an instance on.
-    pub fn busy(&self) -> HashMap<String, InFlight> {
+    pub fn busy(&self) -> HashMap<SlotKey, InFlight> {
         self.state().busy.clone()
     }
 
@@ -92,7 +92,7 @@ impl<R: Runtime> Executor<R> {
     }
 
     /// The last error of a slot, if its last action failed.
-    pub fn last_error(&self, slot_key: &str) -> Option<String> {
+    pub fn last_error(&self, slot_key: &SlotKey) -> Option<String> {
         self.state().errors.get(slot_key).cloned()
     }
 
@@ -102,19 +102,15 @@ impl<R: Runtime> Executor<R> {
         (s.completed, s.failed)
     }
 
-    /// Starts `op` for `slot_key` unless that slot is busy; returns whether it started.
-    pub fn submit(&self, slot_key: String, op: Op) -> bool {
+    /// Starts `op` for `slot_key` (work that is `flight`, as the planner sees it) unless that
+    /// slot is busy; returns whether it started.
+    pub fn submit(&self, slot_key: SlotKey, flight: InFlight, op: Op) -> bool {
         {
             let mut s = self.state();
             if s.busy.contains_key(&slot_key) {
                 return false;
             }
-            let created = match &op {
-                Op::Create(spec) | Op::Replace { new: spec, .. } => Some(spec),
-                Op::Remove { .. } => None,
-            };
-            let port = created.and_then(|c| c.labels.get(fleet_api::LABEL_PORT)?.parse().ok());
-            s.busy.insert(slot_key.clone(), InFlight { port });
+            s.busy.insert(slot_key.clone(), flight);
             match &op {
                 Op::Replace { old, .. } => {
                     s.terminating.insert(old.clone());

@@ -8,7 +8,7 @@
 //!   it is present the spec hash changes and the fleet rolls out within its budget.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleet_runtime::clock::Instant;
@@ -17,13 +17,16 @@ use fleet_api::PullPolicy;
 use fleet_runtime::{ImageInfo, PullProgress, Runtime};
 use tokio::sync::Notify;
 
+use crate::reason::{Reason, Waiting};
+use crate::{lock, mib};
+
 /// What an image lookup says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resolution {
     /// Use this image.
     Ready(Box<ImageInfo>),
-    /// Not usable yet: the message says why (pulling, backing off, absent with `Never`).
-    Waiting(String),
+    /// Not usable yet: why (pulling, backing off, absent with `Never`).
+    Waiting(Waiting),
 }
 
 #[derive(Debug, Default)]
@@ -75,20 +78,12 @@ impl<R: Runtime> std::fmt::Debug for Images<R> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Backoff between pull attempts: `initial` (10s by default, as Kubernetes' ImagePullBackOff)
 /// doubling up to 5 minutes.
 pub fn pull_backoff(initial: Duration, attempts: u32) -> Duration {
     initial
         .saturating_mul(1 << attempts.saturating_sub(1).min(10))
         .min(Duration::from_secs(300))
-}
-
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / f64::from(1 << 20))
 }
 
 impl<R: Runtime> Images<R> {
@@ -146,30 +141,49 @@ impl<R: Runtime> Images<R> {
     ) -> Resolution {
         let local = match self.local(name, fresh).await {
             Ok(l) => l,
-            Err(e) => return Resolution::Waiting(format!("ErrImageInspect: {e}")),
+            Err(e) => {
+                return Resolution::Waiting(Waiting::new(
+                    Reason::ErrImageInspect,
+                    format!("ErrImageInspect: {e}"),
+                ));
+            }
         };
         let mut entries = lock(&self.entries);
         let entry = entries.entry(name.to_string()).or_default();
-        let waiting = |entry: &Entry| -> Option<String> {
+        let waiting = |entry: &Entry| -> Waiting {
             if let Some(p) = &entry.pulling {
                 let (done, total) = p.get();
-                return Some(format!(
-                    "Pulling: image {name:?}, {} of {}",
-                    mib(done),
-                    mib(total)
-                ));
+                return Waiting::new(
+                    Reason::Pulling,
+                    format!("Pulling: image {name:?}, {} of {}", mib(done), mib(total)),
+                );
             }
-            entry.failure.as_ref().map(|f| {
-                let wait = f.retry_at.saturating_duration_since(Instant::now()).as_secs();
-                format!("ImagePullBackOff: pulling {name:?} failed ({} attempt(s)): {}; retrying in {wait}s", f.attempts, f.error)
-            })
+            match &entry.failure {
+                Some(f) => {
+                    let wait = f
+                        .retry_at
+                        .saturating_duration_since(Instant::now())
+                        .as_secs();
+                    Waiting::new(
+                        Reason::ImagePullBackOff,
+                        format!(
+                            "ImagePullBackOff: pulling {name:?} failed ({} attempt(s)): {}; retrying in {wait}s",
+                            f.attempts, f.error
+                        ),
+                    )
+                }
+                None => Waiting::new(Reason::Pulling, format!("Pulling: resolving {name:?}")),
+            }
         };
         match (policy, local) {
             (PullPolicy::Never, Some(image)) | (PullPolicy::IfNotPresent, Some(image)) => {
                 Resolution::Ready(Box::new(image))
             }
-            (PullPolicy::Never, None) => Resolution::Waiting(format!(
-                "ErrImageNeverPull: image {name:?} is not present and imagePullPolicy is Never; import it into containerd or change the policy"
+            (PullPolicy::Never, None) => Resolution::Waiting(Waiting::new(
+                Reason::ErrImageNeverPull,
+                format!(
+                    "ErrImageNeverPull: image {name:?} is not present and imagePullPolicy is Never; import it into containerd or change the policy"
+                ),
             )),
             (PullPolicy::IfNotPresent, None) => {
                 if entry.pulling.is_none()
@@ -180,7 +194,7 @@ impl<R: Runtime> Images<R> {
                 {
                     self.start_pull(name, entry);
                 }
-                Resolution::Waiting(waiting(entry).unwrap_or_default())
+                Resolution::Waiting(waiting(entry))
             }
             (PullPolicy::Always, local) => {
                 let due = entry
@@ -201,10 +215,7 @@ impl<R: Runtime> Images<R> {
                         if entry.pulling.is_none() && !entry.resolving && may_retry {
                             self.start_pull(name, entry);
                         }
-                        Resolution::Waiting(
-                            waiting(entry)
-                                .unwrap_or_else(|| format!("Pulling: resolving {name:?}")),
-                        )
+                        Resolution::Waiting(waiting(entry))
                     }
                 }
             }

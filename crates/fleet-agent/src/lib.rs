@@ -16,7 +16,9 @@
 
 pub mod backoff;
 pub mod build;
+pub mod config;
 pub mod controller;
+pub mod evaluate;
 pub mod executor;
 pub mod http;
 pub mod images;
@@ -26,6 +28,22 @@ pub mod planner;
 pub mod policy;
 pub mod prober;
 pub mod publish;
+pub mod readiness;
+pub mod reason;
 pub mod status;
 pub mod tasks;
 pub mod topology;
+pub mod view;
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks `m`, taking over from a holder that panicked (what the agent keeps behind a mutex is
+/// plain state, never left half-written: a panic elsewhere must not take the agent down too).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `bytes` in MiB, for progress messages.
+pub(crate) fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}

@@ -16,7 +16,7 @@
 //! An instance is `Ready` only when its readiness probe passes and it is warm.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fleet_runtime::clock::{self, Instant};
@@ -25,12 +25,10 @@ use fleet_api::{CpuPinning, FleetSpec, ModelRef};
 use tokio::sync::Notify;
 
 use crate::ollama::{Ollama, Progress};
+use crate::reason::{Reason, Waiting};
 use crate::tasks::PerTarget;
 use crate::topology::Topology;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::{lock, mib};
 
 /// The thread count an instance of `spec` should run its model with: its CPU allowance (the
 /// CFS quota rounded down, at least 1), or the size of its cpuset when pinned to a socket
@@ -117,13 +115,38 @@ impl Need {
     }
 }
 
+/// Whose model gate: a fleet's for one model (in any spelling), or one instance's (of a fleet
+/// without a shared cache).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum GateKey {
+    /// The instances of `fleet` that serve `model` (a [`fleet_api::ModelRef::key`]).
+    Model {
+        /// Fleet.
+        fleet: String,
+        /// The model's key.
+        model: String,
+    },
+    /// One instance, by container ID.
+    Instance(String),
+}
+
+impl GateKey {
+    /// The gate of `fleet`'s instances that serve `model`.
+    pub fn model(fleet: &str, model: &str) -> GateKey {
+        GateKey::Model {
+            fleet: fleet.to_string(),
+            model: fleet_api::ModelRef::key(model),
+        }
+    }
+}
+
 /// Whether instances may load the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Gate {
     /// Yes, since this time (their startup time counts from here).
     Open(SystemTime),
     /// Not yet: why (pulling, with progress; backing off after a failure; no instance to ask).
-    Waiting(String),
+    Waiting(Waiting),
 }
 
 #[derive(Debug)]
@@ -185,10 +208,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How many instances a preparation tries in turn when the one it asks goes away.
 const VIA_TRIES: usize = 3;
 
-fn mib(b: u64) -> String {
-    format!("{:.0} MiB", b as f64 / f64::from(1 << 20))
-}
-
 impl ModelCache {
     /// A cache manager talking to instances through `ollama`; failures retry after `backoff`,
     /// doubling up to 5 minutes.
@@ -240,7 +259,10 @@ impl ModelCache {
                 } else {
                     String::new()
                 };
-                return Gate::Waiting(format!("{step} model {}{bytes}", need.model));
+                return Gate::Waiting(Waiting::new(
+                    Reason::PreparingModel,
+                    format!("{step} model {}{bytes}", need.model),
+                ));
             }
             Some(State::Failed {
                 error,
@@ -253,9 +275,12 @@ impl ModelCache {
                         return Gate::Open(*since);
                     }
                     let secs = retry_at.saturating_duration_since(now).as_secs();
-                    return Gate::Waiting(format!(
-                        "ModelPullBackOff: model {}: {error} (retrying in {secs}s)",
-                        need.model
+                    return Gate::Waiting(Waiting::new(
+                        Reason::ModelPullBackOff,
+                        format!(
+                            "ModelPullBackOff: model {}: {error} (retrying in {secs}s)",
+                            need.model
+                        ),
                     ));
                 }
                 (*attempts, *open)
@@ -265,9 +290,12 @@ impl ModelCache {
         if via.is_empty() {
             return open.map_or_else(
                 || {
-                    Gate::Waiting(format!(
-                        "waiting for an instance to answer, to prepare model {}",
-                        need.model
+                    Gate::Waiting(Waiting::new(
+                        Reason::PreparingModel,
+                        format!(
+                            "waiting for an instance to answer, to prepare model {}",
+                            need.model
+                        ),
                     ))
                 },
                 Gate::Open,
@@ -318,7 +346,12 @@ impl ModelCache {
             this.wake.notify_one();
         });
         open.map_or_else(
-            || Gate::Waiting(format!("checking model {model}")),
+            || {
+                Gate::Waiting(Waiting::new(
+                    Reason::PreparingModel,
+                    format!("checking model {model}"),
+                ))
+            },
             Gate::Open,
         )
     }
@@ -628,7 +661,7 @@ mod tests {
         let cache = cache_on(&ollama, Duration::from_millis(50));
         let need = need("m:1", true, Some(2));
         assert!(
-            matches!(cache.gate(&need, &[]), Gate::Waiting(m) if m.contains("waiting for an instance"))
+            matches!(cache.gate(&need, &[]), Gate::Waiting(m) if m.message.contains("waiting for an instance"))
         );
         let via = vec!["http://a".to_string(), "http://b".to_string()];
         open(&cache, &need, &via).await;
@@ -765,7 +798,9 @@ mod tests {
         let other = need("n", true, None);
         fleet_e2e::wait_for("backing off", Duration::from_secs(5), || {
             let g = cache.gate(&other, &via);
-            async move { matches!(g, Gate::Waiting(m) if m.contains("BackOff")).then_some(()) }
+            async move {
+                matches!(g, Gate::Waiting(m) if m.reason == Reason::ModelPullBackOff).then_some(())
+            }
         })
         .await;
         assert!(!ollama.calls().contains(&"pull http://b n".to_string()));
@@ -782,7 +817,7 @@ mod tests {
             let g = cache.gate(&need, &via);
             async move {
                 match g {
-                    Gate::Waiting(m) if m.starts_with("ModelPullBackOff") => Some(m),
+                    Gate::Waiting(m) if m.reason == Reason::ModelPullBackOff => Some(m.message),
                     _ => None,
                 }
             }
@@ -810,7 +845,9 @@ mod tests {
             let g = cache.gate(&need, &via);
             async move {
                 match g {
-                    Gate::Waiting(m) if m.contains("models.pull is false") => Some(m),
+                    Gate::Waiting(m) if m.message.contains("models.pull is false") => {
+                        Some(m.message)
+                    }
                     _ => None,
                 }
             }

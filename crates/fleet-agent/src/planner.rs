@@ -242,13 +242,24 @@ pub enum Action {
 }
 
 impl Action {
-    /// The key that serialises work on one slot: `fleet/slot`.
-    pub fn slot_key(&self) -> String {
+    /// The key that serialises work on one slot.
+    pub fn slot_key(&self) -> SlotKey {
         let (Action::Create { fleet, slot, .. }
         | Action::Surge { fleet, slot, .. }
         | Action::Replace { fleet, slot, .. }
         | Action::Remove { fleet, slot, .. }) = self;
-        slot_key(fleet, *slot)
+        SlotKey::new(fleet, *slot)
+    }
+
+    /// The work in flight this action is: the port of the instance it creates, if any.
+    pub fn flight(&self) -> InFlight {
+        let port = match self {
+            Action::Create { port, .. }
+            | Action::Surge { port, .. }
+            | Action::Replace { port, .. } => Some(*port),
+            Action::Remove { .. } => None,
+        };
+        InFlight { port }
     }
 
     /// The instance this action stops, if any.
@@ -271,9 +282,29 @@ impl Action {
     }
 }
 
-/// `fleet/slot`.
-pub fn slot_key(fleet: &str, slot: u32) -> String {
-    format!("{fleet}/{slot}")
+/// One slot of one fleet: the unit work is serialised on (shown as `fleet/slot`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    /// Fleet.
+    pub fleet: String,
+    /// Slot.
+    pub slot: u32,
+}
+
+impl SlotKey {
+    /// The key of `fleet`'s `slot`.
+    pub fn new(fleet: &str, slot: u32) -> SlotKey {
+        SlotKey {
+            fleet: fleet.to_string(),
+            slot,
+        }
+    }
+}
+
+impl std::fmt::Display for SlotKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.fleet, self.slot)
+    }
 }
 
 /// Work in flight on a slot.
@@ -310,7 +341,7 @@ pub struct Input<'a> {
     /// Every instance on the node.
     pub instances: &'a [Instance],
     /// Slot keys (`fleet/slot`) with work in flight: left alone.
-    pub busy: &'a HashMap<String, InFlight>,
+    pub busy: &'a HashMap<SlotKey, InFlight>,
     /// Instances being stopped now.
     pub terminating: &'a HashSet<String>,
     /// Now.
@@ -335,7 +366,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
     let Some(fleets) = input.fleets else {
         return out;
     };
-    let busy = |fleet: &str, slot: u32| input.busy.contains_key(&slot_key(fleet, slot));
+    let busy = |fleet: &str, slot: u32| input.busy.contains_key(&SlotKey::new(fleet, slot));
 
     // Instances of fleets that no longer exist.
     let known: HashSet<&str> = fleets.iter().map(|t| t.name).collect();
@@ -394,7 +425,7 @@ struct FleetPlan<'a> {
 
 impl FleetPlan<'_> {
     fn busy(&self, slot: u32) -> Option<&InFlight> {
-        self.input.busy.get(&slot_key(self.fleet, slot))
+        self.input.busy.get(&SlotKey::new(self.fleet, slot))
     }
 
     fn remove(&self, i: &Instance, why: Why, out: &mut Plan) {
@@ -514,12 +545,11 @@ impl FleetPlan<'_> {
         }
         // Ports taken: every instance's, and those of instances being created.
         let mut ports: HashSet<u16> = instances.iter().map(|i| i.port).collect();
-        let prefix = format!("{fleet}/");
         ports.extend(
             self.input
                 .busy
                 .iter()
-                .filter(|(k, _)| k.starts_with(&prefix))
+                .filter(|(k, _)| k.fleet == fleet)
                 .filter_map(|(_, f)| f.port),
         );
 
@@ -782,9 +812,15 @@ mod tests {
         busy: &[&str],
         now: SystemTime,
     ) -> Plan {
-        let busy: HashMap<String, InFlight> = busy
+        let busy: HashMap<SlotKey, InFlight> = busy
             .iter()
-            .map(|s| (s.to_string(), InFlight::default()))
+            .map(|s| {
+                let (fleet, slot) = s.split_once('/').expect("fleet/slot");
+                (
+                    SlotKey::new(fleet, slot.parse().expect("slot")),
+                    InFlight::default(),
+                )
+            })
             .collect();
         plan(&Input {
             fleets: targets,

@@ -11,7 +11,7 @@
 //! Any 2xx or 3xx answer within `timeoutSeconds` is a success. Changes wake the controller.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
 
+use crate::lock;
 use crate::tasks::PerTarget;
 
 /// How often a not-yet-ready instance is probed.
@@ -130,10 +131,6 @@ pub struct Prober {
     tasks: PerTarget<Target>,
     wake: Arc<Notify>,
     client: Http,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Prober {

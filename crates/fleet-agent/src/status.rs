@@ -12,6 +12,8 @@ use fleet_store::Store;
 
 use crate::planner::Instance;
 
+pub mod report;
+
 /// The phase of an instance.
 pub fn phase(i: &Instance, terminating: bool, backing_off: bool) -> Phase {
     if terminating {
