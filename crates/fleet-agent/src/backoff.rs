@@ -6,17 +6,23 @@ use std::time::Duration;
 /// How long an instance must have run for its crash not to count as a crash loop.
 pub const RESET_AFTER: Duration = Duration::from_secs(600);
 
-/// The delay before restarting after the `k`-th consecutive crash (1-based).
+/// The wait before the next attempt after the `failures`-th failure in a row (1-based):
+/// `initial`, doubling up to `max`. Every backoff of the agent (image pulls, model
+/// preparation, restarts) is this one.
+pub fn retry(failures: u32, initial: Duration, max: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(31);
+    initial
+        .checked_mul(1u32 << doublings)
+        .unwrap_or(max)
+        .min(max)
+}
+
+/// The delay before restarting after the `k`-th consecutive crash (1-based): the first
+/// restart at once, then [`retry`].
 pub fn delay(k: u32, initial: Duration, max: Duration) -> Duration {
     match k {
         0 | 1 => Duration::ZERO,
-        k => {
-            let doublings = (k - 2).min(32);
-            initial
-                .checked_mul(1u32 << doublings.min(31))
-                .unwrap_or(max)
-                .min(max)
-        }
+        k => retry(k - 1, initial, max),
     }
 }
 

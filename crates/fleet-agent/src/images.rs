@@ -81,9 +81,7 @@ impl<R: Runtime> std::fmt::Debug for Images<R> {
 /// Backoff between pull attempts: `initial` (10s by default, as Kubernetes' ImagePullBackOff)
 /// doubling up to 5 minutes.
 pub fn pull_backoff(initial: Duration, attempts: u32) -> Duration {
-    initial
-        .saturating_mul(1 << attempts.saturating_sub(1).min(10))
-        .min(Duration::from_secs(300))
+    crate::backoff::retry(attempts, initial, Duration::from_secs(300))
 }
 
 impl<R: Runtime> Images<R> {

@@ -329,11 +329,7 @@ impl ModelCache {
                     tracing::warn!(model = %need.model, cache = %need.cache, error = %error, model_present, "model not prepared; backing off");
                     let open = open.or(model_present.then(clock::now));
                     lock(&this.stats).failures += 1;
-                    let delay = this
-                        .backoff
-                        .checked_mul(1 << attempts.min(16))
-                        .unwrap_or(MAX_BACKOFF)
-                        .min(MAX_BACKOFF);
+                    let delay = crate::backoff::retry(attempts + 1, this.backoff, MAX_BACKOFF);
                     State::Failed {
                         error,
                         attempts: attempts + 1,

@@ -306,3 +306,365 @@ pub fn model_work(s: &Snapshot<'_>, topology: &Topology) -> Vec<Wanted> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reason::{Reason, Waiting};
+    use fleet_api::{Context, parse_fleet};
+
+    const T0: Duration = Duration::from_secs(1_000_000);
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + T0 + Duration::from_secs(secs)
+    }
+
+    fn fleet(name: &str, extra: &str) -> OllamaFleet {
+        let src = format!(
+            "apiVersion: ollama-fleet.io/v1alpha1\nkind: OllamaFleet\nmetadata: {{name: {name}}}\nspec:\n  model: m:1\n  replicas: {{perNode: 2}}\n{extra}"
+        );
+        parse_fleet(&src, &Context::default()).expect("valid")
+    }
+
+    fn observed(id: &str, state: TaskState) -> Observed {
+        Observed {
+            id: id.into(),
+            labels: Default::default(),
+            state,
+            pid: 1,
+            exit_code: None,
+            exited_at: None,
+        }
+    }
+
+    fn labels(fleet: &str, slot: u32, created: u64) -> InstanceLabels {
+        InstanceLabels {
+            fleet: fleet.into(),
+            slot,
+            port: 11434 + slot as u16,
+            spec_hash: "h".into(),
+            created_at: at(created),
+            carry: Default::default(),
+            model: Some("m:1".into()),
+            threads: Some(2),
+            grace: None,
+            host_ip: None,
+        }
+    }
+
+    fn probe(ready: bool, was_ready: bool) -> ProbeState {
+        ProbeState {
+            ready,
+            was_ready,
+            probed: true,
+            ..ProbeState::default()
+        }
+    }
+
+    struct World {
+        observed: Vec<Observed>,
+        labels: Vec<InstanceLabels>,
+        fleets: HashMap<String, OllamaFleet>,
+        probes: HashMap<String, ProbeState>,
+        warmth: HashMap<String, Warmth>,
+        settled: bool,
+        now: u64,
+    }
+
+    impl World {
+        fn new(fleets: &[(&str, &str)]) -> World {
+            World {
+                observed: Vec::new(),
+                labels: Vec::new(),
+                fleets: fleets
+                    .iter()
+                    .map(|(n, e)| (n.to_string(), fleet(n, e)))
+                    .collect(),
+                probes: HashMap::new(),
+                warmth: HashMap::new(),
+                settled: true,
+                now: 100,
+            }
+        }
+
+        fn with(mut self, id: &str, l: InstanceLabels, p: ProbeState) -> World {
+            self.observed.push(observed(id, TaskState::Running));
+            self.labels.push(l);
+            self.probes.insert(id.into(), p);
+            self
+        }
+
+        fn run<T>(&self, f: impl FnOnce(&Snapshot<'_>) -> T) -> T {
+            let labelled: Vec<(&Observed, InstanceLabels)> = self
+                .observed
+                .iter()
+                .zip(self.labels.iter().cloned())
+                .collect();
+            let (ooms, memory) = (HashSet::new(), HashMap::new());
+            f(&Snapshot {
+                labelled: &labelled,
+                fleets: &self.fleets,
+                probes: &self.probes,
+                warmth: &self.warmth,
+                ooms: &ooms,
+                memory: &memory,
+                settled: self.settled,
+                started_at: at(50),
+                now: at(self.now),
+            })
+        }
+    }
+
+    fn waiting(message: &str) -> Gate {
+        Gate::Waiting(Waiting::new(Reason::PreparingModel, message))
+    }
+
+    /// Readiness: probe, model gate and warm-up, one row per case.
+    #[test]
+    fn readiness_table() {
+        let warm = "  models: {warm: true}\n";
+        let cold = "  models: {warm: false}\n";
+        let open = Gate::Open(at(60));
+        // (what, fleet extra, probe, gate, warmth, adopted?, settled?) ->
+        // (ready, was_ready, model_pending, known, message, warm target?)
+        type Row<'a> = (
+            &'a str,
+            &'a str,
+            ProbeState,
+            Option<Gate>,
+            Option<Warmth>,
+            bool,
+            bool,
+        );
+        let rows: Vec<(Row<'_>, (bool, bool, bool, bool, Option<&str>, bool))> = vec![
+            (
+                (
+                    "probe ready, no warm-up",
+                    cold,
+                    probe(true, true),
+                    None,
+                    None,
+                    false,
+                    true,
+                ),
+                (true, true, false, true, None, false),
+            ),
+            (
+                (
+                    "probe not ready yet",
+                    cold,
+                    probe(false, false),
+                    None,
+                    None,
+                    false,
+                    true,
+                ),
+                (false, false, false, true, None, false),
+            ),
+            (
+                (
+                    "model gate waits",
+                    warm,
+                    probe(true, true),
+                    Some(waiting("pulling model m:1")),
+                    None,
+                    false,
+                    true,
+                ),
+                (false, false, true, true, Some("pulling model m:1"), false),
+            ),
+            (
+                (
+                    "gate open, warming",
+                    warm,
+                    probe(true, true),
+                    Some(open.clone()),
+                    Some(Warmth::Loading),
+                    false,
+                    true,
+                ),
+                (false, false, false, true, Some("loading model m:1"), true),
+            ),
+            (
+                (
+                    "warm",
+                    warm,
+                    probe(true, true),
+                    Some(open.clone()),
+                    Some(Warmth::Warm),
+                    false,
+                    true,
+                ),
+                (true, true, false, true, None, true),
+            ),
+            (
+                (
+                    "warm-up failed",
+                    warm,
+                    probe(true, true),
+                    Some(open.clone()),
+                    Some(Warmth::Failed("boom".into())),
+                    false,
+                    true,
+                ),
+                (
+                    false,
+                    false,
+                    false,
+                    true,
+                    Some("loading the model: boom"),
+                    true,
+                ),
+            ),
+            (
+                (
+                    "adopted, not probed, agent not settled",
+                    cold,
+                    ProbeState::default(),
+                    None,
+                    None,
+                    true,
+                    false,
+                ),
+                (false, false, false, false, None, false),
+            ),
+            (
+                (
+                    "adopted, warming again, agent not settled",
+                    warm,
+                    probe(true, true),
+                    Some(open.clone()),
+                    Some(Warmth::Loading),
+                    true,
+                    false,
+                ),
+                (false, false, false, false, Some("loading model m:1"), true),
+            ),
+        ];
+        for ((what, extra, p, gate, warmth, adopted, settled), want) in rows {
+            let created = if adopted { 10 } else { 90 };
+            let mut w = World::new(&[("f", extra)]).with("f-0", labels("f", 0, created), p);
+            w.settled = settled;
+            if let Some(warmth) = warmth {
+                w.warmth.insert("f-0".into(), warmth);
+            }
+            let gates: HashMap<GateKey, Gate> = gate
+                .into_iter()
+                .map(|g| (GateKey::model("f", "m:1"), g))
+                .collect();
+            let r = w.run(|s| readiness(s, &gates));
+            let i = &r.instances[0];
+            let got = (
+                i.ready,
+                i.was_ready,
+                i.model_pending,
+                i.known,
+                r.messages.get("f-0").map(String::as_str),
+                !r.warm.is_empty(),
+            );
+            assert_eq!(got, want, "{what}");
+            assert_eq!(
+                r.unsettled,
+                usize::from(adopted && !got.3 && !settled),
+                "{what}: unsettled"
+            );
+            if let Some(t) = r.warm.first() {
+                assert_eq!(t.model, "m:1-fleet-t2", "{what}: warms the derived model");
+                assert_eq!(t.base, "http://127.0.0.1:11434");
+            }
+        }
+    }
+
+    /// The gate of an instance that waits counts its startup from when the gate opened.
+    #[test]
+    fn startup_counts_from_the_gate() {
+        let w = World::new(&[("f", "")]).with("f-0", labels("f", 0, 90), probe(false, false));
+        let gates = HashMap::from([(GateKey::model("f", "M:1"), Gate::Open(at(95)))]);
+        let r = w.run(|s| readiness(s, &gates));
+        assert_eq!(
+            r.instances[0].startup_since,
+            Some(at(90)),
+            "never ready: its creation"
+        );
+        let w = World::new(&[("f", "")]).with("f-0", labels("f", 0, 90), probe(false, true));
+        let r = w.run(|s| readiness(s, &gates));
+        assert_eq!(
+            r.instances[0].startup_since,
+            Some(at(95)),
+            "the gate opened later"
+        );
+        let gates = HashMap::from([(GateKey::model("f", "m:1"), waiting("x"))]);
+        let r = w.run(|s| readiness(s, &gates));
+        assert_eq!(
+            r.instances[0].startup_since, None,
+            "waiting: no startup clock"
+        );
+    }
+
+    /// The model cache's work, one case per row.
+    #[test]
+    fn model_work_table() {
+        let topo = Topology::default();
+        let cache = "  models: {hostPath: /c, pull: true}\n";
+        // Two fleets on one cache, with different CPU allowances: one need with both thread
+        // counts, the model's own name gets the first fleet's (by name), one pull.
+        let w = World::new(&[
+            ("a", &format!("{cache}  resources: {{cpus: 2}}\n")),
+            ("b", &format!("{cache}  resources: {{cpus: 4}}\n")),
+        ])
+        .with("a-0", labels("a", 0, 10), probe(true, true))
+        .with("b-1", labels("b", 1, 10), probe(true, true));
+        let work = w.run(|s| model_work(s, &topo));
+        assert_eq!(work.len(), 1, "{work:?}");
+        let need = &work[0].need;
+        assert!(need.pull);
+        assert_eq!(need.threads, [2, 4].into_iter().collect());
+        assert_eq!(need.base_threads, Some(2));
+        assert_eq!(
+            work[0].via,
+            ["http://127.0.0.1:11434", "http://127.0.0.1:11435"],
+            "through answering instances, by slot"
+        );
+        assert_eq!(
+            work[0].gates,
+            [
+                (GateKey::model("a", "m:1"), true),
+                (GateKey::model("b", "m:1"), true)
+            ]
+        );
+
+        // An instance of the cache starting (young, never answered): no new work through it.
+        let w = World::new(&[("a", cache)])
+            .with("a-0", labels("a", 0, 10), probe(true, true))
+            .with("a-1", labels("a", 1, 95), probe(false, false));
+        let work = w.run(|s| model_work(s, &topo));
+        assert!(work[0].via.is_empty(), "{work:?}");
+        // Once older than STARTUP_QUIET it no longer holds the cache.
+        let mut w = w;
+        w.now = 95 + STARTUP_QUIET.as_secs();
+        let work = w.run(|s| model_work(s, &topo));
+        assert_eq!(work[0].via, ["http://127.0.0.1:11434"]);
+
+        // Without a shared cache: one need per instance, through itself when it answers;
+        // without pull or warm-up, readiness does not wait.
+        let w = World::new(&[(
+            "c",
+            "  models: {hostPath: \"\", pull: false, warm: false}\n",
+        )])
+        .with("c-0", labels("c", 0, 10), probe(true, true))
+        .with("c-1", labels("c", 1, 10), probe(false, false));
+        let work = w.run(|s| model_work(s, &topo));
+        assert_eq!(work.len(), 2);
+        assert_eq!(work[0].gates, [(GateKey::Instance("c-0".into()), false)]);
+        assert_eq!(work[0].via, ["http://127.0.0.1:11434"]);
+        assert!(work[1].via.is_empty());
+        assert_eq!(work[0].need.cache, "c-0");
+
+        // An instance made at another address is reached there.
+        let mut l = labels("a", 0, 10);
+        l.host_ip = Some("127.0.0.9".parse().expect("ip"));
+        let w = World::new(&[("a", cache)]).with("a-0", l, probe(true, true));
+        let work = w.run(|s| model_work(s, &topo));
+        assert_eq!(work[0].via, ["http://127.0.0.9:11434"]);
+    }
+}

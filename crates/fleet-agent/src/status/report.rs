@@ -242,3 +242,96 @@ pub fn conditions(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reason::Reason;
+    use fleet_api::{Context, parse_fleet};
+
+    fn run(image_wait: Option<Waiting>) -> Eval {
+        let src = "apiVersion: ollama-fleet.io/v1alpha1\nkind: OllamaFleet\nmetadata: {name: f}\nspec:\n  model: m\n  replicas: {perNode: 2}\n";
+        Eval::Run {
+            fleet: Box::new(parse_fleet(src, &Context::default()).expect("valid")),
+            replicas: 2,
+            hash: "h".into(),
+            image: None,
+            image_wait,
+            request: None,
+            cut: None,
+        }
+    }
+
+    /// Two desired, `ready` of them ready and updated.
+    fn status(ready: u32) -> FleetStatus {
+        let mut s = summarize("f", "n", 1, 2, Some("h"), Vec::new(), Vec::new());
+        (s.ready_replicas, s.updated_replicas, s.replicas) = (ready, ready, ready);
+        s
+    }
+
+    /// `Progressing` from what the fleet waits for, one row per case: (image wait, stalled,
+    /// model wait, ready) -> (status, reason).
+    #[test]
+    fn progressing_table() {
+        let w = |r: Reason| Some(Waiting::new(r, format!("{r}: ...")));
+        let rows = [
+            (w(Reason::Pulling), None, None, 0, ("True", "Pulling")),
+            (
+                w(Reason::ImagePullBackOff),
+                None,
+                None,
+                0,
+                ("False", "ImagePullBackOff"),
+            ),
+            (
+                w(Reason::ErrImageNeverPull),
+                None,
+                None,
+                0,
+                ("False", "ErrImageNeverPull"),
+            ),
+            (None, None, None, 2, ("False", "Converged")),
+            (
+                None,
+                Some("slot 0 crash-loops"),
+                w(Reason::PreparingModel),
+                1,
+                ("False", "RolloutStalled"),
+            ),
+            (
+                None,
+                None,
+                w(Reason::PreparingModel),
+                1,
+                ("True", "PreparingModel"),
+            ),
+            (
+                None,
+                None,
+                w(Reason::ModelPullBackOff),
+                1,
+                ("False", "ModelPullBackOff"),
+            ),
+            (None, None, None, 1, ("True", "Reconciling")),
+        ];
+        for (image, stalled, model, ready, (want_status, want_reason)) in rows {
+            let eval = run(image);
+            let conds = conditions(
+                Some(&eval),
+                &status(ready),
+                stalled,
+                model.as_ref(),
+                &Policy::default(),
+            );
+            let p = conds
+                .iter()
+                .find(|c| c.kind == "Progressing")
+                .expect("Progressing");
+            assert_eq!(
+                (p.status.as_str(), p.reason.as_str()),
+                (want_status, want_reason),
+                "{conds:?}"
+            );
+        }
+    }
+}
