@@ -66,6 +66,18 @@ where
     );
 }
 
+/// Stops the test binary with one line saying what to run: a test that needs the dev
+/// environment cannot run without it, and a panic in every such test would bury that line.
+fn stop(why: &str) -> ! {
+    use std::io::Write;
+    // One test says it and exits; the others (in parallel) wait here for the exit.
+    static ONCE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = ONCE.lock();
+    // Straight to the file descriptor: the test harness captures eprintln!, and would drop it.
+    let _ = writeln!(std::io::stderr(), "\n{why}\n");
+    std::process::exit(2)
+}
+
 /// A fresh, empty temporary directory named after `tag` and this process.
 pub fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fleet-test-{tag}-{}", std::process::id()));
@@ -119,7 +131,8 @@ pub struct DevEnv {
 
 impl DevEnv {
     /// Reads the environment printed by `hack/dev-env.sh` (from the process environment, or
-    /// from the env file of `$OLLAMA_FLEET_DEV_DIR`); panics with what to run when absent.
+    /// from the env file of `$OLLAMA_FLEET_DEV_DIR`); without one, the test binary stops with
+    /// one line that says what to run.
     pub fn get() -> DevEnv {
         let dir = std::env::var("OLLAMA_FLEET_DEV_DIR")
             .unwrap_or_else(|_| "/tmp/ollama-fleet-dev".into());
@@ -131,14 +144,28 @@ impl DevEnv {
                     .find_map(|l| l.strip_prefix(&format!("{name}=")).map(str::to_string))
             })
         };
-        let missing = "no dev environment: run the tests with hack/test.sh, or start one with \
-                       `hack/dev-env.sh up && hack/sim-image.sh`";
+        let Some((containerd_socket, etcd_endpoints)) =
+            var("OLLAMA_FLEET_CONTAINERD_SOCKET").zip(var("OLLAMA_FLEET_ETCD_ENDPOINTS"))
+        else {
+            stop(
+                "this test needs etcd and containerd: run the tests with hack/test.sh (or start them \
+                 with `eval \"$(hack/dev-env.sh up)\" && hack/sim-image.sh`)",
+            )
+        };
+        let sim_image_tar = var("OLLAMA_FLEET_SIM_IMAGE_TAR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target/images/ollama-sim.oci.tar"));
+        if !sim_image_tar.exists() {
+            stop(&format!(
+                "this test needs the sim image {}: run the tests with hack/test.sh (or build it \
+                 with hack/sim-image.sh)",
+                sim_image_tar.display()
+            ));
+        }
         DevEnv {
-            containerd_socket: var("OLLAMA_FLEET_CONTAINERD_SOCKET").expect(missing),
-            etcd_endpoints: var("OLLAMA_FLEET_ETCD_ENDPOINTS").expect(missing),
-            sim_image_tar: var("OLLAMA_FLEET_SIM_IMAGE_TAR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| repo_root().join("target/images/ollama-sim.oci.tar")),
+            containerd_socket,
+            etcd_endpoints,
+            sim_image_tar,
             sim_image: var("OLLAMA_FLEET_SIM_IMAGE")
                 .unwrap_or_else(|| "localhost/ollama-sim:dev".into()),
         }
