@@ -436,7 +436,8 @@ mod tests {
             bool,
             bool,
         );
-        let rows: Vec<(Row<'_>, (bool, bool, bool, bool, Option<&str>, bool))> = vec![
+        type Want<'a> = (bool, bool, bool, bool, Option<&'a str>, bool);
+        let rows: Vec<(Row<'_>, Want<'_>)> = vec![
             (
                 (
                     "probe ready, no warm-up",
