@@ -536,174 +536,218 @@ impl FleetPlan<'_> {
         None
     }
 
+    /// The fleet's plan, in steps: remove what is beyond the desired count; settle each slot
+    /// (work in flight, surges, duplicates, an empty slot, a restart, or a healthy instance
+    /// that may be due for replacement); say when a rollout stalls; replace within the budget.
     fn plan(&self, instances: &[&Instance], out: &mut Plan) {
-        let (fleet, replicas) = (self.fleet, self.replicas);
-        let (max_unavailable, max_surge) = self.spec.rollout.budget(replicas);
         let mut by_slot: BTreeMap<u32, Vec<&Instance>> = BTreeMap::new();
         for i in instances {
             by_slot.entry(i.slot).or_default().push(i);
         }
-        // Ports taken: every instance's, and those of instances being created.
+        let mut ports = self.ports_taken(instances);
+        self.scale_down(&by_slot, out);
+        let mut tally = Tally::default();
+        for slot in 0..self.replicas {
+            let list = by_slot.get(&slot).cloned().unwrap_or_default();
+            self.settle_slot(slot, &list, &mut ports, &mut tally, out);
+        }
+        self.report_stall(&tally, out);
+        self.replace_within_budget(
+            tally.candidates,
+            tally.ready_slots,
+            tally.surging,
+            &mut ports,
+            out,
+        );
+    }
+
+    /// Ports taken: every instance's, and those of instances being created.
+    fn ports_taken(&self, instances: &[&Instance]) -> HashSet<u16> {
         let mut ports: HashSet<u16> = instances.iter().map(|i| i.port).collect();
         ports.extend(
             self.input
                 .busy
                 .iter()
-                .filter(|(k, _)| k.fleet == fleet)
+                .filter(|(k, _)| k.fleet == self.fleet)
                 .filter_map(|(_, f)| f.port),
         );
+        ports
+    }
 
-        // Slots beyond the desired count.
-        for (&slot, list) in by_slot.range(replicas..) {
+    /// Slots beyond the desired count go (unless work on them is in flight).
+    fn scale_down(&self, by_slot: &BTreeMap<u32, Vec<&Instance>>, out: &mut Plan) {
+        for (&slot, list) in by_slot.range(self.replicas..) {
             if self.busy(slot).is_none() {
                 for i in list {
                     self.remove(i, Why::ScaledDown, out);
                 }
             }
         }
+    }
 
-        let terminating = self.input.terminating;
-        let mut ready_slots = 0u32;
-        let mut surging = 0u32;
-        let mut candidates: Vec<(&Instance, Why)> = Vec::new();
-        let mut crashing_new = 0u32;
-        let mut outdated = 0u32;
-        let mut last_crash: Option<LastExit> = None;
-        for slot in 0..replicas {
-            let list = by_slot.get(&slot).cloned().unwrap_or_default();
-            outdated += list.iter().filter(|i| i.spec_hash != self.hash).count() as u32;
-            for i in list.iter().filter(|i| i.spec_hash == self.hash) {
-                if i.carry.crashloop > 0 && !i.ready {
-                    crashing_new += 1;
-                    last_crash = i.exit().or_else(|| i.carry.last_exit.clone());
+    /// One slot within the desired count.
+    fn settle_slot<'i>(
+        &self,
+        slot: u32,
+        list: &[&'i Instance],
+        ports: &mut HashSet<u16>,
+        tally: &mut Tally<'i>,
+        out: &mut Plan,
+    ) {
+        tally.count_rollout(list, self.hash);
+        if let Some(flight) = self.busy(slot) {
+            tally.count_in_flight(list, flight, self.input.terminating);
+            return;
+        }
+        let Some(i) = self.one_instance(list, tally, out) else {
+            if list.is_empty() {
+                self.create(slot, ports, out);
+            }
+            return;
+        };
+        if let Some(r) = self.restart(i, out) {
+            self.restart_or_wait(i, r, out);
+            return;
+        }
+        tally.ready_slots += u32::from(i.ready);
+        if !i.ready && !i.known {
+            // Unknown yet, not unready: decided once probed.
+            return;
+        }
+        if let Some(why) = self.replaceable(i, out) {
+            tally.candidates.push((i, why));
+        }
+    }
+
+    /// The slot's one instance to go on with; with several (a surge, or duplicates), settles
+    /// them: the end of a surge (the new instance serves, the others go), a surge in progress
+    /// (the old one serves while the new one starts, or restarts with backoff; leftovers go),
+    /// or duplicates (the best is kept). `None` when the slot is empty or settled here.
+    fn one_instance<'i>(
+        &self,
+        list: &[&'i Instance],
+        tally: &mut Tally<'i>,
+        out: &mut Plan,
+    ) -> Option<&'i Instance> {
+        let keep = list.iter().copied().max_by_key(|i| {
+            (
+                i.is_running(),
+                i.spec_hash == self.hash,
+                i.ready,
+                i.created_at,
+            )
+        });
+        if list.len() <= 1 {
+            return keep;
+        }
+        let newest = list
+            .iter()
+            .copied()
+            .max_by_key(|i| (i.created_at, &i.id))
+            .expect("non-empty");
+        let serving = list
+            .iter()
+            .copied()
+            .filter(|i| i.id != newest.id && i.is_running())
+            .max_by_key(|i| (i.ready, i.created_at));
+        if newest.is_running() && newest.ready {
+            for i in list.iter().filter(|i| i.id != newest.id) {
+                self.remove(i, Why::Superseded, out);
+            }
+            tally.ready_slots += 1;
+            tally.surging += 1;
+            return None;
+        }
+        if let Some(old) = serving {
+            for i in list {
+                if i.id != old.id && i.id != newest.id {
+                    self.remove(i, Why::Duplicate, out);
                 }
             }
-            if let Some(flight) = self.busy(slot) {
-                let live: Vec<&&Instance> = list
-                    .iter()
-                    .filter(|i| i.is_running() && !terminating.contains(&i.id))
-                    .collect();
-                if live.iter().any(|i| i.ready) {
-                    ready_slots += 1;
-                }
-                if live.len() + usize::from(flight.port.is_some()) > 1 {
-                    surging += 1;
-                }
-                continue;
+            tally.ready_slots += u32::from(old.ready);
+            tally.surging += 1;
+            if let Some(r) = self.restart(newest, out) {
+                self.restart_or_wait(newest, r, out);
             }
-            let mut keep = list.iter().copied().max_by_key(|i| {
-                (
-                    i.is_running(),
-                    i.spec_hash == self.hash,
-                    i.ready,
-                    i.created_at,
-                )
-            });
-            if list.len() > 1 {
-                let newest = list
-                    .iter()
-                    .copied()
-                    .max_by_key(|i| (i.created_at, &i.id))
-                    .expect("non-empty");
-                let serving = list
-                    .iter()
-                    .copied()
-                    .filter(|i| i.id != newest.id && i.is_running())
-                    .max_by_key(|i| (i.ready, i.created_at));
-                if newest.is_running() && newest.ready {
-                    // The end of a surge: the new instance serves, the others go.
-                    for i in list.iter().filter(|i| i.id != newest.id) {
-                        self.remove(i, Why::Superseded, out);
-                    }
-                    ready_slots += 1;
-                    surging += 1;
-                    continue;
-                }
-                if let Some(old) = serving {
-                    // A surge in progress: the old instance serves while the new one starts
-                    // (or restarts, with backoff); leftovers go.
-                    for i in &list {
-                        if i.id != old.id && i.id != newest.id {
-                            self.remove(i, Why::Duplicate, out);
-                        }
-                    }
-                    ready_slots += u32::from(old.ready);
-                    surging += 1;
-                    if let Some(r) = self.restart(newest, out) {
-                        self.restart_or_wait(newest, r, out);
-                    }
-                    continue;
-                }
-                for i in &list {
-                    if Some(i.id.as_str()) != keep.map(|k| k.id.as_str()) {
-                        self.remove(i, Why::Duplicate, out);
-                    }
-                }
-            }
-            let Some(i) = keep.take() else {
-                if self.can_create {
-                    let home = build_port(self.spec, slot);
-                    let port = if ports.contains(&home) {
-                        free_port(self.spec, replicas, max_surge, &ports, false)
-                    } else {
-                        Some(home)
-                    };
-                    if let Some(port) = port {
-                        ports.insert(port);
-                        out.actions.push(Action::Create {
-                            fleet: fleet.into(),
-                            slot,
-                            port,
-                            carry: Carry::default(),
-                        });
-                    }
-                }
-                continue;
-            };
-            if let Some(r) = self.restart(i, out) {
-                self.restart_or_wait(i, r, out);
-                continue;
-            }
-            ready_slots += u32::from(i.ready);
-            if !i.ready && !i.known {
-                // Unknown yet, not unready: decided once probed.
-                continue;
-            }
-            if let Some(why) = self.replaceable(i, out) {
-                candidates.push((i, why));
+            return None;
+        }
+        for i in list {
+            if Some(i.id.as_str()) != keep.map(|k| k.id.as_str()) {
+                self.remove(i, Why::Duplicate, out);
             }
         }
+        keep
+    }
 
-        if crashing_new > 0 && outdated > 0 {
-            let last = last_crash.map_or(String::new(), |e| {
-                format!(" (last: {} {})", e.reason, e.code)
-            });
-            out.stalled.insert(
-                fleet.into(),
-                format!(
-                    "rollout stalled: {crashing_new} instance(s) of the new spec keep failing{last}; \
-                     {outdated} instance(s) of the previous spec are kept running"
-                ),
-            );
+    /// A new instance for an empty slot, on its own port (or a free one of the pool).
+    fn create(&self, slot: u32, ports: &mut HashSet<u16>, out: &mut Plan) {
+        if !self.can_create {
+            return;
         }
+        let (_, max_surge) = self.spec.rollout.budget(self.replicas);
+        let home = build_port(self.spec, slot);
+        let port = if ports.contains(&home) {
+            free_port(self.spec, self.replicas, max_surge, ports, false)
+        } else {
+            Some(home)
+        };
+        if let Some(port) = port {
+            ports.insert(port);
+            out.actions.push(Action::Create {
+                fleet: self.fleet.into(),
+                slot,
+                port,
+                carry: Carry::default(),
+            });
+        }
+    }
 
-        // Replace within the budget: unready instances first (they are down already), then
-        // by urgency (leaking memory, outdated, old), oldest first.
+    /// A rollout whose new instances keep failing while old ones run says so.
+    fn report_stall(&self, tally: &Tally, out: &mut Plan) {
+        if tally.crashing_new == 0 || tally.outdated == 0 {
+            return;
+        }
+        let last = tally.last_crash.as_ref().map_or(String::new(), |e| {
+            format!(" (last: {} {})", e.reason, e.code)
+        });
+        out.stalled.insert(
+            self.fleet.into(),
+            format!(
+                "rollout stalled: {} instance(s) of the new spec keep failing{last}; \
+                 {} instance(s) of the previous spec are kept running",
+                tally.crashing_new, tally.outdated
+            ),
+        );
+    }
+
+    /// Replaces within the budget: unready instances first (they are down already), then by
+    /// urgency (leaking memory, outdated, old), oldest first; a ready one beside itself (a
+    /// surge) while surge room lasts, else in place while `maxUnavailable` allows.
+    fn replace_within_budget(
+        &self,
+        mut candidates: Vec<(&Instance, Why)>,
+        ready_slots: u32,
+        surging: u32,
+        ports: &mut HashSet<u16>,
+        out: &mut Plan,
+    ) {
         if !self.can_create || candidates.is_empty() {
             return;
         }
+        let replicas = self.replicas;
+        let (max_unavailable, max_surge) = self.spec.rollout.budget(replicas);
         let mut unavailable_room = max_unavailable.saturating_sub(replicas - ready_slots);
         let mut surge_room = max_surge.saturating_sub(surging);
         candidates.sort_by_key(|(i, why)| (i.ready, *why, i.created_at, i.slot));
         for (i, why) in candidates {
             if i.ready && surge_room > 0 {
-                let Some(port) = free_port(self.spec, replicas, max_surge, &ports, true) else {
+                let Some(port) = free_port(self.spec, replicas, max_surge, ports, true) else {
                     continue;
                 };
                 ports.insert(port);
                 surge_room -= 1;
                 out.actions.push(Action::Surge {
-                    fleet: fleet.into(),
+                    fleet: self.fleet.into(),
                     slot: i.slot,
                     port,
                     carry: i.carry.clone(),
@@ -720,12 +764,61 @@ impl FleetPlan<'_> {
             // A rotation or rollout is not a restart: the slot's restarts and last exit stay.
             out.actions.push(Action::Replace {
                 old: i.id.clone(),
-                fleet: fleet.into(),
+                fleet: self.fleet.into(),
                 slot: i.slot,
                 port: i.port,
                 carry: i.carry.clone(),
                 why,
             });
+        }
+    }
+}
+
+/// What settling the slots found, for the stall report and the budget.
+#[derive(Default)]
+struct Tally<'a> {
+    /// Slots with a ready instance.
+    ready_slots: u32,
+    /// Slots with two instances (a surge).
+    surging: u32,
+    /// Healthy instances due for replacement, and why.
+    candidates: Vec<(&'a Instance, Why)>,
+    /// Instances of the new spec that keep failing.
+    crashing_new: u32,
+    /// Instances of a previous spec.
+    outdated: u32,
+    /// The last failure of the new spec.
+    last_crash: Option<LastExit>,
+}
+
+impl Tally<'_> {
+    /// Counts how the rollout goes in a slot.
+    fn count_rollout(&mut self, list: &[&Instance], hash: &str) {
+        self.outdated += list.iter().filter(|i| i.spec_hash != hash).count() as u32;
+        for i in list.iter().filter(|i| i.spec_hash == hash) {
+            if i.carry.crashloop > 0 && !i.ready {
+                self.crashing_new += 1;
+                self.last_crash = i.exit().or_else(|| i.carry.last_exit.clone());
+            }
+        }
+    }
+
+    /// A slot with work in flight: counted as it stands (ready, surging), left alone.
+    fn count_in_flight(
+        &mut self,
+        list: &[&Instance],
+        flight: &InFlight,
+        terminating: &HashSet<String>,
+    ) {
+        let live: Vec<&&Instance> = list
+            .iter()
+            .filter(|i| i.is_running() && !terminating.contains(&i.id))
+            .collect();
+        if live.iter().any(|i| i.ready) {
+            self.ready_slots += 1;
+        }
+        if live.len() + usize::from(flight.port.is_some()) > 1 {
+            self.surging += 1;
         }
     }
 }
