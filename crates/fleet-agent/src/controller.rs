@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 
 use crate::build::{self, InstanceLabels, NodeCtx};
 use crate::evaluate::{Eval, Evals, Fleets};
-use crate::executor::{Executor, Op};
+use crate::executor::Executor;
 use crate::lock;
 use crate::models::{Gate, GateKey, ModelCache, Warmer};
 use crate::ollama::{HttpOllama, Ollama};
@@ -32,15 +32,13 @@ use crate::publish::{PublishConfig, Publisher, Report};
 use crate::readiness::{self, Snapshot};
 use crate::status::report::{Pass, fleet_statuses};
 
+pub use crate::act::DEFAULT_GRACE;
 pub use crate::config::AgentConfig;
 pub use crate::view::{Endpoint, View};
 
 /// How long a starting agent waits at most to learn the readiness of the instances it adopts
 /// before it publishes status.
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(15);
-
-/// The grace of an instance nothing says anything about (made before the grace label).
-pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
 /// How long a pass waits for the status write that announces instances leaving before it stops
 /// them (only while the store answers).
@@ -548,7 +546,8 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             tracing::debug!(slot = %action.slot_key(), cache = %cache, "start deferred: the model cache is being written");
             return;
         }
-        let Some(op) = self.op_for(action, evals, node, now) else {
+        let Some(op) = crate::act::op_for(action, evals, node, now, &mut self.salt, &self.graces)
+        else {
             return;
         };
         tracing::info!(slot = %action.slot_key(), action = ?action, "acting");
@@ -638,85 +637,6 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 runtime: "io.containerd.runc.v2".into(),
             },
             heartbeat: String::new(),
-        }
-    }
-
-    fn op_for(
-        &mut self,
-        action: &Action,
-        evals: &Evals,
-        node: &NodeCtx,
-        now: SystemTime,
-    ) -> Option<Op> {
-        // The fleet's grace when it is there to say; else (deleted, broken) the instance's own.
-        let graces = &self.graces;
-        let grace = |fleet: &str, id: &str| match evals.get(fleet) {
-            Some((
-                _,
-                Eval::Run { fleet, .. } | Eval::Paused(fleet) | Eval::Refused { fleet, .. },
-            )) => fleet.spec.termination_grace_period.std(),
-            _ => graces.get(id).copied().unwrap_or(DEFAULT_GRACE),
-        };
-        let mut new_spec = |fleet: &str, slot: u32, port: u16, carry: &build::Carry| {
-            let (
-                _,
-                Eval::Run {
-                    fleet: f,
-                    hash,
-                    image: Some(image),
-                    ..
-                },
-            ) = evals.get(fleet)?
-            else {
-                return None;
-            };
-            self.salt += 1;
-            let id = build::new_id(fleet, slot, now, self.salt);
-            Some(Box::new(build::container_spec(
-                fleet,
-                &f.spec,
-                hash,
-                image,
-                node,
-                (slot, port),
-                id,
-                carry,
-                now,
-            )))
-        };
-        match action {
-            Action::Create {
-                fleet,
-                slot,
-                port,
-                carry,
-            } => new_spec(fleet, *slot, *port, carry).map(Op::Create),
-            Action::Surge {
-                fleet,
-                slot,
-                port,
-                carry,
-                ..
-            } => new_spec(fleet, *slot, *port, carry).map(Op::Create),
-            Action::Replace {
-                old,
-                fleet,
-                slot,
-                port,
-                carry,
-                ..
-            } => {
-                let new = new_spec(fleet, *slot, *port, carry)?;
-                Some(Op::Replace {
-                    old: old.clone(),
-                    grace: grace(fleet, old),
-                    new,
-                })
-            }
-            Action::Remove { id, fleet, .. } => Some(Op::Remove {
-                id: id.clone(),
-                grace: grace(fleet, id),
-            }),
         }
     }
 }

@@ -14,6 +14,7 @@
 //! - [`controller`]: the level-triggered loop that ties them together;
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/instances`.
 
+pub mod act;
 pub mod backoff;
 pub mod build;
 pub mod config;
