@@ -223,14 +223,15 @@ async fn the_reconcile_loop_end_to_end() {
         })
         .await;
     assert_eq!(ids(&s), kept);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for id in kept.values() {
-        assert_eq!(
-            world.ns.task(id).map(|t| t.0).as_deref(),
-            Some("RUNNING"),
-            "{id} still runs"
-        );
-    }
+    fleet_e2e::holds_for(
+        "the instances of the broken fleet running",
+        Duration::from_secs(2),
+        || async {
+            kept.values()
+                .all(|id| world.ns.task(id).map(|t| t.0).as_deref() == Some("RUNNING"))
+        },
+    )
+    .await;
 
     // delete: every instance goes, and its status.
     world.etcdctl_put("sim", &world.sim_fleet("sim", 2, base, ""));
@@ -333,13 +334,17 @@ async fn standalone_mode_reads_a_manifests_directory() {
 
     // A broken file disturbs nothing.
     std::fs::write(dir.join("sim.yaml"), "spec: [broken").expect("break");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let v = agent.instances().await.expect("instances");
-    assert_eq!(
-        ready_count(&v),
-        3,
-        "a file that cannot be read leaves its fleet running"
-    );
+    fleet_e2e::holds_for(
+        "3 ready while a file cannot be read",
+        Duration::from_secs(3),
+        || async {
+            agent
+                .instances()
+                .await
+                .is_some_and(|v| ready_count(&v) == 3)
+        },
+    )
+    .await;
 
     // Removing the file removes the fleet.
     std::fs::remove_file(dir.join("sim.yaml")).expect("rm");

@@ -152,11 +152,19 @@ async fn images_come_from_the_registry() {
 
     // The registry goes away: what runs keeps running.
     registry.stop();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    for port in [a, a + 1, b] {
-        let (code, _) = get(&format!("http://127.0.0.1:{port}/api/version")).await;
-        assert_eq!(code, 200, "port {port} still serves with the registry down");
-    }
+    fleet_e2e::holds_for(
+        "every instance serving with the registry down",
+        Duration::from_secs(5),
+        || async {
+            for port in [a, a + 1, b] {
+                if get(&format!("http://127.0.0.1:{port}/api/version")).await.0 != 200 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
     world
         .wait_status(
             "alpha",

@@ -432,7 +432,12 @@ async fn rolling_updates_and_a_stalled_one() {
         })
         .await;
     // Give it time to do harm, if it would.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    fleet_e2e::holds_for(
+        "at least 9 slots ready during the stalled rollout",
+        Duration::from_secs(5),
+        || async { ready_slots(&listed(&agent, "u").await) >= 9 },
+    )
+    .await;
     let (ready, _, _) = sampler.finish().await;
     assert!(
         ready >= 9,
@@ -597,16 +602,19 @@ async fn a_failing_model_pull_is_reported_and_retried() {
     );
     // Waiting for the node's model is model work (Pending), not a startup failure: past the
     // startup timeout (2 s), nothing restarts, nothing is ready.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let s = world.statuses("p").into_iter().next().expect("status");
-    assert!(
-        s["instances"]
-            .as_array()
-            .expect("instances")
-            .iter()
-            .all(|i| i["restarts"] == 0 && i["phase"] == "Pending"),
-        "{s}"
-    );
+    fleet_e2e::holds_for(
+        "every instance Pending, none restarted, past the startup timeout",
+        Duration::from_secs(3),
+        || async {
+            world.statuses("p").first().is_some_and(|s| {
+                s["instances"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .all(|i| i["restarts"] == 0 && i["phase"] == "Pending")
+                })
+            })
+        },
+    )
+    .await;
     assert!(metric(&agent, "ollama_fleet_model_failures_total").await >= 1.0);
 }
 

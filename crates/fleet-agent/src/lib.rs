@@ -1,18 +1,26 @@
 //! The ollama-fleet node agent.
 //!
+//! - [`controller`]: the level-triggered loop; it only orchestrates the modules below;
+//! - [`evaluate`]: each fleet document as this node sees it (parsed, admitted, image, hash);
+//! - [`readiness`]: readiness and the model cache's work, pure over a pass snapshot;
 //! - [`planner`]: pure decisions, `plan(fleets, instances, busy, now) -> Plan`;
+//! - [`act`]: the planner's actions as the executor's operations;
 //! - [`build`]: pure construction of an instance's container;
 //! - [`policy`]: what fleets may ask of this node (allowlists, default limits, admission);
+//! - [`reason`]: typed reasons for waiting (image pulls, model preparation);
 //! - [`backoff`], [`topology`]: small pure pieces;
 //! - [`images`]: images present, pulled per policy, once per node, with backoff;
-//! - [`executor`]: runs actions with bounded concurrency, one at a time per slot;
+//! - [`executor`]: runs operations with bounded concurrency, one at a time per slot;
 //! - [`prober`]: HTTP readiness and liveness probes;
 //! - [`ollama`]: Ollama's API (show, pull, create with `num_thread`, load), HTTP and scripted;
 //! - [`models`]: the node's model cache (one pull per node) and each instance's warm-up;
-//! - [`status`]: status computation (pure) and the writer that writes only changes;
-//! - [`publish`]: the session, node record and status writes, beside the loop (never in it);
-//! - [`controller`]: the level-triggered loop that ties them together;
-//! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/instances`.
+//! - [`status`]: status computation (pure; [`status::report`] per fleet, with conditions) and
+//!   the writer that writes only changes;
+//! - [`publish`]: the etcd session, node record and status writes, beside the loop (never in it);
+//! - [`view`], [`http`]: what the agent shows: `/healthz`, `/readyz`, `/metrics`, `/instances`;
+//! - [`config`]: the agent's settings.
+//!
+//! Time is read through [`fleet_runtime::clock`], so tests can pause it.
 
 pub mod act;
 pub mod backoff;
