@@ -20,14 +20,6 @@ fn fleet(world: &World, name: &str, image: &str, policy: &str, replicas: u32, ba
         )
 }
 
-async fn metric(agent: &fleet_e2e::AgentProcess, name: &str) -> f64 {
-    let (_, text) = agent.get("/metrics").await.expect("metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(-1.0)
-}
-
 async fn version_at(port: u16) -> Option<String> {
     let (code, body) = request(
         "GET",
@@ -75,11 +67,11 @@ async fn images_come_from_the_registry() {
         .wait_status("beta", "beta ready", 90, |s| s["readyReplicas"] == 1)
         .await;
     assert_eq!(
-        metric(&agent, "ollama_fleet_image_pulls_total").await,
+        agent.metric("ollama_fleet_image_pulls_total").await,
         1.0,
         "one pull for both fleets"
     );
-    assert!(metric(&agent, "ollama_fleet_image_pull_bytes_total").await > 1_000_000.0);
+    assert!(agent.metric("ollama_fleet_image_pull_bytes_total").await > 1_000_000.0);
     assert_eq!(version_at(a).await.as_deref(), Some("0.4.0"));
     assert!(
         world.ns.ctr_ok(&["images", "ls", "-q"]).contains(&image),

@@ -162,14 +162,6 @@ impl Sampler {
     }
 }
 
-async fn metric(agent: &AgentProcess, name: &str) -> f64 {
-    let (_, text) = agent.get("/metrics").await.expect("metrics");
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_model_is_pulled_once_and_loaded_before_ready() {
     let world = World::new("lc-model");
@@ -234,7 +226,7 @@ async fn the_model_is_pulled_once_and_loaded_before_ready() {
     let journal = std::fs::read_to_string(&journal).expect("the sim's pull journal");
     let starts = journal.lines().filter(|l| l.starts_with("start")).count();
     assert_eq!(starts, 1, "exactly one pull on the node:\n{journal}");
-    assert_eq!(metric(&agent, "ollama_fleet_model_pulls_total").await, 1.0);
+    assert_eq!(agent.metric("ollama_fleet_model_pulls_total").await, 1.0);
 
     // Every request runs with the thread count of the CPU allowance (1.5 CPUs: 1 thread), though
     // the client says nothing about threads and the sim believes the host has 64 cores.
@@ -278,7 +270,7 @@ async fn rotate(tag: &str, rollout: &str) -> (usize, usize, u32) {
     )
     .await;
     let seen = sampler.finish().await;
-    assert!(metric(&agent, "ollama_fleet_rotations_total").await >= 10.0);
+    assert!(agent.metric("ollama_fleet_rotations_total").await >= 10.0);
     let s = world.statuses("r");
     assert!(
         s[0]["instances"]
@@ -520,11 +512,9 @@ async fn hung_and_leaking_instances_are_replaced() {
     assert_eq!(slot1["restarts"], 0, "rotated, not crashed: {slot1}");
     assert!(slot1["lastExit"].is_null(), "not OOM-killed: {slot1}");
     assert!(
-        metric(
-            &agent,
-            "ollama_fleet_rotations_total{fleet=\"s\",reason=\"MaxMemory\"}"
-        )
-        .await
+        agent
+            .metric("ollama_fleet_rotations_total{fleet=\"s\",reason=\"MaxMemory\"}")
+            .await
             >= 1.0
     );
     // Slot 2 was left alone.
@@ -615,7 +605,7 @@ async fn a_failing_model_pull_is_reported_and_retried() {
         },
     )
     .await;
-    assert!(metric(&agent, "ollama_fleet_model_failures_total").await >= 1.0);
+    assert!(agent.metric("ollama_fleet_model_failures_total").await >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

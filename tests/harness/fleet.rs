@@ -307,6 +307,27 @@ impl AgentProcess {
             .ok()
     }
 
+    /// The sum of every sample of metric `name` (any labels) in `/metrics`; -1 when there is
+    /// none (or the agent does not answer).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let Some((_, text)) = self.get("/metrics").await else {
+            return -1.0;
+        };
+        let samples: Vec<f64> = text
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        if samples.is_empty() {
+            -1.0
+        } else {
+            samples.iter().sum()
+        }
+    }
+
     /// The instances `/instances` lists (of `fleet`, or all); empty when the agent does not
     /// answer.
     pub async fn listed(&self, fleet: Option<&str>) -> Vec<Value> {
