@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use crate::build::{self, InstanceLabels, NodeCtx};
 use crate::evaluate::{Eval, Evals, Fleets};
 use crate::executor::Executor;
+use crate::gateway::{Backend, Gateway};
 use crate::lock;
 use crate::models::{Gate, GateKey, ModelCache, Warmer};
 use crate::ollama::{HttpOllama, Ollama};
@@ -85,6 +86,8 @@ pub struct Agent<R: Runtime, S: Store> {
     host_ips: HashMap<String, std::net::IpAddr>,
     /// What admission asks of the host (symlinks, addresses, cpus, memory).
     host: Arc<dyn Host + Send + Sync>,
+    /// The node gateway, when the agent serves (`--serve`).
+    gateway: Option<Arc<Gateway>>,
 }
 
 impl<R: Runtime, S: Store> std::fmt::Debug for Agent<R, S> {
@@ -150,7 +153,17 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             graces: HashMap::new(),
             host_ips: HashMap::new(),
             host: Arc::new(policy::RealHost),
+            gateway: None,
         }
+    }
+
+    /// Routes requests through `gateway` (`--serve`): it learns the instances each pass, and
+    /// every instance that stops is drained through it first.
+    pub fn with_gateway(mut self, gateway: Arc<Gateway>) -> Agent<R, S> {
+        self.exec = self.exec.with_drain(gateway.clone());
+        self.view.write().unwrap_or_else(|p| p.into_inner()).gateway = Some(gateway.clone());
+        self.gateway = Some(gateway);
+        self
     }
 
     /// Answers admission's questions about the host with `host` (tests script it).
@@ -325,6 +338,14 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             .iter()
             .map(|(id, (_, m))| (id.clone(), *m))
             .collect();
+        let stalled = match &self.gateway {
+            Some(gw) => labelled
+                .iter()
+                .filter(|(o, l)| gw.stalled(&l.fleet, &o.id))
+                .map(|(o, _)| o.id.clone())
+                .collect(),
+            None => HashSet::new(),
+        };
         let snapshot = Snapshot {
             labelled: &labelled,
             fleets: &self.fleets.last_valid,
@@ -332,6 +353,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             warmth: &warmth,
             ooms: &ooms,
             memory: &memory,
+            stalled: &stalled,
             settled: self.settled,
             started_at: self.started_at,
             now,
@@ -448,6 +470,9 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                     Some(f.spec.network.host_ip)
                 })
             });
+            if let Some(gw) = &self.gateway {
+                self.route(gw, &evals, &instances, &endpoints, &leaving);
+            }
             self.view
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
@@ -505,6 +530,57 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             wake = Some(wake.map_or(at, |w| w.min(at)));
         }
         Ok(wake)
+    }
+
+    /// Tells the gateway the fleets it routes to and their instances: ready ones take
+    /// requests, leaving ones (about to be stopped) none.
+    fn route(
+        &self,
+        gw: &Gateway,
+        evals: &Evals,
+        instances: &[planner::Instance],
+        endpoints: &[crate::view::Endpoint],
+        leaving: &HashSet<String>,
+    ) {
+        let ports: HashMap<&str, u16> = instances.iter().map(|i| (i.id.as_str(), i.port)).collect();
+        let fleets: Vec<(String, String, u32)> = evals
+            .iter()
+            .filter_map(|(name, (_, e))| {
+                let f = e.fleet()?;
+                Some((
+                    name.clone(),
+                    f.spec.model.clone(),
+                    f.spec.probes.liveness.failure_threshold,
+                ))
+            })
+            .collect();
+        let routes = crate::gateway::routes(&fleets);
+        let pool_of: HashMap<&str, &str> = routes
+            .iter()
+            .map(|r| (r.fleet.as_str(), r.pool.as_str()))
+            .collect();
+        let backends = endpoints
+            .iter()
+            .filter_map(|e| {
+                let spec = &self.fleets.last_valid.get(&e.fleet)?.spec;
+                let capacity = spec
+                    .env
+                    .get("OLLAMA_NUM_PARALLEL")
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .unwrap_or(1)
+                    .max(1);
+                Some(Backend {
+                    id: e.id.clone(),
+                    fleet: e.fleet.clone(),
+                    pool: pool_of.get(e.fleet.as_str())?.to_string(),
+                    url: self.base_of(spec, &e.id, *ports.get(e.id.as_str())?),
+                    capacity,
+                    ready: e.ready,
+                    leaving: leaving.contains(&e.id),
+                })
+            })
+            .collect();
+        gw.update(routes, backends);
     }
 
     /// The model gates: the model cache's answer for each piece of work

@@ -46,13 +46,27 @@ struct State {
     failed: u64,
 }
 
+/// What stops an instance's traffic before it is stopped (the gateway).
+#[async_trait::async_trait]
+pub trait Drain: Send + Sync + 'static {
+    /// Sends no new requests to `id` from now on; returns once it has none in flight, or after
+    /// `within`.
+    async fn drain(&self, id: &str, within: Duration);
+}
+
 /// The executor.
-#[derive(Debug)]
 pub struct Executor<R: Runtime> {
     runtime: Arc<R>,
     permits: Arc<Semaphore>,
     state: Arc<Mutex<State>>,
     wake: Arc<Notify>,
+    drain: Option<Arc<dyn Drain>>,
+}
+
+impl<R: Runtime> std::fmt::Debug for Executor<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor").finish_non_exhaustive()
+    }
 }
 
 impl<R: Runtime> Clone for Executor<R> {
@@ -62,6 +76,7 @@ impl<R: Runtime> Clone for Executor<R> {
             permits: self.permits.clone(),
             state: self.state.clone(),
             wake: self.wake.clone(),
+            drain: self.drain.clone(),
         }
     }
 }
@@ -74,7 +89,26 @@ impl<R: Runtime> Executor<R> {
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             state: Arc::new(Mutex::new(State::default())),
             wake,
+            drain: None,
         }
+    }
+
+    /// Drains each instance through `drain` before stopping it: its grace covers both.
+    pub fn with_drain(mut self, drain: Arc<dyn Drain>) -> Executor<R> {
+        self.drain = Some(drain);
+        self
+    }
+
+    /// Stops `id` within `grace`: drained first (when there is something to drain through),
+    /// then SIGTERM with what is left of the grace, SIGKILL after; then removed.
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), fleet_runtime::RuntimeError> {
+        let started = Instant::now();
+        if let Some(d) = &self.drain {
+            d.drain(id, grace).await;
+        }
+        let left = grace.saturating_sub(started.elapsed());
+        self.runtime.stop(id, left).await?;
+        self.runtime.remove(id).await.map(drop)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -166,20 +200,13 @@ impl<R: Runtime> Executor<R> {
             Op::Replace { old, grace, new } => {
                 // Prepare the new container while the old one stops; start it once the old one
                 // (and its port) is gone.
-                let (stopped, created) = tokio::join!(
-                    async {
-                        rt.stop(old, *grace).await?;
-                        rt.remove(old).await
-                    },
-                    rt.create(new),
-                );
+                let (stopped, created) = tokio::join!(self.stop(old, *grace), rt.create(new));
                 stopped.map_err(|e| e.to_string())?;
                 created.map_err(|e| e.to_string())?;
                 rt.start(&new.id).await.map_err(|e| e.to_string())?;
             }
             Op::Remove { id, grace } => {
-                rt.stop(id, *grace).await.map_err(|e| e.to_string())?;
-                rt.remove(id).await.map_err(|e| e.to_string())?;
+                self.stop(id, *grace).await.map_err(|e| e.to_string())?;
             }
         }
         Ok(())

@@ -291,6 +291,9 @@ async fn metrics(State(view): Shared) -> Response {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
         );
     }
+    if let Some(gw) = &v.gateway {
+        gw.render_metrics(&mut out);
+    }
     (
         [(
             header::CONTENT_TYPE,

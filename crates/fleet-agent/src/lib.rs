@@ -29,6 +29,7 @@ pub mod config;
 pub mod controller;
 pub mod evaluate;
 pub mod executor;
+pub mod gateway;
 pub mod http;
 pub mod images;
 pub mod models;

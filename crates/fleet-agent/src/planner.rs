@@ -62,6 +62,8 @@ pub struct Instance {
     pub startup_since: Option<SystemTime>,
     /// Its liveness probe failed `failureThreshold` times in a row.
     pub unhealthy: bool,
+    /// The gateway's watchdog saw it stall `failureThreshold` times in a row.
+    pub stalled: bool,
     /// Anonymous plus swap memory, when measured (for `rotation.maxMemory`).
     pub memory: Option<u64>,
     /// It runs but waits for the node's model (being checked, pulled, or backing off): phase
@@ -150,6 +152,8 @@ pub enum Why {
     StartupTimeout,
     /// Its liveness probe failed.
     Unhealthy,
+    /// The gateway's watchdog saw it stall `failureThreshold` times in a row.
+    Stalled,
     /// Its memory passed `rotation.maxMemory`.
     MaxMemory,
     /// It runs an outdated spec.
@@ -174,6 +178,7 @@ impl Why {
             Why::NeverStarted => "StartError",
             Why::StartupTimeout => "StartupTimeout",
             Why::Unhealthy => "Unhealthy",
+            Why::Stalled => "Stalled",
             Why::MaxMemory => "MaxMemory",
             Why::Outdated => "Outdated",
             Why::MaxAge => "MaxAge",
@@ -459,13 +464,19 @@ impl FleetPlan<'_> {
                 Why::NeverStarted,
             ));
         }
-        if i.unhealthy {
-            // The liveness probe took failureThreshold periods to decide: restart at once.
+        if i.unhealthy || i.stalled {
+            // The liveness probe (or the gateway's watchdog) took failureThreshold failures to
+            // decide: restart at once.
+            let why = if i.stalled {
+                Why::Stalled
+            } else {
+                Why::Unhealthy
+            };
             return Some((
                 SystemTime::UNIX_EPOCH,
                 backoff::next_count(i.carry.crashloop, ran(now)),
-                Some(exit_record(-1, "Unhealthy", now)),
-                Why::Unhealthy,
+                Some(exit_record(-1, why.as_str(), now)),
+                why,
             ));
         }
         if !i.ready
@@ -881,6 +892,7 @@ mod tests {
             oom: false,
             startup_since: Some(t(0)),
             unhealthy: false,
+            stalled: false,
             memory: None,
             known: true,
             model_pending: false,

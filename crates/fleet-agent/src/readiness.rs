@@ -50,6 +50,8 @@ pub struct Snapshot<'a> {
     pub ooms: &'a HashSet<String>,
     /// Measured memory of instances of fleets with `rotation.maxMemory`.
     pub memory: &'a HashMap<String, u64>,
+    /// Instances the gateway's watchdog saw stall `failureThreshold` times in a row.
+    pub stalled: &'a HashSet<String>,
     /// Whether the agent knows the readiness of what it adopted.
     pub settled: bool,
     /// When the agent started (instances made before were adopted).
@@ -175,6 +177,7 @@ pub fn readiness(s: &Snapshot<'_>, gates: &HashMap<GateKey, Gate>) -> Readiness 
             oom: s.ooms.contains(&o.id),
             startup_since,
             unhealthy: probe.unhealthy && running,
+            stalled: s.stalled.contains(&o.id) && running,
             memory: s.memory.get(&o.id).copied(),
             known: probe.probed && (s.settled || !unknown),
             model_pending: matches!(gate, Gate::Waiting(_)),
@@ -400,7 +403,7 @@ mod tests {
                 .iter()
                 .zip(self.labels.iter().cloned())
                 .collect();
-            let (ooms, memory) = (HashSet::new(), HashMap::new());
+            let (ooms, memory, stalled) = (HashSet::new(), HashMap::new(), HashSet::new());
             f(&Snapshot {
                 labelled: &labelled,
                 fleets: &self.fleets,
@@ -408,6 +411,7 @@ mod tests {
                 warmth: &self.warmth,
                 ooms: &ooms,
                 memory: &memory,
+                stalled: &stalled,
                 settled: self.settled,
                 started_at: at(50),
                 now: at(self.now),

@@ -293,6 +293,7 @@ mod tests {
             oom: false,
             startup_since: None,
             unhealthy: false,
+            stalled: false,
             memory: None,
             known: true,
             model_pending: false,

@@ -62,6 +62,8 @@ pub struct View {
     pub models: crate::models::ModelStats,
     /// Rotations started, by (fleet, reason).
     pub rotations: BTreeMap<(String, String), u64>,
+    /// The node gateway, when the agent serves (its figures join `/metrics`).
+    pub gateway: Option<std::sync::Arc<crate::gateway::Gateway>>,
 }
 
 /// `host:port` of an instance at `ip` (IPv6 in brackets).

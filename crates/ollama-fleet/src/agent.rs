@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use fleet_agent::controller::{Agent, AgentConfig};
+use fleet_agent::gateway::{Gateway, GatewayConfig};
 use fleet_runtime::containerd::Containerd;
 use fleet_store::Store;
 use fleet_store::etcd::EtcdStore;
@@ -131,6 +132,46 @@ pub struct Args {
     /// `resources.memory` are admitted while their instances fit in the rest.
     #[arg(long, env = "OLLAMA_FLEET_RESERVED_MEMORY", value_name = "QUANTITY", default_value = "1Gi", value_parser = parse_quantity)]
     pub reserved_memory: u64,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// The node gateway (off unless `--serve`).
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Gateway (an Ollama-compatible API for the node's fleets)")]
+pub struct ServeArgs {
+    /// Serve an Ollama-compatible API on ADDR (e.g. 0.0.0.0:11400) for every fleet on this
+    /// node: each request goes to a Ready instance with a free slot, waits in a queue
+    /// otherwise; instances are drained before the agent stops them.
+    #[arg(long = "serve", env = "OLLAMA_FLEET_SERVE", value_name = "ADDR")]
+    pub addr: Option<SocketAddr>,
+    /// Requests waiting per fleet (model) at most; beyond: 503.
+    #[arg(
+        long = "serve-max-queue",
+        env = "OLLAMA_FLEET_SERVE_MAX_QUEUE",
+        value_name = "N",
+        default_value_t = 512
+    )]
+    pub max_queue: usize,
+    /// How long a request waits for a free instance at most; beyond: 503.
+    #[arg(long = "serve-queue-timeout", env = "OLLAMA_FLEET_SERVE_QUEUE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub queue_timeout: std::time::Duration,
+    /// No first response byte within this: the request is aborted (retried once elsewhere),
+    /// and the instance counts a failure.
+    #[arg(long = "serve-first-token-timeout", env = "OLLAMA_FLEET_SERVE_FIRST_TOKEN_TIMEOUT", value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
+    pub first_token_timeout: std::time::Duration,
+    /// No response byte for this long: the request is aborted, and the instance counts a
+    /// failure (probes.liveness.failureThreshold in a row replace it, reason Stalled).
+    #[arg(long = "serve-stall-timeout", env = "OLLAMA_FLEET_SERVE_STALL_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub stall_timeout: std::time::Duration,
+    /// Bearer tokens, one per line (re-read when it changes): every route but GET / then
+    /// needs `Authorization: Bearer TOKEN`.
+    #[arg(
+        long = "serve-token-file",
+        env = "OLLAMA_FLEET_SERVE_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    pub token_file: Option<PathBuf>,
 }
 
 fn parse_optional_quantity(s: &str) -> Result<Option<u64>, String> {
@@ -329,6 +370,46 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
     tracing::info!(node = %node, namespace = %args.namespace, sockets = cfg.sockets, listen = %args.listen,
         host_paths = ?cfg.policy.host_paths, runtimes = ?cfg.policy.runtimes.keys().collect::<Vec<_>>(), "agent starting");
 
+    let gateway = match args.serve.addr {
+        None => None,
+        Some(addr) => {
+            if let Some(f) = &args.serve.token_file {
+                anyhow::ensure!(
+                    std::fs::metadata(f).is_ok_and(|m| m.is_file()),
+                    "--serve-token-file {} is not a readable file",
+                    f.display()
+                );
+            }
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve on {addr} (see --serve)"))?;
+            let gw = Gateway::new(GatewayConfig {
+                max_queue: args.serve.max_queue,
+                queue_timeout: args.serve.queue_timeout,
+                first_token_timeout: args.serve.first_token_timeout,
+                stall_timeout: args.serve.stall_timeout,
+                token_file: args.serve.token_file.clone(),
+                ..GatewayConfig::default()
+            });
+            if args.serve.token_file.is_none() && !addr.ip().is_loopback() {
+                tracing::warn!(%addr, "the gateway serves without tokens on a non-loopback address: anyone who reaches it can use the models (see --serve-token-file)");
+            }
+            tracing::info!(%addr, "serving the node's fleets");
+            let router = gw.router();
+            // Every queued request holds a connection: room for the queue and more.
+            let limits = fleet_agent::http::ServerLimits {
+                max_connections: (args.serve.max_queue * 2).max(1024),
+                ..Default::default()
+            };
+            tokio::spawn(async move {
+                if let Err(e) = fleet_agent::http::serve(listener, router, limits).await {
+                    tracing::error!(error = %e, "gateway stopped");
+                }
+            });
+            Some(gw)
+        }
+    };
+
     match &args.manifests {
         Some(dir) => {
             anyhow::ensure!(
@@ -338,7 +419,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
             );
             let store = Arc::new(MemoryStore::new(&global.etcd_prefix));
             tokio::spawn(mirror_manifests(dir.clone(), store.clone()));
-            serve(cfg, runtime, store, listener).await
+            serve(cfg, runtime, store, listener, gateway).await
         }
         None => {
             let config = global.etcd_config()?;
@@ -359,7 +440,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
                     }
                 }
             };
-            serve(cfg, runtime, Arc::new(store), listener).await
+            serve(cfg, runtime, Arc::new(store), listener, gateway).await
         }
     }
 }
@@ -369,8 +450,12 @@ async fn serve<S: Store>(
     runtime: Arc<Containerd>,
     store: Arc<S>,
     listener: tokio::net::TcpListener,
+    gateway: Option<Arc<Gateway>>,
 ) -> anyhow::Result<ExitCode> {
-    let agent = Agent::new(cfg, runtime, store);
+    let mut agent = Agent::new(cfg, runtime, store);
+    if let Some(gw) = gateway {
+        agent = agent.with_gateway(gw);
+    }
     let router = fleet_agent::http::router(agent.view());
     tokio::spawn(async move {
         let limits = fleet_agent::http::ServerLimits::default();

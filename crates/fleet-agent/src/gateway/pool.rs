@@ -1,0 +1,477 @@
+//! Dispatch: which instance takes a request. An instance takes at most its capacity
+//! (`OLLAMA_NUM_PARALLEL`) requests at once and only while Ready and not draining; when every
+//! instance of a pool is busy, requests wait in a bounded FIFO queue per pool and are handed a
+//! slot the moment one frees up (no polling).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_runtime::clock::Instant;
+use tokio::sync::{Notify, oneshot};
+
+use crate::lock;
+
+/// An instance the gateway may send requests to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Container ID.
+    pub id: String,
+    /// Its fleet.
+    pub fleet: String,
+    /// The pool it serves (its model's key).
+    pub pool: String,
+    /// `http://ip:port`.
+    pub url: String,
+    /// Requests it takes at once.
+    pub capacity: u32,
+    /// Ready (probed, warm).
+    pub ready: bool,
+    /// About to be stopped: no new requests.
+    pub leaving: bool,
+}
+
+#[derive(Debug)]
+struct Slot {
+    backend: Backend,
+    in_flight: u32,
+    /// Draining: no new requests, whatever the controller says next.
+    drained: bool,
+    /// Consecutive watchdog failures.
+    stalls: u32,
+    /// Requests sent so far (metrics).
+    served: u64,
+}
+
+impl Slot {
+    fn open(&self) -> bool {
+        self.backend.ready
+            && !self.backend.leaving
+            && !self.drained
+            && self.in_flight < self.backend.capacity
+    }
+}
+
+struct Waiter {
+    exclude: Option<String>,
+    tx: oneshot::Sender<Lease>,
+}
+
+#[derive(Default)]
+struct State {
+    slots: BTreeMap<String, Slot>,
+    queues: HashMap<String, VecDeque<Waiter>>,
+    /// Round-robin position per pool, so that equally idle instances share the load.
+    turn: HashMap<String, usize>,
+}
+
+/// Why a request gets no instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The pool has no ready instance.
+    NoneReady,
+    /// The queue is full.
+    QueueFull,
+    /// The wait timed out.
+    Timeout,
+}
+
+/// The node's pools.
+#[derive(Clone, Default)]
+pub struct Pools {
+    state: Arc<Mutex<State>>,
+    /// Notified when an instance has no request in flight any more (drains wait on it).
+    idle: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Pools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pools").finish_non_exhaustive()
+    }
+}
+
+/// A slot on an instance, held while a request runs there; dropping it frees the slot (and
+/// hands it to the first request waiting in its pool).
+#[derive(Debug)]
+pub struct Lease {
+    /// The instance.
+    pub backend: Backend,
+    pools: Pools,
+    released: bool,
+}
+
+impl Lease {
+    /// Frees the slot, and counts a watchdog failure of the instance (`stalled`) or a success.
+    pub fn finish(mut self, stalled: bool) {
+        self.pools.release(&self.backend.id, Some(stalled));
+        self.released = true;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.released {
+            self.pools.release(&self.backend.id, None);
+        }
+    }
+}
+
+impl Pools {
+    /// Replaces the instances (keeping the counts of those that stay); hands freed capacity to
+    /// waiting requests.
+    pub fn update(&self, backends: Vec<Backend>) {
+        let mut s = lock(&self.state);
+        let mut slots = BTreeMap::new();
+        for b in backends {
+            let slot = match s.slots.remove(&b.id) {
+                Some(mut old) => {
+                    old.backend = b;
+                    old
+                }
+                None => Slot {
+                    backend: b,
+                    in_flight: 0,
+                    drained: false,
+                    stalls: 0,
+                    served: 0,
+                },
+            };
+            slots.insert(slot.backend.id.clone(), slot);
+        }
+        // Instances gone with requests in flight keep their slot until those end.
+        for (id, old) in std::mem::take(&mut s.slots) {
+            if old.in_flight > 0 {
+                slots.insert(id, old);
+            }
+        }
+        s.slots = slots;
+        let pools: Vec<String> = s.queues.keys().cloned().collect();
+        for pool in pools {
+            self.hand_out(&mut s, &pool);
+        }
+        drop(s);
+        self.idle.notify_waiters();
+    }
+
+    /// Whether the pool has a ready instance that takes requests.
+    pub fn has_ready(&self, pool: &str) -> bool {
+        lock(&self.state)
+            .slots
+            .values()
+            .any(|s| s.backend.pool == pool && s.backend.ready && !s.backend.leaving && !s.drained)
+    }
+
+    /// Requests waiting, per pool.
+    pub fn queue_depths(&self) -> Vec<(String, usize)> {
+        lock(&self.state)
+            .queues
+            .iter()
+            .map(|(p, q)| (p.clone(), q.len()))
+            .collect()
+    }
+
+    /// Requests in flight and served so far, per instance: (fleet, id, in flight, served).
+    pub fn counts(&self) -> Vec<(String, String, u32, u64)> {
+        lock(&self.state)
+            .slots
+            .values()
+            .map(|s| {
+                (
+                    s.backend.fleet.clone(),
+                    s.backend.id.clone(),
+                    s.in_flight,
+                    s.served,
+                )
+            })
+            .collect()
+    }
+
+    /// URLs of ready instances that take requests.
+    pub fn ready_urls(&self) -> Vec<String> {
+        lock(&self.state)
+            .slots
+            .values()
+            .filter(|s| s.backend.ready && !s.backend.leaving && !s.drained)
+            .map(|s| s.backend.url.clone())
+            .collect()
+    }
+
+    /// Consecutive watchdog failures of an instance.
+    pub fn stalls(&self, id: &str) -> u32 {
+        lock(&self.state).slots.get(id).map_or(0, |s| s.stalls)
+    }
+
+    /// A slot in `pool` (not on `exclude`): at once when an instance has room, else after
+    /// waiting in the pool's queue (at most `max_queue` waiting, at most `timeout`).
+    pub async fn acquire(
+        &self,
+        pool: &str,
+        exclude: Option<&str>,
+        max_queue: usize,
+        timeout: Duration,
+    ) -> Result<Lease, Refused> {
+        let rx = {
+            let mut s = lock(&self.state);
+            if let Some(lease) = self.pick(&mut s, pool, exclude) {
+                return Ok(lease);
+            }
+            let ready = s.slots.values().any(|x| {
+                x.backend.pool == pool
+                    && x.backend.ready
+                    && !x.backend.leaving
+                    && !x.drained
+                    && Some(x.backend.id.as_str()) != exclude
+            });
+            if !ready {
+                return Err(Refused::NoneReady);
+            }
+            let queue = s.queues.entry(pool.to_string()).or_default();
+            queue.retain(|w| !w.tx.is_closed());
+            if queue.len() >= max_queue {
+                return Err(Refused::QueueFull);
+            }
+            let (tx, rx) = oneshot::channel();
+            queue.push_back(Waiter {
+                exclude: exclude.map(str::to_string),
+                tx,
+            });
+            rx
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(lease)) => Ok(lease),
+            // (The sender is only dropped with the pools.)
+            Ok(Err(_)) => Err(Refused::NoneReady),
+            Err(_) => Err(Refused::Timeout),
+        }
+    }
+
+    /// Takes no new requests to `id` from now on, and returns once it has none in flight, or
+    /// after `within`; returns how long it waited.
+    pub async fn drain(&self, id: &str, within: Duration) -> Duration {
+        let started = Instant::now();
+        if let Some(s) = lock(&self.state).slots.get_mut(id) {
+            s.drained = true;
+        }
+        let deadline = started + within;
+        loop {
+            let notified = self.idle.notified();
+            let busy = lock(&self.state)
+                .slots
+                .get(id)
+                .is_some_and(|s| s.in_flight > 0);
+            if !busy || Instant::now() >= deadline {
+                break;
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+        started.elapsed()
+    }
+
+    /// The least busy open instance of `pool` (round robin among equals), counted as in use.
+    fn pick(&self, s: &mut State, pool: &str, exclude: Option<&str>) -> Option<Lease> {
+        let open: Vec<(&String, u32)> = s
+            .slots
+            .iter()
+            .filter(|(id, x)| x.backend.pool == pool && x.open() && Some(id.as_str()) != exclude)
+            .map(|(id, x)| (id, x.in_flight))
+            .collect();
+        let least = open.iter().map(|(_, n)| *n).min()?;
+        let idle: Vec<&String> = open
+            .iter()
+            .filter(|(_, n)| *n == least)
+            .map(|(id, _)| *id)
+            .collect();
+        let turn = s.turn.entry(pool.to_string()).or_default();
+        *turn = turn.wrapping_add(1);
+        let id = idle[*turn % idle.len()].clone();
+        let slot = s.slots.get_mut(&id)?;
+        slot.in_flight += 1;
+        slot.served += 1;
+        Some(Lease {
+            backend: slot.backend.clone(),
+            pools: self.clone(),
+            released: false,
+        })
+    }
+
+    /// Gives freed capacity in `pool` to its waiting requests, first come first served.
+    fn hand_out(&self, s: &mut State, pool: &str) {
+        loop {
+            let Some(queue) = s.queues.get_mut(pool) else {
+                return;
+            };
+            let Some(waiter) = queue.pop_front() else {
+                return;
+            };
+            if waiter.tx.is_closed() {
+                continue;
+            }
+            let Some(lease) = self.pick(s, pool, waiter.exclude.as_deref()) else {
+                // Nothing free: it stays first in line.
+                if let Some(q) = s.queues.get_mut(pool) {
+                    q.push_front(waiter);
+                }
+                return;
+            };
+            if let Err(mut lease) = waiter.tx.send(lease) {
+                // It gave up meanwhile: the slot goes back.
+                lease.released = true;
+                Self::give_back(s, &lease.backend.id, None);
+            }
+        }
+    }
+
+    fn give_back(s: &mut State, id: &str, stalled: Option<bool>) -> Option<String> {
+        let slot = s.slots.get_mut(id)?;
+        slot.in_flight = slot.in_flight.saturating_sub(1);
+        match stalled {
+            Some(true) => slot.stalls += 1,
+            Some(false) => slot.stalls = 0,
+            None => {}
+        }
+        Some(slot.backend.pool.clone())
+    }
+
+    fn release(&self, id: &str, stalled: Option<bool>) {
+        let mut s = lock(&self.state);
+        if let Some(pool) = Self::give_back(&mut s, id, stalled) {
+            self.hand_out(&mut s, &pool);
+        }
+        drop(s);
+        self.idle.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(id: &str, capacity: u32) -> Backend {
+        Backend {
+            id: id.into(),
+            fleet: "f".into(),
+            pool: "f".into(),
+            url: format!("http://{id}"),
+            capacity,
+            ready: true,
+            leaving: false,
+        }
+    }
+
+    const WAIT: Duration = Duration::from_secs(60);
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_instances_first_then_a_fifo_queue() {
+        let pools = Pools::default();
+        pools.update(vec![backend("a", 1), backend("b", 1)]);
+        let first = pools.acquire("f", None, 10, WAIT).await.expect("a slot");
+        let second = pools.acquire("f", None, 10, WAIT).await.expect("a slot");
+        assert_ne!(first.backend.id, second.backend.id, "both idle instances are used");
+        // Both busy: three requests queue, and get slots in arrival order.
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiting = Vec::new();
+        for n in 0..3 {
+            let (p, order) = (pools.clone(), order.clone());
+            waiting.push(tokio::spawn(async move {
+                let lease = p.acquire("f", None, 10, WAIT).await.expect("queued slot");
+                lock(&order).push(n);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                drop(lease);
+            }));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(pools.queue_depths(), [("f".to_string(), 3)]);
+        drop(first);
+        drop(second);
+        for w in waiting {
+            w.await.expect("waiter");
+        }
+        assert_eq!(*lock(&order), [0, 1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_is_num_parallel() {
+        let pools = Pools::default();
+        pools.update(vec![backend("a", 2)]);
+        let _one = pools.acquire("f", None, 0, WAIT).await.expect("1st");
+        let _two = pools.acquire("f", None, 0, WAIT).await.expect("2nd");
+        assert_eq!(
+            pools.acquire("f", None, 0, WAIT).await.err(),
+            Some(Refused::QueueFull),
+            "a third waits, and the queue holds none"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_queue_and_wait() {
+        let pools = Pools::default();
+        pools.update(vec![backend("a", 1)]);
+        let _busy = pools.acquire("f", None, 1, WAIT).await.expect("slot");
+        let p = pools.clone();
+        let queued = tokio::spawn(async move { p.acquire("f", None, 1, WAIT).await.err() });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            pools.acquire("f", None, 1, WAIT).await.err(),
+            Some(Refused::QueueFull)
+        );
+        assert_eq!(queued.await.expect("join"), Some(Refused::Timeout), "after the timeout");
+        assert_eq!(
+            pools.acquire("other", None, 1, WAIT).await.err(),
+            Some(Refused::NoneReady)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unready_leaving_and_excluded_instances_take_nothing() {
+        let pools = Pools::default();
+        let mut unready = backend("u", 1);
+        unready.ready = false;
+        let mut leaving = backend("l", 1);
+        leaving.leaving = true;
+        pools.update(vec![unready, leaving, backend("a", 1)]);
+        for _ in 0..3 {
+            let lease = pools.acquire("f", None, 0, WAIT).await.expect("a");
+            assert_eq!(lease.backend.id, "a");
+        }
+        assert_eq!(
+            pools.acquire("f", Some("a"), 5, WAIT).await.err(),
+            Some(Refused::NoneReady),
+            "a retry never goes back to the instance that failed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_waits_for_requests_in_flight_within_the_grace() {
+        let pools = Pools::default();
+        pools.update(vec![backend("a", 2), backend("b", 1)]);
+        let on_a = pools.acquire("f", Some("b"), 0, WAIT).await.expect("a");
+        let p = pools.clone();
+        let drain = tokio::spawn(async move { p.drain("a", Duration::from_secs(30)).await });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // Draining: new requests go elsewhere although a has room.
+        let other = pools.acquire("f", None, 0, WAIT).await.expect("b");
+        assert_eq!(other.backend.id, "b");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!drain.is_finished(), "a request is still in flight on a");
+        on_a.finish(false);
+        let waited = drain.await.expect("drain");
+        assert!(waited >= Duration::from_secs(5) && waited < Duration::from_secs(6), "{waited:?}");
+        // Within the grace: a stuck request does not hold the stop forever.
+        drop(other);
+        let stuck = pools.acquire("f", None, 0, WAIT).await.expect("b");
+        let waited = pools.drain(&stuck.backend.id, Duration::from_secs(3)).await;
+        assert_eq!(waited, Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stalls_count_in_a_row() {
+        let pools = Pools::default();
+        pools.update(vec![backend("a", 1)]);
+        for n in 1..=2 {
+            pools.acquire("f", None, 0, WAIT).await.expect("a").finish(true);
+            assert_eq!(pools.stalls("a"), n);
+        }
+        pools.acquire("f", None, 0, WAIT).await.expect("a").finish(false);
+        assert_eq!(pools.stalls("a"), 0, "a success starts the count again");
+    }
+}
