@@ -28,7 +28,19 @@ pub async fn request_with_headers(
     timeout: Duration,
 ) -> Result<(u16, Vec<(String, String)>, String), String> {
     let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-    send(method, url, payload, timeout).await
+    send(method, url, &[], payload, timeout).await
+}
+
+/// [`request_with_headers`] with request headers too (`Authorization`, say).
+pub async fn request_as(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+    timeout: Duration,
+) -> Result<(u16, Vec<(String, String)>, String), String> {
+    let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    send(method, url, headers, payload, timeout).await
 }
 
 /// A request with a raw body (a blob, say): (status, body).
@@ -38,7 +50,7 @@ pub async fn request_bytes(
     body: Vec<u8>,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
-    send(method, url, Bytes::from(body), timeout)
+    send(method, url, &[], Bytes::from(body), timeout)
         .await
         .map(|(status, _, body)| (status, body))
 }
@@ -46,16 +58,19 @@ pub async fn request_bytes(
 async fn send(
     method: &str,
     url: &str,
+    headers: &[(&str, &str)],
     payload: Bytes,
     timeout: Duration,
 ) -> Result<(u16, Vec<(String, String)>, String), String> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .method(method)
         .uri(url)
-        .header("content-type", "application/json")
-        .body(Full::new(payload))
-        .map_err(|e| e.to_string())?;
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(payload)).map_err(|e| e.to_string())?;
     let fut = async {
         let resp = client.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();

@@ -8,6 +8,7 @@ pub mod pool;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -86,6 +87,8 @@ pub struct Gateway {
         Body,
     >,
     tokens: Mutex<Tokens>,
+    /// The controller has told what runs (until then, every request gets 503).
+    known: AtomicBool,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -169,6 +172,7 @@ impl Gateway {
             metrics: Metrics::default(),
             client,
             tokens: Mutex::new(Tokens::default()),
+            known: AtomicBool::new(false),
         })
     }
 
@@ -181,6 +185,7 @@ impl Gateway {
     pub fn update(&self, routes: Vec<Route>, backends: Vec<Backend>) {
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
         self.pools.update(backends);
+        self.known.store(true, Ordering::SeqCst);
     }
 
     /// Whether an instance's watchdog failures reached its fleet's threshold.
@@ -273,6 +278,12 @@ async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     }
     if !gw.authorized(req.headers()) {
         return error(StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    if !gw.known.load(Ordering::SeqCst) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is starting: it does not know its instances yet",
+        );
     }
     if let Some(instead) = managed(&path) {
         return error(
@@ -448,7 +459,8 @@ async fn attempt(
     let Ok(req) = req else {
         return Attempt::Retry("cannot build the request".into(), false);
     };
-    let deadline = started + gw.cfg.first_token_timeout;
+    // Each attempt has its own window (a retry is not cut short by the first one's).
+    let deadline = Instant::now() + gw.cfg.first_token_timeout;
     let resp = match tokio::time::timeout_at(deadline, gw.client.request(req)).await {
         Err(_) => {
             return Attempt::Retry(

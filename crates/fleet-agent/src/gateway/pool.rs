@@ -366,7 +366,10 @@ mod tests {
         pools.update(vec![backend("a", 1), backend("b", 1)]);
         let first = pools.acquire("f", None, 10, WAIT).await.expect("a slot");
         let second = pools.acquire("f", None, 10, WAIT).await.expect("a slot");
-        assert_ne!(first.backend.id, second.backend.id, "both idle instances are used");
+        assert_ne!(
+            first.backend.id, second.backend.id,
+            "both idle instances are used"
+        );
         // Both busy: three requests queue, and get slots in arrival order.
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut waiting = Vec::new();
@@ -414,7 +417,11 @@ mod tests {
             pools.acquire("f", None, 1, WAIT).await.err(),
             Some(Refused::QueueFull)
         );
-        assert_eq!(queued.await.expect("join"), Some(Refused::Timeout), "after the timeout");
+        assert_eq!(
+            queued.await.expect("join"),
+            Some(Refused::Timeout),
+            "after the timeout"
+        );
         assert_eq!(
             pools.acquire("other", None, 1, WAIT).await.err(),
             Some(Refused::NoneReady)
@@ -455,7 +462,10 @@ mod tests {
         assert!(!drain.is_finished(), "a request is still in flight on a");
         on_a.finish(false);
         let waited = drain.await.expect("drain");
-        assert!(waited >= Duration::from_secs(5) && waited < Duration::from_secs(6), "{waited:?}");
+        assert!(
+            waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+            "{waited:?}"
+        );
         // Within the grace: a stuck request does not hold the stop forever.
         drop(other);
         let stuck = pools.acquire("f", None, 0, WAIT).await.expect("b");
@@ -468,10 +478,18 @@ mod tests {
         let pools = Pools::default();
         pools.update(vec![backend("a", 1)]);
         for n in 1..=2 {
-            pools.acquire("f", None, 0, WAIT).await.expect("a").finish(true);
+            pools
+                .acquire("f", None, 0, WAIT)
+                .await
+                .expect("a")
+                .finish(true);
             assert_eq!(pools.stalls("a"), n);
         }
-        pools.acquire("f", None, 0, WAIT).await.expect("a").finish(false);
+        pools
+            .acquire("f", None, 0, WAIT)
+            .await
+            .expect("a")
+            .finish(false);
         assert_eq!(pools.stalls("a"), 0, "a success starts the count again");
     }
 }
