@@ -78,6 +78,23 @@ fn stop(why: &str) -> ! {
     std::process::exit(2)
 }
 
+/// The python of a venv with the official `ollama` client: `$OLLAMA_FLEET_PYTHON`
+/// (hack/test.sh sets it), else what hack/python-client.sh makes.
+pub fn python() -> String {
+    if let Ok(p) = std::env::var("OLLAMA_FLEET_PYTHON") {
+        return p;
+    }
+    let out = std::process::Command::new(repo_root().join("hack/python-client.sh"))
+        .output()
+        .expect("hack/python-client.sh");
+    assert!(
+        out.status.success(),
+        "hack/python-client.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A fresh, empty temporary directory named after `tag` and this process.
 pub fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fleet-test-{tag}-{}", std::process::id()));

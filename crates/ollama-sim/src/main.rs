@@ -163,13 +163,10 @@ async fn run(cfg: Config) -> ExitCode {
                 eprintln!("level=WARN source=sim msg=\"ignoring SIGTERM (SIM_IGNORE_SIGTERM)\"");
                 continue;
             }
+            // As Ollama: its SIGTERM handler closes the HTTP server at once (http.Server.Close,
+            // not Shutdown), so requests in flight are cut, then it unloads and exits 0.
             eprintln!("level=INFO source=sim msg=\"shutting down\"");
-            // Requests in flight get a moment to finish; open streams do not hold us up.
-            tokio::spawn(async {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                std::process::exit(0);
-            });
-            return;
+            std::process::exit(0);
         }
     };
     match ollama_sim::serve(app, listener, shutdown).await {

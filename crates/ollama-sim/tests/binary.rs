@@ -80,6 +80,55 @@ async fn listens_where_ollama_host_says() {
     );
 }
 
+/// As Ollama (whose SIGTERM handler calls http.Server.Close): a request in flight is cut,
+/// not finished; that is why the agent drains instances before it stops them.
+#[tokio::test]
+async fn sigterm_cuts_requests_in_flight() {
+    let port = free_port();
+    let dir = temp_dir("term-cut");
+    let mut child = spawn(&[
+        ("OLLAMA_HOST", &format!("127.0.0.1:{port}")),
+        ("OLLAMA_MODELS", dir.to_str().expect("utf-8")),
+        ("SIM_PULL_TIME", "10ms"),
+        ("SIM_TOKENS_PER_SECOND", "10"),
+    ]);
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ready(&url).await;
+    let (code, _) = post(
+        &format!("{url}/api/pull"),
+        json!({"model": "m:1", "stream": false}),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let body = json!({"model": "m:1", "prompt": "long", "options": {"num_predict": 50}});
+    let long = tokio::spawn({
+        let url = url.clone();
+        async move {
+            request(
+                "POST",
+                &format!("{url}/api/generate"),
+                Some(&body),
+                Duration::from_secs(30),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    signal(&child, "-TERM");
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(5)).code(),
+        Some(0)
+    );
+    let cut = long.await.expect("join");
+    assert!(
+        cut.as_ref().is_err()
+            || cut
+                .as_ref()
+                .is_ok_and(|(_, text)| !text.contains("\"done\":true")),
+        "the request finished despite SIGTERM: {cut:?}"
+    );
+}
+
 #[tokio::test]
 async fn crash_at_start_exits_with_the_code_without_listening() {
     let port = free_port();

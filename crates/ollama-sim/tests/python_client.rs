@@ -4,27 +4,10 @@
 
 use std::process::Command;
 
-use fleet_e2e::repo_root;
+use fleet_e2e::{python, repo_root};
 
 mod common;
 use common::start;
-
-/// The venv's python: `$OLLAMA_FLEET_PYTHON` (hack/test.sh sets it), else what
-/// hack/python-client.sh makes.
-fn python() -> String {
-    if let Ok(p) = std::env::var("OLLAMA_FLEET_PYTHON") {
-        return p;
-    }
-    let out = Command::new(repo_root().join("hack/python-client.sh"))
-        .output()
-        .expect("hack/python-client.sh");
-    assert!(
-        out.status.success(),
-        "hack/python-client.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 #[tokio::test]
 async fn the_official_python_client_conforms() {

@@ -161,7 +161,7 @@ impl Metrics {
         ];
         for (name, text, get) in histograms {
             help(out, name, "histogram", text);
-            for (fleet, f) in fleets.iter() {
+            for (fleet, f) in fleets.iter().filter(|(f, _)| !f.is_empty()) {
                 get(f).render(out, name, &format!("fleet=\"{}\"", escape(fleet)));
             }
         }
@@ -189,7 +189,7 @@ impl Metrics {
         ];
         for (name, text, get) in counters {
             help(out, name, "counter", text);
-            for (fleet, f) in fleets.iter() {
+            for (fleet, f) in fleets.iter().filter(|(f, _)| !f.is_empty()) {
                 let _ = writeln!(out, "{name}{{fleet=\"{}\"}} {}", escape(fleet), get(f));
             }
         }

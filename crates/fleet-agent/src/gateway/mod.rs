@@ -414,13 +414,20 @@ pub fn pin_options(body: &mut Value) {
     }
 }
 
-/// Counts from a response's last JSON object (Ollama's final chunk, or an OpenAI usage block).
+/// A `load_duration` above this is a load: Ollama reports the time it took to get the runner
+/// even when the model is loaded (microseconds), while a load takes tens of milliseconds at
+/// least (seconds for real models).
+pub const RELOAD_THRESHOLD: Duration = Duration::from_millis(10);
+
+/// Counts from a response's last JSON object (Ollama's final chunk, or an OpenAI usage block):
+/// (prompt tokens, generated tokens, whether the instance loaded the model for it).
 fn counts_of(v: &Value) -> (u64, u64, bool) {
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
     let usage = &v["usage"];
     let prompt = n("prompt_eval_count").max(usage["prompt_tokens"].as_u64().unwrap_or(0));
     let generated = n("eval_count").max(usage["completion_tokens"].as_u64().unwrap_or(0));
-    (prompt, generated, n("load_duration") > 0)
+    let reload = u128::from(n("load_duration")) > RELOAD_THRESHOLD.as_nanos();
+    (prompt, generated, reload)
 }
 
 /// The last complete JSON object in `tail` (NDJSON lines or SSE `data:` lines).
@@ -757,4 +764,46 @@ pub fn routes(fleets: &[(String, String, u32)]) -> Vec<Route> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_options_and_counts() {
+        let mut body =
+            json!({"model": "m", "keep_alive": "5m", "options": {"num_thread": 8, "seed": 1}});
+        pin_options(&mut body);
+        assert_eq!(body, json!({"model": "m", "options": {"seed": 1}}));
+
+        let ndjson = b"{\"response\":\"a\",\"done\":false}\n{\"done\":true,\"eval_count\":7,\"prompt_eval_count\":3,\"load_duration\":45000}\n";
+        let last = last_object(ndjson).expect("last");
+        assert_eq!(
+            counts_of(&last),
+            (3, 7, false),
+            "45 us to get a loaded runner: no reload"
+        );
+        let loaded = json!({"done": true, "eval_count": 1, "load_duration": 2_000_000_000u64});
+        assert_eq!(counts_of(&loaded), (0, 1, true), "2 s: a load");
+        let sse = b"data: {\"choices\":[]}\n\ndata: {\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
+        assert_eq!(counts_of(&last_object(sse).expect("usage")), (4, 9, false));
+    }
+
+    #[test]
+    fn fleets_serving_one_model_share_a_pool() {
+        let r = routes(&[
+            ("b".into(), "llama3".into(), 3),
+            ("a".into(), "Llama3:latest".into(), 3),
+            ("c".into(), "qwen".into(), 3),
+        ]);
+        let pool = |f: &str| r.iter().find(|x| x.fleet == f).map(|x| x.pool.clone());
+        assert_eq!(pool("a"), Some("a".into()));
+        assert_eq!(
+            pool("b"),
+            Some("a".into()),
+            "same model: the first fleet's pool"
+        );
+        assert_eq!(pool("c"), Some("c".into()));
+    }
 }

@@ -1,0 +1,191 @@
+//! The node gateway (`agent --serve`) with the real containerd, etcd and sim instances: the
+//! official Python client speaks to it as to Ollama, and a rollout under load loses nothing
+//! (instances are drained before they are stopped).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use fleet_e2e::http::request;
+use fleet_e2e::{World, free_port, free_port_range, python};
+use serde_json::{Value, json};
+
+const MODEL: &str = "smollm2:135m";
+
+fn apply(world: &World, manifest: &str) {
+    world.cli_ok(&["apply", "-f", "-"], Some(manifest));
+}
+
+/// Ready and updated: every instance of `n` on the current spec.
+fn all_ready(n: u64) -> impl Fn(&Value) -> bool {
+    move |s: &Value| s["readyReplicas"] == n && s["updatedReplicas"] == n && s["replicas"] == n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_client_speaks_to_the_gateway() {
+    let world = World::new("gw-client");
+    let base = free_port_range(2);
+    apply(&world, &world.sim_fleet("g", 2, base, ""));
+    let serve = free_port();
+    let _agent = world.agent("node-1", &["--serve", &format!("127.0.0.1:{serve}")]);
+    world.wait_status("g", "2 ready", 120, all_ready(2)).await;
+    let url = format!("http://127.0.0.1:{serve}");
+    let script = format!(
+        r#"
+import ollama, sys
+c = ollama.Client(host={url:?})
+r = c.generate(model={MODEL:?}, prompt="hello there", options={{"num_predict": 5, "num_thread": 64}}, keep_alive=0)
+assert r.done and r.response, r
+parts = list(c.chat(model={MODEL:?}, messages=[{{"role": "user", "content": "hi"}}], stream=True, options={{"num_predict": 5}}))
+assert parts[-1].done and parts[-1].eval_count == 5, parts[-1]
+names = [m.model for m in c.list().models]
+assert names == [{MODEL:?}], names
+loaded = [m.model for m in c.ps().models]
+assert loaded and all(n.startswith("smollm2:135m") for n in loaded), loaded
+for call in (lambda: c.pull({MODEL:?}), lambda: c.delete({MODEL:?})):
+    try:
+        call()
+        sys.exit("a management call went through")
+    except ollama.ResponseError as e:
+        assert e.status_code == 403 and "managed by ollama-fleet" in e.error, (e.status_code, e.error)
+try:
+    c.generate(model="nope:1b", prompt="hi")
+    sys.exit("an unknown model was served")
+except ollama.ResponseError as e:
+    assert e.status_code == 404, e.status_code
+print("ok")
+"#
+    );
+    let py = python();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(py)
+            .args(["-c", &script])
+            .output()
+            .expect("python")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The instances kept what the agent set: no reload from the client's keep_alive=0 or
+    // num_thread.
+    let metrics = request(
+        "GET",
+        &format!("http://{}/metrics", _agent.listen),
+        None,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("metrics")
+    .1;
+    assert!(
+        metrics.contains("ollama_fleet_model_reloads_total{fleet=\"g\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ollama_fleet_generated_tokens_total{fleet=\"g\"} 10"),
+        "{metrics}"
+    );
+}
+
+/// Streaming requests from several clients at once, counted: (done, failed).
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: &str, clients: usize, tokens: u64) -> Load {
+        let (stop, done, failed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let tasks = (0..clients)
+            .map(|_| {
+                let (url, stop, done, failed) = (url.to_string(), stop.clone(), done.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let body = json!({"model": MODEL, "prompt": "count", "options": {"num_predict": tokens}});
+                    while !stop.load(Ordering::SeqCst) {
+                        let r = request("POST", &format!("{url}/api/generate"), Some(&body), Duration::from_secs(60)).await;
+                        let complete = r.as_ref().is_ok_and(|(code, text)| {
+                            let last: Value = text.lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default();
+                            *code == 200 && last["done"] == true && last["eval_count"] == tokens
+                        });
+                        if complete {
+                            done.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            eprintln!("failed request: {r:?}");
+                            failed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            done,
+            failed,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.expect("client");
+        }
+        (
+            self.done.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_under_load_loses_no_request() {
+    let world = World::new("gw-drain");
+    let base = free_port_range(3);
+    // 20 tokens at 20 tokens/s: every request runs for about a second.
+    let manifest = |greeting: &str| {
+        world
+            .sim_fleet("d", 3, base, "  rollout: {maxUnavailable: 1}\n")
+            .replace(
+                "SIM_LOAD_TIME: 50ms",
+                &format!(
+                    "SIM_LOAD_TIME: 50ms, SIM_TOKENS_PER_SECOND: \"20\", GREETING: {greeting}"
+                ),
+            )
+            .replace("terminationGracePeriod: 2s", "terminationGracePeriod: 10s")
+    };
+    apply(&world, &manifest("one"));
+    let serve = free_port();
+    let agent = world.agent("node-1", &["--serve", &format!("127.0.0.1:{serve}")]);
+    let before = world.wait_status("d", "3 ready", 120, all_ready(3)).await;
+    let load = Load::start(&format!("http://127.0.0.1:{serve}"), 4, 20);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    apply(&world, &manifest("two"));
+    let old = before["instances"][0]["specHash"].clone();
+    world
+        .wait_status("d", "every instance replaced", 120, |s| {
+            all_ready(3)(s)
+                && s["instances"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(|i| i["specHash"] != old))
+        })
+        .await;
+    let (done, failed) = load.finish().await;
+    eprintln!("rollout under load: {done} requests done, {failed} failed");
+    assert_eq!(failed, 0, "requests were lost during the rollout");
+    assert!(done >= 12, "too little load to tell: {done}");
+    assert!(
+        agent.log_text().contains("drained before stopping"),
+        "no instance had requests to drain"
+    );
+}
