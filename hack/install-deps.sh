@@ -23,6 +23,10 @@ PACKAGES=(
   # Fault tests: iptables drops packets to a private etcd (a silent partition). The official
   # Ollama Python client runs in a virtualenv (python3-venv; hack/python-client.sh).
   iptables python3-venv
+  # The node gateway's tests and benchmark: real proxies in front of it (nginx, HAProxy; their
+  # services are not started, tests run their own), and promtool (Debian's prometheus) to check
+  # the metrics exposition.
+  nginx haproxy prometheus
 )
 
 missing=()
@@ -36,8 +40,18 @@ if ((${#missing[@]})); then
   fi
   echo "installing: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
+  # No package's service is started by the install (nginx, HAProxy and Prometheus would take
+  # ports of their own): a policy-rc.d refusing every start, for the install only.
+  guard=""
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    guard=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' > "$guard"
+    chmod +x "$guard"
+    trap 'rm -f "$guard"' EXIT
+  fi
   apt-get update -qq >&2
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  if [[ -n $guard ]]; then rm -f "$guard"; trap - EXIT; fi
 fi
 # A package's post-install may have started Debian's own etcd or containerd service; ours run on
 # their own ports and sockets (hack/dev-env.sh), so those are left alone.

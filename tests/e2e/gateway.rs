@@ -38,6 +38,7 @@ r = c.generate(model={MODEL:?}, prompt="hello there", options={{"num_predict": 5
 assert r.done and r.response, r
 parts = list(c.chat(model={MODEL:?}, messages=[{{"role": "user", "content": "hi"}}], stream=True, options={{"num_predict": 5}}))
 assert parts[-1].done and parts[-1].eval_count == 5, parts[-1]
+assert c.show({MODEL:?}).details is not None
 names = [m.model for m in c.list().models]
 assert names == [{MODEL:?}], names
 loaded = [m.model for m in c.ps().models]
@@ -89,6 +90,52 @@ print("ok")
     assert!(
         metrics.contains("ollama_fleet_generated_tokens_total{fleet=\"g\"} 10"),
         "{metrics}"
+    );
+    metrics_are_well_formed_and_feed_the_dashboard(&metrics);
+}
+
+/// `promtool check metrics` accepts the exposition, and every metric the Grafana dashboard
+/// queries is in it.
+fn metrics_are_well_formed_and_feed_the_dashboard(metrics: &str) {
+    let mut promtool = std::process::Command::new("promtool");
+    promtool.args(["check", "metrics"]);
+    let out = fleet_e2e::run_with_stdin(promtool, Some(metrics));
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = fleet_e2e::repo_root().join("manifests/grafana/ollama-fleet.json");
+    let text = std::fs::read_to_string(&path).expect("dashboard");
+    let dashboard: Value = serde_json::from_str(&text).expect("json");
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let mut rest = target["expr"].as_str().expect("expr");
+            while let Some(at) = rest.find("ollama_fleet_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(queried.len() >= 12, "{queried:?}");
+    let exposed: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|m| !exposed.contains(m.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics /metrics lacks: {missing:?}"
     );
 }
 
@@ -188,4 +235,191 @@ async fn a_rollout_under_load_loses_no_request() {
         agent.log_text().contains("drained before stopping"),
         "no instance had requests to drain"
     );
+}
+
+/// A proxy process (nginx or HAProxy) that dies with the test.
+struct Proxy(std::process::Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        // SIGTERM, so that nginx's master takes its workers down with it (SIGKILL would leave
+        // them running, holding the test's output open).
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The shipped example config with the nodes' gateways and the listen port put in.
+fn example(path: &str, listen: u16, gateways: [u16; 2]) -> String {
+    std::fs::read_to_string(fleet_e2e::repo_root().join(path))
+        .expect("example")
+        .replace(
+            "node-1.example:11400",
+            &format!("127.0.0.1:{}", gateways[0]),
+        )
+        .replace(
+            "node-2.example:11400",
+            &format!("127.0.0.1:{}", gateways[1]),
+        )
+        .replace("11434", &listen.to_string())
+}
+
+fn nginx(dir: &std::path::Path, listen: u16, gateways: [u16; 2]) -> Proxy {
+    let snippet = dir.join("ollama-fleet.conf");
+    std::fs::write(
+        &snippet,
+        example("manifests/nginx/ollama-fleet.conf", listen, gateways),
+    )
+    .expect("write");
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\nevents {{}}\nhttp {{\n  access_log off;\n  include {s};\n}}\n",
+            d = dir.display(),
+            s = snippet.display()
+        ),
+    )
+    .expect("write");
+    let child = std::process::Command::new("nginx")
+        .args([
+            "-c",
+            conf.to_str().expect("utf-8"),
+            "-p",
+            dir.to_str().expect("utf-8"),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nginx");
+    Proxy(child)
+}
+
+fn haproxy(dir: &std::path::Path, listen: u16, gateways: [u16; 2]) -> Proxy {
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        example("manifests/haproxy/haproxy.cfg", listen, gateways),
+    )
+    .expect("write");
+    let child = std::process::Command::new("haproxy")
+        .args(["-db", "-f", cfg.to_str().expect("utf-8")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("haproxy");
+    Proxy(child)
+}
+
+/// `n` generations through `url`: how many came back complete.
+async fn generations(url: &str, n: usize) -> usize {
+    let body =
+        json!({"model": MODEL, "prompt": "hi", "stream": false, "options": {"num_predict": 3}});
+    let mut ok = 0;
+    for _ in 0..n {
+        if let Ok((200, text)) = request(
+            "POST",
+            &format!("{url}/api/generate"),
+            Some(&body),
+            Duration::from_secs(30),
+        )
+        .await
+            && serde_json::from_str::<Value>(&text).is_ok_and(|v| v["done"] == true)
+        {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+/// The shipped nginx and HAProxy examples, in front of two nodes' gateways: requests are
+/// spread over both, and a node with no ready instance (its gateway's `GET /` says 503) is
+/// skipped without a failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_and_haproxy_balance_over_two_gateways() {
+    // Two nodes: two agents, each with its own containerd namespace and etcd prefix (as two
+    // machines would have their own containerd), each running a fleet of the same model.
+    let (world, other) = (World::new("gw-proxies-1"), World::new("gw-proxies-2"));
+    let (base_one, base_two) = (free_port_range(2), free_port_range(2));
+    apply(&world, &world.sim_fleet("a", 2, base_one, ""));
+    apply(&other, &other.sim_fleet("a", 2, base_two, ""));
+    let gateways = [free_port(), free_port()];
+    let serve = |i: usize| format!("127.0.0.1:{}", gateways[i]);
+    let one = world.agent("node-1", &["--serve", &serve(0)]);
+    let two = other.agent("node-2", &["--serve", &serve(1)]);
+    world
+        .wait_status("a", "2 ready on node 1", 120, all_ready(2))
+        .await;
+    other
+        .wait_status("a", "2 ready on node 2", 120, all_ready(2))
+        .await;
+
+    let dir = world.dir.join("proxies");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let (nginx_port, haproxy_port) = (free_port(), free_port());
+    let _nginx = nginx(&dir, nginx_port, gateways);
+    let _haproxy = haproxy(&dir, haproxy_port, gateways);
+    let proxies = [
+        format!("http://127.0.0.1:{nginx_port}"),
+        format!("http://127.0.0.1:{haproxy_port}"),
+    ];
+    for url in &proxies {
+        fleet_e2e::wait_for(
+            &format!("{url} to answer"),
+            Duration::from_secs(20),
+            || async {
+                request("GET", &format!("{url}/"), None, Duration::from_secs(2))
+                    .await
+                    .ok()
+                    .filter(|(c, _)| *c == 200)
+            },
+        )
+        .await;
+    }
+    for url in &proxies {
+        assert_eq!(generations(url, 8).await, 8, "through {url}");
+    }
+    assert!(
+        one.metric("ollama_fleet_instance_requests_total").await >= 1.0,
+        "node 1 served nothing"
+    );
+    assert!(
+        two.metric("ollama_fleet_instance_requests_total").await >= 1.0,
+        "node 2 served nothing"
+    );
+
+    // Node 2 loses its instances: its gateway says 503 (on GET /, and to requests), and the
+    // proxies go to node 1.
+    apply(&other, &other.sim_fleet("a", 0, base_two, ""));
+    fleet_e2e::wait_for(
+        "node 2's gateway to report no ready instance",
+        Duration::from_secs(60),
+        || async {
+            request(
+                "GET",
+                &format!("http://{}/", serve(1)),
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+            .ok()
+            .filter(|(c, _)| *c == 503)
+        },
+    )
+    .await;
+    for url in &proxies {
+        assert_eq!(
+            generations(url, 8).await,
+            8,
+            "through {url} with node 2 empty"
+        );
+    }
 }

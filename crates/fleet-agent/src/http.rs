@@ -198,7 +198,16 @@ async fn metrics(State(view): Shared) -> Response {
         out,
         "# HELP ollama_fleet_rotations_total Instances replaced by rotation (maxAge, maxMemory).\n# TYPE ollama_fleet_rotations_total counter"
     );
-    for ((fleet, reason), n) in &v.rotations {
+    // Every fleet's series start at 0 (a query over them works before the first rotation).
+    let mut rotations = v.rotations.clone();
+    for s in &v.statuses {
+        for reason in ["MaxAge", "MaxMemory"] {
+            rotations
+                .entry((s.fleet.clone(), reason.into()))
+                .or_default();
+        }
+    }
+    for ((fleet, reason), n) in &rotations {
         let _ = writeln!(
             out,
             "ollama_fleet_rotations_total{{fleet=\"{}\",reason=\"{reason}\"}} {n}",

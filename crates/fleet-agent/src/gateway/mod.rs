@@ -202,8 +202,17 @@ impl Gateway {
 
     /// Appends the gateway's metrics to a `/metrics` exposition.
     pub fn render_metrics(&self, out: &mut String) {
-        self.metrics
-            .render(out, &self.pools.queue_depths(), &self.pools.counts());
+        // Every pool's queue, empty ones too.
+        let mut queues: BTreeMap<String, usize> = self
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|r| (r.pool.clone(), 0))
+            .collect();
+        queues.extend(self.pools.queue_depths());
+        let queues: Vec<(String, usize)> = queues.into_iter().collect();
+        self.metrics.render(out, &queues, &self.pools.counts());
     }
 
     /// The router serving the API.
@@ -296,6 +305,7 @@ async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         (Method::GET, "/v1/models") => tags(&gw, true),
         (Method::GET, "/api/ps") => ps(&gw).await,
         (Method::GET, "/api/version") => version(&gw).await,
+        (Method::POST, "/api/show") => show(&gw, req).await,
         (Method::POST, p) if work_route(p).is_some() => {
             let route = work_route(p).unwrap_or_default();
             work(&gw, route, req).await
@@ -399,6 +409,63 @@ async fn version(gw: &Gateway) -> Response {
         None => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no ready instance on this node",
+        ),
+    }
+}
+
+/// A model's details, from a ready instance of its pool (no slot needed: Ollama answers
+/// without its runner). Clients ask before they generate (`ollama run` does).
+async fn show(gw: &Gateway, req: Request) -> Response {
+    let Ok(bytes) = http_body_util::Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+    else {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    };
+    let bytes = bytes.to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let model = body["model"]
+        .as_str()
+        .or(body["name"].as_str())
+        .unwrap_or_default();
+    let Some((pool, fleets)) = gw.pool_for(model) else {
+        return error(StatusCode::NOT_FOUND, format!("model '{model}' not found"));
+    };
+    let Some(url) = gw.pools.any_ready(&pool) else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "no ready instance of fleet {} on this node",
+                fleets.join(", ")
+            ),
+        );
+    };
+    let Ok(upstream) = axum::http::Request::post(format!("{url}/api/show"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(bytes))
+    else {
+        return error(StatusCode::BAD_REQUEST, "invalid request");
+    };
+    let answer = async {
+        let resp = gw
+            .client
+            .request(upstream)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = http_body_util::Limited::new(body, 16 << 20)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok::<_, String>(Response::from_parts(parts, Body::from(body)))
+    };
+    match tokio::time::timeout(Duration::from_secs(10), answer).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, e),
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the instance did not answer in time",
         ),
     }
 }

@@ -186,6 +186,18 @@ impl Pools {
             .collect()
     }
 
+    /// The URL of a ready instance of `pool` (for questions that need no slot).
+    pub fn any_ready(&self, pool: &str) -> Option<String> {
+        lock(&self.state)
+            .slots
+            .values()
+            .filter(|s| {
+                s.backend.pool == pool && s.backend.ready && !s.backend.leaving && !s.drained
+            })
+            .min_by_key(|s| s.in_flight)
+            .map(|s| s.backend.url.clone())
+    }
+
     /// URLs of ready instances that take requests.
     pub fn ready_urls(&self) -> Vec<String> {
         lock(&self.state)
