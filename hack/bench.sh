@@ -8,6 +8,7 @@
 # Usage: hack/bench.sh [--n 58,116] [--kills 20] [--concurrency 16] [--idle 30]
 #        hack/bench.sh --lifecycle N   (see hack/bench-lifecycle.sh)
 #        hack/bench.sh --partition ROUNDS   (see hack/bench-partition.sh)
+#        hack/bench.sh --serve N [--seconds S]   (see hack/bench-serve.sh)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"

@@ -8,9 +8,13 @@
 //!    to the replacement's task running, and to it being listed ready.
 //! 3. The agent's peak RSS, and its CPU use over 30 s of idling with N instances.
 //!
+//! `--serve N` (run by `hack/bench-serve.sh`): see `serve.rs`.
+//!
 //! `--lifecycle N` (run by `hack/bench-lifecycle.sh`): N instances with the model pulled and
 //! warmed, `maxUnavailable: 10%`; a rolling update, then a rotation by age of all of them: time
 //! and the fewest ready instances seen.
+
+mod serve;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -367,6 +371,11 @@ async fn lifecycle_bench(n: u32) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let serve: u32 = arg("--serve", "0").parse().unwrap_or(0);
+    if serve > 0 {
+        serve::serve_bench(serve, arg("--seconds", "20").parse().unwrap_or(20.0)).await;
+        return;
+    }
     let lifecycle: u32 = arg("--lifecycle", "0").parse().unwrap_or(0);
     if lifecycle > 0 {
         lifecycle_bench(lifecycle).await;
