@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fleet_e2e::proxy::{self, Proxy};
 use fleet_e2e::{AgentProcess, World, free_port, free_port_range, request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -164,49 +165,21 @@ fn summary(out: &[Outcome]) -> (usize, Duration, Duration, Duration, Duration) {
     )
 }
 
-/// A proxy process that dies with the benchmark.
-struct Proxy(std::process::Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
 fn nginx(dir: &std::path::Path, listen: u16, ports: &[u16]) -> Proxy {
     let servers: String = ports
         .iter()
         .map(|p| format!("    server 127.0.0.1:{p};\n"))
         .collect();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\n\
-             events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n\
-             upstream instances {{\n{servers}    keepalive 64;\n  }}\n\
+    proxy::nginx(
+        dir,
+        &format!(
+            "  upstream instances {{\n{servers}    keepalive 64;\n  }}\n\
              server {{\n    listen 127.0.0.1:{listen};\n    location / {{\n\
              proxy_pass http://instances;\n      proxy_http_version 1.1;\n\
              proxy_set_header Connection \"\";\n      proxy_buffering off;\n\
-             proxy_read_timeout 600s;\n    }}\n  }}\n}}\n",
-            d = dir.display()
+             proxy_read_timeout 600s;\n    }}\n  }}"
         ),
     )
-    .expect("nginx.conf");
-    let child = std::process::Command::new("nginx")
-        .args([
-            "-c",
-            conf.to_str().expect("utf-8"),
-            "-p",
-            dir.to_str().expect("utf-8"),
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("nginx");
-    Proxy(child)
 }
 
 fn haproxy(dir: &std::path::Path, listen: u16, ports: &[u16]) -> Proxy {
@@ -215,23 +188,15 @@ fn haproxy(dir: &std::path::Path, listen: u16, ports: &[u16]) -> Proxy {
         .enumerate()
         .map(|(i, p)| format!("    server s{i} 127.0.0.1:{p} maxconn 1\n"))
         .collect();
-    let cfg = dir.join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
+    proxy::haproxy(
+        dir,
+        &format!(
             "global\n    maxconn 8192\ndefaults\n    mode http\n    timeout connect 2s\n\
              timeout client 10m\n    timeout server 10m\n    timeout queue 60s\n\
              frontend f\n    bind 127.0.0.1:{listen}\n    default_backend instances\n\
              backend instances\n    balance leastconn\n{servers}"
         ),
     )
-    .expect("haproxy.cfg");
-    let child = std::process::Command::new("haproxy")
-        .args(["-db", "-f", cfg.to_str().expect("utf-8")])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("haproxy");
-    Proxy(child)
 }
 
 fn manifest(world: &World, n: u32, base: u16, greeting: &str) -> String {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use fleet_e2e::http::request;
+use fleet_e2e::proxy::{self, Proxy};
 use fleet_e2e::{World, free_port, free_port_range, python};
 use serde_json::{Value, json};
 
@@ -237,28 +238,6 @@ async fn a_rollout_under_load_loses_no_request() {
     );
 }
 
-/// A proxy process (nginx or HAProxy) that dies with the test.
-struct Proxy(std::process::Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        // SIGTERM, so that nginx's master takes its workers down with it (SIGKILL would leave
-        // them running, holding the test's output open).
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The shipped example config with the nodes' gateways and the listen port put in.
 fn example(path: &str, listen: u16, gateways: [u16; 2]) -> String {
     std::fs::read_to_string(fleet_e2e::repo_root().join(path))
@@ -276,47 +255,16 @@ fn example(path: &str, listen: u16, gateways: [u16; 2]) -> String {
 
 fn nginx(dir: &std::path::Path, listen: u16, gateways: [u16; 2]) -> Proxy {
     let snippet = dir.join("ollama-fleet.conf");
-    std::fs::write(
-        &snippet,
-        example("manifests/nginx/ollama-fleet.conf", listen, gateways),
-    )
-    .expect("write");
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\nevents {{}}\nhttp {{\n  access_log off;\n  include {s};\n}}\n",
-            d = dir.display(),
-            s = snippet.display()
-        ),
-    )
-    .expect("write");
-    let child = std::process::Command::new("nginx")
-        .args([
-            "-c",
-            conf.to_str().expect("utf-8"),
-            "-p",
-            dir.to_str().expect("utf-8"),
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("nginx");
-    Proxy(child)
+    let example = example("manifests/nginx/ollama-fleet.conf", listen, gateways);
+    std::fs::write(&snippet, example).expect("write");
+    proxy::nginx(dir, &format!("  include {};", snippet.display()))
 }
 
 fn haproxy(dir: &std::path::Path, listen: u16, gateways: [u16; 2]) -> Proxy {
-    let cfg = dir.join("haproxy.cfg");
-    std::fs::write(
-        &cfg,
-        example("manifests/haproxy/haproxy.cfg", listen, gateways),
+    proxy::haproxy(
+        dir,
+        &example("manifests/haproxy/haproxy.cfg", listen, gateways),
     )
-    .expect("write");
-    let child = std::process::Command::new("haproxy")
-        .args(["-db", "-f", cfg.to_str().expect("utf-8")])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("haproxy");
-    Proxy(child)
 }
 
 /// `n` generations through `url`: how many came back complete.

@@ -7,6 +7,7 @@ pub mod etcd;
 pub mod fleet;
 pub mod http;
 pub mod netfault;
+pub mod proxy;
 pub mod registry;
 
 use std::path::PathBuf;

@@ -1,0 +1,66 @@
+//! Real proxies (Debian's nginx and HAProxy) run by tests and benchmarks in a directory of
+//! their own, stopped with the value that runs them.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A proxy process that stops when dropped.
+#[derive(Debug)]
+pub struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        // SIGTERM, so that nginx's master takes its workers down with it (SIGKILL would leave
+        // them running, holding the test's output open).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// nginx in the foreground, with `http` as the body of its `http` block.
+pub fn nginx(dir: &Path, http: &str) -> Proxy {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\n\
+             events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n{http}\n}}\n",
+            d = dir.display()
+        ),
+    )
+    .expect("write nginx.conf");
+    let child = Command::new("nginx")
+        .args([
+            "-c",
+            &conf.display().to_string(),
+            "-p",
+            &dir.display().to_string(),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    Proxy(child)
+}
+
+/// HAProxy in the foreground with `config`.
+pub fn haproxy(dir: &Path, config: &str) -> Proxy {
+    let cfg = dir.join("haproxy.cfg");
+    std::fs::write(&cfg, config).expect("write haproxy.cfg");
+    let child = Command::new("haproxy")
+        .args(["-db", "-f", &cfg.display().to_string()])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start haproxy");
+    Proxy(child)
+}
