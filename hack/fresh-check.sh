@@ -131,7 +131,8 @@ else
   step "hack/test.sh (slice)"
   hack/test.sh -p fleet-e2e -- --exact sim_serves_on_its_ollama_host_port_within_its_limits \
     the_reconcile_loop_end_to_end registry_credentials tls_client_certificates_and_a_role_per_node \
-    a_silent_partition_from_etcd_heals_by_itself
+    a_silent_partition_from_etcd_heals_by_itself nginx_and_haproxy_balance_over_two_gateways \
+    the_official_client_speaks_to_the_gateway
   done_ "hack/test.sh (slice)"
 fi
 if [[ $FRESH_BENCH == 1 ]]; then
