@@ -373,7 +373,12 @@ async fn lifecycle_bench(n: u32) {
 async fn main() {
     let serve: u32 = arg("--serve", "0").parse().unwrap_or(0);
     if serve > 0 {
-        serve::serve_bench(serve, arg("--seconds", "20").parse().unwrap_or(20.0)).await;
+        let loads: Vec<f64> = arg("--loads", "0.5,0.8,0.95")
+            .split(',')
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        let seconds = arg("--seconds", "20").parse().unwrap_or(20.0);
+        serve::serve_bench(serve, seconds, &loads, arg("--rollouts", "1") == "1").await;
         return;
     }
     let lifecycle: u32 = arg("--lifecycle", "0").parse().unwrap_or(0);

@@ -227,8 +227,9 @@ async fn wait_all(world: &World, n: u64, what: &str, old_hash: Option<&Value>) -
         .await
 }
 
-/// The benchmark.
-pub async fn serve_bench(n: u32, seconds: f64) {
+/// The benchmark: `loads` (fractions of capacity) for `seconds` each, then (with `rollouts`)
+/// a rollout under 80% load per setup.
+pub async fn serve_bench(n: u32, seconds: f64, loads: &[f64], rollouts: bool) {
     let world = World::new("bench-serve");
     let base = free_port_range(n as u16 + 2);
     world.cli_ok(
@@ -281,11 +282,22 @@ pub async fn serve_bench(n: u32, seconds: f64) {
         .pool_max_idle_per_host(1024)
         .build_http();
 
-    // Capacity: each single-slot instance serves one request at a time, E[tokens] / 200 tok/s.
+    // Capacity: each single-slot instance serves one request at a time, for its fixed cost
+    // per request (measured: 1-token requests straight to an instance) plus the tokens.
+    let direct = format!("http://127.0.0.1:{}", ports[0]);
+    let mut fixed = Vec::new();
+    for _ in 0..30 {
+        let o = one(&client, &direct, 1).await;
+        if o.ok {
+            fixed.push(o.total);
+        }
+    }
+    let fixed = quantile(fixed, 0.5).as_secs_f64() - 1.0 / TOKENS_PER_SECOND;
     let mean_tokens = 0.9 * 10.0 + 0.1 * 200.0;
-    let capacity = f64::from(n) * TOKENS_PER_SECOND / mean_tokens;
+    let capacity = f64::from(n) / (fixed + mean_tokens / TOKENS_PER_SECOND);
     println!(
-        "serve-bench: {n} single-slot instances, {TOKENS_PER_SECOND} tokens/s each, outputs 90% 10 / 10% 200 tokens (streamed); capacity {capacity:.1} req/s; {seconds}s per point"
+        "serve-bench: {n} single-slot instances, {TOKENS_PER_SECOND} tokens/s each, {:.0} ms per request besides tokens; outputs 90% 10 / 10% 200 tokens (streamed); capacity {capacity:.1} req/s; {seconds}s per point",
+        fixed * 1e3
     );
     // Warm every path (connections, the instances' runners).
     for (_, url) in &setups {
@@ -296,7 +308,7 @@ pub async fn serve_bench(n: u32, seconds: f64) {
         "setup", "load", "req/s", "sent", "failed", "ttft p50", "ttft p99", "e2e p50", "e2e p99"
     );
     let mut at80 = Vec::new();
-    for load in [0.5, 0.8, 0.95] {
+    for &load in loads {
         let arrivals = schedule(capacity * load, seconds, 42 + (load * 100.0) as u64);
         for (name, url) in &setups {
             let out = run(&client, url, &arrivals).await;
@@ -327,7 +339,6 @@ pub async fn serve_bench(n: u32, seconds: f64) {
     }
 
     // Added latency at low load: one request at a time, 1 token, direct vs through the gateway.
-    let direct = format!("http://127.0.0.1:{}", ports[0]);
     let mut lat = Vec::new();
     for url in [&direct, &setups[2].1] {
         let mut ttft = Vec::new();
@@ -351,7 +362,7 @@ pub async fn serve_bench(n: u32, seconds: f64) {
 
     // Every instance replaced under 80% load, once per setup.
     let mut greeting = 1;
-    for (name, url) in &setups {
+    for (name, url) in setups.iter().filter(|_| rollouts) {
         greeting += 1;
         let before = wait_all(&world, u64::from(n), "ready before the rollout", None).await;
         let old = before["instances"][0]["specHash"].clone();

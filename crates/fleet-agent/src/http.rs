@@ -53,6 +53,8 @@ pub async fn serve(
                 continue;
             }
         };
+        // Answers are streamed in small writes (a token at a time): no Nagle delay between them.
+        let _ = stream.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "too many connections; closing this one");
             drop(stream);
