@@ -194,7 +194,7 @@ fn haproxy(dir: &std::path::Path, listen: u16, ports: &[u16]) -> Proxy {
             "global\n    maxconn 8192\ndefaults\n    mode http\n    timeout connect 2s\n\
              timeout client 10m\n    timeout server 10m\n    timeout queue 60s\n\
              frontend f\n    bind 127.0.0.1:{listen}\n    default_backend instances\n\
-             backend instances\n    balance leastconn\n{servers}"
+             backend instances\n    balance leastconn\n    option http-no-delay\n{servers}"
         ),
     )
 }
