@@ -28,13 +28,27 @@ async fn the_official_client_speaks_to_the_gateway() {
     let base = free_port_range(2);
     apply(&world, &world.sim_fleet("g", 2, base, ""));
     let serve = free_port();
-    let _agent = world.agent("node-1", &["--serve", &format!("127.0.0.1:{serve}")]);
+    let tokens = world.dir.join("tokens");
+    std::fs::write(&tokens, "t0ken-for-tests\n").expect("tokens");
+    let _agent = world.agent(
+        "node-1",
+        &[
+            "--serve",
+            &format!("127.0.0.1:{serve}"),
+            "--serve-token-file",
+            &tokens.display().to_string(),
+        ],
+    );
     world.wait_status("g", "2 ready", 120, all_ready(2)).await;
     let url = format!("http://127.0.0.1:{serve}");
+    // Without the token only the health check answers.
+    assert_eq!(fleet_e2e::get(&format!("{url}/")).await.0, 200);
+    let (code, body) = fleet_e2e::get(&format!("{url}/api/tags")).await;
+    assert_eq!((code, body.as_str()), (401, "{\"error\":\"unauthorized\"}"));
     let script = format!(
         r#"
 import ollama, sys
-c = ollama.Client(host={url:?})
+c = ollama.Client(host={url:?}, headers={{"Authorization": "Bearer t0ken-for-tests"}})
 r = c.generate(model={MODEL:?}, prompt="hello there", options={{"num_predict": 5, "num_thread": 64}}, keep_alive=0)
 assert r.done and r.response, r
 parts = list(c.chat(model={MODEL:?}, messages=[{{"role": "user", "content": "hi"}}], stream=True, options={{"num_predict": 5}}))

@@ -5,6 +5,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use fleet_agent::controller::{Agent, AgentConfig, View};
+use fleet_agent::gateway::{Gateway, GatewayConfig};
 use fleet_agent::ollama::ScriptedOllama;
 use fleet_agent::policy::ScriptedHost;
 use fleet_agent::prober::ScriptedProbes;
@@ -52,6 +53,16 @@ fn config() -> AgentConfig {
 }
 
 fn start(runtime: FakeRuntime, store: MemoryStore, cfg: AgentConfig) -> Running {
+    start_with(runtime, store, cfg, None)
+}
+
+/// [`start`], routing through `gateway` when given.
+fn start_with(
+    runtime: FakeRuntime,
+    store: MemoryStore,
+    cfg: AgentConfig,
+    gateway: Option<Arc<Gateway>>,
+) -> Running {
     let wake = Arc::new(Notify::new());
     let probes = Arc::new(ScriptedProbes::new(Some(wake.clone())));
     let ollama = Arc::new(ScriptedOllama::default());
@@ -65,6 +76,10 @@ fn start(runtime: FakeRuntime, store: MemoryStore, cfg: AgentConfig) -> Running 
     )
     .with_ollama(ollama.clone())
     .with_host(Arc::new(ScriptedHost::default()));
+    let agent = match gateway {
+        Some(gw) => agent.with_gateway(gw),
+        None => agent,
+    };
     let view = agent.view();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(agent.run(async {
@@ -1306,6 +1321,57 @@ async fn no_instance_starts_while_the_cache_is_written() {
             s.ready_replicas == 3 && s.instances.iter().all(|i| i.id != victim)
         })
         .await;
+        a.stop().await;
+    })
+    .await
+    .expect("in time");
+}
+
+/// The gateway's watchdog (no first token in time, or a stalled stream) counts against the
+/// instance: `probes.liveness.failureThreshold` in a row replace it, with reason `Stalled`.
+#[tokio::test(start_paused = true)]
+async fn instances_the_gateway_sees_stall_are_replaced() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (rt, store) = fresh();
+        let extra = "  replicas: {perNode: 2}\n  probes: {liveness: {failureThreshold: 2}}\n";
+        put(&store, "f", &manifest("f", extra), Expect::Absent).await;
+        let gw = Gateway::new(GatewayConfig::default());
+        let a = start_with(rt, store, config(), Some(gw.clone()));
+        let s = wait_status(&a.store, "f", "2 ready", |s| s.ready_replicas == 2).await;
+        let (victim, other) = (s.instances[0].id.clone(), s.instances[1].id.clone());
+        let slot = || async {
+            gw.pools()
+                .acquire("f", Some(&other), 0, Duration::from_secs(1))
+                .await
+                .ok()
+        };
+        let lease = wait_for(
+            "the gateway to route to the instances",
+            Duration::from_secs(10),
+            slot,
+        )
+        .await;
+        assert_eq!(lease.backend.id, victim);
+        lease.finish(true);
+        assert!(
+            !gw.stalled("f", &victim),
+            "one stall is below the threshold"
+        );
+        slot().await.expect("a slot").finish(true);
+        let s = wait_status(&a.store, "f", "the stalled instance replaced", |s| {
+            s.ready_replicas == 2 && s.instances.iter().all(|i| i.id != victim)
+        })
+        .await;
+        let replaced = s
+            .instances
+            .iter()
+            .find(|i| i.id != other)
+            .expect("replacement");
+        assert_eq!(replaced.restarts, 1);
+        assert_eq!(
+            replaced.last_exit.as_ref().map(|e| e.reason.as_str()),
+            Some("Stalled")
+        );
         a.stop().await;
     })
     .await
