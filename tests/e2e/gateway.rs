@@ -87,6 +87,33 @@ print("ok")
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // The OpenAI-compatible routes go to the instances too.
+    let auth = [("authorization", "Bearer t0ken-for-tests")];
+    let chat =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let (code, _, body) = fleet_e2e::http::request_as(
+        "POST",
+        &format!("{url}/v1/chat/completions"),
+        &auth,
+        Some(&chat),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("chat completions");
+    let answer: Value = serde_json::from_str(&body).unwrap_or_default();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(answer["object"], "chat.completion", "{body}");
+    let (code, _, body) = fleet_e2e::http::request_as(
+        "GET",
+        &format!("{url}/v1/models"),
+        &auth,
+        None,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("models");
+    assert_eq!(code, 200);
+    assert!(body.contains(MODEL), "{body}");
     // The instances kept what the agent set: no reload from the client's keep_alive=0 or
     // num_thread.
     let metrics = request(
@@ -103,7 +130,7 @@ print("ok")
         "{metrics}"
     );
     assert!(
-        metrics.contains("ollama_fleet_generated_tokens_total{fleet=\"g\"} 10"),
+        metrics.contains("ollama_fleet_generated_tokens_total{fleet=\"g\"} 14"),
         "{metrics}"
     );
     metrics_are_well_formed_and_feed_the_dashboard(&metrics);
