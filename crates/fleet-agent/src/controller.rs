@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use crate::build::{self, InstanceLabels, NodeCtx};
 use crate::evaluate::{Eval, Evals, Fleets};
 use crate::executor::Executor;
-use crate::gateway::{Backend, Gateway};
+use crate::gateway::Gateway;
 use crate::lock;
 use crate::models::{Gate, GateKey, ModelCache, Warmer};
 use crate::ollama::{HttpOllama, Ollama};
@@ -283,8 +283,8 @@ impl<R: Runtime, S: Store> Agent<R, S> {
     /// latest.
     async fn reconcile(&mut self) -> Result<Option<SystemTime>, String> {
         let now = clock::now();
-        // Slots with work in flight are taken before observing: an action that finishes while
-        // we list may have left a half-made container in the listing (created, not yet
+        // Observe. Slots with work in flight are taken before listing: an action that finishes
+        // while we list may have left a half-made container in the listing (created, not yet
         // started), which must not be mistaken for one that failed to start.
         let busy_before = self.exec.busy();
         let observed = match self.runtime.list().await {
@@ -295,20 +295,91 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             }
         };
         let docs = lock(&self.docs).clone();
-
-        // Evaluate each fleet for this node.
-        let (mut evals, created) = self
-            .fleets
-            .evaluate(docs.as_ref(), &self.cfg, &*self.host, &self.images)
-            .await;
         let labelled: Vec<(&Observed, InstanceLabels)> = observed
             .iter()
             .filter_map(|o| Some((o, build::parse_labels(&o.labels)?)))
             .collect();
+
+        // Evaluate each fleet for this node, then what runs and how ready it is.
+        let evals = self.evaluate(docs.as_ref(), &labelled).await;
+        self.sample_memory(&labelled).await;
+        let (gates, ready) = self.readiness(&labelled, now);
+
+        // Plan.
+        let (plan, terminating) =
+            self.plan(&evals, docs.is_some(), &ready.instances, busy_before, now);
+
+        // Act: first what starts instances; then, once the instances about to stop are out of
+        // the endpoints (the gateway, the view and the status key), what stops them.
+        let node = NodeCtx {
+            sockets: self.cfg.sockets,
+            topology: self.cfg.topology.clone(),
+            cgroup_parent: self.cfg.cgroup_parent.clone(),
+            nofile: Some(self.cfg.nofile),
+        };
+        let (stopping, starting): (Vec<&Action>, Vec<&Action>) =
+            plan.actions.iter().partition(|a| a.stops().is_some());
+        for action in starting {
+            self.submit(action, &evals, &node, now);
+        }
+        self.probe(&ready.instances);
+        let mut leaving = terminating;
+        leaving.extend(
+            stopping
+                .iter()
+                .filter_map(|a| a.stops())
+                .map(str::to_string),
+        );
+        let exec = self.exec.clone();
+        let statuses = fleet_statuses(&Pass {
+            node: &self.cfg.node,
+            sockets: self.cfg.sockets,
+            policy: &self.cfg.policy,
+            evals: &evals,
+            instances: &ready.instances,
+            plan: &plan,
+            leaving: &leaving,
+            messages: &ready.messages,
+            gates: &gates,
+            last_error: &|slot| exec.last_error(slot),
+        });
+        self.show(&evals, &ready.instances, &statuses, &leaving);
+        self.announce(&statuses, &ready.instances, &stopping).await;
+        for action in stopping {
+            self.submit(action, &evals, &node, now);
+        }
+
+        // Publish what this pass saw.
+        self.set_up(true, Some(self.publisher.store_up()));
+        self.record(statuses, docs.is_some(), &ready.instances);
+        let mut wake = plan.wake_at;
+        if self
+            .fleets
+            .last_valid
+            .values()
+            .any(|f| f.spec.rotation.max_memory.is_some())
+        {
+            let at = clock::now() + MEMORY_PERIOD;
+            wake = Some(wake.map_or(at, |w| w.min(at)));
+        }
+        Ok(wake)
+    }
+
+    /// Every fleet evaluated for this node, admitted across fleets; the instances' own graces
+    /// and addresses noted (for instances whose fleet cannot say).
+    async fn evaluate(
+        &mut self,
+        docs: Option<&BTreeMap<String, FleetDoc>>,
+        labelled: &Labelled<'_>,
+    ) -> Evals {
+        let (mut evals, created) = self
+            .fleets
+            .evaluate(docs, &self.cfg, &*self.host, &self.images)
+            .await;
         crate::evaluate::admit_across(
             &mut evals,
             &created,
-            &labelled,
+            labelled,
             &self.cfg.policy,
             self.host.memory(),
         );
@@ -320,10 +391,17 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             .iter()
             .filter_map(|(o, l)| Some((o.id.clone(), l.host_ip?)))
             .collect();
+        evals
+    }
 
-        // What runs, and how ready it is: probes, the node's model cache, warm-ups.
-        self.sample_memory(&labelled).await;
-        let live: HashSet<&str> = observed.iter().map(|o| o.id.as_str()).collect();
+    /// What runs and how ready it is (probes, the node's model cache, warm-ups, the gateway's
+    /// watchdog); starts the model work and warm-ups due; settles the agent once it knows.
+    fn readiness(
+        &mut self,
+        labelled: &Labelled<'_>,
+        now: SystemTime,
+    ) -> (HashMap<GateKey, Gate>, readiness::Readiness) {
+        let live: HashSet<&str> = labelled.iter().map(|(o, _)| o.id.as_str()).collect();
         lock(&self.ooms).retain(|id| live.contains(id.as_str()));
         let ooms = lock(&self.ooms).clone();
         let ids = || labelled.iter().map(|(o, _)| o.id.clone());
@@ -347,7 +425,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             None => HashSet::new(),
         };
         let snapshot = Snapshot {
-            labelled: &labelled,
+            labelled,
             fleets: &self.fleets.last_valid,
             probes: &probes,
             warmth: &warmth,
@@ -359,8 +437,8 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             now,
         };
         let gates = self.model_gates(&snapshot);
-        let ready = readiness::readiness(&snapshot, &gates);
-        self.warmer.sync(ready.warm);
+        let mut ready = readiness::readiness(&snapshot, &gates);
+        self.warmer.sync(std::mem::take(&mut ready.warm));
         if !self.settled && (ready.unsettled == 0 || self.started.elapsed() >= SETTLE_LIMIT) {
             tracing::info!(
                 unsettled = ready.unsettled,
@@ -368,9 +446,18 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             );
             self.settled = true;
         }
-        let instances = ready.instances;
+        (gates, ready)
+    }
 
-        // Plan.
+    /// The planner's answer for this pass, and the instances being stopped right now.
+    fn plan(
+        &self,
+        evals: &Evals,
+        fleets_known: bool,
+        instances: &[planner::Instance],
+        busy_before: HashMap<planner::SlotKey, planner::InFlight>,
+        now: SystemTime,
+    ) -> (planner::Plan, HashSet<String>) {
         let targets: Vec<Target<'_>> = evals
             .iter()
             .map(|(name, (_, eval))| Target {
@@ -398,29 +485,17 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         }
         let terminating = self.exec.terminating();
         let plan = planner::plan(&planner::Input {
-            fleets: docs.as_ref().map(|_| targets.as_slice()),
-            instances: &instances,
+            fleets: fleets_known.then_some(targets.as_slice()),
+            instances,
             busy: &busy,
             terminating: &terminating,
             now,
         });
-        drop(targets);
+        (plan, terminating)
+    }
 
-        // Act: first what starts instances; then, once the instances about to stop are out of
-        // the endpoints (the view and the status key), what stops them.
-        let node = NodeCtx {
-            sockets: self.cfg.sockets,
-            topology: self.cfg.topology.clone(),
-            cgroup_parent: self.cfg.cgroup_parent.clone(),
-            nofile: Some(self.cfg.nofile),
-        };
-        let (stopping, starting): (Vec<&Action>, Vec<&Action>) =
-            plan.actions.iter().partition(|a| a.stops().is_some());
-        for action in starting {
-            self.submit(action, &evals, &node, now);
-        }
-
-        // Probe what runs.
+    /// Points the prober at what runs.
+    fn probe(&self, instances: &[planner::Instance]) {
         let targets: Vec<prober::Target> = instances
             .iter()
             .filter(|i| i.is_running())
@@ -439,53 +514,61 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             })
             .collect();
         self.prober.sync(targets);
+    }
 
-        // Report.
-        let mut leaving = terminating;
-        leaving.extend(
-            stopping
-                .iter()
-                .filter_map(|a| a.stops())
-                .map(str::to_string),
-        );
-        let exec = self.exec.clone();
-        let statuses = fleet_statuses(&Pass {
-            node: &self.cfg.node,
-            sockets: self.cfg.sockets,
-            policy: &self.cfg.policy,
-            evals: &evals,
-            instances: &instances,
-            plan: &plan,
-            leaving: &leaving,
-            messages: &ready.messages,
-            gates: &gates,
-            last_error: &|slot| exec.last_error(slot),
-        });
-        // Until the readiness of what runs is known, the last agent's status stays (it expires
-        // with its lease) rather than being replaced by "not ready" out of ignorance.
-        if self.settled {
-            let endpoints = crate::view::endpoints(&instances, &statuses, |i| {
-                self.host_ips.get(&i.id).copied().or_else(|| {
-                    let f = self.fleets.last_valid.get(&i.fleet)?;
-                    Some(f.spec.network.host_ip)
-                })
-            });
-            if let Some(gw) = &self.gateway {
-                self.route(gw, &evals, &instances, &endpoints, &leaving);
-            }
-            self.view
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .endpoints = endpoints;
+    /// The endpoints, in the view and the gateway (once the agent knows what is ready: until
+    /// then, the last agent's status stays, and expires with its lease, rather than being
+    /// replaced by "not ready" out of ignorance).
+    fn show(
+        &self,
+        evals: &Evals,
+        instances: &[planner::Instance],
+        statuses: &[fleet_api::FleetStatus],
+        leaving: &HashSet<String>,
+    ) {
+        if !self.settled {
+            return;
         }
+        let endpoints = crate::view::endpoints(instances, statuses, |i| {
+            self.host_ips.get(&i.id).copied().or_else(|| {
+                let f = self.fleets.last_valid.get(&i.fleet)?;
+                Some(f.spec.network.host_ip)
+            })
+        });
+        if let Some(gw) = &self.gateway {
+            let ports: HashMap<&str, u16> =
+                instances.iter().map(|i| (i.id.as_str(), i.port)).collect();
+            let fleets = evals
+                .iter()
+                .filter_map(|(name, (_, e))| Some((name.as_str(), &e.fleet()?.spec)));
+            let shown = endpoints.iter().filter_map(|e| {
+                let spec = &self.fleets.last_valid.get(&e.fleet)?.spec;
+                let url = self.base_of(spec, &e.id, *ports.get(e.id.as_str())?);
+                Some((e, spec, url, leaving.contains(&e.id)))
+            });
+            gw.learn(fleets, shown);
+        }
+        self.view
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .endpoints = endpoints;
+    }
+
+    /// Hands the node record and the statuses to the publisher. Load balancers watching the
+    /// status keys learn that an instance leaves before it stops: when a serving instance is
+    /// about to stop, waits (briefly) for that write, unless the store is away. An instance that
+    /// has exited already (a crash) serves nothing: replacing it never waits.
+    async fn announce(
+        &mut self,
+        statuses: &[fleet_api::FleetStatus],
+        instances: &[planner::Instance],
+        stopping: &[&Action],
+    ) {
         let node_info = self.node_info().await;
         let seq = self.publisher.publish(Report {
             node: Some(node_info),
-            statuses: self.settled.then(|| statuses.clone()),
+            statuses: self.settled.then(|| statuses.to_vec()),
         });
-        // Load balancers watching the status keys learn that an instance leaves before it
-        // stops: wait (briefly) for that write, unless the store is away. An instance that has
-        // exited already (a crash) serves nothing: replacing it never waits.
         let serving: HashSet<&str> = instances
             .iter()
             .filter(|i| i.is_running() && (i.ready || i.was_ready))
@@ -501,86 +584,27 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         {
             tracing::debug!("status not written within {STOP_WAIT:?}; stopping anyway");
         }
-        for action in stopping {
-            self.submit(action, &evals, &node, now);
-        }
-        self.set_up(true, Some(self.publisher.store_up()));
-        {
-            let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
-            v.statuses = statuses;
-            v.fleets_known = docs.is_some();
-            v.actions = self.exec.counts();
-            v.status_writes = self.publisher.writes();
-            v.pulls = self.images.stats();
-            v.models = self.models.stats();
-            v.rotations = self.rotations.clone();
-            v.restarts = BTreeMap::new();
-            for i in &instances {
-                *v.restarts.entry(i.fleet.clone()).or_default() += u64::from(i.carry.restarts);
-            }
-        }
-        let mut wake = plan.wake_at;
-        if self
-            .fleets
-            .last_valid
-            .values()
-            .any(|f| f.spec.rotation.max_memory.is_some())
-        {
-            let at = clock::now() + MEMORY_PERIOD;
-            wake = Some(wake.map_or(at, |w| w.min(at)));
-        }
-        Ok(wake)
     }
 
-    /// Tells the gateway the fleets it routes to and their instances: ready ones take
-    /// requests, leaving ones (about to be stopped) none.
-    fn route(
+    /// What the HTTP endpoints show of this pass.
+    fn record(
         &self,
-        gw: &Gateway,
-        evals: &Evals,
+        statuses: Vec<fleet_api::FleetStatus>,
+        fleets_known: bool,
         instances: &[planner::Instance],
-        endpoints: &[crate::view::Endpoint],
-        leaving: &HashSet<String>,
     ) {
-        let ports: HashMap<&str, u16> = instances.iter().map(|i| (i.id.as_str(), i.port)).collect();
-        let fleets: Vec<(String, String, u32)> = evals
-            .iter()
-            .filter_map(|(name, (_, e))| {
-                let f = e.fleet()?;
-                Some((
-                    name.clone(),
-                    f.spec.model.clone(),
-                    f.spec.probes.liveness.failure_threshold,
-                ))
-            })
-            .collect();
-        let routes = crate::gateway::routes(&fleets);
-        let pool_of: HashMap<&str, &str> = routes
-            .iter()
-            .map(|r| (r.fleet.as_str(), r.pool.as_str()))
-            .collect();
-        let backends = endpoints
-            .iter()
-            .filter_map(|e| {
-                let spec = &self.fleets.last_valid.get(&e.fleet)?.spec;
-                let capacity = spec
-                    .env
-                    .get("OLLAMA_NUM_PARALLEL")
-                    .and_then(|v| v.parse::<u32>().ok())
-                    .unwrap_or(1)
-                    .max(1);
-                Some(Backend {
-                    id: e.id.clone(),
-                    fleet: e.fleet.clone(),
-                    pool: pool_of.get(e.fleet.as_str())?.to_string(),
-                    url: self.base_of(spec, &e.id, *ports.get(e.id.as_str())?),
-                    capacity,
-                    ready: e.ready,
-                    leaving: leaving.contains(&e.id),
-                })
-            })
-            .collect();
-        gw.update(routes, backends);
+        let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
+        v.statuses = statuses;
+        v.fleets_known = fleets_known;
+        v.actions = self.exec.counts();
+        v.status_writes = self.publisher.writes();
+        v.pulls = self.images.stats();
+        v.models = self.models.stats();
+        v.rotations = self.rotations.clone();
+        v.restarts = BTreeMap::new();
+        for i in instances {
+            *v.restarts.entry(i.fleet.clone()).or_default() += u64::from(i.carry.restarts);
+        }
     }
 
     /// The model gates: the model cache's answer for each piece of work

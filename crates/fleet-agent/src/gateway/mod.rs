@@ -188,6 +188,57 @@ impl Gateway {
         self.known.store(true, Ordering::SeqCst);
     }
 
+    /// Learns what a pass saw: the fleets `(name, spec)` and the instances shown `(endpoint,
+    /// its fleet's spec, its URL, whether it is leaving)`. Ready instances take requests,
+    /// leaving ones (about to be stopped) none; an instance takes `OLLAMA_NUM_PARALLEL` at once.
+    pub fn learn<'a>(
+        &self,
+        fleets: impl Iterator<Item = (&'a str, &'a fleet_api::FleetSpec)>,
+        shown: impl Iterator<
+            Item = (
+                &'a crate::view::Endpoint,
+                &'a fleet_api::FleetSpec,
+                String,
+                bool,
+            ),
+        >,
+    ) {
+        let fleets: Vec<(String, String, u32)> = fleets
+            .map(|(name, spec)| {
+                (
+                    name.to_string(),
+                    spec.model.clone(),
+                    spec.probes.liveness.failure_threshold,
+                )
+            })
+            .collect();
+        let routes = routes(&fleets);
+        let pool_of: HashMap<&str, &str> = routes
+            .iter()
+            .map(|r| (r.fleet.as_str(), r.pool.as_str()))
+            .collect();
+        let backends = shown
+            .filter_map(|(e, spec, url, leaving)| {
+                let capacity = spec
+                    .env
+                    .get("OLLAMA_NUM_PARALLEL")
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .unwrap_or(1)
+                    .max(1);
+                Some(Backend {
+                    id: e.id.clone(),
+                    fleet: e.fleet.clone(),
+                    pool: pool_of.get(e.fleet.as_str())?.to_string(),
+                    url,
+                    capacity,
+                    ready: e.ready,
+                    leaving,
+                })
+            })
+            .collect();
+        self.update(routes, backends);
+    }
+
     /// Whether an instance's watchdog failures reached its fleet's threshold.
     pub fn stalled(&self, fleet: &str, id: &str) -> bool {
         let threshold = self
