@@ -784,11 +784,16 @@ fn stream(
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let code = parts.status;
-    let streaming = parts
+    // How a stream that stalls ends: Ollama's error line, or an OpenAI server-sent event.
+    let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.contains("ndjson") || t.contains("event-stream"));
+        .unwrap_or_default();
+    let (streaming, sse) = (
+        content_type.contains("ndjson") || content_type.contains("event-stream"),
+        content_type.contains("event-stream"),
+    );
     tokio::spawn(async move {
         let mut tail: Vec<u8> = Vec::new();
         let keep = |tail: &mut Vec<u8>, data: &[u8]| {
@@ -810,7 +815,12 @@ fn stream(
                     let why = format!("no bytes from the instance for {:?}", gw.cfg.stall_timeout);
                     tracing::warn!(instance = %lease.backend.id, "{why}; request aborted");
                     if streaming {
-                        let line = format!("{}\n", json!({ "error": why }));
+                        let error = json!({ "error": why });
+                        let line = if sse {
+                            format!("data: {error}\n\n")
+                        } else {
+                            format!("{error}\n")
+                        };
                         let _ = tx.send(Ok(Bytes::from(line))).await;
                     } else {
                         let _ = tx.send(Err(std::io::Error::other(why))).await;
