@@ -374,6 +374,16 @@ async fn failures_before_any_byte_go_elsewhere_once() {
         n += 1;
         assert!(n < 20, "the silent instance was never counted");
     }
+    let mut out = String::new();
+    gw.render_metrics(&mut out);
+    assert!(
+        out.contains("ollama_fleet_stalled_requests_total{fleet=\"f\"} 2"),
+        "each watchdog abort counted once: {out}"
+    );
+    assert!(
+        !out.contains("code=\"0\""),
+        "a retried request is counted by its answer: {out}"
+    );
     // Both failing: the client gets the error, not a hang.
     gw.update(
         route_f(),

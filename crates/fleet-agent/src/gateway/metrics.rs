@@ -115,6 +115,15 @@ impl Metrics {
         f.stalled += u64::from(s.stalled);
     }
 
+    /// Counts a request the watchdog aborted before any byte reached the client (it is
+    /// retried elsewhere, and counted once by the answer it finally gets).
+    pub fn stalled(&self, fleet: &str) {
+        lock(&self.fleets)
+            .entry(fleet.to_string())
+            .or_default()
+            .stalled += 1;
+    }
+
     /// Appends the exposition: these figures, plus the queue depths, requests in flight and
     /// per-instance counts given.
     pub fn render(

@@ -635,7 +635,7 @@ async fn attempt(
 
 async fn work(gw: &Arc<Gateway>, route: &'static str, req: Request) -> Response {
     let started = Instant::now();
-    let record = |fleet: &str, code: StatusCode, queue_wait: Duration, stalled: bool| {
+    let record = |fleet: &str, code: StatusCode, queue_wait: Duration| {
         gw.metrics.record(
             fleet,
             &metrics::Sample {
@@ -643,7 +643,6 @@ async fn work(gw: &Arc<Gateway>, route: &'static str, req: Request) -> Response 
                 code: code.as_u16(),
                 duration: started.elapsed(),
                 queue_wait,
-                stalled,
                 ..Default::default()
             },
         );
@@ -654,20 +653,20 @@ async fn work(gw: &Arc<Gateway>, route: &'static str, req: Request) -> Response 
     {
         Ok(b) => b.to_bytes(),
         Err(_) => {
-            record("", StatusCode::PAYLOAD_TOO_LARGE, Duration::ZERO, false);
+            record("", StatusCode::PAYLOAD_TOO_LARGE, Duration::ZERO);
             return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
         }
     };
     let mut body: Value = match serde_json::from_slice(&bytes) {
         Ok(v @ Value::Object(_)) => v,
         _ => {
-            record("", StatusCode::BAD_REQUEST, Duration::ZERO, false);
+            record("", StatusCode::BAD_REQUEST, Duration::ZERO);
             return error(StatusCode::BAD_REQUEST, "invalid JSON body");
         }
     };
     let model = body["model"].as_str().unwrap_or_default().to_string();
     let Some((pool, fleets)) = gw.pool_for(&model) else {
-        record("", StatusCode::NOT_FOUND, Duration::ZERO, false);
+        record("", StatusCode::NOT_FOUND, Duration::ZERO);
         return error(StatusCode::NOT_FOUND, format!("model '{model}' not found"));
     };
     pin_options(&mut body);
@@ -688,7 +687,7 @@ async fn work(gw: &Arc<Gateway>, route: &'static str, req: Request) -> Response 
         {
             Ok(l) => l,
             Err(Refused::NoneReady) => {
-                record(&pool, StatusCode::SERVICE_UNAVAILABLE, queue_wait, false);
+                record(&pool, StatusCode::SERVICE_UNAVAILABLE, queue_wait);
                 return error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(
@@ -698,12 +697,7 @@ async fn work(gw: &Arc<Gateway>, route: &'static str, req: Request) -> Response 
                 );
             }
             Err(Refused::QueueFull | Refused::Timeout) => {
-                record(
-                    &pool,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    waited.elapsed(),
-                    false,
-                );
+                record(&pool, StatusCode::SERVICE_UNAVAILABLE, waited.elapsed());
                 let mut r = error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "server busy, please try again.  maximum pending requests exceeded",
@@ -715,20 +709,12 @@ async fn work(gw: &Arc<Gateway>, route: &'static str, req: Request) -> Response 
         };
         queue_wait += waited.elapsed();
         let fleet = lease.backend.fleet.clone();
-        match attempt(gw, &lease, route_path(route), &body, started).await {
+        match attempt(gw, &lease, route, &body, started).await {
             Attempt::Retry(why, stalled) => {
                 tracing::debug!(instance = %lease.backend.id, why = %why, "request failed before any byte; retrying elsewhere");
                 exclude = Some(lease.backend.id.clone());
                 if stalled {
-                    gw.metrics.record(
-                        &fleet,
-                        &metrics::Sample {
-                            route,
-                            code: 0,
-                            stalled: true,
-                            ..Default::default()
-                        },
-                    );
+                    gw.metrics.stalled(&fleet);
                 }
                 lease.finish(stalled);
                 if round == 1 {
@@ -737,7 +723,7 @@ async fn work(gw: &Arc<Gateway>, route: &'static str, req: Request) -> Response 
                     } else {
                         StatusCode::BAD_GATEWAY
                     };
-                    record(&fleet, code, queue_wait, false);
+                    record(&fleet, code, queue_wait);
                     return error(code, why);
                 }
             }
@@ -762,11 +748,6 @@ async fn work(gw: &Arc<Gateway>, route: &'static str, req: Request) -> Response 
         }
     }
     error(StatusCode::BAD_GATEWAY, "no instance answered")
-}
-
-/// The instance's path for a route (the same: the gateway speaks the instances' API).
-fn route_path(route: &'static str) -> &'static str {
-    route
 }
 
 /// Sends the instance's answer on, watching for stalls; records the request when it ends.

@@ -44,11 +44,14 @@ struct Slot {
 }
 
 impl Slot {
+    /// Ready, and neither leaving nor drained.
+    fn takes_requests(&self) -> bool {
+        self.backend.ready && !self.backend.leaving && !self.drained
+    }
+
+    /// It takes requests and has a free slot.
     fn open(&self) -> bool {
-        self.backend.ready
-            && !self.backend.leaving
-            && !self.drained
-            && self.in_flight < self.backend.capacity
+        self.takes_requests() && self.in_flight < self.backend.capacity
     }
 }
 
@@ -158,7 +161,7 @@ impl Pools {
         lock(&self.state)
             .slots
             .values()
-            .any(|s| s.backend.pool == pool && s.backend.ready && !s.backend.leaving && !s.drained)
+            .any(|s| s.backend.pool == pool && s.takes_requests())
     }
 
     /// Requests waiting, per pool.
@@ -191,9 +194,7 @@ impl Pools {
         lock(&self.state)
             .slots
             .values()
-            .filter(|s| {
-                s.backend.pool == pool && s.backend.ready && !s.backend.leaving && !s.drained
-            })
+            .filter(|s| s.backend.pool == pool && s.takes_requests())
             .min_by_key(|s| s.in_flight)
             .map(|s| s.backend.url.clone())
     }
@@ -203,7 +204,7 @@ impl Pools {
         lock(&self.state)
             .slots
             .values()
-            .filter(|s| s.backend.ready && !s.backend.leaving && !s.drained)
+            .filter(|s| s.takes_requests())
             .map(|s| s.backend.url.clone())
             .collect()
     }
@@ -229,9 +230,7 @@ impl Pools {
             }
             let ready = s.slots.values().any(|x| {
                 x.backend.pool == pool
-                    && x.backend.ready
-                    && !x.backend.leaving
-                    && !x.drained
+                    && x.takes_requests()
                     && Some(x.backend.id.as_str()) != exclude
             });
             if !ready {
