@@ -128,8 +128,8 @@ async fn converged(extra: &str, ready: u32) -> (Running, FleetStatus) {
 }
 
 async fn status(store: &MemoryStore, fleet: &str) -> Option<FleetStatus> {
-    let entries = store.list_status(Some(fleet)).await.ok()?;
-    serde_json::from_str(&entries.first()?.value).ok()
+    let statuses = fleet_agent::status::read(store, Some(fleet)).await.ok()?;
+    statuses.into_iter().next()
 }
 
 async fn wait_status(

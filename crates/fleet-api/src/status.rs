@@ -122,8 +122,9 @@ pub struct FleetStatus {
     pub ready_replicas: u32,
     /// Instances running the current spec.
     pub updated_replicas: u32,
-    /// Every instance.
-    #[serde(default)]
+    /// Every instance. Empty in the stored summary: each instance is its own entry under
+    /// `<prefix>/instances/<fleet>/<node>/` (readers put them back).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<InstanceStatus>,
     /// Conditions.
     #[serde(default)]

@@ -15,7 +15,10 @@ use etcd_client::{
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
-use crate::{Entry, Expect, FleetDoc, FleetEvent, Keys, Result, Store, StoreError, check_segment};
+use crate::{
+    Entry, Expect, FleetDoc, FleetEvent, InstanceEntry, Keys, Result, StatusChange, StatusOp,
+    Store, StoreError, check_segment, status_batches,
+};
 
 /// Deadline of unary requests.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -266,20 +269,36 @@ impl EtcdStore {
     }
 
     async fn put_leased(&self, key: String, value: &str) -> Result<()> {
-        let lease = self.lease.load(Ordering::SeqCst);
-        if lease == 0 {
-            return Err(StoreError::Unavailable(
-                "no session: call start_session first".into(),
-            ));
-        }
+        let lease = self.session_lease()?;
         let mut c = self.client.clone();
         let put = tokio::time::timeout(
             REQUEST_TIMEOUT,
             c.put(key, value, Some(PutOptions::new().with_lease(lease))),
         )
         .await;
-        match put {
-            Ok(Ok(_)) => Ok(()),
+        self.leased_outcome(lease, "put", put.map(|r| r.map(|_| ())))
+            .await
+    }
+
+    /// The session's lease, or an error without a session.
+    fn session_lease(&self) -> Result<i64> {
+        match self.lease.load(Ordering::SeqCst) {
+            0 => Err(StoreError::Unavailable(
+                "no session: call start_session first".into(),
+            )),
+            lease => Ok(lease),
+        }
+    }
+
+    /// The outcome of a write on `lease` (`Err(_)`: no answer in time).
+    async fn leased_outcome(
+        &self,
+        lease: i64,
+        what: &str,
+        answer: Result<Result<(), etcd_client::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<()> {
+        match answer {
+            Ok(Ok(())) => Ok(()),
             // etcd no longer knows the lease (it expired while we could not reach etcd): replace
             // it now; the owner sees a new session generation and writes its keys again.
             Ok(Err(e)) if lease_gone(&e) => {
@@ -288,11 +307,11 @@ impl EtcdStore {
                     "etcd refused a write: the session's lease is gone; replacing it"
                 );
                 self.replace_lease(lease).await;
-                Err(StoreError::Unavailable(format!("put: {e}")))
+                Err(StoreError::Unavailable(format!("{what}: {e}")))
             }
             Ok(Err(e)) => Err(unavailable(e)),
             Err(_) => Err(StoreError::Unavailable(format!(
-                "put: no answer within {REQUEST_TIMEOUT:?}"
+                "{what}: no answer within {REQUEST_TIMEOUT:?}"
             ))),
         }
     }
@@ -543,20 +562,40 @@ impl Store for EtcdStore {
             .await
     }
 
-    async fn put_status(&self, fleet: &str, node: &str, value: &str) -> Result<()> {
-        check_segment("fleet", fleet)?;
-        check_segment("node", node)?;
-        self.put_leased(format!("{}{node}", self.keys.status(Some(fleet))), value)
-            .await
+    async fn write_status(&self, fleet: &str, node: &str, change: &StatusChange) -> Result<()> {
+        let batches = status_batches(&self.keys, fleet, node, change)?;
+        let lease = self.session_lease()?;
+        for batch in batches {
+            let ops: Vec<TxnOp> = batch
+                .into_iter()
+                .map(|op| match op {
+                    StatusOp::Put(k, v) => {
+                        TxnOp::put(k, v, Some(PutOptions::new().with_lease(lease)))
+                    }
+                    StatusOp::Delete(k) => TxnOp::delete(k, None),
+                })
+                .collect();
+            let mut c = self.client.clone();
+            let answer = tokio::time::timeout(REQUEST_TIMEOUT, c.txn(Txn::new().and_then(ops)))
+                .await
+                .map(|r| r.map(|_| ()));
+            self.leased_outcome(lease, "status txn", answer).await?;
+        }
+        Ok(())
     }
 
     async fn delete_status(&self, fleet: &str, node: &str) -> Result<()> {
+        check_segment("fleet", fleet)?;
+        check_segment("node", node)?;
         let mut c = self.client.clone();
-        deadline(
-            "delete",
-            c.delete(format!("{}{node}", self.keys.status(Some(fleet))), None),
-        )
-        .await?;
+        let txn = Txn::new().and_then(vec![
+            TxnOp::delete(format!("{}{node}", self.keys.status(Some(fleet))), None),
+            TxnOp::delete(
+                self.keys.instances_of(fleet, node),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            ),
+        ]);
+        deadline("delete", c.txn(txn)).await?;
         Ok(())
     }
 
@@ -568,6 +607,14 @@ impl Store for EtcdStore {
                 let (fleet, node) = self.keys.parse_status(&k)?;
                 Some(Entry { fleet, node, value })
             })
+            .collect())
+    }
+
+    async fn list_instances(&self, fleet: Option<&str>) -> Result<Vec<InstanceEntry>> {
+        let (kvs, _) = self.prefixed(&self.keys.instances(fleet)).await?;
+        Ok(kvs
+            .into_iter()
+            .filter_map(|(k, value, _, _)| self.keys.parse_instance(&k, value))
             .collect())
     }
 

@@ -11,8 +11,8 @@ use futures::stream::BoxStream;
 use tokio::sync::broadcast;
 
 use crate::{
-    Entry, Expect, FleetDoc, FleetEvent, Keys, MAX_REQUEST_BYTES, Result, Store, StoreError,
-    check_segment,
+    Entry, Expect, FleetDoc, FleetEvent, InstanceEntry, Keys, MAX_REQUEST_BYTES, Result,
+    StatusChange, StatusOp, Store, StoreError, check_segment, status_batches,
 };
 
 #[derive(Debug, Clone)]
@@ -305,23 +305,48 @@ impl Store for MemoryStore {
             .map(|_| ())
     }
 
-    async fn put_status(&self, fleet: &str, node: &str, value: &str) -> Result<()> {
+    async fn write_status(&self, fleet: &str, node: &str, change: &StatusChange) -> Result<()> {
         self.stall().await;
-        check_segment("fleet", fleet)?;
-        check_segment("node", node)?;
-        self.put(
-            format!("{}{node}", self.keys.status(Some(fleet))),
-            value,
-            true,
-        )
-        .map(|_| ())
+        let batches = status_batches(&self.keys, fleet, node, change)?;
+        if !self.active.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "no session: call start_session first".into(),
+            ));
+        }
+        let mut d = self.live()?;
+        // One revision per transaction, as etcd counts them.
+        for batch in batches {
+            d.revision += 1;
+            let rev = d.revision;
+            for op in batch {
+                match op {
+                    StatusOp::Put(key, text) => {
+                        let created = d.kv.get(&key).map_or(rev, |v| v.create_revision);
+                        let value = Value {
+                            text: text.to_string(),
+                            mod_revision: rev,
+                            create_revision: created,
+                            leased: true,
+                        };
+                        d.kv.insert(key, value);
+                    }
+                    StatusOp::Delete(key) => {
+                        d.kv.remove(&key);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn delete_status(&self, fleet: &str, node: &str) -> Result<()> {
         self.stall().await;
         let key = format!("{}{node}", self.keys.status(Some(fleet)));
+        let under = self.keys.instances_of(fleet, node);
         let mut d = self.live()?;
-        if d.kv.remove(&key).is_some() {
+        let before = d.kv.len();
+        d.kv.retain(|k, _| *k != key && !k.starts_with(&under));
+        if d.kv.len() != before {
             d.revision += 1;
         }
         Ok(())
@@ -336,6 +361,15 @@ impl Store for MemoryStore {
                 let (fleet, node) = self.keys.parse_status(&k)?;
                 Some(Entry { fleet, node, value })
             })
+            .collect())
+    }
+
+    async fn list_instances(&self, fleet: Option<&str>) -> Result<Vec<InstanceEntry>> {
+        self.stall().await;
+        Ok(self
+            .entries(&self.keys.instances(fleet))?
+            .into_iter()
+            .filter_map(|(k, value)| self.keys.parse_instance(&k, value))
             .collect())
     }
 

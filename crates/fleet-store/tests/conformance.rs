@@ -6,7 +6,7 @@ use std::time::Duration;
 use fleet_e2e::{DevEnv, PrivateEtcd, wait_for};
 use fleet_store::etcd::{EtcdConfig, EtcdStore};
 use fleet_store::memory::MemoryStore;
-use fleet_store::{Expect, FleetEvent, Store, StoreError};
+use fleet_store::{Expect, FleetEvent, MAX_TXN_OPS, StatusChange, Store, StoreError};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
@@ -138,6 +138,97 @@ async fn conformance(s: &dyn Store, other: &dyn Store) {
     );
     s.delete_status("c", "n1").await.expect("delete status");
     assert_eq!(s.list_status(None).await.expect("status").len(), 1);
+
+    // A node's status is split: the summary, and one entry per instance, written in batches
+    // within etcd's transaction limit.
+    let many = StatusChange {
+        summary: Some("{\"replicas\":200}".into()),
+        put: (0..200)
+            .map(|i| (format!("d-{i}-abc"), format!("{{\"slot\":{i}}}")))
+            .collect(),
+        delete: vec![],
+    };
+    assert!(many.put.len() > MAX_TXN_OPS);
+    s.write_status("d", "n1", &many).await.expect("status");
+    s.write_status(
+        "d",
+        "n10",
+        &StatusChange {
+            summary: Some("{}".into()),
+            put: vec![("d-0-fff".into(), "{}".into())],
+            delete: vec![],
+        },
+    )
+    .await
+    .expect("another node's status");
+    let d = s.list_instances(Some("d")).await.expect("instances");
+    assert_eq!(d.len(), 201);
+    assert!(d.iter().any(|e| (
+        e.fleet.as_str(),
+        e.node.as_str(),
+        e.key.as_str(),
+        e.value.as_str()
+    ) == ("d", "n1", "d-7-abc", "{\"slot\":7}")));
+    assert!(
+        s.list_instances(Some("b"))
+            .await
+            .expect("instances")
+            .is_empty()
+    );
+    let fewer = StatusChange {
+        summary: None,
+        put: vec![("d-7-abc".into(), "{\"slot\":7,\"ready\":true}".into())],
+        delete: (100..200).map(|i| format!("d-{i}-abc")).collect(),
+    };
+    s.write_status("d", "n1", &fewer).await.expect("delta");
+    let d = s.list_instances(Some("d")).await.expect("instances");
+    assert_eq!(
+        d.len(),
+        101,
+        "deleted entries are gone, the other node's stays"
+    );
+    assert!(
+        d.iter()
+            .any(|e| e.key == "d-7-abc" && e.value.contains("ready"))
+    );
+    assert!(
+        matches!(
+            s.write_status(
+                "d",
+                "n1",
+                &StatusChange {
+                    put: vec![("a/b".into(), "{}".into())],
+                    ..StatusChange::default()
+                }
+            )
+            .await,
+            Err(StoreError::Invalid(_))
+        ),
+        "an instance key is one segment"
+    );
+    s.delete_status("d", "n1").await.expect("delete status");
+    let d = s.list_instances(None).await.expect("instances");
+    assert_eq!(
+        d.iter()
+            .map(|e| (e.node.as_str(), e.key.as_str()))
+            .collect::<Vec<_>>(),
+        [("n10", "d-0-fff")],
+        "deleting a node's status deletes its instances, not another node's"
+    );
+    let nodes_of_d: Vec<String> = s
+        .list_status(Some("d"))
+        .await
+        .expect("status")
+        .into_iter()
+        .map(|e| e.node)
+        .collect();
+    assert_eq!(nodes_of_d, ["n10"]);
+    s.delete_status("d", "n10").await.expect("delete status");
+    let one = StatusChange {
+        put: vec![("b-0-abc".into(), "{}".into())],
+        ..StatusChange::default()
+    };
+    s.write_status("b", "n1", &one).await.expect("instance");
     assert_eq!(
         s.session_generation(),
         generation,
@@ -149,6 +240,7 @@ async fn conformance(s: &dyn Store, other: &dyn Store) {
     assert!(!s.session_alive(), "an ended session is not alive");
     assert!(s.list_nodes().await.expect("nodes").is_empty());
     assert!(s.list_status(None).await.expect("status").is_empty());
+    assert!(s.list_instances(None).await.expect("instances").is_empty());
     assert_eq!(
         s.list_fleets().await.expect("fleets").len(),
         1,

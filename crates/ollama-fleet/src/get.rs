@@ -93,20 +93,23 @@ impl FleetView {
     }
 }
 
-fn parse_status(value: &str) -> Option<FleetStatus> {
-    serde_json::from_str(value).ok()
-}
-
 /// The fleets (or just `only`) with every node's status.
 pub async fn fleets(store: &impl Store, only: Option<&str>) -> anyhow::Result<Vec<FleetView>> {
+    Ok(fleets_and_orphans(store, only).await?.0)
+}
+
+/// The fleets (or just `only`) with every node's status, and the status of fleets already
+/// deleted (their instances are being removed).
+async fn fleets_and_orphans(
+    store: &impl Store,
+    only: Option<&str>,
+) -> anyhow::Result<(Vec<FleetView>, Vec<FleetStatus>)> {
     let docs = store.list_fleets().await?;
     let mut statuses: BTreeMap<String, Vec<FleetStatus>> = BTreeMap::new();
-    for e in store.list_status(only).await? {
-        if let Some(s) = parse_status(&e.value) {
-            statuses.entry(e.fleet).or_default().push(s);
-        }
+    for s in fleet_agent::status::read(store, only).await? {
+        statuses.entry(s.fleet.clone()).or_default().push(s);
     }
-    Ok(docs
+    let views: Vec<FleetView> = docs
         .into_iter()
         .filter(|d| only.is_none_or(|n| n == d.name))
         .map(|doc| FleetView {
@@ -121,7 +124,8 @@ pub async fn fleets(store: &impl Store, only: Option<&str>) -> anyhow::Result<Ve
             statuses: statuses.remove(&doc.name).unwrap_or_default(),
             doc,
         })
-        .collect())
+        .collect();
+    Ok((views, statuses.into_values().flatten().collect()))
 }
 
 fn print_structured(format: &str, items: Vec<Value>) {
@@ -230,18 +234,10 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
             }
         }
         Kind::Instances => {
-            let views = fleets(&store, args.name.as_deref()).await?;
+            let (views, orphans) = fleets_and_orphans(&store, args.name.as_deref()).await?;
             let mut statuses: Vec<&FleetStatus> =
                 views.iter().flat_map(|v| v.statuses.iter()).collect();
-            // Status of fleets already deleted (their instances are being removed).
-            let orphan: Vec<FleetStatus> = store
-                .list_status(args.name.as_deref())
-                .await?
-                .into_iter()
-                .filter(|e| !views.iter().any(|v| v.doc.name == e.fleet))
-                .filter_map(|e| parse_status(&e.value))
-                .collect();
-            statuses.extend(orphan.iter());
+            statuses.extend(orphans.iter());
             statuses.sort_by(|a, b| (&a.node, &a.fleet).cmp(&(&b.node, &b.fleet)));
             if structured {
                 let items = statuses
