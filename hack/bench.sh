@@ -5,7 +5,9 @@
 #     creates and starts the same containers straight through containerd's API (ratio);
 #   - crash replacement: kill -> replacement running / ready, p50 and p99;
 #   - the agent's peak RSS and idle CPU with N instances.
-# Usage: hack/bench.sh [--n 58,116] [--kills 20] [--concurrency 16] [--idle 30]
+# Usage: hack/bench.sh [--n 58,116] [--kills 20] [--concurrency 16] [--idle 30] [--baseline 0]
+#        hack/bench.sh --n 833 --baseline 0   (see hack/bench-density.sh)
+#        hack/bench.sh --scale NODES [--per-node 58]   (see hack/bench-scale.sh)
 #        hack/bench.sh --lifecycle N   (see hack/bench-lifecycle.sh)
 #        hack/bench.sh --partition ROUNDS   (see hack/bench-partition.sh)
 #        hack/bench.sh --serve N [--seconds S]   (see hack/bench-serve.sh)

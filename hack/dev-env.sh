@@ -81,6 +81,8 @@ start_etcd() {
   setsid etcd --name dev --data-dir "$ETCD_DIR/data" \
     --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
     --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" --initial-cluster "dev=$peer" \
+    --auto-compaction-mode periodic --auto-compaction-retention 5m \
+    --quota-backend-bytes 8589934592 --snapshot-count 10000 \
     --logger zap --log-level warn >>"$ETCD_DIR/etcd.log" 2>&1 </dev/null 9>&- &
   echo $! >"$ETCD_DIR/pid"
   wait_for 30 etcd env ETCDCTL_API=3 etcdctl --endpoints "http://127.0.0.1:$port" endpoint health

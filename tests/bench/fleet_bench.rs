@@ -10,10 +10,15 @@
 //!
 //! `--serve N` (run by `hack/bench-serve.sh`): see `serve.rs`.
 //!
+//! `--scale NODES` (run by `hack/bench-scale.sh`): hollow nodes against one etcd, see `scale.rs`.
+//!
+//! `--baseline 0` skips the floor (a density run at 833 instances, `hack/bench-density.sh`).
+//!
 //! `--lifecycle N` (run by `hack/bench-lifecycle.sh`): N instances with the model pulled and
 //! warmed, `maxUnavailable: 10%`; a rolling update, then a rotation by age of all of them: time
 //! and the fewest ready instances seen.
 
+mod scale;
 mod serve;
 
 use std::collections::BTreeMap;
@@ -381,6 +386,21 @@ async fn main() {
         serve::serve_bench(serve, seconds, &loads, arg("--rollouts", "1") == "1").await;
         return;
     }
+    let nodes: usize = arg("--scale", "0").parse().unwrap_or(0);
+    if nodes > 0 {
+        scale::scale_bench(scale::Scale {
+            nodes,
+            per_node: arg("--per-node", "58").parse().unwrap_or(58),
+            fleets: arg("--fleets", "1").parse().unwrap_or(1),
+            idle: Duration::from_secs(arg("--idle", "300").parse().unwrap_or(300)),
+            start_delay: Duration::from_millis(
+                arg("--start-delay-ms", "300").parse().unwrap_or(300),
+            ),
+            crashes: arg("--crashes", "20").parse().unwrap_or(20),
+        })
+        .await;
+        return;
+    }
     let lifecycle: u32 = arg("--lifecycle", "0").parse().unwrap_or(0);
     if lifecycle > 0 {
         lifecycle_bench(lifecycle).await;
@@ -398,6 +418,7 @@ async fn main() {
     let kills: usize = arg("--kills", "20").parse().unwrap_or(20);
     let concurrency: usize = arg("--concurrency", "16").parse().unwrap_or(16);
     let idle_secs: u64 = arg("--idle", "30").parse().unwrap_or(30);
+    let with_baseline = arg("--baseline", "1") != "0";
     println!(
         "fleet-bench: sizes {sizes:?}, concurrency {concurrency}, {kills} kills, {idle_secs}s idle"
     );
@@ -405,10 +426,15 @@ async fn main() {
     for (round, &n) in sizes.iter().enumerate() {
         let last = round + 1 == sizes.len();
         // The floor.
-        let world = World::new(&format!("bench-base-{n}"));
-        let base = free_port_range(n as u16 + 2);
-        let floor = baseline(&world, n, concurrency, base).await;
-        drop(world);
+        let floor = if with_baseline {
+            let world = World::new(&format!("bench-base-{n}"));
+            let base = free_port_range(n as u16 + 2);
+            let floor = baseline(&world, n, concurrency, base).await;
+            drop(world);
+            Some(floor)
+        } else {
+            None
+        };
 
         // The agent.
         let world = World::new(&format!("bench-agent-{n}"));
@@ -438,12 +464,18 @@ async fn main() {
         }
         world.cli_ok(&["apply", "-f", "-"], Some(&manifest));
         let converge = until_ready(&agent, n as usize, Duration::from_secs(600)).await;
-        println!(
-            "converge N={n:<4} baseline {:>7.2}s   agent {:>7.2}s   ratio {:.2}",
-            floor.as_secs_f64(),
-            converge.as_secs_f64(),
-            converge.as_secs_f64() / floor.as_secs_f64()
-        );
+        match floor {
+            Some(floor) => println!(
+                "converge N={n:<4} baseline {:>7.2}s   agent {:>7.2}s   ratio {:.2}",
+                floor.as_secs_f64(),
+                converge.as_secs_f64(),
+                converge.as_secs_f64() / floor.as_secs_f64()
+            ),
+            None => println!(
+                "converge N={n:<4} agent {:>7.2}s (empty to all ready, real containerd + runc)",
+                converge.as_secs_f64()
+            ),
+        }
 
         if last {
             let pid = agent_pid(&agent);

@@ -67,7 +67,8 @@ pub trait Probes: Send + Sync + 'static {
     fn sync(&self, targets: Vec<Target>);
 }
 
-/// Probes whose answers a test decides: every target is ready unless marked failing.
+/// Probes whose answers a test decides: every target is ready unless marked failing, from the
+/// moment it is probed.
 #[derive(Debug, Default)]
 pub struct ScriptedProbes {
     targets: Mutex<HashMap<String, Target>>,
@@ -120,7 +121,14 @@ impl Probes for ScriptedProbes {
     }
 
     fn sync(&self, targets: Vec<Target>) {
-        *lock(&self.targets) = targets.into_iter().map(|t| (t.id.clone(), t)).collect();
+        let mut known = lock(&self.targets);
+        let new = targets.iter().any(|t| !known.contains_key(&t.id));
+        *known = targets.into_iter().map(|t| (t.id.clone(), t)).collect();
+        drop(known);
+        // A new target answers at once, and (like the prober's first success) wakes the loop.
+        if new && let Some(w) = &self.wake {
+            w.notify_one();
+        }
     }
 }
 
