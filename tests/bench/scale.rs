@@ -141,20 +141,23 @@ fn rss_kib() -> u64 {
     proc_field(std::process::id(), "status", "VmRSS:").unwrap_or(0)
 }
 
+/// A client of the one etcd, as each agent has its own.
+async fn connect(endpoint: &str, prefix: &str) -> EtcdStore {
+    let config = EtcdConfig {
+        endpoints: vec![endpoint.to_string()],
+        ..EtcdConfig::default()
+    };
+    EtcdStore::connect(&config, prefix)
+        .await
+        .expect("connect to etcd")
+}
+
 /// Starts a hollow node.
 async fn hollow(endpoint: &str, prefix: &str, node: &str, start_delay: Duration) -> Hollow {
     let runtime = FakeRuntime::new();
     runtime.add_image(FakeRuntime::image_named(IMAGE));
     runtime.set_start_delay(start_delay);
-    let store = EtcdStore::connect(
-        &EtcdConfig {
-            endpoints: vec![endpoint.to_string()],
-            ..EtcdConfig::default()
-        },
-        prefix,
-    )
-    .await
-    .expect("connect to etcd");
+    let store = connect(endpoint, prefix).await;
     let mut cfg = AgentConfig::new(node, "scale");
     cfg.sockets = 2;
     let wake = Arc::new(Notify::new());
@@ -313,15 +316,7 @@ pub async fn scale_bench(cfg: Scale) {
     let mut etcd = PrivateEtcd::start("scale");
     let endpoint = etcd.endpoint();
     let prefix = "/scale";
-    let admin = EtcdStore::connect(
-        &EtcdConfig {
-            endpoints: vec![endpoint.clone()],
-            ..EtcdConfig::default()
-        },
-        prefix,
-    )
-    .await
-    .expect("connect");
+    let admin = connect(&endpoint, prefix).await;
     let db_empty = etcd_load(&endpoint).await.db_bytes;
 
     // The hollow nodes, started and registered before the clock starts.

@@ -85,6 +85,7 @@ async fn tls_client_certificates_and_a_role_per_node() {
             vec![
                 ("readwrite", format!("{prefix}/fleets/")),
                 ("read", format!("{prefix}/status/")),
+                ("read", format!("{prefix}/instances/")),
                 ("read", format!("{prefix}/nodes/")),
             ],
         ),
@@ -95,6 +96,7 @@ async fn tls_client_certificates_and_a_role_per_node() {
                 ("read", format!("{prefix}/fleets/")),
                 ("readwrite", format!("{prefix}/nodes/node-1")),
                 ("readwrite", format!("{prefix}/status/")),
+                ("readwrite", format!("{prefix}/instances/")),
             ],
         ),
     ] {
