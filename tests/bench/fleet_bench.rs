@@ -55,11 +55,15 @@ async fn port_ready(port: u16) -> bool {
 
 /// A sim fleet without the sim's per-request access log: the converge benchmark compares the
 /// agent with the floor, not the cost of logging 20 probes a second per starting instance.
+/// Each instance may use 24 MiB (the idle sim uses a few), so that 833 fit a 24 GiB node: the
+/// agent admits only as many instances as the node's memory holds.
 fn quiet(manifest: String) -> String {
-    manifest.replace(
-        "SIM_LOAD_TIME: 50ms}",
-        "SIM_LOAD_TIME: 50ms, SIM_ACCESS_LOG: \"0\"}",
-    )
+    manifest
+        .replace(
+            "SIM_LOAD_TIME: 50ms}",
+            "SIM_LOAD_TIME: 50ms, SIM_ACCESS_LOG: \"0\"}",
+        )
+        .replace("memory: 128Mi", "memory: 24Mi")
 }
 
 /// The floor: the same containers, created and started straight through containerd's API.
@@ -154,16 +158,23 @@ fn ready_ids(v: &Value) -> BTreeMap<u64, String> {
 
 async fn until_ready(agent: &AgentProcess, n: usize, deadline: Duration) -> Duration {
     let started = Instant::now();
+    let mut said = Instant::now();
     loop {
-        if let Some(v) = agent.instances().await
-            && ready_ids(&v).len() == n
-        {
+        let ready = agent.instances().await.map_or(0, |v| ready_ids(&v).len());
+        if ready == n {
             return started.elapsed();
         }
         assert!(
             started.elapsed() < deadline,
-            "not converged within {deadline:?}"
+            "not converged within {deadline:?}: {ready} of {n} ready (the fleet's conditions: ollama-fleet describe)"
         );
+        if said.elapsed() >= Duration::from_secs(10) {
+            eprintln!(
+                "  ... {ready} of {n} ready, {:.0}s",
+                started.elapsed().as_secs_f64()
+            );
+            said = Instant::now();
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -442,11 +453,10 @@ async fn main() {
         // The shortest backoff for the crash run (a slot's first restart is at once anyway).
         let manifest = quiet(world.sim_fleet("bench", n, base, ""))
             .replace("initial: 200ms, max: 2s", "initial: 100ms, max: 5m")
-            // Ready when serving HTTP, like the floor: no model pull or warm-up.
-            .replace(
-                "models: {hostPath: ",
-                "models: {pull: false, warm: false, hostPath: ",
-            )
+            // No warm-up, so Ready is close to serving HTTP, like the floor. The model is
+            // pulled into the node's cache once and its num_thread variant derived, as on a
+            // fresh node (the agent does not start what cannot load its model).
+            .replace("models: {hostPath: ", "models: {warm: false, hostPath: ")
             // Default probes (readiness every 5s), as a production fleet has them.
             .replace(
                 "  probes: {readiness: {periodSeconds: 1, timeoutSeconds: 1}}\n",

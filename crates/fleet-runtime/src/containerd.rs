@@ -40,6 +40,10 @@ use crate::{
 
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
 
+/// The largest list answer taken from containerd (gRPC's default is 4 MiB; containerd sends up
+/// to 16 MiB): a task list of thousands, or a container list where `ListStream` is missing.
+const MAX_LIST_BYTES: usize = 64 << 20;
+
 /// The runc shim's options (containerd's `containerd.runc.v1.Options`); only the binary name
 /// is set, to run e.g. `crun` under the runc shim.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -129,6 +133,36 @@ impl Containerd {
             req.metadata_mut().insert("containerd-namespace", ns);
         }
         req
+    }
+
+    /// Our containers (those with a fleet label), one per message through `ListStream`: a
+    /// single `List` answer holds every container's OCI spec (about 6 KB each), which passes
+    /// gRPC's 4 MiB default near 700 containers and containerd's 16 MiB send limit near 2,700.
+    /// Falls back to `List` where `ListStream` is not implemented.
+    async fn list_containers(&self) -> Result<Vec<Container>> {
+        let filter = ListContainersRequest {
+            filters: vec![format!("labels.\"{}\"", fleet_api::LABEL_FLEET)],
+        };
+        let failed = |s: Status| map_status("list containers", &self.namespace, s);
+        let mut client =
+            ContainersClient::new(self.channel.clone()).max_decoding_message_size(MAX_LIST_BYTES);
+        let mut stream = match client.list_stream(self.req(filter.clone())).await {
+            Ok(stream) => stream.into_inner(),
+            Err(s) if s.code() == Code::Unimplemented => {
+                return Ok(client
+                    .list(self.req(filter))
+                    .await
+                    .map_err(failed)?
+                    .into_inner()
+                    .containers);
+            }
+            Err(s) => return Err(failed(s)),
+        };
+        let mut list = Vec::new();
+        while let Some(message) = stream.message().await.map_err(failed)? {
+            list.extend(message.container);
+        }
+        Ok(list)
     }
 
     fn req_leased<T>(&self, msg: T, lease: &str) -> Request<T> {
@@ -437,16 +471,9 @@ impl Runtime for Containerd {
     }
 
     async fn list(&self) -> Result<Vec<Observed>> {
-        let mut containers = ContainersClient::new(self.channel.clone());
-        let list = containers
-            .list(self.req(ListContainersRequest {
-                filters: vec![format!("labels.\"{}\"", fleet_api::LABEL_FLEET)],
-            }))
-            .await
-            .map_err(|s| map_status("list containers", &self.namespace, s))?
-            .into_inner()
-            .containers;
-        let mut tasks = TasksClient::new(self.channel.clone());
+        let list = self.list_containers().await?;
+        let mut tasks =
+            TasksClient::new(self.channel.clone()).max_decoding_message_size(MAX_LIST_BYTES);
         let procs: HashMap<String, containerd_client::types::v1::Process> = tasks
             .list(self.req(ListTasksRequest {
                 filter: String::new(),

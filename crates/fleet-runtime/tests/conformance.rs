@@ -317,3 +317,26 @@ async fn containerd_stop_is_sigterm_then_sigkill_after_the_grace_period() {
     }
     let _ = std::fs::remove_dir_all(logs);
 }
+
+/// A node's containers do not fit one gRPC message: 833 instances' OCI specs are about 5 MB,
+/// past gRPC's 4 MiB default. Twelve containers with 400 KB of environment each stand in for
+/// them; every one is listed.
+#[tokio::test]
+async fn containerd_lists_more_containers_than_one_grpc_message_holds() {
+    let (ns, logs, rt) = on_containerd("runtime-many");
+    let info = sim_image(&rt, &ns).await;
+    let ids: Vec<String> = (0..12).map(|i| format!("many-{i}-{i:06x}")).collect();
+    for id in &ids {
+        let mut c = spec(&info, id, true, 1);
+        c.env.push(format!("PADDING={}", "x".repeat(400_000)));
+        rt.create(&c).await.expect("create");
+    }
+    let listed = rt.list().await.expect("a list over 4 MiB");
+    for id in &ids {
+        assert!(listed.iter().any(|o| o.id == *id), "{id} is listed");
+    }
+    for id in &ids {
+        rt.remove(id).await.expect("remove");
+    }
+    let _ = std::fs::remove_dir_all(logs);
+}
