@@ -152,14 +152,35 @@ stop_pid() {
   log "stopped $name"
 }
 
+# Kills what is left in the cgroups of our namespaces' instances (agents put them under
+# /ollama-fleet/NAMESPACE): a container's processes outlive a SIGKILLed shim.
+kill_leftovers() {
+  local ns f
+  for ns in "$@"; do
+    for f in $(find /sys/fs/cgroup -path "*/ollama-fleet/$ns/*" -name cgroup.procs 2>/dev/null); do
+      xargs -r kill -9 <"$f" 2>/dev/null || true
+    done
+  done
+}
+
 cmd_down() {
   [[ -d $DIR ]] || { log "nothing in $DIR"; return; }
   stop_pid "$DIR/agent/pid" "ollama-fleet agent"
-  if alive "$CD_DIR/pid"; then clean_containerd; fi
+  # Any other agent on our containerd (a test's or a benchmark's that outlived it) would start
+  # again what the cleanup removes.
+  pkill -9 -f -- "--containerd-socket $SOCK( |$)" 2>/dev/null || true
+  local namespaces
+  namespaces=$(pgrep -af "containerd-shim-runc-v2 .*-address $SOCK( |$)" | grep -o -- '-namespace [^ ]*' | cut -d' ' -f2 | sort -u || true)
+  if alive "$CD_DIR/pid"; then
+    namespaces="$namespaces $(ctr --address "$SOCK" namespaces ls -q 2>/dev/null || true)"
+    clean_containerd
+  fi
   stop_pid "$CD_DIR/pid" containerd
   stop_pid "$ETCD_DIR/pid" etcd
-  # Shims of our containerd that outlived it.
+  # Shims of our containerd that outlived it, and their containers' processes.
   pkill -9 -f "containerd-shim-runc-v2 .*-address $SOCK( |$)" 2>/dev/null || true
+  # shellcheck disable=SC2086
+  kill_leftovers $namespaces
   # Mounts left under our directory (snapshots of killed tasks), deepest first.
   { grep -F " $DIR/" /proc/mounts || true; } | awk '{print $2}' | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   if [[ ${1:-} == --purge ]]; then rm -rf "$DIR"; log "removed $DIR"; fi
