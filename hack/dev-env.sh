@@ -78,6 +78,8 @@ start_etcd() {
   if alive "$ETCD_DIR/pid" && ETCDCTL_API=3 etcdctl --endpoints "http://127.0.0.1:$port" endpoint health >/dev/null 2>&1; then return; fi
   log "starting etcd on 127.0.0.1:$port"
   local peer="http://127.0.0.1:$((port + 1))"
+  # The flags ARCHITECTURE.md ("etcd sizing") recommends; tests use the same
+  # (tests/harness/etcd.rs, RECOMMENDED_FLAGS).
   setsid etcd --name dev --data-dir "$ETCD_DIR/data" \
     --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
     --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" --initial-cluster "dev=$peer" \

@@ -453,9 +453,8 @@ async fn main() {
         // The shortest backoff for the crash run (a slot's first restart is at once anyway).
         let manifest = quiet(world.sim_fleet("bench", n, base, ""))
             .replace("initial: 200ms, max: 2s", "initial: 100ms, max: 5m")
-            // No warm-up, so Ready is close to serving HTTP, like the floor. The model is
-            // pulled into the node's cache once and its num_thread variant derived, as on a
-            // fresh node (the agent does not start what cannot load its model).
+            // No warm-up, so Ready is close to serving HTTP, like the floor (the model is in
+            // the node's cache by then, see below).
             .replace("models: {hostPath: ", "models: {warm: false, hostPath: ")
             // Default probes (readiness every 5s), as a production fleet has them.
             .replace(
@@ -480,6 +479,7 @@ async fn main() {
         let seed = manifest
             .replace("name: bench", "name: seed")
             .replace(&format!("perNode: {n}}}"), "perNode: 1}");
+        assert!(seed.contains("name: seed") && seed.contains("perNode: 1}"));
         world.cli_ok(&["apply", "-f", "-"], Some(&seed));
         until_ready(&agent, 1, Duration::from_secs(120)).await;
         world.cli_ok(&["delete", "fleet", "seed"], None);

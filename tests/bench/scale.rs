@@ -208,15 +208,47 @@ async fn summaries(store: &EtcdStore) -> BTreeMap<(String, String), (i64, u32, u
         .collect()
 }
 
-/// Waits until every node reports every fleet at its generation, all ready and up to date;
-/// calls `midway` once when half of the instances are up to date.
+/// Applies (creates, or updates at its current revision) every fleet with `roll` as its env
+/// value; returns each fleet's generation.
+async fn apply_fleets(
+    store: &EtcdStore,
+    names: &[String],
+    per_fleet: u32,
+    roll: u32,
+) -> BTreeMap<String, i64> {
+    let mut generations = BTreeMap::new();
+    for (f, name) in names.iter().enumerate() {
+        let base = 10_000 + (f as u32) * (per_fleet + 10);
+        let expect = match store.get_fleet(name).await.expect("get") {
+            Some(doc) => Expect::Revision(doc.revision),
+            None => Expect::Absent,
+        };
+        let rev = store
+            .put_fleet(name, &manifest(name, per_fleet, base, roll), expect)
+            .await
+            .expect("apply");
+        generations.insert(name.clone(), rev);
+    }
+    generations
+}
+
+/// How far [`converge`] waits.
+#[derive(Clone, Copy, PartialEq)]
+enum Until {
+    /// Half of the instances up to date.
+    HalfUpdated,
+    /// Every node reports every fleet at its generation, all ready and up to date.
+    Done,
+}
+
+/// Waits until `until` holds for the fleets at `generations`; returns how long it took.
 async fn converge(
     store: &EtcdStore,
     generations: &BTreeMap<String, i64>,
     nodes: usize,
     total: u64,
     deadline: Duration,
-    mut midway: Option<&mut (dyn FnMut() + Send)>,
+    until: Until,
 ) -> Duration {
     let t0 = Instant::now();
     let mut last_print = Instant::now();
@@ -238,13 +270,12 @@ async fn converge(
         let complete = s.len() == nodes * generations.len()
             && s.iter()
                 .all(|((f, _), (g, d, r, u))| current(f, g) && r == d && u == d);
-        if complete && done == total {
+        let reached = match until {
+            Until::HalfUpdated => updated * 2 >= total,
+            Until::Done => complete && done == total,
+        };
+        if reached {
             return t0.elapsed();
-        }
-        if updated * 2 >= total
-            && let Some(f) = midway.take()
-        {
-            f();
         }
         if last_print.elapsed() > Duration::from_secs(5) {
             eprintln!(
@@ -313,7 +344,7 @@ pub async fn scale_bench(cfg: Scale) {
         "scale: {nodes} hollow nodes x {fleets} fleet(s) x {per_fleet} = {total} instances; start delay {start_delay:?}; one etcd; {} cpus",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let mut etcd = PrivateEtcd::start("scale");
+    let etcd = PrivateEtcd::start("scale");
     let endpoint = etcd.endpoint();
     let prefix = "/scale";
     let admin = connect(&endpoint, prefix).await;
@@ -349,22 +380,14 @@ pub async fn scale_bench(cfg: Scale) {
     let names: Vec<String> = (0..fleets).map(|f| format!("scale{f}")).collect();
     let load0 = etcd_load(&endpoint).await;
     let applied = tokio::time::Instant::now();
-    let mut generations = BTreeMap::new();
-    for (f, name) in names.iter().enumerate() {
-        let base = 10_000 + (f as u32) * (per_fleet + 10);
-        let rev = admin
-            .put_fleet(name, &manifest(name, per_fleet, base, 1), Expect::Absent)
-            .await
-            .expect("apply");
-        generations.insert(name.clone(), rev);
-    }
+    let generations = apply_fleets(&admin, &names, per_fleet, 1).await;
     let took = converge(
         &admin,
         &generations,
         nodes,
         total,
         Duration::from_secs(900),
-        None,
+        Until::Done,
     )
     .await;
     let load1 = etcd_load(&endpoint).await;
@@ -480,13 +503,13 @@ pub async fn scale_bench(cfg: Scale) {
             percentile(&replaced, 0.5).as_secs_f64() * 1000.0,
             replaced.last().copied().unwrap_or_default().as_secs_f64() * 1000.0
         );
-        let _ = converge(
+        converge(
             &admin,
             &generations,
             nodes,
             total,
             Duration::from_secs(120),
-            None,
+            Until::Done,
         )
         .await;
     }
@@ -495,65 +518,44 @@ pub async fn scale_bench(cfg: Scale) {
     let creates_before: usize = hollows.iter().map(|h| creates(h).len()).sum();
     let restarts_before = slot_restarts(&admin).await;
     let load2 = etcd_load(&endpoint).await;
-    for (f, name) in names.iter().enumerate() {
-        let base = 10_000 + (f as u32) * (per_fleet + 10);
-        let doc = admin.get_fleet(name).await.expect("get").expect("present");
-        let rev = admin
-            .put_fleet(
-                name,
-                &manifest(name, per_fleet, base, 2),
-                Expect::Revision(doc.revision),
-            )
-            .await
-            .expect("roll");
-        generations.insert(name.clone(), rev);
-    }
-    let (restart_tx, restart_rx) = std::sync::mpsc::channel::<()>();
-    let mut midway = move || {
-        let _ = restart_tx.send(());
-    };
-    let restarter = {
-        let etcd_dir_endpoint = endpoint.clone();
-        let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            let mut before_kill = None;
-            if restart_rx.recv().is_ok() {
-                let t = Instant::now();
-                // etcd's counters start from zero again after the restart.
-                before_kill = Some(handle.block_on(etcd_load(&etcd_dir_endpoint)));
-                etcd.kill();
-                std::thread::sleep(Duration::from_secs(2));
-                etcd.resume();
-                eprintln!(
-                    "  ... etcd ({etcd_dir_endpoint}) killed and started again mid-rollout, away {:.1}s",
-                    t.elapsed().as_secs_f64()
-                );
-            }
-            (etcd, before_kill)
-        })
-    };
-    let took = converge(
+    let rolled = Instant::now();
+    let generations = apply_fleets(&admin, &names, per_fleet, 2).await;
+    let deadline = Duration::from_secs(900);
+    converge(
         &admin,
         &generations,
         nodes,
         total,
-        Duration::from_secs(900),
-        Some(&mut midway),
+        deadline,
+        Until::HalfUpdated,
     )
     .await;
-    drop(midway);
-    let (etcd, before_kill) = restarter.await.expect("restarter");
+    // etcd's counters start from zero again after the restart.
+    let before_kill = etcd_load(&endpoint).await;
+    let (etcd, away) = tokio::task::spawn_blocking(move || {
+        let mut etcd = etcd;
+        let t = Instant::now();
+        etcd.kill();
+        std::thread::sleep(Duration::from_secs(2));
+        etcd.resume();
+        (etcd, t.elapsed())
+    })
+    .await
+    .expect("etcd restart");
+    eprintln!(
+        "  ... etcd ({endpoint}) killed and started again mid-rollout, away {:.1}s",
+        away.as_secs_f64()
+    );
+    converge(&admin, &generations, nodes, total, deadline, Until::Done).await;
+    let took = rolled.elapsed();
     let load3 = etcd_load(&endpoint).await;
     // The rollout's load: up to the kill, plus everything since the restart.
-    let rollout_load = match before_kill {
-        Some(k) => EtcdLoad {
-            requests: k.requests + load3.requests,
-            keepalives: k.keepalives + load3.keepalives,
-            proposals: k.proposals + load3.proposals,
-            wal_bytes: k.wal_bytes + load3.wal_bytes,
-            ..load3
-        },
-        None => load3,
+    let rollout_load = EtcdLoad {
+        requests: before_kill.requests + load3.requests,
+        keepalives: before_kill.keepalives + load3.keepalives,
+        proposals: before_kill.proposals + load3.proposals,
+        wal_bytes: before_kill.wal_bytes + load3.wal_bytes,
+        ..load3
     };
     let creates_after: usize = hollows.iter().map(|h| creates(h).len()).sum();
     let restarts_after = slot_restarts(&admin).await;

@@ -93,14 +93,16 @@ impl ScriptedProbes {
         } else {
             lock(&self.failing).remove(id);
         }
-        if let Some(w) = &self.wake {
-            w.notify_one();
-        }
+        self.wake();
     }
 
     /// Makes an instance's liveness probe fail.
     pub fn set_unhealthy(&self, id: &str) {
         lock(&self.unhealthy).insert(id.to_string());
+        self.wake();
+    }
+
+    fn wake(&self) {
         if let Some(w) = &self.wake {
             w.notify_one();
         }
@@ -126,8 +128,8 @@ impl Probes for ScriptedProbes {
         *known = targets.into_iter().map(|t| (t.id.clone(), t)).collect();
         drop(known);
         // A new target answers at once, and (like the prober's first success) wakes the loop.
-        if new && let Some(w) = &self.wake {
-            w.notify_one();
+        if new {
+            self.wake();
         }
     }
 }
@@ -285,5 +287,40 @@ async fn liveness_loop(
             wake.notify_one();
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(id: &str) -> Target {
+        Target {
+            id: id.into(),
+            url: format!("http://127.0.0.1:1/{id}"),
+            probe: Probe::readiness(),
+            liveness: None,
+        }
+    }
+
+    /// Woken within 50 ms.
+    async fn woken(wake: &Notify) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), wake.notified())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn scripted_probes_wake_the_loop_for_a_new_target_only() {
+        let wake = Arc::new(Notify::new());
+        let probes = ScriptedProbes::new(Some(wake.clone()));
+        probes.sync(vec![target("a")]);
+        assert!(woken(&wake).await, "a new target wakes the loop");
+        assert!(probes.state("a").ready);
+        probes.sync(vec![target("a")]);
+        assert!(!woken(&wake).await, "the same targets do not");
+        probes.sync(vec![]);
+        assert!(!woken(&wake).await, "a target gone does not");
+        assert!(!probes.state("a").ready);
     }
 }
