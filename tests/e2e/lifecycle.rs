@@ -880,3 +880,84 @@ async fn a_new_host_ip_rolls_out_within_the_budget() {
         );
     }
 }
+
+/// The ports the fleet's instances listen on, by slot (from `/instances`), once each of them
+/// answers there.
+async fn listening(instances: &[Value]) -> BTreeMap<u64, u16> {
+    let mut ports = BTreeMap::new();
+    for i in instances {
+        let address = i["address"].as_str().expect("address");
+        let (status, _) = fleet_e2e::request(
+            "GET",
+            &format!("http://{address}/"),
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{address}: {e}"));
+        assert_eq!(status, 200, "{address}");
+        let port = address.rsplit(':').next().and_then(|p| p.parse().ok());
+        ports.insert(i["slot"].as_u64().expect("slot"), port.expect("port"));
+    }
+    ports
+}
+
+/// Issue 20: a new basePort rolled out with every replacement on its slot's old port. It must
+/// end with every slot listening on `basePort + slot`, in place (maxUnavailable 1) and with a
+/// surge onto a range that overlaps the old one (the rollout runs from the range's free end).
+#[tokio::test]
+async fn a_new_base_port_moves_every_instance_within_the_budget() {
+    let world = World::new("lc-baseport");
+    let base = free_port_range(12);
+    let in_place = "  rollout: {maxUnavailable: 1, maxSurge: 0}\n";
+    apply(&world, &fleet(&world, "p", 4, base, "", in_place));
+    let agent = world.agent("node-1", &[]);
+    let mut old = id_set(&wait_ready(&agent, "p", 4, 120).await);
+    let home =
+        |first: u16| -> BTreeMap<u64, u16> { (0..4).map(|s| (s, first + s as u16)).collect() };
+    for (first, rollout, least) in [
+        (base + 6, in_place, 3),
+        (base + 7, "  rollout: {maxUnavailable: 0, maxSurge: 1}\n", 4),
+    ] {
+        let sampler = Sampler::start(&world, &agent, "p");
+        apply(&world, &fleet(&world, "p", 4, first, "", rollout));
+        let after = wait_for(
+            &format!("4 new instances ready from port {first}"),
+            Duration::from_secs(120),
+            || async {
+                let l = listed(&agent, "p").await;
+                (ready_slots(&l) == 4 && l.len() == 4 && id_set(&l).is_disjoint(&old)).then_some(l)
+            },
+        )
+        .await;
+        let (ready, running, samples) = sampler.finish().await;
+        eprintln!(
+            "basePort -> {first}: fewest ready {ready}, fewest running {running}, {samples} samples"
+        );
+        assert!(ready >= least, "{ready} ready, fewer than {least}");
+        assert_eq!(listening(&after).await, home(first), "{after:?}");
+        let want = home(first);
+        world
+            .wait_status("p", "the status shows the new ports", 30, |s| {
+                let ports: Option<BTreeMap<u64, u16>> = s["instances"].as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|i| Some((i["slot"].as_u64()?, i["port"].as_u64()? as u16)))
+                        .collect()
+                });
+                ports.as_ref() == Some(&want)
+            })
+            .await;
+        old = id_set(&after);
+    }
+    // Nothing listens on the first range any more.
+    for port in base..base + 4 {
+        let gone = fleet_e2e::request(
+            "GET",
+            &format!("http://127.0.0.1:{port}/"),
+            None,
+            Duration::from_secs(2),
+        )
+        .await;
+        assert!(gone.is_err(), "port {port} still answers");
+    }
+}

@@ -81,6 +81,31 @@ pub struct InstanceLabels {
     pub host_ip: Option<std::net::IpAddr>,
 }
 
+impl InstanceLabels {
+    /// The labels of a fresh instance of `fleet`'s `slot` on `port`, of spec `hash`, made at
+    /// `created_at`, with no history and nothing else said (tests start from it).
+    pub fn new(
+        fleet: &str,
+        slot: u32,
+        port: u16,
+        spec_hash: &str,
+        created_at: SystemTime,
+    ) -> InstanceLabels {
+        InstanceLabels {
+            fleet: fleet.into(),
+            slot,
+            port,
+            spec_hash: spec_hash.into(),
+            created_at,
+            carry: Carry::default(),
+            model: None,
+            threads: None,
+            grace: None,
+            host_ip: None,
+        }
+    }
+}
+
 /// Parses an instance's labels; `None` when they are not ours or are broken.
 pub fn parse_labels(labels: &BTreeMap<String, String>) -> Option<InstanceLabels> {
     let get = |k: &str| labels.get(k).map(String::as_str);
@@ -129,9 +154,23 @@ pub fn new_id(fleet: &str, slot: u32, now: SystemTime, salt: u64) -> String {
     format!("{fleet}-{slot}-{}", &hash[..6])
 }
 
-/// The port of a slot.
+/// The port of a slot: its home, `basePort + slot`.
 pub fn port(spec: &FleetSpec, slot: u32) -> u16 {
     u16::try_from(u32::from(spec.network.base_port) + slot).unwrap_or(u16::MAX)
+}
+
+/// The ports a fleet's instances may take on a node with `replicas` of them: its slots' and its
+/// surge ports after them (at least one port). Admission reserves them across fleets; an
+/// instance outside them (made for an earlier `basePort`) is replaced.
+pub fn port_pool(spec: &FleetSpec, replicas: u32) -> std::ops::RangeInclusive<u32> {
+    let (_, surge) = spec.rollout.budget(replicas);
+    let first = u32::from(spec.network.base_port);
+    first..=first + (replicas + surge).max(1) - 1
+}
+
+/// Whether two listeners on one port collide: the same address, or either is a wildcard.
+pub fn addresses_collide(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
+    a == b || a.is_unspecified() || b.is_unspecified()
 }
 
 /// The agent's default environment for an instance on `port` (the manifest's `env` overrides

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use fleet_api::{Capacity, FleetSpec, NodeInfo, Versions};
+use fleet_api::{Capacity, NodeInfo, Versions};
 use fleet_runtime::clock::{self, Instant};
 use fleet_runtime::{Observed, Runtime, RuntimeEvent};
 use fleet_store::{FleetDoc, FleetEvent, Store};
@@ -82,8 +82,6 @@ pub struct Agent<R: Runtime, S: Store> {
     containerd_version: Option<(Instant, String)>,
     /// Each instance's own grace (from its label), for instances whose fleet cannot say.
     graces: HashMap<String, Duration>,
-    /// Each instance's address (from its label): probes and endpoints follow it.
-    host_ips: HashMap<String, std::net::IpAddr>,
     /// What admission asks of the host (symlinks, addresses, cpus, memory).
     host: Arc<dyn Host + Send + Sync>,
     /// The node gateway, when the agent serves (`--serve`).
@@ -151,7 +149,6 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             salt: 0,
             containerd_version: None,
             graces: HashMap::new(),
-            host_ips: HashMap::new(),
             host: Arc::new(policy::RealHost),
             gateway: None,
         }
@@ -366,7 +363,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
     }
 
     /// Every fleet evaluated for this node, admitted across fleets; the instances' own graces
-    /// and addresses noted (for instances whose fleet cannot say).
+    /// noted (for instances whose fleet cannot say).
     async fn evaluate(
         &mut self,
         docs: Option<&BTreeMap<String, FleetDoc>>,
@@ -386,10 +383,6 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         self.graces = labelled
             .iter()
             .filter_map(|(o, l)| Some((o.id.clone(), l.grace?)))
-            .collect();
-        self.host_ips = labelled
-            .iter()
-            .filter_map(|(o, l)| Some((o.id.clone(), l.host_ip?)))
             .collect();
         evals
     }
@@ -500,8 +493,8 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             .iter()
             .filter(|i| i.is_running())
             .filter_map(|i| {
-                let spec = &self.fleets.last_valid.get(&i.fleet)?.spec;
-                let base = self.base_of(spec, &i.id, i.port);
+                let spec = &self.fleets.last_valid.get(&i.labels.fleet)?.spec;
+                let base = readiness::base_url(spec, i.labels.host_ip, i.labels.port);
                 Some(prober::Target {
                     id: i.id.clone(),
                     url: format!("{base}{}", spec.probes.readiness.path),
@@ -530,20 +523,21 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             return;
         }
         let endpoints = crate::view::endpoints(instances, statuses, |i| {
-            self.host_ips.get(&i.id).copied().or_else(|| {
-                let f = self.fleets.last_valid.get(&i.fleet)?;
+            i.labels.host_ip.or_else(|| {
+                let f = self.fleets.last_valid.get(&i.labels.fleet)?;
                 Some(f.spec.network.host_ip)
             })
         });
         if let Some(gw) = &self.gateway {
-            let ports: HashMap<&str, u16> =
-                instances.iter().map(|i| (i.id.as_str(), i.port)).collect();
+            let by_id: HashMap<&str, &planner::Instance> =
+                instances.iter().map(|i| (i.id.as_str(), i)).collect();
             let fleets = evals
                 .iter()
                 .filter_map(|(name, (_, e))| Some((name.as_str(), &e.fleet()?.spec)));
             let shown = endpoints.iter().filter_map(|e| {
                 let spec = &self.fleets.last_valid.get(&e.fleet)?.spec;
-                let url = self.base_of(spec, &e.id, *ports.get(e.id.as_str())?);
+                let l = &by_id.get(e.id.as_str())?.labels;
+                let url = readiness::base_url(spec, l.host_ip, l.port);
                 Some((e, spec, url, leaving.contains(&e.id)))
             });
             gw.learn(fleets, shown);
@@ -603,7 +597,8 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         v.rotations = self.rotations.clone();
         v.restarts = BTreeMap::new();
         for i in instances {
-            *v.restarts.entry(i.fleet.clone()).or_default() += u64::from(i.carry.restarts);
+            *v.restarts.entry(i.labels.fleet.clone()).or_default() +=
+                u64::from(i.labels.carry.restarts);
         }
     }
 
@@ -702,11 +697,6 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         if let Some(s) = store {
             v.store_up = s;
         }
-    }
-
-    /// An instance's `http://ip:port`: the address it was made with, else the spec's.
-    fn base_of(&self, spec: &FleetSpec, id: &str, port: u16) -> String {
-        readiness::base_url(spec, self.host_ips.get(id).copied(), port)
     }
 
     /// This node's record (containerd's version asked for at most once a minute).

@@ -9,42 +9,37 @@
 //!   liveness probe fails count as crashes too;
 //! - instances of an outdated spec, instances older than `rotation.maxAge` (staggered per slot)
 //!   and instances whose memory passed `rotation.maxMemory` are replaced within the node's
-//!   rollout budget: with `maxSurge` a new instance starts beside the old one (on a port after
-//!   the fleet's range) and the old one is stopped once the new one is ready; otherwise at most
-//!   `maxUnavailable` instances are down at once. Unready instances go first (they are down
-//!   already). When the new spec's instances crash-loop, the rollout stalls instead of taking
-//!   more healthy old instances down;
+//!   rollout budget: with `maxSurge` a new instance starts beside the old one and the old one
+//!   is stopped once the new one is ready; otherwise at most `maxUnavailable` instances are down
+//!   at once. Unready instances go first (they are down already). When the new spec's
+//!   instances crash-loop, the rollout stalls instead of taking more healthy old instances down;
+//! - every new instance listens where the *current* spec puts its slot: `hostIP`, port
+//!   `basePort + slot` when that address is free (a surge beside an instance on the same address
+//!   takes a surge port after the range; a slot whose new home an instance about to move still
+//!   holds waits for it). An instance on an address the spec no longer gives (another `hostIP`,
+//!   a port outside the fleet's pool) is outdated like one of an older spec;
 //! - slots beyond the desired count, duplicates, and instances of deleted fleets are removed.
 //!
 //! A fleet whose document is invalid, or that is paused, is left exactly as it is. Nothing is
 //! removed for a missing fleet until the fleet list is known (after etcd answered once).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use fleet_api::{FleetSpec, LastExit};
 use fleet_runtime::TaskState;
 
-use crate::backoff;
-use crate::build::Carry;
+use crate::build::{Carry, InstanceLabels};
+use crate::{backoff, build};
 
 /// An instance as observed: its labels, its task, and what the probes say.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Instance {
     /// Container ID.
     pub id: String,
-    /// Fleet.
-    pub fleet: String,
-    /// Slot.
-    pub slot: u32,
-    /// Port.
-    pub port: u16,
-    /// Spec hash it was created with.
-    pub spec_hash: String,
-    /// When it was created.
-    pub created_at: SystemTime,
-    /// Its slot's history.
-    pub carry: Carry,
+    /// What its labels say: fleet, slot, address, spec hash, creation time, the slot's history.
+    pub labels: InstanceLabels,
     /// Task state.
     pub state: TaskState,
     /// Exit status once stopped.
@@ -100,7 +95,7 @@ impl Instance {
         } else {
             "Error"
         };
-        let at = self.exited_at.unwrap_or(self.created_at);
+        let at = self.exited_at.unwrap_or(self.labels.created_at);
         Some(exit_record(code, reason, at))
     }
 }
@@ -156,7 +151,7 @@ pub enum Why {
     Stalled,
     /// Its memory passed `rotation.maxMemory`.
     MaxMemory,
-    /// It runs an outdated spec.
+    /// It runs an outdated spec, or on an address the spec no longer gives its fleet.
     Outdated,
     /// It is older than `rotation.maxAge`.
     MaxAge,
@@ -366,7 +361,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
     let mut out = Plan::default();
     let mut by_fleet: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
     for i in input.instances {
-        by_fleet.entry(i.fleet.as_str()).or_default().push(i);
+        by_fleet.entry(i.labels.fleet.as_str()).or_default().push(i);
     }
     let Some(fleets) = input.fleets else {
         return out;
@@ -380,11 +375,11 @@ pub fn plan(input: &Input<'_>) -> Plan {
             continue;
         }
         for i in instances {
-            if !busy(fleet, i.slot) {
+            if !busy(fleet, i.labels.slot) {
                 out.actions.push(Action::Remove {
                     id: i.id.clone(),
-                    fleet: i.fleet.clone(),
-                    slot: i.slot,
+                    fleet: i.labels.fleet.clone(),
+                    slot: i.labels.slot,
                     why: Why::FleetDeleted,
                 });
             }
@@ -437,7 +432,7 @@ impl FleetPlan<'_> {
         out.actions.push(Action::Remove {
             id: i.id.clone(),
             fleet: self.fleet.into(),
-            slot: i.slot,
+            slot: i.labels.slot,
             why,
         });
     }
@@ -446,21 +441,25 @@ impl FleetPlan<'_> {
     /// ready in time, or fails its liveness probe. Sets the wake-up for a startup deadline.
     fn restart(&self, i: &Instance, out: &mut Plan) -> Option<Restart> {
         let now = self.input.now;
-        let ran = |until: SystemTime| until.duration_since(i.created_at).unwrap_or_default();
+        let ran = |until: SystemTime| {
+            until
+                .duration_since(i.labels.created_at)
+                .unwrap_or_default()
+        };
         if i.is_dead() {
             let exited = i.exited_at.unwrap_or(now);
             return Some((
                 exited,
-                backoff::next_count(i.carry.crashloop, ran(exited)),
+                backoff::next_count(i.labels.carry.crashloop, ran(exited)),
                 i.exit(),
                 Why::Crashed,
             ));
         }
         if matches!(i.state, TaskState::NoTask | TaskState::Created) {
             return Some((
-                i.created_at,
-                i.carry.crashloop.saturating_add(1),
-                Some(exit_record(-1, "StartError", i.created_at)),
+                i.labels.created_at,
+                i.labels.carry.crashloop.saturating_add(1),
+                Some(exit_record(-1, "StartError", i.labels.created_at)),
                 Why::NeverStarted,
             ));
         }
@@ -474,7 +473,7 @@ impl FleetPlan<'_> {
             };
             return Some((
                 SystemTime::UNIX_EPOCH,
-                backoff::next_count(i.carry.crashloop, ran(now)),
+                backoff::next_count(i.labels.carry.crashloop, ran(now)),
                 Some(exit_record(-1, why.as_str(), now)),
                 why,
             ));
@@ -489,7 +488,7 @@ impl FleetPlan<'_> {
             if now >= deadline {
                 return Some((
                     deadline,
-                    backoff::next_count(i.carry.crashloop, ran(deadline)),
+                    backoff::next_count(i.labels.carry.crashloop, ran(deadline)),
                     Some(exit_record(-1, "StartupTimeout", deadline)),
                     Why::StartupTimeout,
                 ));
@@ -500,18 +499,23 @@ impl FleetPlan<'_> {
     }
 
     /// Replaces `i` when its backoff has passed, else marks it as backing off.
-    fn restart_or_wait(&self, i: &Instance, r: Restart, out: &mut Plan) {
+    fn restart_or_wait(&self, i: &Instance, r: Restart, ports: &mut Ports<'_>, out: &mut Plan) {
         let (since, k, last_exit, why) = r;
         let b = &self.spec.restart_backoff;
         let due = since + backoff::delay(k, b.initial.std(), b.max.std());
-        if self.input.now >= due && self.can_create {
+        let port = || self.port_for(i.labels.slot, Some(i), false, false, ports);
+        if self.input.now >= due
+            && self.can_create
+            && let Some(port) = port()
+        {
+            ports.take(self.spec.network.host_ip, port);
             out.actions.push(Action::Replace {
                 old: i.id.clone(),
                 fleet: self.fleet.into(),
-                slot: i.slot,
-                port: i.port,
+                slot: i.labels.slot,
+                port,
                 carry: Carry {
-                    restarts: i.carry.restarts + 1,
+                    restarts: i.labels.carry.restarts + 1,
                     crashloop: k,
                     last_exit,
                 },
@@ -528,7 +532,7 @@ impl FleetPlan<'_> {
     /// Why a healthy running instance should be replaced now, if it should; sets the wake-up
     /// for its rotation.
     fn replaceable(&self, i: &Instance, out: &mut Plan) -> Option<Why> {
-        if i.spec_hash != self.hash {
+        if i.labels.spec_hash != self.hash || !self.in_place(i) {
             return Some(Why::Outdated);
         }
         let rotation = &self.spec.rotation;
@@ -538,7 +542,7 @@ impl FleetPlan<'_> {
             return Some(Why::MaxMemory);
         }
         if let Some(max_age) = rotation.max_age {
-            let due = rotation_due(i.created_at, max_age.std(), i.slot);
+            let due = rotation_due(i.labels.created_at, max_age.std(), i.labels.slot);
             if self.input.now >= due {
                 return Some(Why::MaxAge);
             }
@@ -553,8 +557,9 @@ impl FleetPlan<'_> {
     fn plan(&self, instances: &[&Instance], out: &mut Plan) {
         let mut by_slot: BTreeMap<u32, Vec<&Instance>> = BTreeMap::new();
         for i in instances {
-            by_slot.entry(i.slot).or_default().push(i);
+            by_slot.entry(i.labels.slot).or_default().push(i);
         }
+        let before = out.actions.len();
         let mut ports = self.ports_taken(instances);
         self.scale_down(&by_slot, out);
         let mut tally = Tally::default();
@@ -562,27 +567,86 @@ impl FleetPlan<'_> {
             let list = by_slot.get(&slot).cloned().unwrap_or_default();
             self.settle_slot(slot, &list, &mut ports, &mut tally, out);
         }
+        tally.acted = out.actions.len() - before;
         self.report_stall(&tally, out);
-        self.replace_within_budget(
-            tally.candidates,
-            tally.ready_slots,
-            tally.surging,
-            &mut ports,
-            out,
-        );
+        let candidates = std::mem::take(&mut tally.candidates);
+        self.replace_within_budget(candidates, &tally, &mut ports, out);
     }
 
-    /// Ports taken: every instance's, and those of instances being created.
-    fn ports_taken(&self, instances: &[&Instance]) -> HashSet<u16> {
-        let mut ports: HashSet<u16> = instances.iter().map(|i| i.port).collect();
-        ports.extend(
-            self.input
-                .busy
-                .iter()
-                .filter(|(k, _)| k.fleet == self.fleet)
-                .filter_map(|(_, f)| f.port),
-        );
+    /// The addresses taken: every instance's, and those of instances being created (on the
+    /// spec's `hostIP`). An instance whose slot will get a new one elsewhere (it runs an
+    /// outdated spec or address, its slot goes, or it is being stopped) is marked as moving.
+    fn ports_taken<'i>(&self, instances: &[&'i Instance]) -> Ports<'i> {
+        let mut ports = Ports::default();
+        for i in instances {
+            let stays = i.labels.slot < self.replicas
+                && i.labels.spec_hash == self.hash
+                && self.in_place(i)
+                && !self.input.terminating.contains(&i.id);
+            ports.held.push(Held {
+                ip: i.labels.host_ip,
+                port: i.labels.port,
+                id: Some(&i.id),
+                moves: !stays,
+            });
+        }
+        let flights = self
+            .input
+            .busy
+            .iter()
+            .filter(|(k, _)| k.fleet == self.fleet);
+        for port in flights.filter_map(|(_, f)| f.port) {
+            ports.take(self.spec.network.host_ip, port);
+        }
         ports
+    }
+
+    /// Whether the instance listens where the spec puts the fleet: on its `hostIP` (when the
+    /// instance says which), on a port of its pool (see [`build::port_pool`]).
+    fn in_place(&self, i: &Instance) -> bool {
+        let net = &self.spec.network;
+        i.labels.host_ip.is_none_or(|ip| ip == net.host_ip)
+            && build::port_pool(self.spec, self.replicas).contains(&u32::from(i.labels.port))
+    }
+
+    /// Where a new instance of `slot` listens: its home port (`basePort + slot`) when that is
+    /// free; `None` when another instance that is about to move holds it and `may_wait` (it goes
+    /// home once that one has moved: a shifted range rolls from its free end); else `old`'s own
+    /// port when `old` is replaced in place and that port is still in the pool; else a free port
+    /// of the pool (after the range first, for a surge). A surge never takes `old`'s address.
+    fn port_for(
+        &self,
+        slot: u32,
+        old: Option<&Instance>,
+        surge: bool,
+        may_wait: bool,
+        ports: &Ports<'_>,
+    ) -> Option<u16> {
+        let ip = self.spec.network.host_ip;
+        let home = build::port(self.spec, slot);
+        let own = old.map(|o| o.id.as_str());
+        let frees = if surge { None } else { own };
+        if ports.free(ip, home, frees) {
+            return Some(home);
+        }
+        let others: Vec<&Held<'_>> = ports
+            .holders(ip, home)
+            .filter(|h| own.is_none() || h.id != own)
+            .collect();
+        if may_wait && !others.is_empty() && others.iter().all(|h| h.moves) {
+            return None;
+        }
+        if let Some(old) = old.filter(|o| !surge && self.in_place(o))
+            && ports.free(ip, old.labels.port, own)
+        {
+            return Some(old.labels.port);
+        }
+        let (_, max_surge) = self.spec.rollout.budget(self.replicas);
+        let start = if surge { self.replicas } else { 0 };
+        (start..self.replicas + max_surge)
+            .chain(0..start)
+            .map(|offset| build::port(self.spec, offset))
+            .find(|p| ports.free(ip, *p, frees))
     }
 
     /// Slots beyond the desired count go (unless work on them is in flight).
@@ -601,7 +665,7 @@ impl FleetPlan<'_> {
         &self,
         slot: u32,
         list: &[&'i Instance],
-        ports: &mut HashSet<u16>,
+        ports: &mut Ports<'i>,
         tally: &mut Tally<'i>,
         out: &mut Plan,
     ) {
@@ -610,14 +674,14 @@ impl FleetPlan<'_> {
             tally.count_in_flight(list, flight, self.input.terminating);
             return;
         }
-        let Some(i) = self.one_instance(list, tally, out) else {
+        let Some(i) = self.one_instance(list, ports, tally, out) else {
             if list.is_empty() {
                 self.create(slot, ports, out);
             }
             return;
         };
         if let Some(r) = self.restart(i, out) {
-            self.restart_or_wait(i, r, out);
+            self.restart_or_wait(i, r, ports, out);
             return;
         }
         tally.ready_slots += u32::from(i.ready);
@@ -637,15 +701,16 @@ impl FleetPlan<'_> {
     fn one_instance<'i>(
         &self,
         list: &[&'i Instance],
+        ports: &mut Ports<'i>,
         tally: &mut Tally<'i>,
         out: &mut Plan,
     ) -> Option<&'i Instance> {
         let keep = list.iter().copied().max_by_key(|i| {
             (
                 i.is_running(),
-                i.spec_hash == self.hash,
+                i.labels.spec_hash == self.hash,
                 i.ready,
-                i.created_at,
+                i.labels.created_at,
             )
         });
         if list.len() <= 1 {
@@ -654,13 +719,13 @@ impl FleetPlan<'_> {
         let newest = list
             .iter()
             .copied()
-            .max_by_key(|i| (i.created_at, &i.id))
+            .max_by_key(|i| (i.labels.created_at, &i.id))
             .expect("non-empty");
         let serving = list
             .iter()
             .copied()
             .filter(|i| i.id != newest.id && i.is_running())
-            .max_by_key(|i| (i.ready, i.created_at));
+            .max_by_key(|i| (i.ready, i.labels.created_at));
         if newest.is_running() && newest.ready {
             for i in list.iter().filter(|i| i.id != newest.id) {
                 self.remove(i, Why::Superseded, out);
@@ -678,7 +743,7 @@ impl FleetPlan<'_> {
             tally.ready_slots += u32::from(old.ready);
             tally.surging += 1;
             if let Some(r) = self.restart(newest, out) {
-                self.restart_or_wait(newest, r, out);
+                self.restart_or_wait(newest, r, ports, out);
             }
             return None;
         }
@@ -691,19 +756,12 @@ impl FleetPlan<'_> {
     }
 
     /// A new instance for an empty slot, on its own port (or a free one of the pool).
-    fn create(&self, slot: u32, ports: &mut HashSet<u16>, out: &mut Plan) {
+    fn create(&self, slot: u32, ports: &mut Ports<'_>, out: &mut Plan) {
         if !self.can_create {
             return;
         }
-        let (_, max_surge) = self.spec.rollout.budget(self.replicas);
-        let home = build_port(self.spec, slot);
-        let port = if ports.contains(&home) {
-            free_port(self.spec, self.replicas, max_surge, ports, false)
-        } else {
-            Some(home)
-        };
-        if let Some(port) = port {
-            ports.insert(port);
+        if let Some(port) = self.port_for(slot, None, false, false, ports) {
+            ports.take(self.spec.network.host_ip, port);
             out.actions.push(Action::Create {
                 fleet: self.fleet.into(),
                 slot,
@@ -733,13 +791,14 @@ impl FleetPlan<'_> {
 
     /// Replaces within the budget: unready instances first (they are down already), then by
     /// urgency (leaking memory, outdated, old), oldest first; a ready one beside itself (a
-    /// surge) while surge room lasts, else in place while `maxUnavailable` allows.
+    /// surge) while surge room lasts, else in place while `maxUnavailable` allows. One whose home
+    /// port another moving instance holds waits for it, unless nothing of the fleet moves at all
+    /// (instances holding each other's home ports in a ring): then the first takes another port.
     fn replace_within_budget(
         &self,
         mut candidates: Vec<(&Instance, Why)>,
-        ready_slots: u32,
-        surging: u32,
-        ports: &mut HashSet<u16>,
+        tally: &Tally<'_>,
+        ports: &mut Ports<'_>,
         out: &mut Plan,
     ) {
         if !self.can_create || candidates.is_empty() {
@@ -747,42 +806,95 @@ impl FleetPlan<'_> {
         }
         let replicas = self.replicas;
         let (max_unavailable, max_surge) = self.spec.rollout.budget(replicas);
-        let mut unavailable_room = max_unavailable.saturating_sub(replicas - ready_slots);
-        let mut surge_room = max_surge.saturating_sub(surging);
-        candidates.sort_by_key(|(i, why)| (i.ready, *why, i.created_at, i.slot));
+        let mut room = Room {
+            unavailable: max_unavailable.saturating_sub(replicas - tally.ready_slots),
+            surge: max_surge.saturating_sub(tally.surging),
+        };
+        candidates.sort_by_key(|(i, why)| (i.ready, *why, i.labels.created_at, i.labels.slot));
+        let before = out.actions.len();
+        let mut waiting = Vec::new();
         for (i, why) in candidates {
-            if i.ready && surge_room > 0 {
-                let Some(port) = free_port(self.spec, replicas, max_surge, ports, true) else {
-                    continue;
-                };
-                ports.insert(port);
-                surge_room -= 1;
-                out.actions.push(Action::Surge {
-                    fleet: self.fleet.into(),
-                    slot: i.slot,
-                    port,
-                    carry: i.carry.clone(),
-                    why,
-                });
-                continue;
+            if self.replace_one(i, why, true, &mut room, ports, out) == Placed::Waits {
+                waiting.push((i, why));
             }
-            if i.ready {
-                if unavailable_room == 0 {
-                    continue;
+        }
+        let still = out.actions.len() == before
+            && tally.acted == 0
+            && !self.input.busy.keys().any(|k| k.fleet == self.fleet);
+        if still {
+            for (i, why) in waiting {
+                if self.replace_one(i, why, false, &mut room, ports, out) == Placed::Yes {
+                    break;
                 }
-                unavailable_room -= 1;
             }
-            // A rotation or rollout is not a restart: the slot's restarts and last exit stay.
+        }
+    }
+
+    /// Replaces `i` (beside itself while surge room lasts, else in place while there is room
+    /// to be unavailable), on the port [`FleetPlan::port_for`] gives.
+    fn replace_one(
+        &self,
+        i: &Instance,
+        why: Why,
+        may_wait: bool,
+        room: &mut Room,
+        ports: &mut Ports<'_>,
+        out: &mut Plan,
+    ) -> Placed {
+        let (fleet, slot) = (self.fleet.to_string(), i.labels.slot);
+        // A rotation or rollout is not a restart: the slot's restarts and last exit stay.
+        let carry = i.labels.carry.clone();
+        let surge = i.ready && room.surge > 0;
+        if !surge && i.ready && room.unavailable == 0 {
+            return Placed::No;
+        }
+        let Some(port) = self.port_for(slot, Some(i), surge, may_wait, ports) else {
+            return if may_wait { Placed::Waits } else { Placed::No };
+        };
+        ports.take(self.spec.network.host_ip, port);
+        if surge {
+            room.surge -= 1;
+            out.actions.push(Action::Surge {
+                fleet,
+                slot,
+                port,
+                carry,
+                why,
+            });
+        } else {
+            if i.ready {
+                room.unavailable -= 1;
+            }
             out.actions.push(Action::Replace {
                 old: i.id.clone(),
-                fleet: self.fleet.into(),
-                slot: i.slot,
-                port: i.port,
-                carry: i.carry.clone(),
+                fleet,
+                slot,
+                port,
+                carry,
                 why,
             });
         }
+        Placed::Yes
     }
+}
+
+/// What the rollout budget still allows in a pass.
+struct Room {
+    /// Ready instances that may still go down.
+    unavailable: u32,
+    /// Instances that may still start beside their slot's.
+    surge: u32,
+}
+
+/// Whether a replacement was planned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placed {
+    /// It was.
+    Yes,
+    /// Not now: no room in the budget, or no free port.
+    No,
+    /// Its home port is held by an instance about to move: it waits for it.
+    Waits,
 }
 
 /// What settling the slots found, for the stall report and the budget.
@@ -800,16 +912,18 @@ struct Tally<'a> {
     outdated: u32,
     /// The last failure of the new spec.
     last_crash: Option<LastExit>,
+    /// Actions planned for the fleet before the budget's turn.
+    acted: usize,
 }
 
 impl Tally<'_> {
     /// Counts how the rollout goes in a slot.
     fn count_rollout(&mut self, list: &[&Instance], hash: &str) {
-        self.outdated += list.iter().filter(|i| i.spec_hash != hash).count() as u32;
-        for i in list.iter().filter(|i| i.spec_hash == hash) {
-            if i.carry.crashloop > 0 && !i.ready {
+        self.outdated += list.iter().filter(|i| i.labels.spec_hash != hash).count() as u32;
+        for i in list.iter().filter(|i| i.labels.spec_hash == hash) {
+            if i.labels.carry.crashloop > 0 && !i.ready {
                 self.crashing_new += 1;
-                self.last_crash = i.exit().or_else(|| i.carry.last_exit.clone());
+                self.last_crash = i.exit().or_else(|| i.labels.carry.last_exit.clone());
             }
         }
     }
@@ -834,24 +948,48 @@ impl Tally<'_> {
     }
 }
 
-fn build_port(spec: &FleetSpec, slot: u32) -> u16 {
-    crate::build::port(spec, slot)
+/// An address held on the node: by one of the fleet's instances, or by work in flight.
+#[derive(Clone, Debug)]
+struct Held<'a> {
+    /// Its IP (`None`: an instance made before the address label; it may be any).
+    ip: Option<IpAddr>,
+    /// Its port.
+    port: u16,
+    /// The instance (`None`: an instance being created).
+    id: Option<&'a str>,
+    /// Its slot gets a new instance elsewhere, or it is going.
+    moves: bool,
 }
 
-/// A free port of the fleet's pool: `basePort` up to the last slot's port plus the surge
-/// ports. `surge`: prefer the ports after the range.
-fn free_port(
-    spec: &FleetSpec,
-    replicas: u32,
-    max_surge: u32,
-    taken: &HashSet<u16>,
-    surge: bool,
-) -> Option<u16> {
-    let start = if surge { replicas } else { 0 };
-    (start..replicas + max_surge)
-        .chain(0..start)
-        .map(|offset| build_port(spec, offset))
-        .find(|p| !taken.contains(p))
+/// The addresses held by a fleet's instances and the work in flight.
+#[derive(Clone, Debug, Default)]
+struct Ports<'a> {
+    held: Vec<Held<'a>>,
+}
+
+impl Ports<'_> {
+    /// What holds `port` on an address that collides with `ip`.
+    fn holders(&self, ip: IpAddr, port: u16) -> impl Iterator<Item = &Held<'_>> {
+        self.held
+            .iter()
+            .filter(move |h| h.port == port && h.ip.is_none_or(|h| build::addresses_collide(h, ip)))
+    }
+
+    /// Whether `ip:port` is free, once the instance `frees` (if any) is gone.
+    fn free(&self, ip: IpAddr, port: u16, frees: Option<&str>) -> bool {
+        self.holders(ip, port)
+            .all(|h| frees.is_some() && h.id == frees)
+    }
+
+    /// `ip:port` is taken by an instance being created.
+    fn take(&mut self, ip: IpAddr, port: u16) {
+        self.held.push(Held {
+            ip: Some(ip),
+            port,
+            id: None,
+            moves: false,
+        });
+    }
 }
 
 /// How long until `t`, zero if past.
@@ -878,12 +1016,7 @@ mod tests {
     fn inst(slot: u32, hash: &str, state: TaskState, ready: bool) -> Instance {
         Instance {
             id: format!("f-{slot}-{hash}"),
-            fleet: "f".into(),
-            slot,
-            port: 11434 + slot as u16,
-            spec_hash: hash.into(),
-            created_at: t(0),
-            carry: Carry::default(),
+            labels: InstanceLabels::new("f", slot, 11434 + slot as u16, hash, t(0)),
             state,
             exit_code: (state == TaskState::Stopped).then_some(1),
             exited_at: (state == TaskState::Stopped).then_some(t(5)),
@@ -1018,7 +1151,7 @@ mod tests {
     #[test]
     fn deleted_fleets_are_removed_and_invalid_or_paused_ones_kept() {
         let mut other = inst(0, "x", TaskState::Running, true);
-        other.fleet = "gone".into();
+        other.labels.fleet = "gone".into();
         other.id = "gone-0-x".into();
         let mine = inst(0, "h1", TaskState::Stopped, false);
         let targets = vec![Target {
@@ -1062,7 +1195,7 @@ mod tests {
     fn repeated_crashes_back_off_exponentially() {
         let s = spec("  restartBackoff: {initial: 1s, max: 5m}\n");
         let mut dead = inst(0, "h1", TaskState::Stopped, false);
-        dead.carry.crashloop = 3; // the 4th consecutive crash: wait 4s after the exit
+        dead.labels.carry.crashloop = 3; // the 4th consecutive crash: wait 4s after the exit
         dead.exited_at = Some(t(5));
         let p = plan_of(Some(&run(&s, 1)), std::slice::from_ref(&dead), &[], t(7));
         assert!(p.actions.is_empty());
@@ -1080,8 +1213,8 @@ mod tests {
     fn a_long_run_resets_the_backoff() {
         let s = spec("");
         let mut dead = inst(0, "h1", TaskState::Stopped, false);
-        dead.carry.crashloop = 9;
-        dead.carry.restarts = 9;
+        dead.labels.carry.crashloop = 9;
+        dead.labels.carry.restarts = 9;
         dead.exited_at = Some(t(700));
         let p = plan_of(Some(&run(&s, 1)), &[dead], &[], t(700));
         let Action::Replace { carry, .. } = &p.actions[0] else {
@@ -1113,7 +1246,7 @@ mod tests {
             Some("StartError")
         );
         // The third failure in a row waits 2s after its creation.
-        half.carry.crashloop = 2;
+        half.labels.carry.crashloop = 2;
         let p = plan_of(Some(&run(&s, 1)), std::slice::from_ref(&half), &[], t(1));
         assert!(p.actions.is_empty());
         assert_eq!(p.wake_at, Some(t(2)));
@@ -1128,7 +1261,7 @@ mod tests {
         let s = spec("");
         let mut newer = inst(0, "h1", TaskState::Running, true);
         newer.id = "f-0-new".into();
-        newer.created_at = t(50);
+        newer.labels.created_at = t(50);
         let old_dead = inst(0, "h1", TaskState::Stopped, false);
         let p = plan_of(Some(&run(&s, 1)), &[old_dead, newer], &[], t(60));
         assert_eq!(kinds(&p), ["remove f-0-h1 Superseded"]);
@@ -1188,7 +1321,7 @@ mod tests {
             "  resources: {memory: 1Gi}\n  rotation: {maxMemory: 512Mi}\n  rollout: {maxUnavailable: 1}\n",
         );
         let mut all = ready_all(3, "h0");
-        all[2].spec_hash = "h1".into();
+        all[2].labels.spec_hash = "h1".into();
         all[2].memory = Some(600 << 20);
         all[1].memory = Some(100 << 20);
         let p = plan_of(Some(&run(&s, 3)), &all, &[], t(10));
@@ -1213,8 +1346,8 @@ mod tests {
         let mut surged = all.clone();
         let mut new = inst(0, "h1", TaskState::Running, false);
         new.id = "f-0-new".into();
-        new.port = 11437;
-        new.created_at = t(200);
+        new.labels.port = 11437;
+        new.labels.created_at = t(200);
         surged.push(new.clone());
         let p = plan_of(Some(&run(&s, 3)), &surged, &[], t(201));
         assert!(p.actions.is_empty(), "{p:?}");
@@ -1280,7 +1413,7 @@ mod tests {
         let s = spec("  rollout: {maxUnavailable: 1}\n");
         let mut all = ready_all(4, "h0");
         let mut broken = inst(0, "h1", TaskState::Stopped, false);
-        broken.carry.crashloop = 3;
+        broken.labels.carry.crashloop = 3;
         broken.exited_at = Some(t(100));
         all[0] = broken;
         let p = plan_of(Some(&run(&s, 4)), &all, &[], t(100));
@@ -1315,6 +1448,212 @@ mod tests {
         assert_eq!(kinds(&p), ["replace f-2-h0 Outdated"]);
     }
 
+    /// Plans and carries out the plan (every new instance starts ready at once, every stop is
+    /// done) until nothing is left to do; returns the instances and the rounds it took.
+    fn roll_out(s: &FleetSpec, replicas: u32, mut all: Vec<Instance>) -> (Vec<Instance>, u32) {
+        for round in 1..=40 {
+            let p = plan_of(Some(&run(s, replicas)), &all, &[], t(u64::from(round)));
+            if p.actions.is_empty() {
+                return (all, round);
+            }
+            for a in &p.actions {
+                if let Some(id) = a.stops() {
+                    all.retain(|i| i.id != id);
+                }
+                if let Action::Create { slot, port, .. }
+                | Action::Surge { slot, port, .. }
+                | Action::Replace { slot, port, .. } = a
+                {
+                    let mut new = inst(*slot, "h1", TaskState::Running, true);
+                    new.id = format!("f-{slot}-r{round}");
+                    new.labels.port = *port;
+                    new.labels.host_ip = Some(s.network.host_ip);
+                    new.labels.created_at = t(u64::from(round));
+                    assert!(
+                        !all.iter().any(|i| i.labels.port == *port
+                            && i.labels.host_ip.is_none_or(|ip| ip == s.network.host_ip)),
+                        "round {round}: {a:?} takes a port that is in use: {all:?}"
+                    );
+                    all.push(new);
+                }
+            }
+        }
+        panic!("no end to the rollout: {all:?}");
+    }
+
+    fn ports_of(all: &[Instance]) -> Vec<(u32, u16)> {
+        let mut ports: Vec<(u32, u16)> =
+            all.iter().map(|i| (i.labels.slot, i.labels.port)).collect();
+        ports.sort_unstable();
+        ports
+    }
+
+    /// Issue 20: a `basePort` change rolled out with every replacement on its slot's old port.
+    #[test]
+    fn a_base_port_change_moves_every_slot_to_its_new_port() {
+        let old: Vec<Instance> = (0..4)
+            .map(|i| inst(i, "h0", TaskState::Running, true))
+            .collect();
+        // In place, one at a time.
+        let s = spec("  network: {basePort: 11500}\n  rollout: {maxUnavailable: 1, maxSurge: 0}\n");
+        let p = plan_of(Some(&run(&s, 4)), &old, &[], t(10));
+        let [Action::Replace { port, why, .. }] = p.actions.as_slice() else {
+            panic!("{p:?}")
+        };
+        assert_eq!(
+            (*port, *why),
+            (11500, Why::Outdated),
+            "the new home, not 11434"
+        );
+        let (done, _) = roll_out(&s, 4, old.clone());
+        assert_eq!(
+            ports_of(&done),
+            [(0, 11500), (1, 11501), (2, 11502), (3, 11503)]
+        );
+        // Beside the old one: the new home is free, so no surge port is needed.
+        let s = spec("  network: {basePort: 11500}\n  rollout: {maxUnavailable: 0, maxSurge: 1}\n");
+        let p = plan_of(Some(&run(&s, 4)), &old, &[], t(10));
+        assert_eq!(kinds(&p), ["surge 0 :11500 Outdated"]);
+        let (done, _) = roll_out(&s, 4, old);
+        assert_eq!(
+            ports_of(&done),
+            [(0, 11500), (1, 11501), (2, 11502), (3, 11503)]
+        );
+    }
+
+    /// A range shifted onto itself: a slot whose new home another old instance still holds
+    /// waits for it to move, so the rollout runs from the free end and every slot ends at home
+    /// (taking whatever port was free would leave the slots permuted).
+    #[test]
+    fn a_shifted_range_rolls_from_its_free_end() {
+        let old: Vec<Instance> = (0..4)
+            .map(|i| inst(i, "h0", TaskState::Running, true))
+            .collect();
+        for (shift, budget) in [
+            (1, "maxUnavailable: 4, maxSurge: 0"),
+            (1, "maxUnavailable: 1, maxSurge: 0"),
+            (2, "maxUnavailable: 0, maxSurge: 1"),
+        ] {
+            let s = spec(&format!(
+                "  network: {{basePort: {}}}\n  rollout: {{{budget}}}\n",
+                11434 + shift
+            ));
+            let p = plan_of(Some(&run(&s, 4)), &old, &[], t(10));
+            let first = p
+                .actions
+                .iter()
+                .map(|a| a.slot_key().slot)
+                .collect::<Vec<_>>();
+            assert!(
+                first.iter().all(|slot| *slot >= 4 - shift),
+                "shift {shift}, {budget}: only slots whose new home is free go first: {p:?}"
+            );
+            let (done, _) = roll_out(&s, 4, old.clone());
+            let home: Vec<(u32, u16)> = (0..4)
+                .map(|i| (i, 11434 + shift as u16 + i as u16))
+                .collect();
+            assert_eq!(ports_of(&done), home, "shift {shift}, {budget}");
+        }
+    }
+
+    /// Instances holding each other's new homes in a ring (one lives on a surge port that is
+    /// another slot's new home) do not wait on each other forever: one takes another port.
+    #[test]
+    fn a_ring_of_waiting_slots_is_broken() {
+        let mut old: Vec<Instance> = (0..4)
+            .map(|i| inst(i, "h0", TaskState::Running, true))
+            .collect();
+        old[0].labels.port = 11438; // slot 0 lives on the old surge port
+        let s = spec("  network: {basePort: 11435}\n  rollout: {maxUnavailable: 1, maxSurge: 0}\n");
+        let (done, _) = roll_out(&s, 4, old);
+        assert_eq!(done.len(), 4);
+        let pool = 11435..=11438;
+        assert!(
+            done.iter()
+                .all(|i| pool.contains(&i.labels.port) && i.labels.spec_hash == "h1"),
+            "{done:?}"
+        );
+    }
+
+    /// A `hostIP` change: the new address does not collide with the old one's, so a surge
+    /// starts on the slot's home port at once; a wildcard collides with every address.
+    #[test]
+    fn a_host_ip_change_rolls_out_to_the_new_address() {
+        let on = |ip: &str| -> Vec<Instance> {
+            (0..2)
+                .map(|i| {
+                    let mut x = inst(i, "h0", TaskState::Running, true);
+                    x.labels.host_ip = Some(ip.parse().expect("ip"));
+                    x
+                })
+                .collect()
+        };
+        let s =
+            spec("  network: {hostIP: 127.0.0.2}\n  rollout: {maxUnavailable: 0, maxSurge: 1}\n");
+        let p = plan_of(Some(&run(&s, 2)), &on("127.0.0.1"), &[], t(10));
+        assert_eq!(kinds(&p), ["surge 0 :11434 Outdated"]);
+        let (done, _) = roll_out(&s, 2, on("127.0.0.1"));
+        assert_eq!(ports_of(&done), [(0, 11434), (1, 11435)]);
+        let p = plan_of(Some(&run(&s, 2)), &on("0.0.0.0"), &[], t(10));
+        assert_eq!(
+            kinds(&p),
+            ["surge 0 :11436 Outdated"],
+            "the wildcard holds 11434"
+        );
+        // In place, the old one's address is free once it is gone.
+        let s = spec("  network: {hostIP: 0.0.0.0}\n  rollout: {maxUnavailable: 1, maxSurge: 0}\n");
+        let (done, _) = roll_out(&s, 2, on("127.0.0.1"));
+        assert_eq!(ports_of(&done), [(0, 11434), (1, 11435)]);
+        assert!(
+            done.iter()
+                .all(|i| i.labels.host_ip == Some(s.network.host_ip))
+        );
+    }
+
+    /// An instance of the current spec hash on a port or address the spec no longer gives
+    /// (made by an agent with the issue-20 bug) is outdated; one on a surge port is not.
+    #[test]
+    fn an_instance_off_its_fleets_addresses_is_outdated() {
+        let s = spec("  network: {basePort: 11500}\n  rollout: {maxUnavailable: 1, maxSurge: 1}\n");
+        let mut all: Vec<Instance> = (0..3)
+            .map(|i| {
+                let mut x = inst(i, "h1", TaskState::Running, true);
+                x.labels.port = 11500 + i as u16;
+                x
+            })
+            .collect();
+        all[1].labels.port = 11503; // the surge port: fine
+        assert!(
+            plan_of(Some(&run(&s, 3)), &all, &[], t(10))
+                .actions
+                .is_empty()
+        );
+        all[2].labels.port = 11436;
+        let p = plan_of(Some(&run(&s, 3)), &all, &[], t(10));
+        assert_eq!(kinds(&p), ["surge 2 :11502 Outdated"]);
+        all[2].labels.port = 11502;
+        all[2].labels.host_ip = Some("127.0.0.9".parse().expect("ip"));
+        let p = plan_of(Some(&run(&s, 3)), &all, &[], t(10));
+        assert_eq!(kinds(&p), ["surge 2 :11502 Outdated"]);
+    }
+
+    /// A crashed instance's replacement, and a new instance in an empty slot, go home.
+    #[test]
+    fn restarts_and_creates_go_to_the_home_port() {
+        let s = spec("  network: {basePort: 11500}\n");
+        let dead = inst(0, "h0", TaskState::Stopped, false);
+        let p = plan_of(Some(&run(&s, 2)), &[dead], &[], t(10));
+        let ports: Vec<u16> = p
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Replace { port, .. } | Action::Create { port, .. } => Some(*port),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ports, [11500, 11501]);
+    }
+
     /// A rotation or rollout is not a restart: the new instance carries the slot's restarts and
     /// last exit unchanged (issue 13: they were reset).
     #[test]
@@ -1346,7 +1685,7 @@ mod tests {
         ] {
             let s = spec(extra);
             let mut i = inst(0, hash, TaskState::Running, true);
-            i.carry = history.clone();
+            i.labels.carry = history.clone();
             let p = plan_of(Some(&run(&s, 1)), &[i], &[], at);
             assert_eq!(
                 carried(&p),

@@ -404,12 +404,10 @@ pub fn admit_all(
     let mut ports: Vec<(&str, IpAddr, u32, u32)> = Vec::new();
     let mut out = BTreeMap::new();
     for c in order {
-        let (first, last) = port_range(c.spec, c.replicas);
+        let (first, last) = crate::build::port_pool(c.spec, c.replicas).into_inner();
         let ip = c.spec.network.host_ip;
         let clash = ports.iter().find(|(_, other_ip, a, b)| {
-            (ip == *other_ip || ip.is_unspecified() || other_ip.is_unspecified())
-                && first <= *b
-                && *a <= last
+            crate::build::addresses_collide(ip, *other_ip) && first <= *b && *a <= last
         });
         if let Some((with, _, a, _)) = clash {
             let refusal = Refusal::PortConflict {
@@ -438,13 +436,6 @@ pub fn admit_all(
         out.insert(c.name.to_string(), (admitted, refusal));
     }
     out
-}
-
-/// The ports a fleet's instances may use on a node: its slots and its surge.
-fn port_range(spec: &FleetSpec, replicas: u32) -> (u32, u32) {
-    let (_, surge) = spec.rollout.budget(replicas);
-    let first = u32::from(spec.network.base_port);
-    (first, first + (replicas + surge).max(1) - 1)
 }
 
 #[cfg(test)]

@@ -163,12 +163,7 @@ pub fn readiness(s: &Snapshot<'_>, gates: &HashMap<GateKey, Gate>) -> Readiness 
         };
         out.instances.push(Instance {
             id: o.id.clone(),
-            fleet: l.fleet.clone(),
-            slot: l.slot,
-            port: l.port,
-            spec_hash: l.spec_hash.clone(),
-            created_at: l.created_at,
-            carry: l.carry.clone(),
+            labels: l.clone(),
             state: o.state,
             exit_code: o.exit_code,
             exited_at: o.exited_at,

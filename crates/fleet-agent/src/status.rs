@@ -39,14 +39,14 @@ pub const MAX_INSTANCE_MESSAGE_BYTES: usize = 512;
 pub fn instance_status(i: &Instance, phase: Phase, message: Option<String>) -> InstanceStatus {
     InstanceStatus {
         id: i.id.clone(),
-        slot: i.slot,
-        port: i.port,
+        slot: i.labels.slot,
+        port: i.labels.port,
         phase,
         ready: phase == Phase::Ready,
-        started_at: Some(humantime::format_rfc3339_seconds(i.created_at).to_string()),
-        restarts: i.carry.restarts,
-        spec_hash: i.spec_hash.clone(),
-        last_exit: i.exit().or_else(|| i.carry.last_exit.clone()),
+        started_at: Some(humantime::format_rfc3339_seconds(i.labels.created_at).to_string()),
+        restarts: i.labels.carry.restarts,
+        spec_hash: i.labels.spec_hash.clone(),
+        last_exit: i.exit().or_else(|| i.labels.carry.last_exit.clone()),
         message: message.map(|m| fleet_api::clip(&m, MAX_INSTANCE_MESSAGE_BYTES).into_owned()),
     }
 }
@@ -417,7 +417,7 @@ pub async fn read<S: Store + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::Carry;
+    use crate::build::InstanceLabels;
     use fleet_runtime::TaskState;
     use fleet_store::memory::MemoryStore;
     use std::time::SystemTime;
@@ -425,12 +425,7 @@ mod tests {
     fn inst(state: TaskState, ready: bool, was_ready: bool) -> Instance {
         Instance {
             id: "f-0-abc".into(),
-            fleet: "f".into(),
-            slot: 0,
-            port: 1,
-            spec_hash: "h".into(),
-            created_at: SystemTime::UNIX_EPOCH,
-            carry: Carry::default(),
+            labels: InstanceLabels::new("f", 0, 1, "h", SystemTime::UNIX_EPOCH),
             state,
             exit_code: Some(1),
             exited_at: None,
@@ -611,10 +606,10 @@ mod tests {
         let instances = (0..n)
             .map(|slot| {
                 let mut i = inst(TaskState::Running, true, true);
-                i.slot = slot;
-                i.port = 11434 + slot as u16;
+                i.labels.slot = slot;
+                i.labels.port = 11434 + slot as u16;
                 i.id = format!("f-{slot}-abcdef");
-                i.spec_hash = "9c1e2f3a4b5c6d7e".into();
+                i.labels.spec_hash = "9c1e2f3a4b5c6d7e".into();
                 instance_status(&i, Phase::Ready, None)
             })
             .collect();

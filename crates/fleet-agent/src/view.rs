@@ -92,13 +92,13 @@ pub fn endpoints(
             let s = phases.get(i.id.as_str())?;
             let ip = ip_of(i).unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
             Some(Endpoint {
-                fleet: i.fleet.clone(),
+                fleet: i.labels.fleet.clone(),
                 id: i.id.clone(),
-                slot: i.slot,
-                address: address(ip, i.port),
+                slot: i.labels.slot,
+                address: address(ip, i.labels.port),
                 phase: s.phase,
                 ready: s.ready,
-                spec_hash: i.spec_hash.clone(),
+                spec_hash: i.labels.spec_hash.clone(),
             })
         })
         .collect()

@@ -12,7 +12,7 @@ use fleet_agent::prober::ScriptedProbes;
 use fleet_api::{FleetStatus, LABEL_FLEET, Phase};
 use fleet_e2e::wait_for;
 use fleet_runtime::fake::FakeRuntime;
-use fleet_runtime::{ContainerSpec, Limits, Runtime, TaskState};
+use fleet_runtime::{Runtime, TaskState};
 use fleet_store::memory::MemoryStore;
 use fleet_store::{Expect, Store};
 use tokio::sync::{Notify, oneshot};
@@ -421,20 +421,11 @@ async fn scale_delete_and_unlabelled_containers() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (rt, store) = fresh();
         // A container that is not ours, in the same namespace.
-        rt.add_running(ContainerSpec {
-            id: "someone-else".into(),
-            image: FakeRuntime::image_named(IMAGE),
-            labels: [("team".to_string(), "x".to_string())].into(),
-            args: vec![],
-            env: vec![],
-            cwd: "/".into(),
-            mounts: vec![],
-            limits: Limits::default(),
-            cgroup_parent: "/".into(),
-            runtime: "io.containerd.runc.v2".into(),
-            runtime_binary: String::new(),
-            security: Default::default(),
-        });
+        rt.add_running(FakeRuntime::container(
+            "someone-else",
+            IMAGE,
+            &[("team", "x")],
+        ));
         let r = put(
             &store,
             "f",

@@ -39,6 +39,7 @@ struct State {
     pull_error: Option<String>,
     pull_delay: std::time::Duration,
     memory: BTreeMap<String, u64>,
+    ignore_sigterm: bool,
 }
 
 /// Called with (container, signal) on every `kill`, before it takes effect.
@@ -100,6 +101,32 @@ impl FakeRuntime {
                 user: String::new(),
             },
         }
+    }
+
+    /// A container spec of the image `image` with `labels` and nothing else to it.
+    pub fn container(id: &str, image: &str, labels: &[(&str, &str)]) -> ContainerSpec {
+        ContainerSpec {
+            id: id.into(),
+            image: FakeRuntime::image_named(image),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            args: vec![],
+            env: vec![],
+            cwd: "/".into(),
+            mounts: vec![],
+            limits: crate::Limits::default(),
+            cgroup_parent: "/".into(),
+            runtime: "io.containerd.runc.v2".into(),
+            runtime_binary: String::new(),
+            security: Default::default(),
+        }
+    }
+
+    /// Tasks ignore SIGTERM (as a hung process does): only SIGKILL stops them.
+    pub fn set_ignore_sigterm(&self, ignore: bool) {
+        self.state().ignore_sigterm = ignore;
     }
 
     /// Makes a running task exit with `code` (and emits the event).
@@ -294,6 +321,13 @@ impl Runtime for FakeRuntime {
         if c.state != TaskState::Running {
             return Err(RuntimeError::NotFound(format!("task {id}")));
         }
+        if signal == crate::SIGTERM && s.ignore_sigterm {
+            return Ok(());
+        }
+        let c = s
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| RuntimeError::NotFound(id.to_string()))?;
         c.state = TaskState::Stopped;
         c.exit_code = Some(128 + signal);
         c.exited_at = Some(clock::now());

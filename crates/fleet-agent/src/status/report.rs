@@ -48,7 +48,7 @@ impl std::fmt::Debug for Pass<'_> {
 pub fn fleet_statuses(pass: &Pass<'_>) -> Vec<FleetStatus> {
     let mut by_fleet: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
     for i in pass.instances {
-        by_fleet.entry(&i.fleet).or_default().push(i);
+        by_fleet.entry(&i.labels.fleet).or_default().push(i);
     }
     let mut names: Vec<&str> = pass.evals.keys().map(String::as_str).collect();
     names.extend(by_fleet.keys().copied());
@@ -73,11 +73,12 @@ fn fleet_status(pass: &Pass<'_>, name: &str, mine: &[&Instance]) -> Option<Fleet
                 pass.leaving.contains(&i.id),
                 pass.plan.backing_off.contains(&i.id),
             );
-            let message = (pass.last_error)(&SlotKey::new(&i.fleet, i.slot)).or_else(|| {
-                matches!(phase, Phase::Starting | Phase::Pending)
-                    .then(|| pass.messages.get(&i.id).cloned())
-                    .flatten()
-            });
+            let message =
+                (pass.last_error)(&SlotKey::new(&i.labels.fleet, i.labels.slot)).or_else(|| {
+                    matches!(phase, Phase::Starting | Phase::Pending)
+                        .then(|| pass.messages.get(&i.id).cloned())
+                        .flatten()
+                });
             instance_status(i, phase, message)
         })
         .collect();
