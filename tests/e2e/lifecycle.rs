@@ -87,6 +87,24 @@ async fn wait_ready(agent: &AgentProcess, fleet: &str, n: usize, secs: u64) -> V
     .await
 }
 
+/// Waits until the fleet's `n` instances are ready and none of them is one of `old`.
+async fn wait_all_new(
+    agent: &AgentProcess,
+    fleet: &str,
+    n: usize,
+    old: &BTreeSet<String>,
+) -> Vec<Value> {
+    wait_for(
+        &format!("{n} new instances ready"),
+        Duration::from_secs(120),
+        || async {
+            let l = listed(agent, fleet).await;
+            (ready_slots(&l) == n && l.len() == n && id_set(&l).is_disjoint(old)).then_some(l)
+        },
+    )
+    .await
+}
+
 fn id_set(instances: &[Value]) -> BTreeSet<String> {
     instances
         .iter()
@@ -859,15 +877,7 @@ async fn a_new_host_ip_rolls_out_within_the_budget() {
         &world,
         &fleet(&world, "h", 4, base, "", rollout).replace("hostIP: 127.0.0.1", "hostIP: 0.0.0.0"),
     );
-    let after = wait_for(
-        "4 new instances ready",
-        Duration::from_secs(120),
-        || async {
-            let l = listed(&agent, "h").await;
-            (ready_slots(&l) == 4 && l.len() == 4 && id_set(&l).is_disjoint(&old)).then_some(l)
-        },
-    )
-    .await;
+    let after = wait_all_new(&agent, "h", 4, &old).await;
     let (ready, running, samples) = sampler.finish().await;
     eprintln!("hostIP rollout: fewest ready {ready}, fewest running {running}, {samples} samples");
     assert!(ready >= 3, "more than 1 unavailable: {ready} ready");
@@ -881,21 +891,20 @@ async fn a_new_host_ip_rolls_out_within_the_budget() {
     }
 }
 
+/// The status of `GET /` at `address`.
+async fn answers(address: &str) -> Result<u16, String> {
+    let url = format!("http://{address}/");
+    let answer = fleet_e2e::request("GET", &url, None, Duration::from_secs(5)).await;
+    answer.map(|(status, _)| status).map_err(|e| e.to_string())
+}
+
 /// The ports the fleet's instances listen on, by slot (from `/instances`), once each of them
 /// answers there.
 async fn listening(instances: &[Value]) -> BTreeMap<u64, u16> {
     let mut ports = BTreeMap::new();
     for i in instances {
         let address = i["address"].as_str().expect("address");
-        let (status, _) = fleet_e2e::request(
-            "GET",
-            &format!("http://{address}/"),
-            None,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{address}: {e}"));
-        assert_eq!(status, 200, "{address}");
+        assert_eq!(answers(address).await, Ok(200), "{address}");
         let port = address.rsplit(':').next().and_then(|p| p.parse().ok());
         ports.insert(i["slot"].as_u64().expect("slot"), port.expect("port"));
     }
@@ -921,15 +930,7 @@ async fn a_new_base_port_moves_every_instance_within_the_budget() {
     ] {
         let sampler = Sampler::start(&world, &agent, "p");
         apply(&world, &fleet(&world, "p", 4, first, "", rollout));
-        let after = wait_for(
-            &format!("4 new instances ready from port {first}"),
-            Duration::from_secs(120),
-            || async {
-                let l = listed(&agent, "p").await;
-                (ready_slots(&l) == 4 && l.len() == 4 && id_set(&l).is_disjoint(&old)).then_some(l)
-            },
-        )
-        .await;
+        let after = wait_all_new(&agent, "p", 4, &old).await;
         let (ready, running, samples) = sampler.finish().await;
         eprintln!(
             "basePort -> {first}: fewest ready {ready}, fewest running {running}, {samples} samples"
@@ -951,13 +952,7 @@ async fn a_new_base_port_moves_every_instance_within_the_budget() {
     }
     // Nothing listens on the first range any more.
     for port in base..base + 4 {
-        let gone = fleet_e2e::request(
-            "GET",
-            &format!("http://127.0.0.1:{port}/"),
-            None,
-            Duration::from_secs(2),
-        )
-        .await;
+        let gone = answers(&format!("127.0.0.1:{port}")).await;
         assert!(gone.is_err(), "port {port} still answers");
     }
 }

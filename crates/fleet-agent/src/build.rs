@@ -113,7 +113,7 @@ pub fn parse_labels(labels: &BTreeMap<String, String>) -> Option<InstanceLabels>
         let mut parts = v.splitn(3, ':');
         Some(LastExit {
             code: parts.next()?.parse().ok()?,
-            reason: parts.next()?.to_string(),
+            reason: fleet_api::ExitReason::parse(parts.next()?),
             at: parts.next()?.to_string(),
         })
     });
@@ -507,7 +507,7 @@ mod tests {
             crashloop: 2,
             last_exit: Some(LastExit {
                 code: 137,
-                reason: "OOMKilled".into(),
+                reason: fleet_api::ExitReason::OomKilled,
                 at: "2026-11-28T10:00:00Z".into(),
             }),
         };

@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use crate::build::{self, InstanceLabels, NodeCtx};
 use crate::evaluate::{Eval, Evals, Fleets};
 use crate::executor::Executor;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Seen};
 use crate::lock;
 use crate::models::{Gate, GateKey, ModelCache, Warmer};
 use crate::ollama::{HttpOllama, Ollama};
@@ -67,7 +67,7 @@ pub struct Agent<R: Runtime, S: Store> {
     warmer: Warmer,
     /// Memory of instances of fleets with `rotation.maxMemory`, and when it was measured.
     memory: HashMap<String, (Instant, u64)>,
-    rotations: BTreeMap<(String, String), u64>,
+    rotations: BTreeMap<(String, Why), u64>,
     /// When this agent started: instances created before were adopted.
     started: Instant,
     started_at: SystemTime,
@@ -158,7 +158,6 @@ impl<R: Runtime, S: Store> Agent<R, S> {
     /// every instance that stops is drained through it first.
     pub fn with_gateway(mut self, gateway: Arc<Gateway>) -> Agent<R, S> {
         self.exec = self.exec.with_drain(gateway.clone());
-        self.view.write().unwrap_or_else(|p| p.into_inner()).gateway = Some(gateway.clone());
         self.gateway = Some(gateway);
         self
     }
@@ -534,13 +533,19 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             let fleets = evals
                 .iter()
                 .filter_map(|(name, (_, e))| Some((name.as_str(), &e.fleet()?.spec)));
-            let shown = endpoints.iter().filter_map(|e| {
+            let seen = endpoints.iter().filter_map(|e| {
                 let spec = &self.fleets.last_valid.get(&e.fleet)?.spec;
                 let l = &by_id.get(e.id.as_str())?.labels;
-                let url = readiness::base_url(spec, l.host_ip, l.port);
-                Some((e, spec, url, leaving.contains(&e.id)))
+                Some(Seen {
+                    id: &e.id,
+                    fleet: &e.fleet,
+                    spec,
+                    url: readiness::base_url(spec, l.host_ip, l.port),
+                    ready: e.ready,
+                    leaving: leaving.contains(&e.id),
+                })
             });
-            gw.learn(fleets, shown);
+            gw.learn(fleets, seen);
         }
         self.view
             .write()
@@ -647,15 +652,11 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         };
         tracing::info!(slot = %action.slot_key(), action = ?action, "acting");
         if self.exec.submit(action.slot_key(), action.flight(), op)
-            && let (
-                Some(why @ (Why::MaxAge | Why::MaxMemory)),
-                Action::Surge { fleet, .. } | Action::Replace { fleet, .. },
-            ) = (action.why(), action)
+            && let (Some(why), Action::Surge { fleet, .. } | Action::Replace { fleet, .. }) =
+                (action.why(), action)
+            && Why::ROTATIONS.contains(&why)
         {
-            *self
-                .rotations
-                .entry((fleet.clone(), why.as_str().to_string()))
-                .or_default() += 1;
+            *self.rotations.entry((fleet.clone(), why)).or_default() += 1;
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fleet_runtime::clock::Instant;
 
-use fleet_runtime::{ContainerSpec, Runtime};
+use fleet_runtime::{ContainerSpec, Runtime, RuntimeError};
 
 use crate::planner::{InFlight, SlotKey};
 use tokio::sync::{Notify, Semaphore};
@@ -101,7 +101,7 @@ impl<R: Runtime> Executor<R> {
 
     /// Stops `id` within `grace`: drained first (when there is something to drain through),
     /// then SIGTERM with what is left of the grace, SIGKILL after; then removed.
-    async fn stop(&self, id: &str, grace: Duration) -> Result<(), fleet_runtime::RuntimeError> {
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
         let started = Instant::now();
         if let Some(d) = &self.drain {
             d.drain(id, grace).await;
@@ -181,7 +181,7 @@ impl<R: Runtime> Executor<R> {
                 Err(e) => {
                     s.failed += 1;
                     tracing::warn!(slot = %slot_key, error = %e, "action failed; it will be planned again");
-                    s.errors.insert(slot_key, e);
+                    s.errors.insert(slot_key, e.to_string());
                 }
             }
             drop(s);
@@ -190,24 +190,22 @@ impl<R: Runtime> Executor<R> {
         true
     }
 
-    async fn run(&self, op: &Op) -> Result<(), String> {
+    async fn run(&self, op: &Op) -> Result<(), RuntimeError> {
         let rt = &self.runtime;
         match op {
             Op::Create(spec) => {
-                rt.create(spec).await.map_err(|e| e.to_string())?;
-                rt.start(&spec.id).await.map_err(|e| e.to_string())?;
+                rt.create(spec).await?;
+                rt.start(&spec.id).await?;
             }
             Op::Replace { old, grace, new } => {
                 // Prepare the new container while the old one stops; start it once the old one
                 // (and its port) is gone.
                 let (stopped, created) = tokio::join!(self.stop(old, *grace), rt.create(new));
-                stopped.map_err(|e| e.to_string())?;
-                created.map_err(|e| e.to_string())?;
-                rt.start(&new.id).await.map_err(|e| e.to_string())?;
+                stopped?;
+                created?;
+                rt.start(&new.id).await?;
             }
-            Op::Remove { id, grace } => {
-                self.stop(id, *grace).await.map_err(|e| e.to_string())?;
-            }
+            Op::Remove { id, grace } => self.stop(id, *grace).await?,
         }
         Ok(())
     }

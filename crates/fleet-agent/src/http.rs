@@ -1,7 +1,6 @@
 //! The agent's HTTP endpoints: `/healthz`, `/readyz`, `/metrics` (Prometheus text format) and
 //! `/instances` (every instance, for load balancers and people).
 
-use std::fmt::Write as _;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -10,12 +9,21 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use fleet_api::Phase;
+use fleet_api::{FleetStatus, Phase};
 use serde_json::json;
 
-use crate::controller::View;
+use crate::planner::Why;
+use crate::prom::{Expose, Exposition, Kind};
+use crate::view::View;
 
-type Shared = State<Arc<RwLock<View>>>;
+/// What the endpoints read: the controller's view, and what else joins `/metrics`.
+#[derive(Clone)]
+struct Served {
+    view: Arc<RwLock<View>>,
+    more: Vec<Arc<dyn Expose>>,
+}
+
+type Shared = State<Served>;
 
 /// Bounds of the agent's HTTP server: it listens on a node's address, so anything that can
 /// reach the port must not be able to hold it.
@@ -74,14 +82,14 @@ pub async fn serve(
     }
 }
 
-/// The router.
-pub fn router(view: Arc<RwLock<View>>) -> Router {
+/// The router: the endpoints over `view`; `more` (the gateway) adds to `/metrics`.
+pub fn router(view: Arc<RwLock<View>>, more: Vec<Arc<dyn Expose>>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/instances", get(instances))
-        .with_state(view)
+        .with_state(Served { view, more })
 }
 
 fn read(view: &RwLock<View>) -> View {
@@ -89,8 +97,8 @@ fn read(view: &RwLock<View>) -> View {
 }
 
 /// Alive while the loop makes passes (one at least every resync, 10 s by default).
-async fn healthz(State(view): Shared) -> Response {
-    let v = read(&view);
+async fn healthz(State(s): Shared) -> Response {
+    let v = read(&s.view);
     match v.last_pass {
         Some(at) if at.elapsed() > Duration::from_secs(120) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -105,8 +113,8 @@ async fn healthz(State(view): Shared) -> Response {
 }
 
 /// Ready once the fleets are known and containerd and the store answer.
-async fn readyz(State(view): Shared) -> Response {
-    let v = read(&view);
+async fn readyz(State(s): Shared) -> Response {
+    let v = read(&s.view);
     let mut problems = Vec::new();
     if !v.fleets_known {
         problems.push("the fleets are not known yet (waiting for etcd or the manifests)");
@@ -124,193 +132,181 @@ async fn readyz(State(view): Shared) -> Response {
     }
 }
 
-async fn instances(State(view): Shared) -> Response {
-    let v = read(&view);
+async fn instances(State(s): Shared) -> Response {
+    let v = read(&s.view);
     axum::Json(json!({"node": v.node, "instances": v.endpoints})).into_response()
 }
 
-/// Escapes a label value for the Prometheus text format.
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-async fn metrics(State(view): Shared) -> Response {
-    let v = read(&view);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP ollama_fleet_instances Instances on this node by fleet and phase.\n# TYPE ollama_fleet_instances gauge"
-    );
-    let phases = [
-        Phase::Pending,
-        Phase::Starting,
-        Phase::Ready,
-        Phase::Unready,
-        Phase::BackOff,
-        Phase::Terminating,
-    ];
-    for s in &v.statuses {
-        for p in phases {
-            let n = s.instances.iter().filter(|i| i.phase == p).count();
-            let _ = writeln!(
-                out,
-                "ollama_fleet_instances{{fleet=\"{}\",phase=\"{p}\"}} {n}",
-                esc(&s.fleet)
-            );
-        }
-    }
-    type Gauge = (
-        &'static str,
-        &'static str,
-        fn(&fleet_api::FleetStatus) -> u32,
-    );
-    let gauges: [Gauge; 3] = [
-        (
-            "ollama_fleet_desired_replicas",
-            "Instances this node should run.",
-            |s| s.desired_replicas,
-        ),
-        (
-            "ollama_fleet_ready_replicas",
-            "Instances that are ready.",
-            |s| s.ready_replicas,
-        ),
-        (
-            "ollama_fleet_updated_replicas",
-            "Instances on the current spec.",
-            |s| s.updated_replicas,
-        ),
-    ];
-    for (name, help, f) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for s in &v.statuses {
-            let _ = writeln!(out, "{name}{{fleet=\"{}\"}} {}", esc(&s.fleet), f(s));
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ollama_fleet_restarts Restarts of the instances now on this node.\n# TYPE ollama_fleet_restarts gauge"
-    );
-    for (fleet, n) in &v.restarts {
-        let _ = writeln!(out, "ollama_fleet_restarts{{fleet=\"{}\"}} {n}", esc(fleet));
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ollama_fleet_rotations_total Instances replaced by rotation (maxAge, maxMemory).\n# TYPE ollama_fleet_rotations_total counter"
-    );
-    // Every fleet's series start at 0 (a query over them works before the first rotation).
-    let mut rotations = v.rotations.clone();
-    for s in &v.statuses {
-        for reason in ["MaxAge", "MaxMemory"] {
-            rotations
-                .entry((s.fleet.clone(), reason.into()))
-                .or_default();
-        }
-    }
-    for ((fleet, reason), n) in &rotations {
-        let _ = writeln!(
-            out,
-            "ollama_fleet_rotations_total{{fleet=\"{}\",reason=\"{reason}\"}} {n}",
-            esc(fleet)
-        );
-    }
-    let scalars = [
-        (
-            "ollama_fleet_reconcile_passes_total",
-            "counter",
-            "Reconcile passes.",
-            v.passes as f64,
-        ),
-        (
-            "ollama_fleet_reconcile_last_seconds",
-            "gauge",
-            "Duration of the last reconcile pass.",
-            v.last_pass_seconds,
-        ),
-        (
-            "ollama_fleet_actions_completed_total",
-            "counter",
-            "Actions completed.",
-            v.actions.0 as f64,
-        ),
-        (
-            "ollama_fleet_actions_failed_total",
-            "counter",
-            "Actions that failed (and were planned again).",
-            v.actions.1 as f64,
-        ),
-        (
-            "ollama_fleet_status_writes_total",
-            "counter",
-            "Status keys written to the store.",
-            v.status_writes as f64,
-        ),
-        (
-            "ollama_fleet_containerd_up",
-            "gauge",
-            "containerd answered the last pass.",
-            f64::from(u8::from(v.containerd_up)),
-        ),
-        (
-            "ollama_fleet_store_up",
-            "gauge",
-            "The store accepted the last writes.",
-            f64::from(u8::from(v.store_up)),
-        ),
-        (
-            "ollama_fleet_image_pulls_total",
-            "counter",
-            "Image pulls that finished.",
-            v.pulls.succeeded as f64,
-        ),
-        (
-            "ollama_fleet_image_pull_failures_total",
-            "counter",
-            "Image pulls that failed.",
-            v.pulls.failed as f64,
-        ),
-        (
-            "ollama_fleet_image_pull_bytes_total",
-            "counter",
-            "Bytes fetched by finished image pulls.",
-            v.pulls.bytes as f64,
-        ),
-        (
-            "ollama_fleet_image_pull_seconds_total",
-            "counter",
-            "Seconds spent in finished image pulls.",
-            v.pulls.seconds,
-        ),
-        (
-            "ollama_fleet_model_pulls_total",
-            "counter",
-            "Model pulls into the node's cache that finished.",
-            v.models.pulls as f64,
-        ),
-        (
-            "ollama_fleet_model_failures_total",
-            "counter",
-            "Model pulls or preparations (num_thread) that failed.",
-            v.models.failures as f64,
-        ),
-    ];
-    for (name, kind, help, value) in scalars {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    }
-    if let Some(gw) = &v.gateway {
-        gw.render_metrics(&mut out);
+async fn metrics(State(s): Shared) -> Response {
+    let mut out = Exposition::new();
+    expose_view(&read(&s.view), &mut out);
+    for more in &s.more {
+        more.expose(&mut out);
     }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        out,
+        out.finish(),
     )
         .into_response()
+}
+
+/// A per-fleet gauge's name, help, and its value.
+type FleetGauge = (&'static str, &'static str, fn(&FleetStatus) -> u32);
+
+const FLEET_GAUGES: [FleetGauge; 3] = [
+    (
+        "ollama_fleet_desired_replicas",
+        "Instances this node should run.",
+        |s| s.desired_replicas,
+    ),
+    (
+        "ollama_fleet_ready_replicas",
+        "Instances that are ready.",
+        |s| s.ready_replicas,
+    ),
+    (
+        "ollama_fleet_updated_replicas",
+        "Instances on the current spec.",
+        |s| s.updated_replicas,
+    ),
+];
+
+/// The agent's own figures: instances by phase, replicas, restarts, rotations, the loop, the
+/// stores, pulls.
+fn expose_view(v: &View, out: &mut Exposition) {
+    let name = "ollama_fleet_instances";
+    out.family(
+        name,
+        Kind::Gauge,
+        "Instances on this node by fleet and phase.",
+    );
+    for s in &v.statuses {
+        for p in Phase::ALL {
+            let n = s.instances.iter().filter(|i| i.phase == p).count();
+            out.sample(
+                name,
+                &[("fleet", &s.fleet), ("phase", p.as_str())],
+                n as f64,
+            );
+        }
+    }
+    for (name, help, f) in FLEET_GAUGES {
+        out.family(name, Kind::Gauge, help);
+        for s in &v.statuses {
+            out.sample(name, &[("fleet", &s.fleet)], f64::from(f(s)));
+        }
+    }
+    let name = "ollama_fleet_restarts";
+    out.family(
+        name,
+        Kind::Gauge,
+        "Restarts of the instances now on this node.",
+    );
+    for (fleet, n) in &v.restarts {
+        out.sample(name, &[("fleet", fleet)], *n as f64);
+    }
+    let name = "ollama_fleet_rotations_total";
+    let help = "Instances replaced by rotation (maxAge, maxMemory).";
+    out.family(name, Kind::Counter, help);
+    // Every fleet's series start at 0 (a query over them works before the first rotation).
+    let mut rotations = v.rotations.clone();
+    for s in &v.statuses {
+        for why in Why::ROTATIONS {
+            rotations.entry((s.fleet.clone(), why)).or_default();
+        }
+    }
+    for ((fleet, why), n) in &rotations {
+        out.sample(
+            name,
+            &[("fleet", fleet), ("reason", why.as_str())],
+            *n as f64,
+        );
+    }
+    let up = |b: bool| f64::from(u8::from(b));
+    let scalars = [
+        (
+            "ollama_fleet_reconcile_passes_total",
+            Kind::Counter,
+            "Reconcile passes.",
+            v.passes as f64,
+        ),
+        (
+            "ollama_fleet_reconcile_last_seconds",
+            Kind::Gauge,
+            "Duration of the last reconcile pass.",
+            v.last_pass_seconds,
+        ),
+        (
+            "ollama_fleet_actions_completed_total",
+            Kind::Counter,
+            "Actions completed.",
+            v.actions.0 as f64,
+        ),
+        (
+            "ollama_fleet_actions_failed_total",
+            Kind::Counter,
+            "Actions that failed (and were planned again).",
+            v.actions.1 as f64,
+        ),
+        (
+            "ollama_fleet_status_writes_total",
+            Kind::Counter,
+            "Status keys written to the store.",
+            v.status_writes as f64,
+        ),
+        (
+            "ollama_fleet_containerd_up",
+            Kind::Gauge,
+            "containerd answered the last pass.",
+            up(v.containerd_up),
+        ),
+        (
+            "ollama_fleet_store_up",
+            Kind::Gauge,
+            "The store accepted the last writes.",
+            up(v.store_up),
+        ),
+        (
+            "ollama_fleet_image_pulls_total",
+            Kind::Counter,
+            "Image pulls that finished.",
+            v.pulls.succeeded as f64,
+        ),
+        (
+            "ollama_fleet_image_pull_failures_total",
+            Kind::Counter,
+            "Image pulls that failed.",
+            v.pulls.failed as f64,
+        ),
+        (
+            "ollama_fleet_image_pull_bytes_total",
+            Kind::Counter,
+            "Bytes fetched by finished image pulls.",
+            v.pulls.bytes as f64,
+        ),
+        (
+            "ollama_fleet_image_pull_seconds_total",
+            Kind::Counter,
+            "Seconds spent in finished image pulls.",
+            v.pulls.seconds,
+        ),
+        (
+            "ollama_fleet_model_pulls_total",
+            Kind::Counter,
+            "Model pulls into the node's cache that finished.",
+            v.models.pulls as f64,
+        ),
+        (
+            "ollama_fleet_model_failures_total",
+            Kind::Counter,
+            "Model pulls or preparations (num_thread) that failed.",
+            v.models.failures as f64,
+        ),
+    ];
+    for (name, kind, help, value) in scalars {
+        out.single(name, kind, help, value);
+    }
 }

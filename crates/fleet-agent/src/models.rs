@@ -28,6 +28,7 @@ use crate::ollama::{Ollama, Progress};
 use crate::reason::{Reason, Waiting};
 use crate::tasks::PerTarget;
 use crate::topology::Topology;
+use crate::upstream::CallError;
 use crate::{lock, mib};
 
 /// The thread count an instance of `spec` should run its model with: its CPU allowance (the
@@ -427,16 +428,19 @@ impl ModelCache {
         progress: &Progress,
     ) -> Result<(), Unprepared> {
         let model = need.model.as_str();
-        let absent = |error: String| Unprepared {
-            error,
+        let absent = |error: CallError| Unprepared {
+            error: error.to_string(),
             model_present: false,
         };
         let mut present = self.ollama.show(base, model).await.map_err(absent)?;
         if present.is_none() {
             if !need.pull {
-                return Err(absent(format!(
-                    "not in the node's cache, and spec.models.pull is false (pull it: ollama pull {model})"
-                )));
+                return Err(Unprepared {
+                    error: format!(
+                        "not in the node's cache, and spec.models.pull is false (pull it: ollama pull {model})"
+                    ),
+                    model_present: false,
+                });
             }
             self.step(key, "pulling", progress);
             tracing::info!(model, via = base, "pulling the model into the node's cache");
@@ -514,7 +518,7 @@ pub enum Warmth {
     /// The model is loaded and pinned.
     Warm,
     /// The last attempt failed (retried).
-    Failed(String),
+    Failed(CallError),
 }
 
 /// Loads the model into each instance once.

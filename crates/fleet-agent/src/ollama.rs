@@ -16,10 +16,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use fleet_api::ModelRef;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
+
+use crate::upstream::{self, CallError};
 
 /// Bytes done and total of a pull, as the stream reports them.
 pub type Progress = Arc<Mutex<(u64, u64)>>;
@@ -28,38 +27,38 @@ pub type Progress = Arc<Mutex<(u64, u64)>>;
 #[async_trait::async_trait]
 pub trait Ollama: Send + Sync + 'static {
     /// `None` when the model is absent; else its `num_thread` parameter, if it has one.
-    async fn show(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, String>;
+    async fn show(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, CallError>;
     /// Pulls the model into the instance's models directory.
-    async fn pull(&self, base: &str, model: &str, progress: &Progress) -> Result<(), String>;
+    async fn pull(&self, base: &str, model: &str, progress: &Progress) -> Result<(), CallError>;
     /// Creates (or re-creates) model `name` from model `from` with `num_thread` = `threads`
     /// (the same blobs plus a parameters layer). `name == from` rewrites `from` itself.
-    async fn derive(&self, base: &str, from: &str, name: &str, threads: u32) -> Result<(), String>;
+    async fn derive(
+        &self,
+        base: &str,
+        from: &str,
+        name: &str,
+        threads: u32,
+    ) -> Result<(), CallError>;
     /// The names of the models present (`/api/tags`).
-    async fn names(&self, base: &str) -> Result<Vec<String>, String>;
+    async fn names(&self, base: &str) -> Result<Vec<String>, CallError>;
     /// Removes a model's name (Ollama keeps blobs other names still use).
-    async fn delete(&self, base: &str, model: &str) -> Result<(), String>;
+    async fn delete(&self, base: &str, model: &str) -> Result<(), CallError>;
     /// Loads the model and pins it (`keep_alive: -1`); succeeds once `/api/ps` shows it.
-    async fn load(&self, base: &str, model: &str) -> Result<(), String>;
+    async fn load(&self, base: &str, model: &str) -> Result<(), CallError>;
 }
 
 /// Ollama over HTTP.
 #[derive(Clone, Debug)]
 pub struct HttpOllama {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: upstream::Client<Full<Bytes>>,
     /// How long a pull may go without a line: (while downloading, while verifying).
     pull_idle: (Duration, Duration),
 }
 
 impl Default for HttpOllama {
     fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
         HttpOllama {
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .pool_max_idle_per_host(1)
-                .build(connector),
+            client: upstream::client(1),
             pull_idle: (PULL_IDLE, VERIFY_IDLE),
         }
     }
@@ -87,15 +86,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 /// The longest line of a pull's progress stream.
 pub const MAX_LINE: usize = 64 * 1024;
-
-fn error_of(status: u16, body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let message = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(str::to_string))
-        .unwrap_or_else(|| text.trim().to_string());
-    format!("HTTP {status}: {}", fleet_api::clip(&message, 512))
-}
 
 /// The `num_thread` line of `/api/show`'s `parameters` text.
 fn num_thread_of(parameters: &str) -> Option<u32> {
@@ -139,7 +129,7 @@ fn model_not_found(body: &[u8]) -> bool {
 impl HttpOllama {
     /// Whether `/api/tags` lists the model (`Some(None)`: present, thread count unknown); a
     /// server without `/api/tags` either cannot say, so the model counts as absent.
-    async fn listed(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, String> {
+    async fn listed(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, CallError> {
         let (status, body) = self
             .call("GET", format!("{base}/api/tags"), None, CALL_TIMEOUT)
             .await?;
@@ -155,18 +145,24 @@ impl HttpOllama {
         method: &str,
         url: String,
         body: Option<Value>,
-    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    ) -> Result<hyper::Response<hyper::body::Incoming>, CallError> {
         let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let req = hyper::Request::builder()
             .method(method)
             .uri(&url)
             .header("content-type", "application/json")
             .body(Full::new(payload))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| CallError::Unreachable {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
         self.client
             .request(req)
             .await
-            .map_err(|e| format!("{url}: {e}"))
+            .map_err(|e| CallError::Unreachable {
+                url,
+                reason: e.to_string(),
+            })
     }
 
     /// A call whose whole answer is read: (status, body).
@@ -176,26 +172,30 @@ impl HttpOllama {
         url: String,
         body: Option<Value>,
         timeout: Duration,
-    ) -> Result<(u16, Bytes), String> {
+    ) -> Result<(u16, Bytes), CallError> {
         let fut = async {
             let resp = self.send(method, url.clone(), body).await?;
             let status = resp.status().as_u16();
             let bytes = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
                 .collect()
                 .await
-                .map_err(|e| format!("{url}: {e} (answers are read up to {MAX_BODY} bytes)"))?
+                .map_err(|e| {
+                    CallError::Invalid(format!(
+                        "{url}: {e} (answers are read up to {MAX_BODY} bytes)"
+                    ))
+                })?
                 .to_bytes();
             Ok((status, bytes))
         };
         tokio::time::timeout(timeout, fut)
             .await
-            .map_err(|_| format!("no answer within {timeout:?}"))?
+            .map_err(|_| CallError::Timeout(timeout))?
     }
 }
 
 #[async_trait::async_trait]
 impl Ollama for HttpOllama {
-    async fn show(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, String> {
+    async fn show(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, CallError> {
         let (status, body) = self
             .call(
                 "POST",
@@ -206,18 +206,18 @@ impl Ollama for HttpOllama {
             .await?;
         match status {
             200 => {
-                let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+                let v: Value = serde_json::from_slice(&body).map_err(|e| CallError::json(&e))?;
                 Ok(Some(num_thread_of(v["parameters"].as_str().unwrap_or(""))))
             }
             // Ollama's "model not found" (a JSON error). Any other 404 or 405 means the server
             // has no /api/show: ask /api/tags whether the model is there.
             404 if model_not_found(&body) => Ok(None),
             404 | 405 | 501 => self.listed(base, model).await,
-            s => Err(error_of(s, &body)),
+            s => Err(CallError::status(s, &body)),
         }
     }
 
-    async fn pull(&self, base: &str, model: &str, progress: &Progress) -> Result<(), String> {
+    async fn pull(&self, base: &str, model: &str, progress: &Progress) -> Result<(), CallError> {
         let url = format!("{base}/api/pull");
         let resp = tokio::time::timeout(
             CALL_TIMEOUT,
@@ -228,7 +228,7 @@ impl Ollama for HttpOllama {
             ),
         )
         .await
-        .map_err(|_| "no answer to /api/pull".to_string())??;
+        .map_err(|_| CallError::Timeout(CALL_TIMEOUT))??;
         let status = resp.status().as_u16();
         let mut body = resp.into_body();
         let mut buf: Vec<u8> = Vec::new();
@@ -242,19 +242,21 @@ impl Ollama for HttpOllama {
             };
             let frame = tokio::time::timeout(idle, body.frame())
                 .await
-                .map_err(|_| {
-                    format!("the pull stalled: no progress for {idle:?} (last: {last:?})")
+                .map_err(|_| CallError::Stalled {
+                    what: "the pull",
+                    idle,
+                    last: last.clone(),
                 })?;
             let Some(frame) = frame else { break };
-            let frame = frame.map_err(|e| e.to_string())?;
+            let frame = frame.map_err(|e| CallError::Invalid(format!("the pull's stream: {e}")))?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
             buf.extend_from_slice(&data);
             if buf.len() > MAX_LINE && !buf.contains(&b'\n') {
-                return Err(format!(
+                return Err(CallError::Invalid(format!(
                     "the pull's progress stream sent a line longer than {MAX_LINE} bytes"
-                ));
+                )));
             }
             while let Some(end) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=end).collect();
@@ -262,7 +264,7 @@ impl Ollama for HttpOllama {
                     continue;
                 };
                 if let Some(e) = v["error"].as_str() {
-                    return Err(e.to_string());
+                    return Err(CallError::Refused(fleet_api::clip(e, 512).into_owned()));
                 }
                 if let (Some(d), Some(t)) = (v["digest"].as_str(), v["total"].as_u64()) {
                     let done = v["completed"].as_u64().unwrap_or(0);
@@ -276,18 +278,24 @@ impl Ollama for HttpOllama {
             }
         }
         if status != 200 {
-            return Err(error_of(status, &buf));
+            return Err(CallError::status(status, &buf));
         }
         if last == "success" {
             Ok(())
         } else {
-            Err(format!(
+            Err(CallError::Invalid(format!(
                 "the pull ended without success (last status {last:?})"
-            ))
+            )))
         }
     }
 
-    async fn derive(&self, base: &str, from: &str, name: &str, threads: u32) -> Result<(), String> {
+    async fn derive(
+        &self,
+        base: &str,
+        from: &str,
+        name: &str,
+        threads: u32,
+    ) -> Result<(), CallError> {
         // Current Ollama reads `from` and `parameters`; older ones read `modelfile`.
         let body = json!({
             "model": name,
@@ -308,18 +316,18 @@ impl Ollama for HttpOllama {
         if status == 200 {
             Ok(())
         } else {
-            Err(error_of(status, &body))
+            Err(CallError::status(status, &body))
         }
     }
 
-    async fn names(&self, base: &str) -> Result<Vec<String>, String> {
+    async fn names(&self, base: &str) -> Result<Vec<String>, CallError> {
         let (status, body) = self
             .call("GET", format!("{base}/api/tags"), None, CALL_TIMEOUT)
             .await?;
         if status != 200 {
-            return Err(error_of(status, &body));
+            return Err(CallError::status(status, &body));
         }
-        let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_slice(&body).map_err(|e| CallError::json(&e))?;
         Ok(v["models"]
             .as_array()
             .into_iter()
@@ -329,7 +337,7 @@ impl Ollama for HttpOllama {
             .collect())
     }
 
-    async fn delete(&self, base: &str, model: &str) -> Result<(), String> {
+    async fn delete(&self, base: &str, model: &str) -> Result<(), CallError> {
         let (status, body) = self
             .call(
                 "DELETE",
@@ -340,11 +348,11 @@ impl Ollama for HttpOllama {
             .await?;
         match status {
             200 | 404 => Ok(()),
-            s => Err(error_of(s, &body)),
+            s => Err(CallError::status(s, &body)),
         }
     }
 
-    async fn load(&self, base: &str, model: &str) -> Result<(), String> {
+    async fn load(&self, base: &str, model: &str) -> Result<(), CallError> {
         // A generate without a prompt loads the model; an embedding-only model refuses it
         // ("does not support generate", 400) and is loaded by an embed without input instead.
         let pin = json!({"model": model, "keep_alive": -1, "stream": false});
@@ -356,13 +364,17 @@ impl Ollama for HttpOllama {
                 LOAD_TIMEOUT,
             )
             .await?;
-        if status == 400 && error_of(status, &body).contains("does not support generate") {
+        if status == 400
+            && CallError::status(status, &body)
+                .to_string()
+                .contains("does not support generate")
+        {
             (status, body) = self
                 .call("POST", format!("{base}/api/embed"), Some(pin), LOAD_TIMEOUT)
                 .await?;
         }
         if status != 200 {
-            return Err(error_of(status, &body));
+            return Err(CallError::status(status, &body));
         }
         let (status, body) = self
             .call("GET", format!("{base}/api/ps"), None, CALL_TIMEOUT)
@@ -372,13 +384,15 @@ impl Ollama for HttpOllama {
             return Ok(());
         }
         if status != 200 {
-            return Err(error_of(status, &body));
+            return Err(CallError::status(status, &body));
         }
-        let ps: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let ps: Value = serde_json::from_slice(&body).map_err(|e| CallError::json(&e))?;
         if lists(&ps, model) {
             Ok(())
         } else {
-            Err(format!("/api/ps does not list {model} after loading it"))
+            Err(CallError::Refused(format!(
+                "/api/ps does not list {model} after loading it"
+            )))
         }
     }
 }
@@ -456,14 +470,17 @@ impl ScriptedOllama {
         self.lock().calls.clone()
     }
 
-    fn record(&self, kind: &str, base: &str, model: &str) -> Result<(String, String), String> {
+    fn record(&self, kind: &str, base: &str, model: &str) -> Result<(String, String), CallError> {
         let mut s = self.lock();
         s.calls.push(format!("{kind} {base} {model}"));
         if s.down.contains(base) {
-            return Err(format!("{base}: connection refused (scripted)"));
+            return Err(CallError::Unreachable {
+                url: base.to_string(),
+                reason: "connection refused (scripted)".into(),
+            });
         }
         if s.failing.contains(kind) {
-            return Err(format!("{kind} failed (scripted)"));
+            return Err(CallError::Refused(format!("{kind} failed (scripted)")));
         }
         let dir = s
             .dirs
@@ -477,12 +494,12 @@ impl ScriptedOllama {
 
 #[async_trait::async_trait]
 impl Ollama for ScriptedOllama {
-    async fn show(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, String> {
+    async fn show(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, CallError> {
         let key = self.record("show", base, model)?;
         Ok(self.lock().models.get(&key).copied())
     }
 
-    async fn pull(&self, base: &str, model: &str, progress: &Progress) -> Result<(), String> {
+    async fn pull(&self, base: &str, model: &str, progress: &Progress) -> Result<(), CallError> {
         let key = self.record("pull", base, model)?;
         let time = self.lock().pull_time;
         tokio::time::sleep(time).await;
@@ -491,17 +508,23 @@ impl Ollama for ScriptedOllama {
         Ok(())
     }
 
-    async fn derive(&self, base: &str, from: &str, name: &str, threads: u32) -> Result<(), String> {
+    async fn derive(
+        &self,
+        base: &str,
+        from: &str,
+        name: &str,
+        threads: u32,
+    ) -> Result<(), CallError> {
         let (dir, _) = self.record("derive", base, name)?;
         let mut s = self.lock();
         if !s.models.contains_key(&(dir.clone(), from.to_string())) {
-            return Err(format!("model {from:?} not found"));
+            return Err(CallError::Refused(format!("model {from:?} not found")));
         }
         s.models.insert((dir, name.to_string()), Some(threads));
         Ok(())
     }
 
-    async fn names(&self, base: &str) -> Result<Vec<String>, String> {
+    async fn names(&self, base: &str) -> Result<Vec<String>, CallError> {
         let (dir, _) = self.record("names", base, "")?;
         let s = self.lock();
         Ok(s.models
@@ -511,18 +534,20 @@ impl Ollama for ScriptedOllama {
             .collect())
     }
 
-    async fn delete(&self, base: &str, model: &str) -> Result<(), String> {
+    async fn delete(&self, base: &str, model: &str) -> Result<(), CallError> {
         let key = self.record("delete", base, model)?;
         self.lock().models.remove(&key);
         Ok(())
     }
 
-    async fn load(&self, base: &str, model: &str) -> Result<(), String> {
+    async fn load(&self, base: &str, model: &str) -> Result<(), CallError> {
         let key = self.record("load", base, model)?;
         if self.lock().models.contains_key(&key) {
             Ok(())
         } else {
-            Err(format!("model {model:?} not found, try pulling it first"))
+            Err(CallError::Refused(format!(
+                "model {model:?} not found, try pulling it first"
+            )))
         }
     }
 }

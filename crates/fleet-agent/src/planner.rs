@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use fleet_api::{FleetSpec, LastExit};
+use fleet_api::{ExitReason, FleetSpec, LastExit};
 use fleet_runtime::TaskState;
 
 use crate::build::{Carry, InstanceLabels};
@@ -89,21 +89,21 @@ impl Instance {
             .exit_code
             .map_or(-1, |c| i32::try_from(c).unwrap_or(-1));
         let reason = if self.oom {
-            "OOMKilled"
+            ExitReason::OomKilled
         } else if code == 0 {
-            "Completed"
+            ExitReason::Completed
         } else {
-            "Error"
+            ExitReason::Error
         };
         let at = self.exited_at.unwrap_or(self.labels.created_at);
         Some(exit_record(code, reason, at))
     }
 }
 
-fn exit_record(code: i32, reason: &str, at: SystemTime) -> LastExit {
+fn exit_record(code: i32, reason: ExitReason, at: SystemTime) -> LastExit {
     LastExit {
         code,
-        reason: reason.into(),
+        reason,
         at: humantime::format_rfc3339_seconds(at).to_string(),
     }
 }
@@ -166,6 +166,9 @@ pub enum Why {
 }
 
 impl Why {
+    /// The reasons that are rotations (counted in `ollama_fleet_rotations_total`).
+    pub const ROTATIONS: [Why; 2] = [Why::MaxAge, Why::MaxMemory];
+
     /// The reason as status and metrics show it (`StartupTimeout`, `MaxAge`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -459,22 +462,22 @@ impl FleetPlan<'_> {
             return Some((
                 i.labels.created_at,
                 i.labels.carry.crashloop.saturating_add(1),
-                Some(exit_record(-1, "StartError", i.labels.created_at)),
+                Some(exit_record(-1, ExitReason::StartError, i.labels.created_at)),
                 Why::NeverStarted,
             ));
         }
         if i.unhealthy || i.stalled {
             // The liveness probe (or the gateway's watchdog) took failureThreshold failures to
             // decide: restart at once.
-            let why = if i.stalled {
-                Why::Stalled
+            let (why, reason) = if i.stalled {
+                (Why::Stalled, ExitReason::Stalled)
             } else {
-                Why::Unhealthy
+                (Why::Unhealthy, ExitReason::Unhealthy)
             };
             return Some((
                 SystemTime::UNIX_EPOCH,
                 backoff::next_count(i.labels.carry.crashloop, ran(now)),
-                Some(exit_record(-1, why.as_str(), now)),
+                Some(exit_record(-1, reason, now)),
                 why,
             ));
         }
@@ -489,7 +492,7 @@ impl FleetPlan<'_> {
                 return Some((
                     deadline,
                     backoff::next_count(i.labels.carry.crashloop, ran(deadline)),
-                    Some(exit_record(-1, "StartupTimeout", deadline)),
+                    Some(exit_record(-1, ExitReason::StartupTimeout, deadline)),
                     Why::StartupTimeout,
                 ));
             }
@@ -1663,7 +1666,7 @@ mod tests {
             crashloop: 0,
             last_exit: Some(fleet_api::LastExit {
                 code: 137,
-                reason: "OOMKilled".into(),
+                reason: ExitReason::OomKilled,
                 at: "2026-11-28T09:59:58Z".into(),
             }),
         };

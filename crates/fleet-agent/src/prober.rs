@@ -17,13 +17,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use fleet_api::Probe;
 use http_body_util::Empty;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
 
 use crate::lock;
 use crate::tasks::PerTarget;
+use crate::upstream;
 
 /// How often a not-yet-ready instance is probed.
 pub const STARTUP_PERIOD: Duration = Duration::from_millis(50);
@@ -57,7 +55,7 @@ pub struct Target {
 }
 
 /// The HTTP client probes use.
-pub type Http = Client<HttpConnector, Empty<Bytes>>;
+pub type Http = upstream::Client<Empty<Bytes>>;
 
 /// Where probe results come from: the HTTP [`Prober`], or [`ScriptedProbes`] in tests.
 pub trait Probes: Send + Sync + 'static {
@@ -146,17 +144,11 @@ pub struct Prober {
 impl Prober {
     /// A prober that notifies `wake` when an instance's readiness changes.
     pub fn new(wake: Arc<Notify>) -> Prober {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
         Prober {
             states: Arc::new(Mutex::new(HashMap::new())),
             tasks: PerTarget::default(),
             wake,
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .pool_max_idle_per_host(1)
-                .build(connector),
+            client: upstream::client(1),
         }
     }
 }

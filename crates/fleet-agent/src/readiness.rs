@@ -503,7 +503,9 @@ mod tests {
                     warm,
                     probe(true, true),
                     Some(open.clone()),
-                    Some(Warmth::Failed("boom".into())),
+                    Some(Warmth::Failed(crate::upstream::CallError::Refused(
+                        "boom".into(),
+                    ))),
                     false,
                     true,
                 ),

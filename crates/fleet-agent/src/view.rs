@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use fleet_api::{FleetStatus, InstanceStatus, Phase};
 use fleet_runtime::clock::Instant;
 
-use crate::planner::Instance;
+use crate::planner::{Instance, Why};
 
 /// An instance as the HTTP endpoints show it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -60,10 +60,8 @@ pub struct View {
     pub pulls: crate::images::PullStats,
     /// Model pulls.
     pub models: crate::models::ModelStats,
-    /// Rotations started, by (fleet, reason).
-    pub rotations: BTreeMap<(String, String), u64>,
-    /// The node gateway, when the agent serves (its figures join `/metrics`).
-    pub gateway: Option<std::sync::Arc<crate::gateway::Gateway>>,
+    /// Rotations started, by fleet and reason (one of [`Why::ROTATIONS`]).
+    pub rotations: BTreeMap<(String, Why), u64>,
 }
 
 /// `host:port` of an instance at `ip` (IPv6 in brackets).

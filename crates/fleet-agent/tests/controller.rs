@@ -933,7 +933,7 @@ async fn liveness_failures_and_leaks_replace_instances() {
         );
         assert_eq!(s.instances[1].restarts, 0, "a rotation is not a restart");
         let rotations = a.view.read().expect("view").rotations.clone();
-        assert_eq!(rotations.get(&("f".to_string(), "MaxMemory".to_string())), Some(&1));
+        assert_eq!(rotations.get(&("f".to_string(), fleet_agent::planner::Why::MaxMemory)), Some(&1));
         a.stop().await;
     })
     .await

@@ -15,9 +15,21 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use fleet_agent::gateway::{Backend, Gateway, GatewayConfig, routes};
+use fleet_agent::prom::{Expose, Exposition};
 use fleet_e2e::http::request_as;
 use fleet_e2e::{get as http_get, post as http_post, wait_for};
 use serde_json::{Value, json};
+
+/// The gateway's share of `/metrics`, read back strictly.
+fn exposed(gw: &Gateway) -> String {
+    let mut e = Exposition::new();
+    gw.expose(&mut e);
+    let text = e.finish();
+    if let Err(e) = fleet_agent::prom::check(&text) {
+        panic!("{e}\n{text}");
+    }
+    text
+}
 
 /// How a fake instance behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,7 +136,7 @@ fn route_f() -> Vec<fleet_agent::gateway::Route> {
 
 async fn gateway(cfg: GatewayConfig) -> (Arc<Gateway>, String) {
     let gw = Gateway::new(cfg);
-    let url = common::serve(gw.router()).await;
+    let url = common::serve(fleet_agent::gateway::routes::router(&gw)).await;
     (gw, url)
 }
 
@@ -250,8 +262,7 @@ async fn options_are_pinned_and_streams_pass_through_with_metrics() {
     assert!(sent["options"].get("num_thread").is_none(), "{sent}");
     assert_eq!(sent["options"]["temperature"], 0.5, "other options stay");
 
-    let mut out = String::new();
-    gw.render_metrics(&mut out);
+    let out = exposed(&gw);
     for want in [
         "ollama_fleet_requests_total{fleet=\"f\",route=\"/api/generate\",code=\"200\"} 1",
         "ollama_fleet_generated_tokens_total{fleet=\"f\"} 3",
@@ -290,8 +301,7 @@ async fn busy_instances_take_nothing_more_and_the_queue_is_bounded() {
         }));
     }
     wait_for("two queued", Duration::from_secs(5), || async {
-        let mut out = String::new();
-        gw.render_metrics(&mut out);
+        let out = exposed(&gw);
         out.contains("ollama_fleet_queue_depth{fleet=\"f\"} 2")
             .then_some(())
     })
@@ -374,8 +384,7 @@ async fn failures_before_any_byte_go_elsewhere_once() {
         n += 1;
         assert!(n < 20, "the silent instance was never counted");
     }
-    let mut out = String::new();
-    gw.render_metrics(&mut out);
+    let out = exposed(&gw);
     assert!(
         out.contains("ollama_fleet_stalled_requests_total{fleet=\"f\"} 2"),
         "each watchdog abort counted once: {out}"
@@ -413,8 +422,7 @@ async fn a_stream_that_stalls_ends_with_an_error_line() {
             .is_some_and(|e| e.contains("no bytes")),
         "{text}"
     );
-    let mut out = String::new();
-    gw.render_metrics(&mut out);
+    let out = exposed(&gw);
     assert!(
         out.contains("ollama_fleet_stalled_requests_total{fleet=\"f\"} 1"),
         "{out}"

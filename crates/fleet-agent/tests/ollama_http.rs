@@ -103,7 +103,10 @@ async fn the_silent_digest_check_is_waited_for() {
             .pull(&format!("{base}/stalls"), "m", &progress)
             .await
             .expect_err("a silent download is not");
-        assert!(err.contains("stalled"), "{err}");
+        assert!(
+            matches!(err, fleet_agent::upstream::CallError::Stalled { idle, .. } if idle == Duration::from_millis(300)),
+            "{err}"
+        );
     })
     .await
     .expect("in time");

@@ -33,8 +33,9 @@ pub use manifest::{
 pub use refs::{ImageRef, ModelRef};
 pub use schema::schema_json;
 pub use status::{
-    Capacity, Condition, FleetStatus, InstanceStatus, LABEL_CREATED_AT, LABEL_FLEET, LABEL_PORT,
-    LABEL_SLOT, LABEL_SPEC_HASH, LastExit, NodeInfo, Phase, Versions, sha256_hex, spec_hash,
+    Capacity, Condition, ExitReason, FleetStatus, InstanceStatus, LABEL_CREATED_AT, LABEL_FLEET,
+    LABEL_PORT, LABEL_SLOT, LABEL_SPEC_HASH, LastExit, NodeInfo, Phase, Versions, sha256_hex,
+    spec_hash,
 };
 pub use text::{clip, printable};
 pub use units::{Duration, IntOrPercent, Quantity};

@@ -37,9 +37,33 @@ pub enum Phase {
     Terminating,
 }
 
+impl Phase {
+    /// Every phase, in lifecycle order.
+    pub const ALL: [Phase; 6] = [
+        Phase::Pending,
+        Phase::Starting,
+        Phase::Ready,
+        Phase::Unready,
+        Phase::BackOff,
+        Phase::Terminating,
+    ];
+
+    /// The phase as status shows it (`Ready`, `BackOff`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Starting => "Starting",
+            Phase::Ready => "Ready",
+            Phase::Unready => "Unready",
+            Phase::BackOff => "BackOff",
+            Phase::Terminating => "Terminating",
+        }
+    }
+}
+
 impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
+        f.write_str(self.as_str())
     }
 }
 
@@ -47,12 +71,83 @@ impl fmt::Display for Phase {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LastExit {
-    /// Exit code (137 for SIGKILL).
+    /// Exit code (137 for SIGKILL; -1 when the agent ended it or it never ran).
     pub code: i32,
-    /// `OOMKilled`, `Error`, `Completed`, `Killed`, `LivenessFailed`, `StartupTimeout`.
-    pub reason: String,
+    /// Why.
+    pub reason: ExitReason,
     /// When (RFC 3339).
     pub at: String,
+}
+
+/// Why an instance ended, as status shows it (a string in JSON and in the slot's label).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ExitReason {
+    /// The kernel's OOM killer ended it.
+    OomKilled,
+    /// It exited with code 0.
+    Completed,
+    /// It exited with another code.
+    Error,
+    /// Its container never got a running task.
+    StartError,
+    /// It was not ready within `startupTimeoutSeconds`.
+    StartupTimeout,
+    /// Its liveness probe failed `failureThreshold` times in a row.
+    Unhealthy,
+    /// The gateway's watchdog saw it stall `failureThreshold` times in a row.
+    Stalled,
+    /// A reason this agent does not know (written by another version).
+    Other(String),
+}
+
+impl ExitReason {
+    /// The reason as status shows it (`OOMKilled`, `Error`, ...).
+    pub fn as_str(&self) -> &str {
+        match self {
+            ExitReason::OomKilled => "OOMKilled",
+            ExitReason::Completed => "Completed",
+            ExitReason::Error => "Error",
+            ExitReason::StartError => "StartError",
+            ExitReason::StartupTimeout => "StartupTimeout",
+            ExitReason::Unhealthy => "Unhealthy",
+            ExitReason::Stalled => "Stalled",
+            ExitReason::Other(s) => s,
+        }
+    }
+
+    /// The reason that `s` shows (an unknown one is kept as it is).
+    pub fn parse(s: &str) -> ExitReason {
+        [
+            ExitReason::OomKilled,
+            ExitReason::Completed,
+            ExitReason::Error,
+            ExitReason::StartError,
+            ExitReason::StartupTimeout,
+            ExitReason::Unhealthy,
+            ExitReason::Stalled,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+        .unwrap_or_else(|| ExitReason::Other(s.to_string()))
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ExitReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ExitReason {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| ExitReason::parse(&s))
+    }
 }
 
 /// One instance as its node's agent sees it.
@@ -356,7 +451,7 @@ mod tests {
                 spec_hash: "9c1e".into(),
                 last_exit: Some(LastExit {
                     code: 137,
-                    reason: "OOMKilled".into(),
+                    reason: ExitReason::OomKilled,
                     at: "2026-11-28T09:59:58Z".into(),
                 }),
                 message: None,

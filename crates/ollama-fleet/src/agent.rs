@@ -395,7 +395,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
                 tracing::warn!(%addr, "the gateway serves without tokens on a non-loopback address: anyone who reaches it can use the models (see --serve-token-file)");
             }
             tracing::info!(%addr, "serving the node's fleets");
-            let router = gw.router();
+            let router = fleet_agent::gateway::routes::router(&gw);
             // Every queued request holds a connection: room for the queue and more.
             let limits = fleet_agent::http::ServerLimits {
                 max_connections: (args.serve.max_queue * 2).max(1024),
@@ -453,10 +453,12 @@ async fn serve<S: Store>(
     gateway: Option<Arc<Gateway>>,
 ) -> anyhow::Result<ExitCode> {
     let mut agent = Agent::new(cfg, runtime, store);
+    let mut more: Vec<Arc<dyn fleet_agent::prom::Expose>> = Vec::new();
     if let Some(gw) = gateway {
+        more.push(gw.clone());
         agent = agent.with_gateway(gw);
     }
-    let router = fleet_agent::http::router(agent.view());
+    let router = fleet_agent::http::router(agent.view(), more);
     tokio::spawn(async move {
         let limits = fleet_agent::http::ServerLimits::default();
         if let Err(e) = fleet_agent::http::serve(listener, router, limits).await {

@@ -1,53 +1,27 @@
-//! What the gateway measures of the traffic (Ollama measures none of it), rendered in the
-//! Prometheus text format on the agent's `/metrics`.
+//! What the gateway measures of the traffic (Ollama measures none of it), exposed on the
+//! agent's `/metrics` through [`crate::prom`].
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::lock;
+use crate::prom::{Exposition, Histogram, Kind};
 
-/// Bucket bounds (seconds) of the latency histograms: 5 ms to 10 min.
-const BUCKETS: [f64; 16] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-];
+use super::pool::InstanceLoad;
 
-#[derive(Clone, Debug, Default)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if seconds <= *bound {
-                self.counts[i] += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += seconds;
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels},le=\"{bound}\"}} {}",
-                self.counts[i]
-            );
-        }
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
-    }
+/// The series of `ollama_fleet_requests_total` within a fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RequestKey {
+    /// The route (`/api/generate`, ...).
+    pub route: &'static str,
+    /// The status sent to the client.
+    pub code: u16,
 }
 
 #[derive(Debug, Default)]
 struct PerFleet {
-    requests: BTreeMap<(String, u16), u64>,
+    requests: BTreeMap<RequestKey, u64>,
     duration: Histogram,
     ttft: Histogram,
     queue_wait: Histogram,
@@ -57,7 +31,7 @@ struct PerFleet {
     stalled: u64,
 }
 
-/// The gateway's figures, by fleet.
+/// The gateway's figures, by fleet (`""`: requests that matched no fleet).
 #[derive(Debug, Default)]
 pub struct Metrics {
     fleets: Mutex<BTreeMap<String, PerFleet>>,
@@ -92,18 +66,57 @@ type HistogramOf = (&'static str, &'static str, fn(&PerFleet) -> &Histogram);
 /// A counter's name, help, and its value.
 type CounterOf = (&'static str, &'static str, fn(&PerFleet) -> u64);
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+const HISTOGRAMS: [HistogramOf; 3] = [
+    (
+        "ollama_fleet_request_duration_seconds",
+        "From a request's arrival to its last response byte.",
+        |f| &f.duration,
+    ),
+    (
+        "ollama_fleet_time_to_first_token_seconds",
+        "From a request's arrival to its first response byte.",
+        |f| &f.ttft,
+    ),
+    (
+        "ollama_fleet_queue_wait_seconds",
+        "Time requests waited for a free instance.",
+        |f| &f.queue_wait,
+    ),
+];
+
+const COUNTERS: [CounterOf; 4] = [
+    (
+        "ollama_fleet_prompt_tokens_total",
+        "Prompt tokens evaluated (prompt_eval_count).",
+        |f| f.prompt_tokens,
+    ),
+    (
+        "ollama_fleet_generated_tokens_total",
+        "Tokens generated (eval_count).",
+        |f| f.generated_tokens,
+    ),
+    (
+        "ollama_fleet_model_reloads_total",
+        "Responses of warm instances that loaded the model again.",
+        |f| f.reloads,
+    ),
+    (
+        "ollama_fleet_stalled_requests_total",
+        "Requests the watchdog aborted.",
+        |f| f.stalled,
+    ),
+];
 
 impl Metrics {
     /// Records a finished request of `fleet` (empty: matched no fleet).
     pub fn record(&self, fleet: &str, s: &Sample) {
         let mut fleets = lock(&self.fleets);
         let f = fleets.entry(fleet.to_string()).or_default();
-        *f.requests.entry((s.route.to_string(), s.code)).or_default() += 1;
+        let key = RequestKey {
+            route: s.route,
+            code: s.code,
+        };
+        *f.requests.entry(key).or_default() += 1;
         f.duration.observe(s.duration.as_secs_f64());
         if let Some(t) = s.ttft {
             f.ttft.observe(t.as_secs_f64());
@@ -124,127 +137,141 @@ impl Metrics {
             .stalled += 1;
     }
 
-    /// Appends the exposition: these figures, plus the queue depths, requests in flight and
-    /// per-instance counts given.
-    pub fn render(
-        &self,
-        out: &mut String,
-        queues: &[(String, usize)],
-        instances: &[(String, String, u32, u64)],
-    ) {
+    /// Adds these figures to `out`, with the queue depths by pool and each instance's load.
+    pub fn expose(&self, out: &mut Exposition, queues: &[(String, usize)], loads: &[InstanceLoad]) {
         let fleets = lock(&self.fleets);
-        let help = |out: &mut String, name: &str, kind: &str, text: &str| {
-            let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
-        };
-        help(
-            out,
-            "ollama_fleet_requests_total",
-            "counter",
-            "Requests answered by the gateway.",
-        );
+        let name = "ollama_fleet_requests_total";
+        out.family(name, Kind::Counter, "Requests answered by the gateway.");
         for (fleet, f) in fleets.iter() {
-            for ((route, code), n) in &f.requests {
-                let _ = writeln!(
-                    out,
-                    "ollama_fleet_requests_total{{fleet=\"{}\",route=\"{route}\",code=\"{code}\"}} {n}",
-                    escape(fleet)
-                );
+            for (key, n) in &f.requests {
+                let code = key.code.to_string();
+                let labels = [
+                    ("fleet", fleet.as_str()),
+                    ("route", key.route),
+                    ("code", &code),
+                ];
+                out.sample(name, &labels, *n as f64);
             }
         }
-        let histograms: [HistogramOf; 3] = [
-            (
-                "ollama_fleet_request_duration_seconds",
-                "From a request's arrival to its last response byte.",
-                |f| &f.duration,
-            ),
-            (
-                "ollama_fleet_time_to_first_token_seconds",
-                "From a request's arrival to its first response byte.",
-                |f| &f.ttft,
-            ),
-            (
-                "ollama_fleet_queue_wait_seconds",
-                "Time requests waited for a free instance.",
-                |f| &f.queue_wait,
-            ),
-        ];
-        for (name, text, get) in histograms {
-            help(out, name, "histogram", text);
-            for (fleet, f) in fleets.iter().filter(|(f, _)| !f.is_empty()) {
-                get(f).render(out, name, &format!("fleet=\"{}\"", escape(fleet)));
+        // Requests that matched no fleet count in requests_total only.
+        let matched = || fleets.iter().filter(|(f, _)| !f.is_empty());
+        for (name, help, get) in HISTOGRAMS {
+            out.family(name, Kind::Histogram, help);
+            for (fleet, f) in matched() {
+                out.histogram(name, &[("fleet", fleet)], get(f));
             }
         }
-        let counters: [CounterOf; 4] = [
-            (
-                "ollama_fleet_prompt_tokens_total",
-                "Prompt tokens evaluated (prompt_eval_count).",
-                |f| f.prompt_tokens,
-            ),
-            (
-                "ollama_fleet_generated_tokens_total",
-                "Tokens generated (eval_count).",
-                |f| f.generated_tokens,
-            ),
-            (
-                "ollama_fleet_model_reloads_total",
-                "Responses of warm instances that loaded the model again.",
-                |f| f.reloads,
-            ),
-            (
-                "ollama_fleet_stalled_requests_total",
-                "Requests the watchdog aborted.",
-                |f| f.stalled,
-            ),
-        ];
-        for (name, text, get) in counters {
-            help(out, name, "counter", text);
-            for (fleet, f) in fleets.iter().filter(|(f, _)| !f.is_empty()) {
-                let _ = writeln!(out, "{name}{{fleet=\"{}\"}} {}", escape(fleet), get(f));
+        for (name, help, get) in COUNTERS {
+            out.family(name, Kind::Counter, help);
+            for (fleet, f) in matched() {
+                out.sample(name, &[("fleet", fleet)], get(f) as f64);
             }
         }
-        help(
-            out,
-            "ollama_fleet_queue_depth",
-            "gauge",
-            "Requests waiting for a free instance, by pool (model).",
-        );
+        let name = "ollama_fleet_queue_depth";
+        let help = "Requests waiting for a free instance, by pool (model).";
+        out.family(name, Kind::Gauge, help);
         for (pool, n) in queues {
-            let _ = writeln!(
-                out,
-                "ollama_fleet_queue_depth{{fleet=\"{}\"}} {n}",
-                escape(pool)
-            );
+            out.sample(name, &[("fleet", pool)], *n as f64);
         }
         let mut inflight: BTreeMap<&str, u32> = BTreeMap::new();
-        for (fleet, _, n, _) in instances {
-            *inflight.entry(fleet).or_default() += n;
+        for l in loads {
+            *inflight.entry(&l.fleet).or_default() += l.in_flight;
         }
-        help(
-            out,
-            "ollama_fleet_inflight_requests",
-            "gauge",
-            "Requests being answered by instances.",
-        );
+        let name = "ollama_fleet_inflight_requests";
+        out.family(name, Kind::Gauge, "Requests being answered by instances.");
         for (fleet, n) in inflight {
-            let _ = writeln!(
-                out,
-                "ollama_fleet_inflight_requests{{fleet=\"{}\"}} {n}",
-                escape(fleet)
-            );
+            out.sample(name, &[("fleet", fleet)], f64::from(n));
         }
-        help(
-            out,
-            "ollama_fleet_instance_requests_total",
-            "counter",
-            "Requests sent to each instance.",
+        let name = "ollama_fleet_instance_requests_total";
+        out.family(name, Kind::Counter, "Requests sent to each instance.");
+        for l in loads {
+            let labels = [("fleet", l.fleet.as_str()), ("instance", &l.id)];
+            out.sample(name, &labels, l.served as f64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every family the gateway exposes renders, and reads back as Prometheus would read it.
+    #[test]
+    fn the_gateways_metrics_render_and_parse() {
+        let m = Metrics::default();
+        let sample = |route, code, ttft| Sample {
+            route,
+            code,
+            duration: Duration::from_millis(1500),
+            ttft,
+            queue_wait: Duration::from_millis(20),
+            prompt_tokens: 3,
+            generated_tokens: 7,
+            reload: code == 200,
+            stalled: code == 504,
+        };
+        m.record(
+            "a",
+            &sample("/api/generate", 200, Some(Duration::from_millis(80))),
         );
-        for (fleet, id, _, served) in instances {
-            let _ = writeln!(
-                out,
-                "ollama_fleet_instance_requests_total{{fleet=\"{}\",instance=\"{}\"}} {served}",
-                escape(fleet),
-                escape(id)
-            );
-        }
+        m.record("a", &sample("/api/generate", 200, None));
+        m.record("a", &sample("/v1/chat/completions", 504, None));
+        m.record("", &sample("/api/chat", 404, None));
+        m.stalled("b");
+        let loads = [InstanceLoad {
+            fleet: "a".into(),
+            id: "a-0-abc123".into(),
+            in_flight: 1,
+            served: 3,
+        }];
+        let mut out = Exposition::new();
+        m.expose(&mut out, &[("a".into(), 2)], &loads);
+        let text = out.finish();
+        let samples = crate::prom::check(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let value = |name: &str, labels: &[(&str, &str)]| {
+            samples
+                .iter()
+                .filter(|s| s.name == name)
+                .find(|s| {
+                    labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(v))
+                })
+                .map(|s| s.value)
+        };
+        let generate = [("fleet", "a"), ("route", "/api/generate"), ("code", "200")];
+        assert_eq!(value("ollama_fleet_requests_total", &generate), Some(2.0));
+        let unmatched = [("fleet", ""), ("code", "404")];
+        assert_eq!(value("ollama_fleet_requests_total", &unmatched), Some(1.0));
+        let a = [("fleet", "a")];
+        assert_eq!(
+            value("ollama_fleet_time_to_first_token_seconds_count", &a),
+            Some(1.0)
+        );
+        assert_eq!(
+            value("ollama_fleet_request_duration_seconds_count", &a),
+            Some(3.0)
+        );
+        assert_eq!(value("ollama_fleet_generated_tokens_total", &a), Some(21.0));
+        assert_eq!(value("ollama_fleet_model_reloads_total", &a), Some(2.0));
+        assert_eq!(
+            value("ollama_fleet_stalled_requests_total", &[("fleet", "b")]),
+            Some(1.0)
+        );
+        assert_eq!(value("ollama_fleet_queue_depth", &a), Some(2.0));
+        assert_eq!(value("ollama_fleet_inflight_requests", &a), Some(1.0));
+        let instance = [("instance", "a-0-abc123")];
+        assert_eq!(
+            value("ollama_fleet_instance_requests_total", &instance),
+            Some(3.0)
+        );
+        assert_eq!(
+            value(
+                "ollama_fleet_request_duration_seconds_count",
+                &[("fleet", "")]
+            ),
+            None,
+            "requests that matched no fleet count in requests_total only"
+        );
     }
 }

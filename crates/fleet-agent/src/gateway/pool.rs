@@ -79,6 +79,19 @@ pub enum Refused {
     Timeout,
 }
 
+/// An instance's requests: in flight now, and served so far.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceLoad {
+    /// Its fleet.
+    pub fleet: String,
+    /// The instance.
+    pub id: String,
+    /// Requests it answers now.
+    pub in_flight: u32,
+    /// Requests sent to it so far.
+    pub served: u64,
+}
+
 /// The node's pools.
 #[derive(Clone, Default)]
 pub struct Pools {
@@ -173,18 +186,16 @@ impl Pools {
             .collect()
     }
 
-    /// Requests in flight and served so far, per instance: (fleet, id, in flight, served).
-    pub fn counts(&self) -> Vec<(String, String, u32, u64)> {
+    /// Requests in flight and served so far, per instance.
+    pub fn counts(&self) -> Vec<InstanceLoad> {
         lock(&self.state)
             .slots
             .values()
-            .map(|s| {
-                (
-                    s.backend.fleet.clone(),
-                    s.backend.id.clone(),
-                    s.in_flight,
-                    s.served,
-                )
+            .map(|s| InstanceLoad {
+                fleet: s.backend.fleet.clone(),
+                id: s.backend.id.clone(),
+                in_flight: s.in_flight,
+                served: s.served,
             })
             .collect()
     }

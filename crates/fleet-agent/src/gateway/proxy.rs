@@ -1,0 +1,493 @@
+//! A work request's way to an instance: its body read (bounded) and its options pinned, a slot
+//! from its model's pool (or a place in the queue), one failover when nothing has reached the
+//! client yet, the first-token and stall watchdog, and the answer relayed and measured.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use fleet_runtime::clock::Instant;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::metrics::Sample;
+use super::{Gateway, Lease, PoolOf, Refused, error};
+
+/// A `load_duration` above this is a load: Ollama reports the time it took to get the runner
+/// even when the model is loaded (microseconds), while a load takes tens of milliseconds at
+/// least (seconds for real models).
+pub const RELOAD_THRESHOLD: Duration = Duration::from_millis(10);
+
+/// The most of an answer's end kept to read its counts from.
+const TAIL: usize = 16 << 10;
+
+/// Removes what instances must not be told: `keep_alive` and `options.num_thread` (the agent
+/// keeps the model loaded with the thread count it set).
+pub fn pin_options(body: &mut Value) {
+    if let Some(o) = body.as_object_mut() {
+        o.remove("keep_alive");
+        if let Some(options) = o.get_mut("options").and_then(Value::as_object_mut) {
+            options.remove("num_thread");
+        }
+    }
+}
+
+/// Forwards a request of a work `route` to an instance of its model's pool.
+pub async fn forward(gw: &Arc<Gateway>, route: &'static str, req: Request) -> Response {
+    let call = Call {
+        gw,
+        route,
+        started: Instant::now(),
+    };
+    match call.read(req).await {
+        Ok((pool, body)) => call.dispatch(&pool, body).await,
+        Err(refused) => refused,
+    }
+}
+
+/// One work request being answered.
+struct Call<'a> {
+    gw: &'a Arc<Gateway>,
+    route: &'static str,
+    started: Instant,
+}
+
+impl Call<'_> {
+    /// Answers `code` with `message`, counted for `fleet` (`""`: matched none).
+    fn refuse(
+        &self,
+        fleet: &str,
+        code: StatusCode,
+        queue_wait: Duration,
+        message: impl Into<String>,
+    ) -> Response {
+        self.record(fleet, code, queue_wait);
+        error(code, message)
+    }
+
+    fn record(&self, fleet: &str, code: StatusCode, queue_wait: Duration) {
+        let sample = Sample {
+            route: self.route,
+            code: code.as_u16(),
+            duration: self.started.elapsed(),
+            queue_wait,
+            ..Default::default()
+        };
+        self.gw.metrics.record(fleet, &sample);
+    }
+
+    /// The body (within `max_body`, a JSON object naming a model some fleet serves), its
+    /// options pinned; and the pool it goes to.
+    async fn read(&self, req: Request) -> Result<(PoolOf, Bytes), Response> {
+        let max = self.gw.cfg.max_body;
+        let bytes = match http_body_util::Limited::new(req.into_body(), max)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                let code = StatusCode::PAYLOAD_TOO_LARGE;
+                return Err(self.refuse("", code, Duration::ZERO, "request body too large"));
+            }
+        };
+        let mut body: Value = match serde_json::from_slice(&bytes) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => {
+                let code = StatusCode::BAD_REQUEST;
+                return Err(self.refuse("", code, Duration::ZERO, "invalid JSON body"));
+            }
+        };
+        let model = body["model"].as_str().unwrap_or_default().to_string();
+        let Some(pool) = self.gw.pool_for(&model) else {
+            let message = format!("model '{model}' not found");
+            return Err(self.refuse("", StatusCode::NOT_FOUND, Duration::ZERO, message));
+        };
+        pin_options(&mut body);
+        Ok((pool, Bytes::from(body.to_string())))
+    }
+
+    /// A slot of an instance of `pool` other than `exclude`, waiting in the queue if need be
+    /// (the wait is added to `queue_wait`).
+    async fn lease(
+        &self,
+        pool: &PoolOf,
+        exclude: Option<&str>,
+        queue_wait: &mut Duration,
+    ) -> Result<Lease, Response> {
+        let waited = Instant::now();
+        let (max, timeout) = (self.gw.cfg.max_queue, self.gw.cfg.queue_timeout);
+        let lease = self
+            .gw
+            .pools
+            .acquire(&pool.pool, exclude, max, timeout)
+            .await;
+        match lease {
+            Ok(lease) => {
+                *queue_wait += waited.elapsed();
+                Ok(lease)
+            }
+            Err(Refused::NoneReady) => {
+                self.record(&pool.pool, StatusCode::SERVICE_UNAVAILABLE, *queue_wait);
+                Err(pool.none_ready())
+            }
+            Err(Refused::QueueFull | Refused::Timeout) => {
+                let mut r = self.refuse(
+                    &pool.pool,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    waited.elapsed(),
+                    "server busy, please try again.  maximum pending requests exceeded",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                Err(r)
+            }
+        }
+    }
+
+    /// Sends `body` to an instance of `pool`; when nothing came back (no connection, a 5xx, no
+    /// first byte in time) once more to another one.
+    async fn dispatch(&self, pool: &PoolOf, body: Bytes) -> Response {
+        let mut exclude: Option<String> = None;
+        let mut queue_wait = Duration::ZERO;
+        let mut last = String::new();
+        for round in 0..2 {
+            let lease = match self.lease(pool, exclude.as_deref(), &mut queue_wait).await {
+                Ok(lease) => lease,
+                Err(refused) => return refused,
+            };
+            let fleet = lease.backend.fleet.clone();
+            match attempt(self.gw, &lease, self.route, &body).await {
+                Attempt::Started(answer) => {
+                    let relay = Relay {
+                        gw: self.gw.clone(),
+                        route: self.route,
+                        lease,
+                        started: self.started,
+                        ttft: self.started.elapsed(),
+                        queue_wait,
+                    };
+                    return relay.respond(answer);
+                }
+                Attempt::Retry { why, stalled } => {
+                    tracing::debug!(instance = %lease.backend.id, why = %why, "request failed before any byte; retrying elsewhere");
+                    exclude = Some(lease.backend.id.clone());
+                    if stalled {
+                        self.gw.metrics.stalled(&fleet);
+                    }
+                    lease.finish(stalled);
+                    if round == 1 {
+                        let code = if stalled {
+                            StatusCode::GATEWAY_TIMEOUT
+                        } else {
+                            StatusCode::BAD_GATEWAY
+                        };
+                        return self.refuse(&fleet, code, queue_wait, why);
+                    }
+                    last = why;
+                }
+            }
+        }
+        error(StatusCode::BAD_GATEWAY, last)
+    }
+}
+
+/// An instance's answer, before anything went to the client.
+struct Answer {
+    parts: axum::http::response::Parts,
+    /// The first body bytes (`None`: the body was empty).
+    first: Option<Bytes>,
+    body: hyper::body::Incoming,
+}
+
+/// What came of sending a request to an instance.
+enum Attempt {
+    /// Headers and the first body bytes came.
+    Started(Answer),
+    /// Try another instance (connection error, 5xx, no first byte in time: `stalled`).
+    Retry {
+        /// What went wrong.
+        why: String,
+        /// The watchdog's first-token timeout fired.
+        stalled: bool,
+    },
+}
+
+impl Attempt {
+    fn retry(why: String) -> Attempt {
+        Attempt::Retry {
+            why,
+            stalled: false,
+        }
+    }
+}
+
+/// Sends `body` to the leased instance; waits for its headers and first bytes within the
+/// first-token timeout (each attempt has its own window).
+async fn attempt(gw: &Gateway, lease: &Lease, path: &str, body: &Bytes) -> Attempt {
+    let req = axum::http::Request::post(format!("{}{path}", lease.backend.url))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.clone()));
+    let Ok(req) = req else {
+        return Attempt::retry("cannot build the request".into());
+    };
+    let id = &lease.backend.id;
+    let window = gw.cfg.first_token_timeout;
+    let deadline = Instant::now() + window;
+    let no_first_token = || Attempt::Retry {
+        why: format!("no first token within {window:?}"),
+        stalled: true,
+    };
+    let resp = match tokio::time::timeout_at(deadline, gw.client.request(req)).await {
+        Err(_) => {
+            return Attempt::Retry {
+                why: format!("no response within {window:?}"),
+                stalled: true,
+            };
+        }
+        Ok(Err(e)) => return Attempt::retry(format!("instance {id}: {e}")),
+        Ok(Ok(r)) => r,
+    };
+    if resp.status().is_server_error() {
+        return Attempt::retry(format!("instance {id} answered {}", resp.status()));
+    }
+    let (parts, mut body) = resp.into_parts();
+    let first = loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return no_first_token(),
+            Ok(None) => break None,
+            Ok(Some(Err(e))) => return Attempt::retry(format!("instance {id}: {e}")),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data()
+                    && !data.is_empty()
+                {
+                    break Some(data);
+                }
+            }
+        }
+    };
+    Attempt::Started(Answer { parts, first, body })
+}
+
+/// How a streamed answer that stalls ends for the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// An Ollama NDJSON stream: an `{"error": ...}` line.
+    ErrorLine,
+    /// An OpenAI server-sent event stream: a `data: {"error": ...}` event.
+    ErrorEvent,
+    /// Anything else: the body is cut (the client sees a broken answer).
+    Cut,
+}
+
+impl Ending {
+    fn of(parts: &axum::http::response::Parts) -> Ending {
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if content_type.contains("event-stream") {
+            Ending::ErrorEvent
+        } else if content_type.contains("ndjson") {
+            Ending::ErrorLine
+        } else {
+            Ending::Cut
+        }
+    }
+
+    /// What ends the stream after `why`.
+    fn end(self, why: String) -> Result<Bytes, std::io::Error> {
+        let error = json!({ "error": why });
+        match self {
+            Ending::ErrorLine => Ok(Bytes::from(format!("{error}\n"))),
+            Ending::ErrorEvent => Ok(Bytes::from(format!("data: {error}\n\n"))),
+            Ending::Cut => Err(std::io::Error::other(why)),
+        }
+    }
+}
+
+/// An answer on its way from an instance to the client: relayed as it comes, watched for
+/// stalls, measured when it ends (which frees the instance's slot).
+struct Relay {
+    gw: Arc<Gateway>,
+    route: &'static str,
+    lease: Lease,
+    started: Instant,
+    ttft: Duration,
+    queue_wait: Duration,
+}
+
+type Chunk = Result<Bytes, std::io::Error>;
+
+impl Relay {
+    /// The client's response: the instance's headers, and its body as it comes.
+    fn respond(self, answer: Answer) -> Response {
+        let (tx, rx) = mpsc::channel::<Chunk>(16);
+        let code = answer.parts.status;
+        let ending = Ending::of(&answer.parts);
+        let Answer { parts, first, body } = answer;
+        tokio::spawn(self.pump(code, ending, first, body, tx));
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        });
+        let mut response = Response::from_parts(parts, Body::from_stream(stream));
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+        response.headers_mut().remove(header::TRANSFER_ENCODING);
+        response
+    }
+
+    /// Relays the body until it ends, the client goes, or the instance stalls.
+    async fn pump(
+        self,
+        code: StatusCode,
+        ending: Ending,
+        first: Option<Bytes>,
+        mut body: hyper::body::Incoming,
+        tx: mpsc::Sender<Chunk>,
+    ) {
+        let mut tail = Tail::default();
+        let mut stalled = false;
+        let mut client_gone = false;
+        if let Some(data) = first {
+            tail.keep(&data);
+            client_gone = tx.send(Ok(data)).await.is_err();
+        }
+        let idle = self.gw.cfg.stall_timeout;
+        while !client_gone {
+            match tokio::time::timeout(idle, body.frame()).await {
+                Err(_) => {
+                    stalled = true;
+                    let why = format!("no bytes from the instance for {idle:?}");
+                    tracing::warn!(instance = %self.lease.backend.id, "{why}; request aborted");
+                    let _ = tx.send(ending.end(why)).await;
+                    break;
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    break;
+                }
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        tail.keep(&data);
+                        client_gone = tx.send(Ok(data)).await.is_err();
+                    }
+                }
+            }
+        }
+        let counts = tail.counts();
+        let sample = Sample {
+            route: self.route,
+            code: code.as_u16(),
+            duration: self.started.elapsed(),
+            ttft: Some(self.ttft),
+            queue_wait: self.queue_wait,
+            prompt_tokens: counts.prompt,
+            generated_tokens: counts.generated,
+            reload: counts.reload,
+            stalled,
+        };
+        self.gw.metrics.record(&self.lease.backend.fleet, &sample);
+        self.lease.finish(stalled);
+    }
+}
+
+/// The end of an answer, kept to read its counts from.
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    fn keep(&mut self, data: &[u8]) {
+        self.0.extend_from_slice(data);
+        if self.0.len() > TAIL {
+            self.0.drain(..self.0.len() - TAIL / 2);
+        }
+    }
+
+    fn counts(&self) -> Counts {
+        last_object(&self.0)
+            .as_ref()
+            .map(Counts::of)
+            .unwrap_or_default()
+    }
+}
+
+/// What an answer says it cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counts {
+    /// Prompt tokens.
+    prompt: u64,
+    /// Generated tokens.
+    generated: u64,
+    /// The instance loaded the model for it.
+    reload: bool,
+}
+
+impl Counts {
+    /// From a response's last JSON object (Ollama's final chunk, or an OpenAI usage block).
+    fn of(v: &Value) -> Counts {
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        let usage = &v["usage"];
+        Counts {
+            prompt: n("prompt_eval_count").max(usage["prompt_tokens"].as_u64().unwrap_or(0)),
+            generated: n("eval_count").max(usage["completion_tokens"].as_u64().unwrap_or(0)),
+            reload: u128::from(n("load_duration")) > RELOAD_THRESHOLD.as_nanos(),
+        }
+    }
+}
+
+/// The last complete JSON object in `tail` (NDJSON lines or SSE `data:` lines).
+fn last_object(tail: &[u8]) -> Option<Value> {
+    let text = String::from_utf8_lossy(tail);
+    text.lines()
+        .rev()
+        .map(|l| l.trim().trim_start_matches("data:").trim())
+        .filter(|l| l.starts_with('{'))
+        .find_map(|l| serde_json::from_str(l).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_options_and_counts() {
+        let mut body =
+            json!({"model": "m", "keep_alive": "5m", "options": {"num_thread": 8, "seed": 1}});
+        pin_options(&mut body);
+        assert_eq!(body, json!({"model": "m", "options": {"seed": 1}}));
+
+        let ndjson = b"{\"response\":\"a\",\"done\":false}\n{\"done\":true,\"eval_count\":7,\"prompt_eval_count\":3,\"load_duration\":45000}\n";
+        let last = last_object(ndjson).expect("last");
+        let counts = |prompt, generated, reload| Counts {
+            prompt,
+            generated,
+            reload,
+        };
+        assert_eq!(
+            Counts::of(&last),
+            counts(3, 7, false),
+            "45 us to get a loaded runner: no reload"
+        );
+        let loaded = json!({"done": true, "eval_count": 1, "load_duration": 2_000_000_000u64});
+        assert_eq!(Counts::of(&loaded), counts(0, 1, true), "2 s: a load");
+        let sse = b"data: {\"choices\":[]}\n\ndata: {\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":9}}\n\ndata: [DONE]\n\n";
+        assert_eq!(
+            Counts::of(&last_object(sse).expect("usage")),
+            counts(4, 9, false)
+        );
+    }
+
+    #[test]
+    fn a_stalled_stream_ends_in_its_own_format() {
+        let line = Ending::ErrorLine.end("quiet".into()).expect("a line");
+        assert_eq!(&line[..], b"{\"error\":\"quiet\"}\n");
+        let event = Ending::ErrorEvent.end("quiet".into()).expect("an event");
+        assert_eq!(&event[..], b"data: {\"error\":\"quiet\"}\n\n");
+        assert!(Ending::Cut.end("quiet".into()).is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! The gateway's routes: which requests it answers itself (`/`, tags, models, ps, version), which
+//! it refuses (management calls: the agent is the model cache's only writer), and which go to an
+//! instance (the work routes through [`super::proxy`], and `/api/show`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+
+use super::{Gateway, error, proxy};
+use crate::upstream::CallError;
+
+/// The most of a `/api/show` answer that is read (it carries the model's template and license).
+const SHOW_LIMIT: usize = 16 << 20;
+
+/// The routes a client may send generation work to, and how the gateway names them in metrics.
+pub fn work_route(path: &str) -> Option<&'static str> {
+    Some(match path {
+        "/api/generate" => "/api/generate",
+        "/api/chat" => "/api/chat",
+        "/api/embed" => "/api/embed",
+        "/api/embeddings" => "/api/embeddings",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/completions" => "/v1/completions",
+        "/v1/embeddings" => "/v1/embeddings",
+        _ => return None,
+    })
+}
+
+/// What to do instead of a management call.
+pub fn managed(path: &str) -> Option<&'static str> {
+    Some(match path {
+        "/api/pull" => {
+            "the agent pulls spec.model into the node's cache; change the fleet's model to get another"
+        }
+        "/api/push" => "push from a machine of your own, not from the fleet",
+        "/api/create" => "the agent creates the models its instances run; change the fleet's spec",
+        "/api/copy" => "models are the fleet's: change the fleet's spec",
+        "/api/delete" => "the agent removes what no fleet uses",
+        p if p.starts_with("/api/blobs/") => {
+            "the agent is the only writer of the node's model cache"
+        }
+        _ => return None,
+    })
+}
+
+/// The router serving the gateway's API.
+pub fn router(gw: &Arc<Gateway>) -> Router {
+    Router::new().fallback(handle).with_state(gw.clone())
+}
+
+/// Every request: the health check is open; the rest needs a token (when there are tokens) and
+/// the controller's first word on what runs.
+pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    if path == "/" && (method == Method::GET || method == Method::HEAD) {
+        return health(&gw);
+    }
+    if !gw.tokens.admit(req.headers()) {
+        return error(StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    if !gw.knows() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is starting: it does not know its instances yet",
+        );
+    }
+    if let Some(instead) = managed(&path) {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("managed by ollama-fleet: {instead}"),
+        );
+    }
+    match (method, path.as_str()) {
+        (Method::GET, "/api/tags") => tags(&gw, false),
+        (Method::GET, "/v1/models") => tags(&gw, true),
+        (Method::GET, "/api/ps") => ps(&gw).await,
+        (Method::GET, "/api/version") => version(&gw).await,
+        (Method::POST, "/api/show") => show(&gw, req).await,
+        (Method::POST, p) => match work_route(p) {
+            Some(route) => proxy::forward(&gw, route, req).await,
+            None => error(StatusCode::NOT_FOUND, "404 page not found"),
+        },
+        _ => error(StatusCode::NOT_FOUND, "404 page not found"),
+    }
+}
+
+/// `GET /`: 200 while any pool has a ready instance (the proxy in front health-checks it).
+fn health(gw: &Gateway) -> Response {
+    if gw.routes().iter().any(|r| gw.pools.has_ready(&r.pool)) {
+        (StatusCode::OK, "Ollama is running").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no ready instance on this node",
+        )
+            .into_response()
+    }
+}
+
+/// The models served by at least one ready instance.
+fn tags(gw: &Gateway, openai: bool) -> Response {
+    let mut models: BTreeMap<String, String> = BTreeMap::new();
+    for r in gw.routes().iter().filter(|r| gw.pools.has_ready(&r.pool)) {
+        models
+            .entry(fleet_api::ModelRef::key(&r.model))
+            .or_insert_with(|| r.model.clone());
+    }
+    let now = humantime::format_rfc3339_seconds(fleet_runtime::clock::now()).to_string();
+    let body = if openai {
+        let data: Vec<Value> = models
+            .values()
+            .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "library"}))
+            .collect();
+        json!({"object": "list", "data": data})
+    } else {
+        let list: Vec<Value> = models
+            .values()
+            .map(|m| json!({"name": m, "model": m, "modified_at": now, "size": 0, "digest": "", "details": {}}))
+            .collect();
+        json!({ "models": list })
+    };
+    axum::Json(body).into_response()
+}
+
+/// Asks `path` of up to `n` ready instances (GET, 2 s each).
+async fn ask_ready(gw: &Gateway, path: &str, n: usize) -> Vec<Value> {
+    let urls: Vec<String> = gw.pools.ready_urls().into_iter().take(n).collect();
+    let mut out = Vec::new();
+    for url in urls {
+        let Ok(req) = axum::http::Request::get(format!("{url}{path}")).body(Body::empty()) else {
+            continue;
+        };
+        let Ok(Ok(resp)) =
+            tokio::time::timeout(Duration::from_secs(2), gw.client.request(req)).await
+        else {
+            continue;
+        };
+        if !resp.status().is_success() {
+            continue;
+        }
+        let Ok(Ok(body)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            http_body_util::Limited::new(resp.into_body(), 1 << 20).collect(),
+        )
+        .await
+        else {
+            continue;
+        };
+        if let Ok(v) = serde_json::from_slice::<Value>(&body.to_bytes()) {
+            out.push(v);
+        }
+    }
+    out
+}
+
+/// The models loaded across the node's ready instances.
+async fn ps(gw: &Gateway) -> Response {
+    let mut models: BTreeMap<String, Value> = BTreeMap::new();
+    for v in ask_ready(gw, "/api/ps", usize::MAX).await {
+        for m in v["models"].as_array().cloned().unwrap_or_default() {
+            let name = m["name"].as_str().unwrap_or_default().to_string();
+            models.entry(name).or_insert(m);
+        }
+    }
+    axum::Json(json!({"models": models.into_values().collect::<Vec<_>>()})).into_response()
+}
+
+/// The version a ready instance reports.
+async fn version(gw: &Gateway) -> Response {
+    match ask_ready(gw, "/api/version", 1).await.into_iter().next() {
+        Some(v) => axum::Json(v).into_response(),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no ready instance on this node",
+        ),
+    }
+}
+
+/// A model's details, from a ready instance of its pool (no slot needed: Ollama answers
+/// without its runner). Clients ask before they generate (`ollama run` does).
+async fn show(gw: &Gateway, req: Request) -> Response {
+    let Ok(bytes) = http_body_util::Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+    else {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    };
+    let bytes = bytes.to_bytes();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let model = body["model"]
+        .as_str()
+        .or(body["name"].as_str())
+        .unwrap_or_default();
+    let Some(pool) = gw.pool_for(model) else {
+        return error(StatusCode::NOT_FOUND, format!("model '{model}' not found"));
+    };
+    let Some(url) = gw.pools.any_ready(&pool.pool) else {
+        return pool.none_ready();
+    };
+    let Ok(upstream) = axum::http::Request::post(format!("{url}/api/show"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(bytes))
+    else {
+        return error(StatusCode::BAD_REQUEST, "invalid request");
+    };
+    let answer = async {
+        let resp = gw
+            .client
+            .request(upstream)
+            .await
+            .map_err(|e| CallError::Unreachable {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        let (parts, body) = resp.into_parts();
+        let body = http_body_util::Limited::new(body, SHOW_LIMIT)
+            .collect()
+            .await
+            .map_err(|e| CallError::Invalid(format!("{url}: {e}")))?
+            .to_bytes();
+        Ok::<_, CallError>(Response::from_parts(parts, Body::from(body)))
+    };
+    match tokio::time::timeout(Duration::from_secs(10), answer).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the instance did not answer in time",
+        ),
+    }
+}
