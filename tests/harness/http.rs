@@ -55,7 +55,9 @@ pub async fn request_bytes(
         .map(|(status, _, body)| (status, body))
 }
 
-async fn send(
+/// A request with request headers and a raw body (JSON with duplicate keys, say): (status,
+/// answer headers, answer body).
+pub async fn send(
     method: &str,
     url: &str,
     headers: &[(&str, &str)],

@@ -74,6 +74,15 @@ async fn generate(State(f): State<Shared>, body: axum::Json<Value>) -> Response 
     let now = f.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     f.most.fetch_max(now, Ordering::SeqCst);
     let model = body.0["model"].clone();
+    if body.0["stream"] == false {
+        // The whole answer at the end, as Ollama sends a non-streamed one.
+        tokio::time::sleep(delay).await;
+        f.in_flight.fetch_sub(1, Ordering::SeqCst);
+        return axum::Json(
+            json!({"model": model, "response": "abc", "done": true, "eval_count": 3}),
+        )
+        .into_response();
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(8);
     let fake = f.clone();
     tokio::spawn(async move {
@@ -364,8 +373,9 @@ async fn failures_before_any_byte_go_elsewhere_once() {
         fbad.served.load(Ordering::SeqCst) >= 1,
         "the failing one was tried"
     );
-    // No first byte in time: aborted, retried elsewhere, and the silent instance counts a
-    // failure each time; at the threshold (2) it is to be replaced.
+    // A streamed answer with no first byte in time: 504, and not sent elsewhere (the instance
+    // got it, and may be working on it); the silent instance counts a stall each time, and at
+    // the threshold (2) it is to be replaced.
     gw.update(
         route_f(),
         vec![
@@ -373,26 +383,35 @@ async fn failures_before_any_byte_go_elsewhere_once() {
             backend("good", &good, true),
         ],
     );
-    let mut n = 0;
+    let (mut n, mut timeouts) = (0, 0);
+    let served_before = fgood.served.load(Ordering::SeqCst);
     while !gw.stalled("f", "silent") {
-        assert_eq!(
-            http_post(&format!("{url}/api/generate"), ask.clone())
-                .await
-                .0,
-            200
-        );
+        let code = http_post(&format!("{url}/api/generate"), ask.clone())
+            .await
+            .0;
+        assert!(code == 200 || code == 504, "{code}");
+        timeouts += u32::from(code == 504);
         n += 1;
         assert!(n < 20, "the silent instance was never counted");
     }
+    assert_eq!(timeouts, 2, "each timeout answered 504");
+    assert_eq!(
+        fgood.served.load(Ordering::SeqCst) - served_before,
+        n - 2,
+        "a request that timed out was not sent again"
+    );
     let out = exposed(&gw);
     assert!(
         out.contains("ollama_fleet_stalled_requests_total{fleet=\"f\"} 2"),
         "each watchdog abort counted once: {out}"
     );
     assert!(
-        !out.contains("code=\"0\""),
-        "a retried request is counted by its answer: {out}"
+        out.contains(
+            "ollama_fleet_requests_total{fleet=\"f\",route=\"/api/generate\",code=\"504\"} 2"
+        ),
+        "{out}"
     );
+    assert!(!out.contains("code=\"0\""), "{out}");
     // Both failing: the client gets the error, not a hang.
     gw.update(
         route_f(),
@@ -401,6 +420,47 @@ async fn failures_before_any_byte_go_elsewhere_once() {
     let (code, body) = http_post(&format!("{url}/api/generate"), ask.clone()).await;
     assert!(code == 502 || code == 504, "{code} {body}");
     assert!(body.starts_with("{\"error\":"), "{body}");
+}
+
+/// An answer that comes whole says nothing until it is done: however long that takes beyond
+/// the first-token timeout, it is not a stall, and the instance is not blamed.
+#[tokio::test]
+async fn a_whole_answer_may_take_longer_than_the_first_token_timeout() {
+    let (slow, _) = fake(Mode::Ok, Duration::from_millis(1500)).await;
+    let (gw, url) = gateway(fast()).await;
+    gw.update(route_f(), vec![backend("slow", &slow, true)]);
+    for _ in 0..3 {
+        let (code, body) = http_post(
+            &format!("{url}/api/generate"),
+            json!({"model": "m:1", "prompt": "hi", "stream": false}),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).expect("json")["response"],
+            "abc"
+        );
+    }
+    assert!(!gw.stalled("f", "slow"));
+    let out = exposed(&gw);
+    assert!(
+        out.contains("ollama_fleet_stalled_requests_total{fleet=\"f\"} 0"),
+        "nothing counted as a stall: {out}"
+    );
+    // Past the request timeout it is cut (504), still without blame.
+    let (gw, url) = gateway(GatewayConfig {
+        request_timeout: Duration::from_millis(700),
+        ..fast()
+    })
+    .await;
+    gw.update(route_f(), vec![backend("slow", &slow, true)]);
+    let (code, _) = http_post(
+        &format!("{url}/api/generate"),
+        json!({"model": "m:1", "prompt": "hi", "stream": false}),
+    )
+    .await;
+    assert_eq!(code, 504);
+    assert!(!gw.stalled("f", "slow"));
 }
 
 #[tokio::test]

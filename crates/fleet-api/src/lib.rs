@@ -37,7 +37,7 @@ pub use status::{
     LABEL_PORT, LABEL_SLOT, LABEL_SPEC_HASH, LastExit, NodeInfo, Phase, Versions, sha256_hex,
     spec_hash,
 };
-pub use text::{clip, printable};
+pub use text::{clip, go_json_key_is, printable};
 pub use units::{Duration, IntOrPercent, Quantity};
 pub use validate::{Context, validate};
 

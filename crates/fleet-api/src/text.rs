@@ -34,6 +34,28 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     )
 }
 
+/// Whether Go's `encoding/json` (which Ollama decodes requests with) takes the JSON object key
+/// `key` for the struct field tagged `field` (ASCII, lower case): keys match without regard to
+/// case, folding each character as Go does (`unicode.ToUpper(unicode.ToLower(r))`, or
+/// `bytes.EqualFold` in older Go), under which `\u{212A}` (Kelvin sign) is `k`, `\u{17F}` (long s)
+/// is `s`, and `\u{130}` and `\u{131}` (dotted and dotless I) are `i`.
+pub fn go_json_key_is(key: &str, field: &str) -> bool {
+    let mut key = key.chars();
+    for want in field.chars() {
+        let folded = match key.next() {
+            Some('\u{212A}') => 'k',
+            Some('\u{17F}') => 's',
+            Some('\u{130}' | '\u{131}') => 'i',
+            Some(c) => c.to_ascii_lowercase(),
+            None => return false,
+        };
+        if folded != want {
+            return false;
+        }
+    }
+    key.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +73,30 @@ mod tests {
         assert_eq!(printable("plain"), "plain");
         assert_eq!(printable("a\u{1b}[2Jb\n"), "a\\u{1b}[2Jb\\u{a}");
         assert_eq!(printable("nul\0"), "nul\\u{0}");
+    }
+
+    #[test]
+    fn json_keys_match_as_go_matches_them() {
+        for key in [
+            "keep_alive",
+            "KEEP_ALIVE",
+            "Keep_Alive",
+            "\u{212A}eep_alive",
+            "keep_al\u{130}ve",
+            "keep_al\u{131}ve",
+        ] {
+            assert!(go_json_key_is(key, "keep_alive"), "{key}");
+        }
+        assert!(go_json_key_is("\u{17F}tream", "stream"));
+        assert!(go_json_key_is("Options", "options"));
+        for key in [
+            "keep_alive ",
+            "keepalive",
+            "keep-alive",
+            "k\u{e9}ep_alive",
+            "",
+        ] {
+            assert!(!go_json_key_is(key, "keep_alive"), "{key}");
+        }
     }
 }

@@ -147,13 +147,97 @@ fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     if body.is_empty() {
         return Err(error(StatusCode::BAD_REQUEST, "missing request body"));
     }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(v @ Value::Object(_)) => Ok(v),
-        Ok(_) => Err(error(
+    match serde_json::from_slice::<GoFields>(body) {
+        Ok(GoFields(Some(fields))) => Ok(Value::Object(fields)),
+        Ok(GoFields(None)) => Err(error(
             StatusCode::BAD_REQUEST,
             "request body must be a JSON object",
         )),
         Err(e) => Err(error(StatusCode::BAD_REQUEST, e.to_string())),
+    }
+}
+
+/// The request fields Ollama's handlers decode (the sim reads these).
+const FIELDS: [&str; 15] = [
+    "model",
+    "name",
+    "prompt",
+    "messages",
+    "stream",
+    "keep_alive",
+    "options",
+    "format",
+    "think",
+    "tools",
+    "images",
+    "input",
+    "from",
+    "parameters",
+    "files",
+];
+
+/// A request body as Go's `encoding/json` decodes it into Ollama's request structs: a key names
+/// a field when it matches without regard to case (folded as Go folds, so the Kelvin sign is a
+/// `k`); of several keys for one field the last wins, except that `options` (a map) merges
+/// them. Other keys are kept as they are. `None`: not an object.
+struct GoFields(Option<serde_json::Map<String, Value>>);
+
+impl<'de> serde::Deserialize<'de> for GoFields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = GoFields;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<GoFields, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                    let field = FIELDS
+                        .iter()
+                        .find(|f| fleet_api::go_json_key_is(&key, f))
+                        .map_or(key, |f| f.to_string());
+                    match (out.get_mut(&field), value) {
+                        (Some(Value::Object(have)), Value::Object(more)) if field == "options" => {
+                            have.extend(more);
+                        }
+                        (_, value) => {
+                            out.insert(field, value);
+                        }
+                    }
+                }
+                Ok(GoFields(Some(out)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<GoFields, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(GoFields(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<GoFields, E> {
+                Ok(GoFields(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<GoFields, E> {
+                Ok(GoFields(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<GoFields, E> {
+                Ok(GoFields(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<GoFields, E> {
+                Ok(GoFields(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<GoFields, E> {
+                Ok(GoFields(None))
+            }
+            fn visit_unit<E>(self) -> Result<GoFields, E> {
+                Ok(GoFields(None))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

@@ -687,6 +687,45 @@ async fn a_request_without_keep_alive_keeps_the_pin() {
     unloaded(&url, "unloaded after its new keep-alive").await;
 }
 
+/// The sim reads request keys as Ollama does (Go's encoding/json): in any case, the Kelvin sign
+/// as a `k`; of several keys for one field the last wins; `options` objects merge.
+#[tokio::test]
+async fn keys_are_read_as_go_reads_them() {
+    let url = pulled("gokeys", &[]).await;
+    let (status, _) = post(
+        &format!("{url}/api/generate"),
+        json!({"model": "smollm2:135m", "keep_alive": -1}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let body = "{\"model\":\"nope\",\"MODEL\":\"smollm2:135m\",\"prompt\":\"hi\",\"\u{17F}tream\":false,\"Options\":{\"num_thread\":3},\"options\":{\"num_predict\":1}}";
+    let (status, headers, answer) = fleet_e2e::http::send(
+        "POST",
+        &format!("{url}/api/generate"),
+        &[],
+        body.as_bytes().to_vec().into(),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("generate");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(json(&answer)["model"], "smollm2:135m", "the last model key");
+    assert_eq!(json(&answer)["eval_count"], 1, "options merged: {answer}");
+    let threads = headers.iter().find(|(k, _)| k == "x-sim-num-thread");
+    assert_eq!(
+        threads.map(|(_, v)| v.as_str()),
+        Some("3"),
+        "Options is options"
+    );
+    let (_, answer) = post(
+        &format!("{url}/api/generate"),
+        json!({"model": "smollm2:135m", "prompt": "", "\u{212A}EEP_ALIVE": 0}),
+    )
+    .await;
+    assert_eq!(json(&answer)["done_reason"], "unload", "{answer}");
+    unloaded(&url, "unloaded by a Kelvin-sign keep_alive").await;
+}
+
 /// Names compare case-insensitively, as in Ollama.
 #[tokio::test]
 async fn names_are_case_insensitive() {

@@ -13,6 +13,7 @@
 //! - [`metrics`]: the traffic figures Ollama lacks.
 
 pub mod auth;
+pub mod body;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -42,14 +43,22 @@ pub struct GatewayConfig {
     pub max_queue: usize,
     /// How long a request waits for an instance at most.
     pub queue_timeout: Duration,
-    /// No first response byte within this: the request is aborted.
+    /// A streaming answer with no first byte within this: the request is aborted (504) and
+    /// the instance counts a stall.
     pub first_token_timeout: Duration,
+    /// An answer that comes whole (`stream: false`, embeddings) not there within this: the
+    /// request is aborted (504); nobody is blamed (the instance says nothing until it is done).
+    pub request_timeout: Duration,
     /// No byte for this long: the request is aborted.
     pub stall_timeout: Duration,
     /// Bearer tokens, one per line (re-read when the file changes); `None`: no auth.
     pub token_file: Option<PathBuf>,
     /// Largest request body accepted.
     pub max_body: usize,
+    /// Request body bytes held at once, node-wide; beyond: 503.
+    pub body_budget: usize,
+    /// How long a request body may take to arrive.
+    pub body_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -58,9 +67,12 @@ impl Default for GatewayConfig {
             max_queue: 512,
             queue_timeout: Duration::from_secs(60),
             first_token_timeout: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(1800),
             stall_timeout: Duration::from_secs(60),
             token_file: None,
             max_body: 64 << 20,
+            body_budget: 256 << 20,
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -102,6 +114,9 @@ pub struct PoolOf {
     pub pool: String,
     /// Its fleets.
     pub fleets: Vec<String>,
+    /// The model to tell its instances: the one asked for, or the fleet's `spec.model` when
+    /// the request named the fleet.
+    pub model: String,
 }
 
 impl PoolOf {
@@ -124,7 +139,11 @@ pub struct Gateway {
     routes: RwLock<Vec<Route>>,
     metrics: Metrics,
     client: upstream::Client<Body>,
+    /// A client that keeps no connection: a request whose pooled connection the instance had
+    /// closed goes again on a fresh one.
+    fresh: upstream::Client<Body>,
     tokens: auth::Tokens,
+    budget: body::Budget,
     /// The controller has told what runs (until then, every request gets 503).
     known: AtomicBool,
 }
@@ -178,11 +197,13 @@ impl Gateway {
     pub fn new(cfg: GatewayConfig) -> Arc<Gateway> {
         Arc::new(Gateway {
             tokens: auth::Tokens::new(cfg.token_file.clone()),
+            budget: body::Budget::new(cfg.body_budget),
             cfg,
             pools: Pools::default(),
             routes: RwLock::new(Vec::new()),
             metrics: Metrics::default(),
             client: upstream::client(usize::MAX),
+            fresh: upstream::client(0),
             known: AtomicBool::new(false),
         })
     }
@@ -264,7 +285,8 @@ impl Gateway {
     /// The pool serving `model` (by Ollama's name comparison, or a fleet's name).
     fn pool_for(&self, model: &str) -> Option<PoolOf> {
         let routes = self.routes();
-        let matched = routes.iter().find(|r| r.fleet == model).or_else(|| {
+        let by_name = routes.iter().find(|r| r.fleet == model);
+        let matched = by_name.or_else(|| {
             routes
                 .iter()
                 .find(|r| fleet_api::ModelRef::key(&r.model) == fleet_api::ModelRef::key(model))
@@ -277,6 +299,7 @@ impl Gateway {
         Some(PoolOf {
             pool: matched.pool.clone(),
             fleets,
+            model: by_name.map_or_else(|| model.to_string(), |r| r.model.clone()),
         })
     }
 }

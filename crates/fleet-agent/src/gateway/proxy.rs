@@ -1,4 +1,4 @@
-//! A work request's way to an instance: its body read (bounded) and its options pinned, a slot
+//! A work request's way to an instance: its body read ([`super::body`]: bounded, pinned), a slot
 //! from its model's pool (or a place in the queue), one failover when nothing has reached the
 //! client yet, the first-token and stall watchdog, and the answer relayed and measured.
 
@@ -14,8 +14,10 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::body::{self, BodyError, Held};
 use super::metrics::Sample;
 use super::{Gateway, Lease, PoolOf, Refused, error};
+use crate::upstream;
 
 /// A `load_duration` above this is a load: Ollama reports the time it took to get the runner
 /// even when the model is loaded (microseconds), while a load takes tens of milliseconds at
@@ -25,26 +27,35 @@ pub const RELOAD_THRESHOLD: Duration = Duration::from_millis(10);
 /// The most of an answer's end kept to read its counts from.
 const TAIL: usize = 16 << 10;
 
-/// Removes what instances must not be told: `keep_alive` and `options.num_thread` (the agent
-/// keeps the model loaded with the thread count it set).
-pub fn pin_options(body: &mut Value) {
-    if let Some(o) = body.as_object_mut() {
-        o.remove("keep_alive");
-        if let Some(options) = o.get_mut("options").and_then(Value::as_object_mut) {
-            options.remove("num_thread");
-        }
+/// The instance's response headers a client gets (the rest, cookies and server names and
+/// whatever else an instance says, stays behind).
+const FORWARDED_HEADERS: [header::HeaderName; 2] = [header::CONTENT_TYPE, header::CACHE_CONTROL];
+
+/// Whether the answer to a request of `route` streams: Ollama's generate and chat stream unless
+/// told not to; OpenAI's completions only when told to; embeddings never.
+pub fn streams(route: &str, asked: Option<bool>) -> bool {
+    match route {
+        "/api/generate" | "/api/chat" => asked.unwrap_or(true),
+        "/v1/chat/completions" | "/v1/completions" => asked.unwrap_or(false),
+        _ => false,
     }
 }
 
 /// Forwards a request of a work `route` to an instance of its model's pool.
 pub async fn forward(gw: &Arc<Gateway>, route: &'static str, req: Request) -> Response {
-    let call = Call {
+    let mut call = Call {
         gw,
         route,
         started: Instant::now(),
+        streaming: false,
     };
     match call.read(req).await {
-        Ok((pool, body)) => call.dispatch(&pool, body).await,
+        Ok((pool, body, held)) => {
+            let answer = call.dispatch(&pool, body).await;
+            // The body is sent (or given up): its bytes go back to the budget.
+            drop(held);
+            answer
+        }
         Err(refused) => refused,
     }
 }
@@ -54,6 +65,8 @@ struct Call<'a> {
     gw: &'a Arc<Gateway>,
     route: &'static str,
     started: Instant,
+    /// The answer streams (its silence is the instance's); else it comes whole at the end.
+    streaming: bool,
 }
 
 impl Call<'_> {
@@ -80,34 +93,42 @@ impl Call<'_> {
         self.gw.metrics.record(fleet, &sample);
     }
 
-    /// The body (within `max_body`, a JSON object naming a model some fleet serves), its
-    /// options pinned; and the pool it goes to.
-    async fn read(&self, req: Request) -> Result<(PoolOf, Bytes), Response> {
-        let max = self.gw.cfg.max_body;
-        let bytes = match http_body_util::Limited::new(req.into_body(), max)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                let code = StatusCode::PAYLOAD_TOO_LARGE;
-                return Err(self.refuse("", code, Duration::ZERO, "request body too large"));
+    /// The body (within `max_body` and the node's budget for bodies, a JSON object naming a
+    /// model some fleet serves), pinned; the pool it goes to; and its share of the budget.
+    async fn read(&mut self, req: Request) -> Result<(PoolOf, Bytes, Held), Response> {
+        let cfg = &self.gw.cfg;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let read = body::read(
+            req.into_body(),
+            declared,
+            cfg.max_body,
+            &self.gw.budget,
+            cfg.body_timeout,
+        );
+        let refuse = |e: BodyError| {
+            let mut r = self.refuse("", e.status(), Duration::ZERO, e.to_string());
+            if e == BodyError::OverBudget {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            r
         };
-        let mut body: Value = match serde_json::from_slice(&bytes) {
-            Ok(v @ Value::Object(_)) => v,
-            _ => {
-                let code = StatusCode::BAD_REQUEST;
-                return Err(self.refuse("", code, Duration::ZERO, "invalid JSON body"));
-            }
-        };
-        let model = body["model"].as_str().unwrap_or_default().to_string();
+        let (bytes, held) = read.await.map_err(refuse)?;
+        let parsed = body::Request::parse(&bytes).map_err(refuse)?;
+        let model = parsed.model().unwrap_or_default();
+        let streaming = streams(self.route, parsed.stream());
         let Some(pool) = self.gw.pool_for(&model) else {
             let message = format!("model '{model}' not found");
             return Err(self.refuse("", StatusCode::NOT_FOUND, Duration::ZERO, message));
         };
-        pin_options(&mut body);
-        Ok((pool, Bytes::from(body.to_string())))
+        let pinned = parsed.pinned(&pool.model).map_err(refuse)?;
+        drop(parsed);
+        self.streaming = streaming;
+        let body = pinned.map_or(bytes, Bytes::from);
+        Ok((pool, body, held))
     }
 
     /// A slot of an instance of `pool` other than `exclude`, waiting in the queue if need be
@@ -148,8 +169,9 @@ impl Call<'_> {
         }
     }
 
-    /// Sends `body` to an instance of `pool`; when nothing came back (no connection, a 5xx, no
-    /// first byte in time) once more to another one.
+    /// Sends `body` to an instance of `pool`; when it did not get there or the instance refused
+    /// it (no connection, a 5xx), once more to another one. A request that timed out is not
+    /// sent again: the instance was working on it.
     async fn dispatch(&self, pool: &PoolOf, body: Bytes) -> Response {
         let mut exclude: Option<String> = None;
         let mut queue_wait = Duration::ZERO;
@@ -160,7 +182,7 @@ impl Call<'_> {
                 Err(refused) => return refused,
             };
             let fleet = lease.backend.fleet.clone();
-            match attempt(self.gw, &lease, self.route, &body).await {
+            match self.attempt(&lease, &body).await {
                 Attempt::Started(answer) => {
                     let relay = Relay {
                         gw: self.gw.clone(),
@@ -172,20 +194,20 @@ impl Call<'_> {
                     };
                     return relay.respond(answer);
                 }
-                Attempt::Retry { why, stalled } => {
-                    tracing::debug!(instance = %lease.backend.id, why = %why, "request failed before any byte; retrying elsewhere");
-                    exclude = Some(lease.backend.id.clone());
+                Attempt::TimedOut { why, stalled } => {
+                    tracing::debug!(instance = %lease.backend.id, why = %why, stalled, "request timed out before any byte");
                     if stalled {
                         self.gw.metrics.stalled(&fleet);
                     }
                     lease.finish(stalled);
+                    return self.refuse(&fleet, StatusCode::GATEWAY_TIMEOUT, queue_wait, why);
+                }
+                Attempt::Failed(why) => {
+                    tracing::debug!(instance = %lease.backend.id, why = %why, "request failed before any byte; retrying elsewhere");
+                    exclude = Some(lease.backend.id.clone());
+                    lease.finish(false);
                     if round == 1 {
-                        let code = if stalled {
-                            StatusCode::GATEWAY_TIMEOUT
-                        } else {
-                            StatusCode::BAD_GATEWAY
-                        };
-                        return self.refuse(&fleet, code, queue_wait, why);
+                        return self.refuse(&fleet, StatusCode::BAD_GATEWAY, queue_wait, why);
                     }
                     last = why;
                 }
@@ -193,6 +215,99 @@ impl Call<'_> {
         }
         error(StatusCode::BAD_GATEWAY, last)
     }
+
+    /// Sends `body` to the leased instance and waits for its headers and first bytes: within
+    /// the first-token timeout when the answer streams, within the request timeout when it
+    /// comes whole. A pooled connection the instance had closed (it never got the request) is
+    /// replaced by a fresh one once.
+    async fn attempt(&self, lease: &Lease, body: &Bytes) -> Attempt {
+        let gw = self.gw;
+        let id = &lease.backend.id;
+        let url = format!("{}{}", lease.backend.url, self.route);
+        let window = if self.streaming {
+            gw.cfg.first_token_timeout
+        } else {
+            gw.cfg.request_timeout
+        };
+        let deadline = Instant::now() + window;
+        let timed_out = || Attempt::TimedOut {
+            why: if self.streaming {
+                format!("no first token within {window:?}")
+            } else {
+                format!("no answer within {window:?}")
+            },
+            stalled: self.streaming,
+        };
+        let send = |client: &upstream::Client<Body>| {
+            let req = axum::http::Request::post(&url)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.clone()));
+            let client = client.clone();
+            async move {
+                match req {
+                    Ok(req) => client.request(req).await.map_err(Some),
+                    Err(_) => Err(None),
+                }
+            }
+        };
+        let mut sent = tokio::time::timeout_at(deadline, send(&gw.client)).await;
+        if let Ok(Err(Some(e))) = &sent
+            && never_reached(e)
+        {
+            tracing::debug!(instance = %id, error = %e, "a pooled connection was gone; sending again on a fresh one");
+            sent = tokio::time::timeout_at(deadline, send(&gw.fresh)).await;
+        }
+        let resp = match sent {
+            Err(_) => return timed_out(),
+            Ok(Err(Some(e))) => return Attempt::Failed(format!("instance {id}: {e}")),
+            Ok(Err(None)) => return Attempt::Failed("cannot build the request".into()),
+            Ok(Ok(r)) => r,
+        };
+        if resp.status().is_server_error() {
+            return Attempt::Failed(format!("instance {id} answered {}", resp.status()));
+        }
+        let (parts, mut body) = resp.into_parts();
+        let first = loop {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return timed_out(),
+                Ok(None) => break None,
+                Ok(Some(Err(e))) => return Attempt::Failed(format!("instance {id}: {e}")),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data()
+                        && !data.is_empty()
+                    {
+                        break Some(data);
+                    }
+                }
+            }
+        };
+        Attempt::Started(Answer { parts, first, body })
+    }
+}
+
+/// Whether a request failed on a connection that was there (taken from the pool) and closed
+/// before the instance answered anything: the instance closed it while idle, so it never got
+/// the request, which may go again on a fresh connection.
+fn never_reached(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return h.is_canceled() || h.is_incomplete_message() || h.is_closed();
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// An instance's answer, before anything went to the client.
@@ -207,69 +322,16 @@ struct Answer {
 enum Attempt {
     /// Headers and the first body bytes came.
     Started(Answer),
-    /// Try another instance (connection error, 5xx, no first byte in time: `stalled`).
-    Retry {
-        /// What went wrong.
+    /// It did not get there, or the instance refused it (a 5xx): another instance may take it.
+    Failed(String),
+    /// Nothing came in time; `stalled` when the instance was asked to stream (its silence
+    /// counts against it). It is not sent again.
+    TimedOut {
+        /// What did not come.
         why: String,
-        /// The watchdog's first-token timeout fired.
+        /// It counts as a stall of the instance.
         stalled: bool,
     },
-}
-
-impl Attempt {
-    fn retry(why: String) -> Attempt {
-        Attempt::Retry {
-            why,
-            stalled: false,
-        }
-    }
-}
-
-/// Sends `body` to the leased instance; waits for its headers and first bytes within the
-/// first-token timeout (each attempt has its own window).
-async fn attempt(gw: &Gateway, lease: &Lease, path: &str, body: &Bytes) -> Attempt {
-    let req = axum::http::Request::post(format!("{}{path}", lease.backend.url))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.clone()));
-    let Ok(req) = req else {
-        return Attempt::retry("cannot build the request".into());
-    };
-    let id = &lease.backend.id;
-    let window = gw.cfg.first_token_timeout;
-    let deadline = Instant::now() + window;
-    let no_first_token = || Attempt::Retry {
-        why: format!("no first token within {window:?}"),
-        stalled: true,
-    };
-    let resp = match tokio::time::timeout_at(deadline, gw.client.request(req)).await {
-        Err(_) => {
-            return Attempt::Retry {
-                why: format!("no response within {window:?}"),
-                stalled: true,
-            };
-        }
-        Ok(Err(e)) => return Attempt::retry(format!("instance {id}: {e}")),
-        Ok(Ok(r)) => r,
-    };
-    if resp.status().is_server_error() {
-        return Attempt::retry(format!("instance {id} answered {}", resp.status()));
-    }
-    let (parts, mut body) = resp.into_parts();
-    let first = loop {
-        match tokio::time::timeout_at(deadline, body.frame()).await {
-            Err(_) => return no_first_token(),
-            Ok(None) => break None,
-            Ok(Some(Err(e))) => return Attempt::retry(format!("instance {id}: {e}")),
-            Ok(Some(Ok(frame))) => {
-                if let Ok(data) = frame.into_data()
-                    && !data.is_empty()
-                {
-                    break Some(data);
-                }
-            }
-        }
-    };
-    Attempt::Started(Answer { parts, first, body })
 }
 
 /// How a streamed answer that stalls ends for the client.
@@ -334,9 +396,14 @@ impl Relay {
         let stream = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|chunk| (chunk, rx))
         });
-        let mut response = Response::from_parts(parts, Body::from_stream(stream));
-        response.headers_mut().remove(header::CONTENT_LENGTH);
-        response.headers_mut().remove(header::TRANSFER_ENCODING);
+        let mut response = Response::new(Body::from_stream(stream));
+        *response.status_mut() = parts.status;
+        // An instance is untrusted: of its headers only what describes the body goes on.
+        for name in FORWARDED_HEADERS {
+            if let Some(v) = parts.headers.get(&name) {
+                response.headers_mut().insert(name, v.clone());
+            }
+        }
         response
     }
 
@@ -351,33 +418,42 @@ impl Relay {
     ) {
         let mut tail = Tail::default();
         let mut stalled = false;
-        let mut client_gone = false;
+        let idle = self.gw.cfg.stall_timeout;
+        // A client that stops reading is gone once a chunk waits on it for the stall timeout:
+        // it must not keep the instance's slot.
+        let pass = |chunk: Chunk| {
+            let tx = tx.clone();
+            async move { matches!(tokio::time::timeout(idle, tx.send(chunk)).await, Ok(Ok(()))) }
+        };
+        let mut client_here = true;
         if let Some(data) = first {
             tail.keep(&data);
-            client_gone = tx.send(Ok(data)).await.is_err();
+            client_here = pass(Ok(data)).await;
         }
-        let idle = self.gw.cfg.stall_timeout;
-        while !client_gone {
+        while client_here {
             match tokio::time::timeout(idle, body.frame()).await {
                 Err(_) => {
                     stalled = true;
                     let why = format!("no bytes from the instance for {idle:?}");
                     tracing::warn!(instance = %self.lease.backend.id, "{why}; request aborted");
-                    let _ = tx.send(ending.end(why)).await;
+                    pass(ending.end(why)).await;
                     break;
                 }
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
-                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    pass(Err(std::io::Error::other(e.to_string()))).await;
                     break;
                 }
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         tail.keep(&data);
-                        client_gone = tx.send(Ok(data)).await.is_err();
+                        client_here = pass(Ok(data)).await;
                     }
                 }
             }
+        }
+        if !client_here {
+            tracing::debug!(instance = %self.lease.backend.id, "the client went away or stopped reading; the instance's slot is free");
         }
         let counts = tail.counts();
         let sample = Sample {
@@ -455,12 +531,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pinned_options_and_counts() {
-        let mut body =
-            json!({"model": "m", "keep_alive": "5m", "options": {"num_thread": 8, "seed": 1}});
-        pin_options(&mut body);
-        assert_eq!(body, json!({"model": "m", "options": {"seed": 1}}));
-
+    fn counts_from_the_last_object() {
         let ndjson = b"{\"response\":\"a\",\"done\":false}\n{\"done\":true,\"eval_count\":7,\"prompt_eval_count\":3,\"load_duration\":45000}\n";
         let last = last_object(ndjson).expect("last");
         let counts = |prompt, generated, reload| Counts {

@@ -7,18 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
-use super::{Gateway, error, proxy};
+use super::{Gateway, body, error, proxy};
 use crate::upstream::CallError;
 
 /// The most of a `/api/show` answer that is read (it carries the model's template and license).
 const SHOW_LIMIT: usize = 16 << 20;
+
+/// The largest `/api/show` request body (it names a model).
+const SHOW_BODY_LIMIT: usize = 64 << 10;
 
 /// The routes a client may send generation work to, and how the gateway names them in metrics.
 pub fn work_route(path: &str) -> Option<&'static str> {
@@ -188,24 +191,33 @@ async fn version(gw: &Gateway) -> Response {
 /// A model's details, from a ready instance of its pool (no slot needed: Ollama answers
 /// without its runner). Clients ask before they generate (`ollama run` does).
 async fn show(gw: &Gateway, req: Request) -> Response {
-    let Ok(bytes) = http_body_util::Limited::new(req.into_body(), 1 << 20)
-        .collect()
-        .await
-    else {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    let read = body::read(
+        req.into_body(),
+        None,
+        SHOW_BODY_LIMIT,
+        &gw.budget,
+        gw.cfg.body_timeout,
+    );
+    let parsed = match read.await {
+        Ok((bytes, _held)) => body::Request::parse(&bytes).map(|r| (r.model(), r.verbose())),
+        Err(e) => Err(e),
     };
-    let bytes = bytes.to_bytes();
-    let body: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    let model = body["model"]
-        .as_str()
-        .or(body["name"].as_str())
-        .unwrap_or_default();
-    let Some(pool) = gw.pool_for(model) else {
+    let (model, verbose) = match parsed {
+        Ok((model, verbose)) => (model.unwrap_or_default(), verbose),
+        Err(e) => return error(e.status(), e.to_string()),
+    };
+    let Some(pool) = gw.pool_for(&model) else {
         return error(StatusCode::NOT_FOUND, format!("model '{model}' not found"));
     };
     let Some(url) = gw.pools.any_ready(&pool.pool) else {
         return pool.none_ready();
     };
+    // Only what the question needs goes on, not what the client sent.
+    let mut ask = json!({ "model": pool.model });
+    if let Some(v) = verbose {
+        ask["verbose"] = json!(v);
+    }
+    let bytes = Bytes::from(ask.to_string());
     let Ok(upstream) = axum::http::Request::post(format!("{url}/api/show"))
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(bytes))
