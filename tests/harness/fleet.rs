@@ -253,7 +253,10 @@ impl AgentProcess {
                 world.ns.env.etcd_endpoints.clone(),
             ),
             ("OLLAMA_FLEET_ETCD_PREFIX".to_string(), world.prefix.clone()),
-            ("RUST_LOG".to_string(), "info".to_string()),
+            (
+                "RUST_LOG".to_string(),
+                "info,fleet_agent::gateway=debug".to_string(),
+            ),
         ]
         .into_iter()
         .chain(world.env.iter().cloned())

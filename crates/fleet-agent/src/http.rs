@@ -1,7 +1,9 @@
 //! The agent's HTTP endpoints: `/healthz`, `/readyz`, `/metrics` (Prometheus text format) and
 //! `/instances` (every instance, for load balancers and people).
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -25,32 +27,110 @@ struct Served {
 
 type Shared = State<Served>;
 
-/// Bounds of the agent's HTTP server: it listens on a node's address, so anything that can
-/// reach the port must not be able to hold it.
+/// Bounds of the agent's HTTP servers (`--listen` and the gateway): they listen on a node's
+/// address, so anything that can reach the port must not be able to hold it.
 #[derive(Clone, Copy, Debug)]
 pub struct ServerLimits {
-    /// Connections served at once; more are closed as they arrive.
+    /// Connections served at once.
     pub max_connections: usize,
-    /// Time for a request's headers to arrive (slow clients are cut off).
+    /// Connections one client address may hold at once (a proxy in front is one client).
+    pub per_client: usize,
+    /// Connections kept for health checks once `max_connections` are taken: each is served
+    /// one request by the health router, and cut after [`HEALTH_HEADER_TIMEOUT`].
+    pub health_reserve: usize,
+    /// Time for a request's head to arrive, and how long an idle connection is kept (slow
+    /// clients are cut off).
     pub header_read_timeout: Duration,
+    /// The most of a request head buffered.
+    pub max_head_bytes: usize,
 }
 
 impl Default for ServerLimits {
     fn default() -> Self {
         ServerLimits {
             max_connections: 256,
+            per_client: 64,
+            health_reserve: 16,
             header_read_timeout: Duration::from_secs(10),
+            max_head_bytes: 64 << 10,
         }
     }
 }
 
-/// Serves `router` on `listener` (HTTP/1.1) within `limits`, until the listener fails.
+/// How long a connection of the health reserve may take to send its request.
+pub const HEALTH_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a server serves: every request of a regular connection goes to `main`; a connection
+/// beyond the limits (the health reserve) gets one request, answered by `health`.
+#[derive(Clone, Debug)]
+pub struct Routers {
+    /// The routes.
+    pub main: Router,
+    /// The health checks (and a 503 for anything else).
+    pub health: Router,
+}
+
+/// Connections held, in all and by client address.
+#[derive(Debug, Default)]
+struct Held {
+    all: usize,
+    reserve: usize,
+    by_client: HashMap<IpAddr, usize>,
+}
+
+/// A connection's place among those held; given back when it ends.
+struct Place {
+    held: Arc<Mutex<Held>>,
+    client: IpAddr,
+    reserve: bool,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut h = crate::lock(&self.held);
+        if self.reserve {
+            h.reserve -= 1;
+        } else {
+            h.all -= 1;
+        }
+        if let Some(n) = h.by_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                h.by_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// Where a new connection from `client` goes: a regular place, the health reserve, or none.
+fn admit(held: &Arc<Mutex<Held>>, client: IpAddr, limits: &ServerLimits) -> Option<Place> {
+    let mut h = crate::lock(held);
+    let mine = h.by_client.get(&client).copied().unwrap_or(0);
+    let reserve = if mine >= limits.per_client || h.all >= limits.max_connections {
+        if h.reserve >= limits.health_reserve {
+            return None;
+        }
+        h.reserve += 1;
+        true
+    } else {
+        h.all += 1;
+        false
+    };
+    *h.by_client.entry(client).or_default() += 1;
+    Some(Place {
+        held: held.clone(),
+        client,
+        reserve,
+    })
+}
+
+/// Serves `routers` on `listener` (HTTP/1.1) within `limits`, until the listener fails.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    router: Router,
+    routers: Routers,
     limits: ServerLimits,
 ) -> std::io::Result<()> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let held = Arc::new(Mutex::new(Held::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -63,33 +143,63 @@ pub async fn serve(
         };
         // Answers are streamed in small writes (a token at a time): no Nagle delay between them.
         let _ = stream.set_nodelay(true);
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let Some(place) = admit(&held, peer.ip(), &limits) else {
             tracing::debug!(%peer, "too many connections; closing this one");
             drop(stream);
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let router = if place.reserve {
+            routers.health.clone()
+        } else {
+            routers.main.clone()
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router);
         tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .max_buf_size(limits.max_head_bytes.max(8192));
+            if place.reserve {
+                http.keep_alive(false)
+                    .header_read_timeout(HEALTH_HEADER_TIMEOUT);
+            } else {
+                http.header_read_timeout(limits.header_read_timeout);
+            }
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
-            drop(slot);
+            drop(place);
         });
     }
 }
 
-/// The router: the endpoints over `view`; `more` (the gateway) adds to `/metrics`.
-pub fn router(view: Arc<RwLock<View>>, more: Vec<Arc<dyn Expose>>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/instances", get(instances))
-        .with_state(Served { view, more })
+/// The answer of the health reserve to anything but a health check.
+pub async fn too_many_connections() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CONNECTION, "close")],
+        "too many connections; try again\n",
+    )
+        .into_response()
+}
+
+/// The routers: the endpoints over `view` (`more`, the gateway, adds to `/metrics`), and the
+/// health checks alone for the connections beyond the limits.
+pub fn router(view: Arc<RwLock<View>>, more: Vec<Arc<dyn Expose>>) -> Routers {
+    let state = Served { view, more };
+    Routers {
+        main: Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .route("/instances", get(instances))
+            .with_state(state.clone()),
+        health: Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .fallback(too_many_connections)
+            .with_state(state),
+    }
 }
 
 fn read(view: &RwLock<View>) -> View {

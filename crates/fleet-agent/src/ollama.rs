@@ -51,6 +51,7 @@ pub trait Ollama: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct HttpOllama {
     client: upstream::Client<Full<Bytes>>,
+    fresh: upstream::Client<Full<Bytes>>,
     /// How long a pull may go without a line: (while downloading, while verifying).
     pull_idle: (Duration, Duration),
 }
@@ -59,6 +60,7 @@ impl Default for HttpOllama {
     fn default() -> Self {
         HttpOllama {
             client: upstream::client(1),
+            fresh: upstream::client(0),
             pull_idle: (PULL_IDLE, VERIFY_IDLE),
         }
     }
@@ -147,22 +149,27 @@ impl HttpOllama {
         body: Option<Value>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, CallError> {
         let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(&url)
-            .header("content-type", "application/json")
-            .body(Full::new(payload))
-            .map_err(|e| CallError::Unreachable {
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
-        self.client
-            .request(req)
+        let unreachable = |reason: String| CallError::Unreachable {
+            url: url.clone(),
+            reason,
+        };
+        let method: hyper::Method = method
+            .parse()
+            .map_err(|_| unreachable(format!("bad method {method}")))?;
+        let uri: hyper::Uri = url.parse().map_err(|e| unreachable(format!("{e}")))?;
+        let make = || {
+            let mut req = hyper::Request::new(Full::new(payload.clone()));
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = uri.clone();
+            req.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            req
+        };
+        upstream::send(&self.client, &self.fresh, make)
             .await
-            .map_err(|e| CallError::Unreachable {
-                url,
-                reason: e.to_string(),
-            })
+            .map_err(|e| unreachable(e.to_string()))
     }
 
     /// A call whose whole answer is read: (status, body).

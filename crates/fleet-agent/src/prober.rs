@@ -54,8 +54,22 @@ pub struct Target {
     pub liveness: Option<(String, Probe)>,
 }
 
-/// The HTTP client probes use.
-pub type Http = upstream::Client<Empty<Bytes>>;
+/// The HTTP clients probes use: one keeping a connection per instance, and one for a probe
+/// whose pooled connection the instance had closed.
+#[derive(Clone, Debug)]
+pub struct Http {
+    pooled: upstream::Client<Empty<Bytes>>,
+    fresh: upstream::Client<Empty<Bytes>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            pooled: upstream::client(1),
+            fresh: upstream::client(0),
+        }
+    }
+}
 
 /// Where probe results come from: the HTTP [`Prober`], or [`ScriptedProbes`] in tests.
 pub trait Probes: Send + Sync + 'static {
@@ -148,7 +162,7 @@ impl Prober {
             states: Arc::new(Mutex::new(HashMap::new())),
             tasks: PerTarget::default(),
             wake,
-            client: upstream::client(1),
+            client: Http::default(),
         }
     }
 }
@@ -191,7 +205,13 @@ pub async fn probe_once(client: &Http, url: &str, timeout: Duration) -> bool {
     let Ok(uri) = url.parse::<hyper::Uri>() else {
         return false;
     };
-    match tokio::time::timeout(timeout, client.get(uri)).await {
+    let get = || {
+        let mut req = hyper::Request::new(Empty::new());
+        *req.uri_mut() = uri.clone();
+        req
+    };
+    let sent = upstream::send(&client.pooled, &client.fresh, get);
+    match tokio::time::timeout(timeout, sent).await {
         Ok(Ok(resp)) => {
             let ok = resp.status().is_success() || resp.status().is_redirection();
             // Drain a small body so the connection can be reused; a larger one is not read (the

@@ -10,8 +10,10 @@ use hyper_util::rt::TokioExecutor;
 /// How long connecting to an instance may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// How long an idle pooled connection is kept.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an idle pooled connection is kept: below the servers' own (llama.cpp's server
+/// closes idle connections after 5 s), so the gateway seldom sends on a connection the instance
+/// is closing (and when it does, it sends again on a fresh one).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A client to the instances, sending bodies of type `B`.
 pub type Client<B> = hyper_util::client::legacy::Client<HttpConnector, B>;
@@ -92,5 +94,51 @@ impl CallError {
     /// An answer that is not the JSON expected.
     pub fn json(e: &serde_json::Error) -> CallError {
         CallError::Invalid(format!("not the JSON expected: {e}"))
+    }
+}
+
+/// Whether a call failed on a connection that was there (taken from the pool) and closed before
+/// the instance answered anything: the instance closed it while idle, so it never got the
+/// request, which may go again on a fresh connection.
+pub fn never_reached(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            return h.is_canceled() || h.is_incomplete_message() || h.is_closed();
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Sends the request `make` builds on `pooled`; when its pooled connection turned out closed
+/// ([`never_reached`]), once more on `fresh` (a client that keeps no connection).
+pub async fn send<B>(
+    pooled: &Client<B>,
+    fresh: &Client<B>,
+    make: impl Fn() -> hyper::Request<B>,
+) -> Result<hyper::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match pooled.request(make()).await {
+        Err(e) if never_reached(&e) => {
+            tracing::debug!(error = %e, "a pooled connection was gone; sending again on a fresh one");
+            fresh.request(make()).await
+        }
+        other => other,
     }
 }

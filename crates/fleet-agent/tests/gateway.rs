@@ -145,7 +145,7 @@ fn route_f() -> Vec<fleet_agent::gateway::Route> {
 
 async fn gateway(cfg: GatewayConfig) -> (Arc<Gateway>, String) {
     let gw = Gateway::new(cfg);
-    let url = common::serve(fleet_agent::gateway::routes::router(&gw)).await;
+    let url = common::serve(fleet_agent::gateway::routes::router(&gw).main).await;
     (gw, url)
 }
 

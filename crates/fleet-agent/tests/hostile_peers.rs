@@ -41,7 +41,7 @@ async fn endless_answers_are_read_only_up_to_a_bound() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let base = hostile_instance().await;
         // A probe: the status decides; the body is not read to its (missing) end.
-        let client: Http = fleet_agent::upstream::client(1);
+        let client = Http::default();
         let started = Instant::now();
         assert!(probe_once(&client, &format!("{base}/"), Duration::from_secs(5)).await);
         assert!(
@@ -74,6 +74,8 @@ async fn the_agent_server_cuts_slow_and_surplus_connections() {
         let limits = ServerLimits {
             max_connections: 2,
             header_read_timeout: Duration::from_millis(500),
+            health_reserve: 1,
+            ..ServerLimits::default()
         };
         let view = Arc::new(RwLock::new(View::default()));
         tokio::spawn(serve(listener, router(view, vec![]), limits));
@@ -105,13 +107,31 @@ async fn the_agent_server_cuts_slow_and_surplus_connections() {
             assert_eq!(&first, b"HTTP/1.1 ", "answered");
             held.push(c);
         }
-        let mut third = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let _ = third
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await;
-        let mut buf = Vec::new();
-        let n = third.read_to_end(&mut buf).await.unwrap_or(0);
-        assert_eq!(n, 0, "the surplus connection is closed unanswered");
+        // The third is served by the health reserve: one health check, then closed; anything
+        // else is refused there.
+        let ask = |path: &'static str| async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let _ = c
+                .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await;
+            let mut buf = Vec::new();
+            let _ = c.read_to_end(&mut buf).await;
+            String::from_utf8_lossy(&buf).into_owned()
+        };
+        let health = ask("/healthz").await;
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        let metrics = ask("/metrics").await;
+        assert!(metrics.starts_with("HTTP/1.1 503"), "{metrics}");
+        // With the reserve held too, a connection is closed unanswered.
+        let mut reserve = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        reserve.write_all(b"GET /healthz").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            ask("/healthz").await,
+            "",
+            "the surplus connection is closed unanswered"
+        );
+        drop(reserve);
         drop(held);
         fleet_e2e::wait_for("a slot free again", Duration::from_secs(5), || async {
             let mut c = tokio::net::TcpStream::connect(addr).await.ok()?;
@@ -123,6 +143,53 @@ async fn the_agent_server_cuts_slow_and_surplus_connections() {
             buf.starts_with(b"HTTP/1.1").then_some(())
         })
         .await;
+    })
+    .await
+    .expect("in time");
+}
+
+/// One client address holds at most `per_client` connections: beyond, it gets only the health
+/// reserve, while another client is still served in full.
+#[tokio::test]
+async fn one_client_cannot_take_every_connection() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let limits = ServerLimits {
+            max_connections: 8,
+            per_client: 2,
+            health_reserve: 4,
+            ..ServerLimits::default()
+        };
+        let view = Arc::new(RwLock::new(View::default()));
+        tokio::spawn(serve(listener, router(view, vec![]), limits));
+        let from = |ip: &'static str| async move {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(format!("{ip}:0").parse().expect("addr"))
+                .expect("bind");
+            socket
+                .connect(format!("127.0.0.1:{port}").parse().expect("addr"))
+                .await
+                .expect("connect")
+        };
+        let ask = |mut c: tokio::net::TcpStream, path: &'static str| async move {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            c.write_all(req.as_bytes()).await.expect("write");
+            let mut buf = Vec::new();
+            let _ = c.read_to_end(&mut buf).await;
+            String::from_utf8_lossy(&buf).into_owned()
+        };
+        let _held = [from("127.0.0.1").await, from("127.0.0.1").await];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let third = ask(from("127.0.0.1").await, "/instances").await;
+        assert!(third.starts_with("HTTP/1.1 503"), "{third}");
+        let health = ask(from("127.0.0.1").await, "/healthz").await;
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        let other = ask(from("127.0.0.2").await, "/instances").await;
+        assert!(other.starts_with("HTTP/1.1 200"), "another client: {other}");
     })
     .await
     .expect("in time");

@@ -156,10 +156,16 @@ pub struct ServeArgs {
     /// How long a request waits for a free instance at most; beyond: 503.
     #[arg(long = "serve-queue-timeout", env = "OLLAMA_FLEET_SERVE_QUEUE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub queue_timeout: std::time::Duration,
-    /// No first response byte within this: the request is aborted (retried once elsewhere),
-    /// and the instance counts a failure.
+    /// A streamed answer with no first byte within this: the request is aborted (504, not
+    /// sent elsewhere: the instance had it), and the instance counts a failure. Set it above
+    /// the longest prompt evaluation you expect.
     #[arg(long = "serve-first-token-timeout", env = "OLLAMA_FLEET_SERVE_FIRST_TOKEN_TIMEOUT", value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
     pub first_token_timeout: std::time::Duration,
+    /// An answer that comes whole (`stream: false`, the OpenAI default, embeddings) not there
+    /// within this: the request is aborted (504). The instance is not blamed: it says nothing
+    /// until it is done.
+    #[arg(long = "serve-request-timeout", env = "OLLAMA_FLEET_SERVE_REQUEST_TIMEOUT", value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
+    pub request_timeout: std::time::Duration,
     /// No response byte for this long: the request is aborted, and the instance counts a
     /// failure (probes.liveness.failureThreshold in a row replace it, reason Stalled).
     #[arg(long = "serve-stall-timeout", env = "OLLAMA_FLEET_SERVE_STALL_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
@@ -172,6 +178,36 @@ pub struct ServeArgs {
         value_name = "FILE"
     )]
     pub token_file: Option<PathBuf>,
+    /// The largest request body taken (Ki/Mi/Gi); beyond: 413.
+    #[arg(long = "serve-max-body", env = "OLLAMA_FLEET_SERVE_MAX_BODY", value_name = "BYTES", default_value = "64Mi", value_parser = parse_quantity)]
+    pub max_body: u64,
+    /// Request body bytes the gateway holds at once, node-wide (read, queued, being sent);
+    /// beyond: 503 with Retry-After. Bounds the agent's memory whatever clients send.
+    #[arg(long = "serve-body-budget", env = "OLLAMA_FLEET_SERVE_BODY_BUDGET", value_name = "BYTES", default_value = "256Mi", value_parser = parse_quantity)]
+    pub body_budget: u64,
+    /// How long a request body may take to arrive; beyond: 408.
+    #[arg(long = "serve-body-timeout", env = "OLLAMA_FLEET_SERVE_BODY_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub body_timeout: std::time::Duration,
+    /// Origins of browser pages allowed to call, beyond Ollama's defaults (localhost, 127.0.0.1,
+    /// 0.0.0.0 on any port; app, file, tauri, vscode pages; browser extensions), comma
+    /// separated, `*` a wildcard: e.g. https://chat.example.com,https://*.corp. Pages of other
+    /// origins get 403, as from Ollama with OLLAMA_ORIGINS.
+    #[arg(
+        long = "serve-allowed-origins",
+        env = "OLLAMA_FLEET_SERVE_ALLOWED_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+    /// Connections one client address may hold at once (beyond: only the health check). A
+    /// proxy in front is one client: raise it above the proxy's connection count.
+    #[arg(
+        long = "serve-max-connections-per-client",
+        env = "OLLAMA_FLEET_SERVE_MAX_CONNECTIONS_PER_CLIENT",
+        value_name = "N",
+        default_value_t = 256
+    )]
+    pub per_client: usize,
 }
 
 fn parse_optional_quantity(s: &str) -> Result<Option<u64>, String> {
@@ -380,6 +416,12 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
                     f.display()
                 );
             }
+            anyhow::ensure!(
+                args.serve.body_budget >= args.serve.max_body,
+                "--serve-body-budget ({}) must be at least --serve-max-body ({}): a body of the largest size could never be taken",
+                args.serve.body_budget,
+                args.serve.max_body
+            );
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot serve on {addr} (see --serve)"))?;
@@ -387,9 +429,14 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
                 max_queue: args.serve.max_queue,
                 queue_timeout: args.serve.queue_timeout,
                 first_token_timeout: args.serve.first_token_timeout,
+                request_timeout: args.serve.request_timeout,
                 stall_timeout: args.serve.stall_timeout,
                 token_file: args.serve.token_file.clone(),
-                ..GatewayConfig::default()
+                max_body: usize::try_from(args.serve.max_body).unwrap_or(usize::MAX),
+                body_budget: usize::try_from(args.serve.body_budget).unwrap_or(usize::MAX),
+                body_timeout: args.serve.body_timeout,
+                allowed_origins: args.serve.allowed_origins.clone(),
+                loopback: addr.ip().is_loopback(),
             });
             if args.serve.token_file.is_none() && !addr.ip().is_loopback() {
                 tracing::warn!(%addr, "the gateway serves without tokens on a non-loopback address: anyone who reaches it can use the models (see --serve-token-file)");
@@ -399,6 +446,8 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
             // Every queued request holds a connection: room for the queue and more.
             let limits = fleet_agent::http::ServerLimits {
                 max_connections: (args.serve.max_queue * 2).max(1024),
+                per_client: args.serve.per_client.max(1),
+                health_reserve: 32,
                 ..Default::default()
             };
             tokio::spawn(async move {

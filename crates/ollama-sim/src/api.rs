@@ -83,6 +83,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/sim/exit", post(sim_exit))
         .route("/sim/hang", post(sim_hang))
         .route("/sim/leak", post(sim_leak))
+        // Ollama (gin) reads request bodies of any size.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(app.clone(), hang_guard))
         .layer(middleware::from_fn_with_state(app.clone(), access_log))
         .with_state(app)
@@ -650,8 +652,11 @@ impl Generation {
         let per_token = Duration::from_secs_f64(1.0 / lease.tokens_per_second);
         let eval_started = Instant::now();
         let mut text = String::new();
+        let paced = tokio::time::Instant::now();
         for i in 0..self.tokens {
-            tokio::time::sleep(per_token).await;
+            // Paced against the start (a sleep per token would round each up to the timer's
+            // millisecond, capping any speed at 1000 tokens/s).
+            tokio::time::sleep_until(paced + per_token.mul_f64((i + 1) as f64)).await;
             let word = WORDS[i % WORDS.len()];
             match &tx {
                 Some(tx) => {

@@ -92,6 +92,9 @@ pub struct Config {
     pub exit_after: Option<Duration>,
     /// `SIM_EXIT_CODE`: the code for the two above (default 1).
     pub exit_code: i32,
+    /// `SIM_IDLE_TIMEOUT`: close a keep-alive connection idle this long (llama.cpp's server
+    /// closes them after 5 s; Ollama's never does).
+    pub idle_timeout: Option<Duration>,
     /// `SIM_HANG_AFTER`: stop answering any request this long after start.
     pub hang_after: Option<Duration>,
     /// `SIM_LEAK_RATE`: bytes per second leaked (allocated, touched, never freed).
@@ -178,6 +181,7 @@ impl Config {
                     .map_err(|_| format!("SIM_EXIT_CODE: {v:?} is not an integer"))
             })?,
             hang_after: duration("SIM_HANG_AFTER")?,
+            idle_timeout: duration("SIM_IDLE_TIMEOUT")?,
             leak_rate: quantity("SIM_LEAK_RATE", 0)?,
             ignore_sigterm: flag("SIM_IGNORE_SIGTERM"),
             access_log: get("SIM_ACCESS_LOG").is_none() || flag("SIM_ACCESS_LOG"),

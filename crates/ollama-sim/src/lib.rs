@@ -72,6 +72,9 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    if let Some(idle) = app.cfg.idle_timeout {
+        return serve_closing_idle(app, listener, shutdown, idle).await;
+    }
     // Go sets TCP_NODELAY on every connection, so Ollama's streamed tokens are not held back
     // by Nagle's algorithm; neither are the sim's.
     use axum::serve::ListenerExt;
@@ -81,4 +84,31 @@ pub async fn serve(
     axum::serve(listener, router(app))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// [`serve`], closing keep-alive connections idle for `idle` (the wait for a request's head is
+/// bounded by it, as llama.cpp's server bounds it).
+async fn serve_closing_idle(
+    app: Arc<App>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    idle: std::time::Duration,
+) -> std::io::Result<()> {
+    let router = router(app);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => accepted?,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(idle)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }

@@ -55,6 +55,8 @@ Costs:
   SIM_NUM_PREDICT           tokens per answer        (default 16)
   SIM_START_DELAY           wait before listening
   SIM_VERSION               what /api/version says   (default 0.4.0)
+  SIM_IDLE_TIMEOUT=1s       close keep-alive connections idle this long (llama.cpp's
+                            server does after 5 s; Ollama's never does)
 
 Faults:
   SIM_CRASH_AFTER=500ms     exit with SIM_EXIT_CODE before ever listening

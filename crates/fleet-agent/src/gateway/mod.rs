@@ -8,12 +8,15 @@
 //!   what it refuses (management calls), what it forwards ([`proxy`], `/api/show`);
 //! - [`proxy`]: a request's way to an instance: option pinning, a slot from the pool, one
 //!   failover, the first-token and stall watchdog, relaying the answer and measuring it;
+//! - [`body`]: request bodies: read once within a node-wide budget, pinned as Ollama reads keys;
+//! - [`browser`]: Ollama's protections against web pages (origins, CORS, local hosts);
 //! - [`auth`]: bearer tokens from a file, re-read when it changes;
 //! - [`pool`]: dispatch (idle-only, bounded FIFO queue per pool, drain, stall counts);
 //! - [`metrics`]: the traffic figures Ollama lacks.
 
 pub mod auth;
 pub mod body;
+pub mod browser;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -59,6 +62,10 @@ pub struct GatewayConfig {
     pub body_budget: usize,
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
+    /// Origins of browser pages allowed beyond Ollama's defaults (`OLLAMA_ORIGINS`' form).
+    pub allowed_origins: Vec<String>,
+    /// The gateway listens on a loopback address: requests must name a local `Host`.
+    pub loopback: bool,
 }
 
 impl Default for GatewayConfig {
@@ -73,6 +80,8 @@ impl Default for GatewayConfig {
             max_body: 64 << 20,
             body_budget: 256 << 20,
             body_timeout: Duration::from_secs(30),
+            allowed_origins: Vec::new(),
+            loopback: false,
         }
     }
 }
@@ -144,6 +153,7 @@ pub struct Gateway {
     fresh: upstream::Client<Body>,
     tokens: auth::Tokens,
     budget: body::Budget,
+    browsers: browser::Browsers,
     /// The controller has told what runs (until then, every request gets 503).
     known: AtomicBool,
 }
@@ -198,6 +208,7 @@ impl Gateway {
         Arc::new(Gateway {
             tokens: auth::Tokens::new(cfg.token_file.clone()),
             budget: body::Budget::new(cfg.body_budget),
+            browsers: browser::Browsers::new(&cfg.allowed_origins, cfg.loopback),
             cfg,
             pools: Pools::default(),
             routes: RwLock::new(Vec::new()),

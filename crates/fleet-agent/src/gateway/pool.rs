@@ -177,12 +177,15 @@ impl Pools {
             .any(|s| s.backend.pool == pool && s.takes_requests())
     }
 
-    /// Requests waiting, per pool.
+    /// Requests waiting, per pool (not those whose clients left).
     pub fn queue_depths(&self) -> Vec<(String, usize)> {
-        lock(&self.state)
-            .queues
-            .iter()
-            .map(|(p, q)| (p.clone(), q.len()))
+        let mut s = lock(&self.state);
+        s.queues
+            .iter_mut()
+            .map(|(p, q)| {
+                q.retain(|w| !w.tx.is_closed());
+                (p.clone(), q.len())
+            })
             .collect()
     }
 
@@ -493,6 +496,31 @@ mod tests {
         let stuck = pools.acquire("f", None, 0, WAIT).await.expect("b");
         let waited = pools.drain(&stuck.backend.id, Duration::from_secs(3)).await;
         assert_eq!(waited, Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_whose_clients_left_are_not_counted() {
+        let pools = Pools::default();
+        pools.update(vec![backend("a", 1)]);
+        let _busy = pools.acquire("f", None, 8, WAIT).await.expect("a slot");
+        let gone = {
+            let pools = pools.clone();
+            tokio::spawn(async move { pools.acquire("f", None, 8, WAIT).await })
+        };
+        let stays = {
+            let pools = pools.clone();
+            tokio::spawn(async move { pools.acquire("f", None, 8, WAIT).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(pools.queue_depths(), [("f".to_string(), 2)]);
+        gone.abort();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            pools.queue_depths(),
+            [("f".to_string(), 1)],
+            "the client left"
+        );
+        stays.abort();
     }
 
     #[tokio::test(start_paused = true)]

@@ -27,8 +27,7 @@ pub const RELOAD_THRESHOLD: Duration = Duration::from_millis(10);
 /// The most of an answer's end kept to read its counts from.
 const TAIL: usize = 16 << 10;
 
-/// The instance's response headers a client gets (the rest, cookies and server names and
-/// whatever else an instance says, stays behind).
+/// The instance's response headers a client gets.
 const FORWARDED_HEADERS: [header::HeaderName; 2] = [header::CONTENT_TYPE, header::CACHE_CONTROL];
 
 /// Whether the answer to a request of `route` streams: Ollama's generate and chat stream unless
@@ -39,6 +38,20 @@ pub fn streams(route: &str, asked: Option<bool>) -> bool {
         "/v1/chat/completions" | "/v1/completions" => asked.unwrap_or(false),
         _ => false,
     }
+}
+
+/// The client's answer from an instance's: its status, `body`, and of its headers only those
+/// that describe the body (an instance is untrusted: cookies, server names and whatever else it
+/// says stay behind).
+pub fn response(parts: &axum::http::response::Parts, body: Body) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = parts.status;
+    for name in FORWARDED_HEADERS {
+        if let Some(v) = parts.headers.get(&name) {
+            response.headers_mut().insert(name, v.clone());
+        }
+    }
+    response
 }
 
 /// Forwards a request of a work `route` to an instance of its model's pool.
@@ -219,7 +232,7 @@ impl Call<'_> {
     /// Sends `body` to the leased instance and waits for its headers and first bytes: within
     /// the first-token timeout when the answer streams, within the request timeout when it
     /// comes whole. A pooled connection the instance had closed (it never got the request) is
-    /// replaced by a fresh one once.
+    /// replaced by a fresh one once ([`upstream::send`]).
     async fn attempt(&self, lease: &Lease, body: &Bytes) -> Attempt {
         let gw = self.gw;
         let id = &lease.backend.id;
@@ -238,29 +251,24 @@ impl Call<'_> {
             },
             stalled: self.streaming,
         };
-        let send = |client: &upstream::Client<Body>| {
-            let req = axum::http::Request::post(&url)
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(body.clone()));
-            let client = client.clone();
-            async move {
-                match req {
-                    Ok(req) => client.request(req).await.map_err(Some),
-                    Err(_) => Err(None),
-                }
-            }
+        let Ok(uri) = url.parse::<axum::http::Uri>() else {
+            return Attempt::Failed(format!("cannot send to {url}"));
         };
-        let mut sent = tokio::time::timeout_at(deadline, send(&gw.client)).await;
-        if let Ok(Err(Some(e))) = &sent
-            && never_reached(e)
-        {
-            tracing::debug!(instance = %id, error = %e, "a pooled connection was gone; sending again on a fresh one");
-            sent = tokio::time::timeout_at(deadline, send(&gw.fresh)).await;
-        }
+        let make = || {
+            let mut req = axum::http::Request::new(Body::from(body.clone()));
+            *req.method_mut() = axum::http::Method::POST;
+            *req.uri_mut() = uri.clone();
+            req.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            req
+        };
+        let sent =
+            tokio::time::timeout_at(deadline, upstream::send(&gw.client, &gw.fresh, make)).await;
         let resp = match sent {
             Err(_) => return timed_out(),
-            Ok(Err(Some(e))) => return Attempt::Failed(format!("instance {id}: {e}")),
-            Ok(Err(None)) => return Attempt::Failed("cannot build the request".into()),
+            Ok(Err(e)) => return Attempt::Failed(format!("instance {id}: {e}")),
             Ok(Ok(r)) => r,
         };
         if resp.status().is_server_error() {
@@ -283,31 +291,6 @@ impl Call<'_> {
         };
         Attempt::Started(Answer { parts, first, body })
     }
-}
-
-/// Whether a request failed on a connection that was there (taken from the pool) and closed
-/// before the instance answered anything: the instance closed it while idle, so it never got
-/// the request, which may go again on a fresh connection.
-fn never_reached(e: &hyper_util::client::legacy::Error) -> bool {
-    if e.is_connect() {
-        return false;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h) = s.downcast_ref::<hyper::Error>() {
-            return h.is_canceled() || h.is_incomplete_message() || h.is_closed();
-        }
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-            );
-        }
-        source = s.source();
-    }
-    false
 }
 
 /// An instance's answer, before anything went to the client.
@@ -396,15 +379,7 @@ impl Relay {
         let stream = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|chunk| (chunk, rx))
         });
-        let mut response = Response::new(Body::from_stream(stream));
-        *response.status_mut() = parts.status;
-        // An instance is untrusted: of its headers only what describes the body goes on.
-        for name in FORWARDED_HEADERS {
-            if let Some(v) = parts.headers.get(&name) {
-                response.headers_mut().insert(name, v.clone());
-            }
-        }
-        response
+        response(&parts, Body::from_stream(stream))
     }
 
     /// Relays the body until it ends, the client goes, or the instance stalls.

@@ -14,8 +14,11 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
+use super::browser::Verdict;
+use super::metrics::Sample;
 use super::{Gateway, body, error, proxy};
 use crate::upstream::CallError;
+use fleet_runtime::clock::Instant;
 
 /// The most of a `/api/show` answer that is read (it carries the model's template and license).
 const SHOW_LIMIT: usize = 16 << 20;
@@ -54,45 +57,109 @@ pub fn managed(path: &str) -> Option<&'static str> {
     })
 }
 
-/// The router serving the gateway's API.
-pub fn router(gw: &Arc<Gateway>) -> Router {
-    Router::new().fallback(handle).with_state(gw.clone())
+/// The routers of the gateway's API: every route, and the health check alone for connections
+/// beyond the limits (so a crowd of clients never locks the proxy's health check out).
+pub fn router(gw: &Arc<Gateway>) -> crate::http::Routers {
+    crate::http::Routers {
+        main: Router::new().fallback(handle).with_state(gw.clone()),
+        health: Router::new()
+            .route("/", axum::routing::get(reserve_health).head(reserve_health))
+            .fallback(crate::http::too_many_connections)
+            .with_state(gw.clone()),
+    }
 }
 
-/// Every request: the health check is open; the rest needs a token (when there are tokens) and
-/// the controller's first word on what runs.
+async fn reserve_health(State(gw): State<Arc<Gateway>>) -> Response {
+    health(&gw)
+}
+
+/// How a path is named in the request metrics: the routes the gateway knows, else `other`
+/// (a client cannot make new series).
+pub fn route_label(path: &str) -> &'static str {
+    if let Some(work) = work_route(path) {
+        return work;
+    }
+    match path {
+        "/" => "/",
+        "/api/tags" => "/api/tags",
+        "/v1/models" => "/v1/models",
+        "/api/ps" => "/api/ps",
+        "/api/version" => "/api/version",
+        "/api/show" => "/api/show",
+        "/api/pull" => "/api/pull",
+        "/api/push" => "/api/push",
+        "/api/create" => "/api/create",
+        "/api/copy" => "/api/copy",
+        "/api/delete" => "/api/delete",
+        p if p.starts_with("/api/blobs/") => "/api/blobs",
+        _ => "other",
+    }
+}
+
+/// Every request: Ollama's browser checks first; the health check is open; the rest needs a
+/// token (when there are tokens) and the controller's first word on what runs. Every answer
+/// is counted.
 pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let started = Instant::now();
     let path = req.uri().path().to_string();
+    let route = route_label(&path);
+    let (response, counted_as) = match gw.browsers.check(req.method(), req.headers()) {
+        Verdict::Answer(r) => (r, Some(String::new())),
+        Verdict::Pass(cors) => {
+            let (mut r, fleet) = answer(&gw, req, &path, route).await;
+            r.headers_mut().extend(cors);
+            (r, fleet)
+        }
+    };
+    if let Some(fleet) = counted_as {
+        let sample = Sample {
+            route,
+            code: response.status().as_u16(),
+            duration: started.elapsed(),
+            ..Default::default()
+        };
+        gw.metrics.record(&fleet, &sample);
+    }
+    response
+}
+
+/// The answer, and the fleet to count it for (`None`: counted already, by the proxy).
+async fn answer(
+    gw: &Arc<Gateway>,
+    req: Request,
+    path: &str,
+    route: &'static str,
+) -> (Response, Option<String>) {
     let method = req.method().clone();
+    let none = || Some(String::new());
     if path == "/" && (method == Method::GET || method == Method::HEAD) {
-        return health(&gw);
+        return (health(gw), none());
     }
     if !gw.tokens.admit(req.headers()) {
-        return error(StatusCode::UNAUTHORIZED, "unauthorized");
+        return (error(StatusCode::UNAUTHORIZED, "unauthorized"), none());
     }
     if !gw.knows() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the agent is starting: it does not know its instances yet",
-        );
+        let starting = "the agent is starting: it does not know its instances yet";
+        return (error(StatusCode::SERVICE_UNAVAILABLE, starting), none());
     }
-    if let Some(instead) = managed(&path) {
-        return error(
-            StatusCode::FORBIDDEN,
-            format!("managed by ollama-fleet: {instead}"),
-        );
+    if let Some(instead) = managed(path) {
+        let message = format!("managed by ollama-fleet: {instead}");
+        return (error(StatusCode::FORBIDDEN, message), none());
     }
-    match (method, path.as_str()) {
-        (Method::GET, "/api/tags") => tags(&gw, false),
-        (Method::GET, "/v1/models") => tags(&gw, true),
-        (Method::GET, "/api/ps") => ps(&gw).await,
-        (Method::GET, "/api/version") => version(&gw).await,
-        (Method::POST, "/api/show") => show(&gw, req).await,
-        (Method::POST, p) => match work_route(p) {
-            Some(route) => proxy::forward(&gw, route, req).await,
-            None => error(StatusCode::NOT_FOUND, "404 page not found"),
-        },
-        _ => error(StatusCode::NOT_FOUND, "404 page not found"),
+    let not_found = || error(StatusCode::NOT_FOUND, "404 page not found");
+    match (method, path) {
+        (Method::GET, "/api/tags") => (tags(gw, false), none()),
+        (Method::GET, "/v1/models") => (tags(gw, true), none()),
+        (Method::GET, "/api/ps") => (ps(gw).await, none()),
+        (Method::GET, "/api/version") => (version(gw).await, none()),
+        (Method::POST, "/api/show") => {
+            let (r, fleet) = show(gw, req).await;
+            (r, Some(fleet))
+        }
+        (Method::POST, _) if route != "other" && work_route(path).is_some() => {
+            (proxy::forward(gw, route, req).await, None)
+        }
+        _ => (not_found(), none()),
     }
 }
 
@@ -190,7 +257,7 @@ async fn version(gw: &Gateway) -> Response {
 
 /// A model's details, from a ready instance of its pool (no slot needed: Ollama answers
 /// without its runner). Clients ask before they generate (`ollama run` does).
-async fn show(gw: &Gateway, req: Request) -> Response {
+async fn show(gw: &Gateway, req: Request) -> (Response, String) {
     let read = body::read(
         req.into_body(),
         None,
@@ -204,13 +271,14 @@ async fn show(gw: &Gateway, req: Request) -> Response {
     };
     let (model, verbose) = match parsed {
         Ok((model, verbose)) => (model.unwrap_or_default(), verbose),
-        Err(e) => return error(e.status(), e.to_string()),
+        Err(e) => return (error(e.status(), e.to_string()), String::new()),
     };
     let Some(pool) = gw.pool_for(&model) else {
-        return error(StatusCode::NOT_FOUND, format!("model '{model}' not found"));
+        let missing = error(StatusCode::NOT_FOUND, format!("model '{model}' not found"));
+        return (missing, String::new());
     };
     let Some(url) = gw.pools.any_ready(&pool.pool) else {
-        return pool.none_ready();
+        return (pool.none_ready(), pool.pool);
     };
     // Only what the question needs goes on, not what the client sent.
     let mut ask = json!({ "model": pool.model });
@@ -222,7 +290,7 @@ async fn show(gw: &Gateway, req: Request) -> Response {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(bytes))
     else {
-        return error(StatusCode::BAD_REQUEST, "invalid request");
+        return (error(StatusCode::BAD_REQUEST, "invalid request"), pool.pool);
     };
     let answer = async {
         let resp = gw
@@ -239,14 +307,15 @@ async fn show(gw: &Gateway, req: Request) -> Response {
             .await
             .map_err(|e| CallError::Invalid(format!("{url}: {e}")))?
             .to_bytes();
-        Ok::<_, CallError>(Response::from_parts(parts, Body::from(body)))
+        Ok::<_, CallError>(proxy::response(&parts, Body::from(body)))
     };
-    match tokio::time::timeout(Duration::from_secs(10), answer).await {
+    let r = match tokio::time::timeout(Duration::from_secs(10), answer).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, e.to_string()),
         Err(_) => error(
             StatusCode::GATEWAY_TIMEOUT,
             "the instance did not answer in time",
         ),
-    }
+    };
+    (r, pool.pool)
 }
