@@ -11,6 +11,7 @@
 #        hack/bench.sh --lifecycle N   (see hack/bench-lifecycle.sh)
 #        hack/bench.sh --partition ROUNDS   (see hack/bench-partition.sh)
 #        hack/bench.sh --serve N [--seconds S]   (see hack/bench-serve.sh)
+#        hack/bench.sh --bodies BUDGET_MIB   (see hack/bench-gateway-memory.sh)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"

@@ -9,6 +9,7 @@
 //! 3. The agent's peak RSS, and its CPU use over 30 s of idling with N instances.
 //!
 //! `--serve N` (run by `hack/bench-serve.sh`): see `serve.rs`.
+//! `--bodies BUDGET_MIB` (run by `hack/bench-gateway-memory.sh`): see `bodies.rs`.
 //!
 //! `--scale NODES` (run by `hack/bench-scale.sh`): hollow nodes against one etcd, see `scale.rs`.
 //!
@@ -18,6 +19,7 @@
 //! warmed, `maxUnavailable: 10%`; a rolling update, then a rotation by age of all of them: time
 //! and the fewest ready instances seen.
 
+mod bodies;
 mod scale;
 mod serve;
 
@@ -387,6 +389,11 @@ async fn lifecycle_bench(n: u32) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let budget: u64 = arg("--bodies", "0").parse().unwrap_or(0);
+    if budget > 0 {
+        bodies::bodies_bench(budget).await;
+        return;
+    }
     let serve: u32 = arg("--serve", "0").parse().unwrap_or(0);
     if serve > 0 {
         let loads: Vec<f64> = arg("--loads", "0.5,0.8,0.95")
