@@ -60,6 +60,10 @@ impl Default for ServerLimits {
 /// How long a connection of the health reserve may take to send its request.
 pub const HEALTH_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Connections of the health reserve one client address may hold at once (so that one client
+/// cannot fill the reserve either).
+pub const RESERVE_PER_CLIENT: usize = 2;
+
 /// What a server serves: every request of a regular connection goes to `main`; a connection
 /// beyond the limits (the health reserve) gets one request, answered by `health`.
 #[derive(Clone, Debug)]
@@ -76,6 +80,17 @@ struct Held {
     all: usize,
     reserve: usize,
     by_client: HashMap<IpAddr, usize>,
+    reserve_by_client: HashMap<IpAddr, usize>,
+}
+
+/// One less for `client` in `counts`.
+fn release(counts: &mut HashMap<IpAddr, usize>, client: IpAddr) {
+    if let Some(n) = counts.get_mut(&client) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&client);
+        }
+    }
 }
 
 /// A connection's place among those held; given back when it ends.
@@ -90,14 +105,10 @@ impl Drop for Place {
         let mut h = crate::lock(&self.held);
         if self.reserve {
             h.reserve -= 1;
+            release(&mut h.reserve_by_client, self.client);
         } else {
             h.all -= 1;
-        }
-        if let Some(n) = h.by_client.get_mut(&self.client) {
-            *n -= 1;
-            if *n == 0 {
-                h.by_client.remove(&self.client);
-            }
+            release(&mut h.by_client, self.client);
         }
     }
 }
@@ -107,16 +118,18 @@ fn admit(held: &Arc<Mutex<Held>>, client: IpAddr, limits: &ServerLimits) -> Opti
     let mut h = crate::lock(held);
     let mine = h.by_client.get(&client).copied().unwrap_or(0);
     let reserve = if mine >= limits.per_client || h.all >= limits.max_connections {
-        if h.reserve >= limits.health_reserve {
+        let in_reserve = h.reserve_by_client.get(&client).copied().unwrap_or(0);
+        if h.reserve >= limits.health_reserve || in_reserve >= RESERVE_PER_CLIENT {
             return None;
         }
         h.reserve += 1;
+        *h.reserve_by_client.entry(client).or_default() += 1;
         true
     } else {
         h.all += 1;
+        *h.by_client.entry(client).or_default() += 1;
         false
     };
-    *h.by_client.entry(client).or_default() += 1;
     Some(Place {
         held: held.clone(),
         client,

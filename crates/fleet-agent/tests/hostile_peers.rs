@@ -190,6 +190,13 @@ async fn one_client_cannot_take_every_connection() {
         assert!(health.starts_with("HTTP/1.1 200"), "{health}");
         let other = ask(from("127.0.0.2").await, "/instances").await;
         assert!(other.starts_with("HTTP/1.1 200"), "another client: {other}");
+        // Nor can one client fill the reserve: two reserve connections each at most.
+        let _reserve = [from("127.0.0.1").await, from("127.0.0.1").await];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let beyond = ask(from("127.0.0.1").await, "/healthz").await;
+        assert_eq!(beyond, "", "closed unanswered");
+        let health = ask(from("127.0.0.3").await, "/healthz").await;
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     })
     .await
     .expect("in time");
