@@ -412,3 +412,97 @@ async fn nginx_and_haproxy_balance_over_two_gateways() {
         );
     }
 }
+
+/// A new model rolls out behind the gateway: each instance serves in the pool of the model it
+/// runs, so a request for the new model never goes to an instance still serving the old one
+/// (which would load it: a reload, and its own model unloaded), and the old model keeps being
+/// served while instances of it remain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_model_rolls_out_behind_the_gateway() {
+    const NEW: &str = "smollm2:360m";
+    let world = World::new("gw-model");
+    let base = free_port_range(2);
+    let rollout = "  rollout: {maxUnavailable: 1}\n";
+    apply(&world, &world.sim_fleet("m", 2, base, rollout));
+    let serve = free_port();
+    let agent = world.agent("node-1", &["--serve", &format!("127.0.0.1:{serve}")]);
+    let before = world.wait_status("m", "2 ready", 120, all_ready(2)).await;
+    let url = format!("http://127.0.0.1:{serve}/api/generate");
+    let (stop, applied) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let asker = {
+        let (url, stop, applied) = (url.clone(), stop.clone(), applied.clone());
+        tokio::spawn(async move {
+            let mut seen: Vec<(&str, u16, String)> = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                // The new model only once a fleet names it.
+                let model = if i % 2 == 0 || !applied.load(Ordering::SeqCst) {
+                    MODEL
+                } else {
+                    NEW
+                };
+                i += 1;
+                let ask = json!({"model": model, "prompt": "hi", "stream": false, "options": {"num_predict": 1}});
+                let (code, text) = request("POST", &url, Some(&ask), Duration::from_secs(30))
+                    .await
+                    .unwrap_or((0, String::new()));
+                let answered = serde_json::from_str::<Value>(&text).unwrap_or_default()["model"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                seen.push((model, code, answered));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    apply(
+        &world,
+        &world
+            .sim_fleet("m", 2, base, rollout)
+            .replace(&format!("model: {MODEL}"), &format!("model: {NEW}")),
+    );
+    applied.store(true, Ordering::SeqCst);
+    let old = before["instances"][0]["specHash"].clone();
+    world
+        .wait_status("m", "both instances on the new model", 120, |s| {
+            all_ready(2)(s)
+                && s["instances"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(|i| i["specHash"] != old))
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    let seen = asker.await.expect("asker");
+    let served_new = seen
+        .iter()
+        .filter(|(m, c, _)| *m == NEW && *c == 200)
+        .count();
+    let served_old = seen
+        .iter()
+        .filter(|(m, c, _)| *m == MODEL && *c == 200)
+        .count();
+    eprintln!(
+        "model rollout behind the gateway: {} requests, {served_old} of the old model and {served_new} of the new served",
+        seen.len()
+    );
+    for (model, code, answered) in &seen {
+        match (*model, *code) {
+            (_, 200) => assert_eq!(answered, model, "answered by another model"),
+            (NEW, 503) => {}   // before the first new instance is ready
+            (MODEL, 404) => {} // after the last old instance is gone
+            other => panic!("{other:?}: {seen:?}"),
+        }
+    }
+    assert!(served_new >= 2 && served_old >= 2, "{seen:?}");
+    assert_eq!(
+        agent.metric("ollama_fleet_model_reloads_total").await,
+        0.0,
+        "a request made an instance load another model"
+    );
+}

@@ -28,6 +28,9 @@ pub const LABEL_HOST_IP: &str = "ollama-fleet.io/host-ip";
 /// Label: the instance's `terminationGracePeriod` in milliseconds, so that it is stopped with
 /// its own grace even when its fleet is deleted or its document is broken.
 pub const LABEL_GRACE: &str = "ollama-fleet.io/grace-ms";
+/// Label: the requests the instance takes at once (its `OLLAMA_NUM_PARALLEL`), so the gateway
+/// gives it that many, not what a later spec says.
+pub const LABEL_PARALLEL: &str = "ollama-fleet.io/parallel";
 /// Label: how the slot's previous instance ended, `code:reason:RFC3339`.
 pub const LABEL_LAST_EXIT: &str = "ollama-fleet.io/last-exit";
 
@@ -79,6 +82,8 @@ pub struct InstanceLabels {
     pub grace: Option<std::time::Duration>,
     /// The address it listens on (absent on containers made before the label existed).
     pub host_ip: Option<std::net::IpAddr>,
+    /// The requests it takes at once (absent on containers made before the label existed).
+    pub parallel: Option<u32>,
 }
 
 impl InstanceLabels {
@@ -102,6 +107,7 @@ impl InstanceLabels {
             threads: None,
             grace: None,
             host_ip: None,
+            parallel: None,
         }
     }
 }
@@ -128,6 +134,7 @@ pub fn parse_labels(labels: &BTreeMap<String, String>) -> Option<InstanceLabels>
         model: get(LABEL_MODEL).map(str::to_string),
         threads: get(LABEL_THREADS).and_then(|t| t.parse().ok()),
         host_ip: get(LABEL_HOST_IP).and_then(|ip| ip.parse().ok()),
+        parallel: get(LABEL_PARALLEL).and_then(|p| p.parse().ok()),
         grace: get(LABEL_GRACE)
             .and_then(|g| g.parse().ok())
             .map(std::time::Duration::from_millis),
@@ -171,6 +178,15 @@ pub fn port_pool(spec: &FleetSpec, replicas: u32) -> std::ops::RangeInclusive<u3
 /// Whether two listeners on one port collide: the same address, or either is a wildcard.
 pub fn addresses_collide(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
     a == b || a.is_unspecified() || b.is_unspecified()
+}
+
+/// The requests an instance with environment `env` takes at once: its `OLLAMA_NUM_PARALLEL`
+/// (the agent's default is 1; at least 1).
+pub fn parallel_of(env: &BTreeMap<String, String>) -> u32 {
+    env.get("OLLAMA_NUM_PARALLEL")
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// The agent's default environment for an instance on `port` (the manifest's `env` overrides
@@ -285,6 +301,7 @@ pub fn container_spec(
         (LABEL_MODEL.to_string(), spec.model.clone()),
     ]);
     labels.insert(LABEL_HOST_IP.to_string(), spec.network.host_ip.to_string());
+    labels.insert(LABEL_PARALLEL.to_string(), parallel_of(&env).to_string());
     labels.insert(
         LABEL_GRACE.to_string(),
         spec.termination_grace_period.std().as_millis().to_string(),

@@ -539,7 +539,8 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 Some(Seen {
                     id: &e.id,
                     fleet: &e.fleet,
-                    spec,
+                    model: l.model.as_deref().unwrap_or(&spec.model),
+                    capacity: l.parallel.unwrap_or_else(|| build::parallel_of(&spec.env)),
                     url: readiness::base_url(spec, l.host_ip, l.port),
                     ready: e.ready,
                     leaving: leaving.contains(&e.id),

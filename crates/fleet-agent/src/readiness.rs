@@ -337,16 +337,9 @@ mod tests {
 
     fn labels(fleet: &str, slot: u32, created: u64) -> InstanceLabels {
         InstanceLabels {
-            fleet: fleet.into(),
-            slot,
-            port: 11434 + slot as u16,
-            spec_hash: "h".into(),
-            created_at: at(created),
-            carry: Default::default(),
             model: Some("m:1".into()),
             threads: Some(2),
-            grace: None,
-            host_ip: None,
+            ..InstanceLabels::new(fleet, slot, 11434 + slot as u16, "h", at(created))
         }
     }
 

@@ -140,7 +140,7 @@ fn backend(id: &str, url: &str, ready: bool) -> Backend {
 }
 
 fn route_f() -> Vec<fleet_agent::gateway::Route> {
-    routes(&[("f".into(), "m:1".into(), 2)])
+    routes(&[("f".into(), "m:1".into(), 2)], &[])
 }
 
 async fn gateway(cfg: GatewayConfig) -> (Arc<Gateway>, String) {

@@ -86,17 +86,22 @@ impl Default for GatewayConfig {
     }
 }
 
-/// A fleet as the gateway routes to it.
+/// A fleet's model as the gateway routes to it: its `spec.model`, or a model that instances of
+/// a previous spec still serve while a new model rolls out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     /// The fleet.
     pub fleet: String,
-    /// Its `spec.model`.
+    /// The model.
     pub model: String,
-    /// The pool its instances serve in: the first fleet (by name) serving the same model.
+    /// The pool of the model's instances (of every fleet serving it).
     pub pool: String,
+    /// The pool's name in metrics: the first fleet (by name) whose spec serves the model.
+    pub label: String,
     /// Watchdog failures in a row that replace an instance (`probes.liveness.failureThreshold`).
     pub failure_threshold: u32,
+    /// The model is the fleet's `spec.model` (else only instances of a previous spec serve it).
+    pub current: bool,
 }
 
 /// An instance as a pass of the controller saw it.
@@ -106,8 +111,11 @@ pub struct Seen<'a> {
     pub id: &'a str,
     /// Its fleet.
     pub fleet: &'a str,
-    /// Its fleet's spec.
-    pub spec: &'a FleetSpec,
+    /// The model it serves (its own: one of a previous spec keeps its model while a new one
+    /// rolls out).
+    pub model: &'a str,
+    /// Requests it takes at once (its `OLLAMA_NUM_PARALLEL`).
+    pub capacity: u32,
     /// `http://ip:port`, where it listens.
     pub url: String,
     /// Ready (probed, warm).
@@ -119,8 +127,10 @@ pub struct Seen<'a> {
 /// The pool a model (or a fleet's name) is served by, and the fleets in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolOf {
-    /// The pool's name.
+    /// The pool.
     pub pool: String,
+    /// Its name in metrics (a fleet's).
+    pub label: String,
     /// Its fleets.
     pub fleets: Vec<String>,
     /// The model to tell its instances: the one asked for, or the fleet's `spec.model` when
@@ -182,10 +192,20 @@ impl crate::executor::Drain for Gateway {
 
 impl Expose for Gateway {
     fn expose(&self, out: &mut Exposition) {
-        // Every pool's queue, empty ones too.
+        // Every pool's queue, empty ones too, under its name.
+        let routes = self.routes();
+        let label_of: HashMap<&str, &str> = routes
+            .iter()
+            .map(|r| (r.pool.as_str(), r.label.as_str()))
+            .collect();
         let mut queues: BTreeMap<String, usize> =
-            self.routes().iter().map(|r| (r.pool.clone(), 0)).collect();
-        queues.extend(self.pools.queue_depths());
+            routes.iter().map(|r| (r.label.clone(), 0)).collect();
+        for (pool, n) in self.pools.queue_depths() {
+            if let Some(label) = label_of.get(pool.as_str()) {
+                *queues.entry((*label).to_string()).or_default() += n;
+            }
+        }
+        drop(routes);
         let queues: Vec<(String, usize)> = queues.into_iter().collect();
         self.metrics.expose(out, &queues, &self.pools.counts());
     }
@@ -245,9 +265,9 @@ impl Gateway {
         self.known.store(true, Ordering::SeqCst);
     }
 
-    /// Learns what a pass saw: the fleets `(name, spec)` and the instances shown. Ready
-    /// instances take requests, leaving ones (about to be stopped) none; an instance takes
-    /// `OLLAMA_NUM_PARALLEL` at once.
+    /// Learns what a pass saw: the fleets `(name, spec)` and the instances shown. An instance
+    /// serves in the pool of its own model; ready instances take requests, leaving ones (about
+    /// to be stopped) none, each at most its capacity at once.
     pub fn learn<'a>(
         &self,
         fleets: impl Iterator<Item = (&'a str, &'a FleetSpec)>,
@@ -262,19 +282,22 @@ impl Gateway {
                 )
             })
             .collect();
-        let routes = routes(&fleets);
-        let pool_of: HashMap<&str, &str> = routes
+        let seen: Vec<Seen<'a>> = seen.collect();
+        let serving: Vec<(&str, &str)> = seen.iter().map(|s| (s.fleet, s.model)).collect();
+        let routes = routes(&fleets, &serving);
+        let pool_of: HashMap<String, &str> = routes
             .iter()
-            .map(|r| (r.fleet.as_str(), r.pool.as_str()))
+            .map(|r| (fleet_api::ModelRef::key(&r.model), r.pool.as_str()))
             .collect();
         let backends = seen
+            .into_iter()
             .filter_map(|s| {
                 Some(Backend {
                     id: s.id.to_string(),
                     fleet: s.fleet.to_string(),
-                    pool: pool_of.get(s.fleet)?.to_string(),
+                    pool: pool_of.get(&fleet_api::ModelRef::key(s.model))?.to_string(),
                     url: s.url,
-                    capacity: capacity(s.spec),
+                    capacity: s.capacity.max(1),
                     ready: s.ready,
                     leaving: s.leaving,
                 })
@@ -293,44 +316,42 @@ impl Gateway {
         self.pools.stalls(id) >= threshold
     }
 
-    /// The pool serving `model` (by Ollama's name comparison, or a fleet's name).
+    /// The pool serving `model` (by Ollama's name comparison, or a fleet's name: its
+    /// `spec.model`).
     fn pool_for(&self, model: &str) -> Option<PoolOf> {
         let routes = self.routes();
-        let by_name = routes.iter().find(|r| r.fleet == model);
+        let by_name = routes.iter().find(|r| r.fleet == model && r.current);
+        let key = fleet_api::ModelRef::key(model);
         let matched = by_name.or_else(|| {
             routes
                 .iter()
-                .find(|r| fleet_api::ModelRef::key(&r.model) == fleet_api::ModelRef::key(model))
+                .find(|r| fleet_api::ModelRef::key(&r.model) == key)
         })?;
-        let fleets = routes
+        let mut fleets: Vec<String> = routes
             .iter()
             .filter(|r| r.pool == matched.pool)
             .map(|r| r.fleet.clone())
             .collect();
+        fleets.dedup();
         Some(PoolOf {
             pool: matched.pool.clone(),
+            label: matched.label.clone(),
             fleets,
             model: by_name.map_or_else(|| model.to_string(), |r| r.model.clone()),
         })
     }
 }
 
-/// Requests an instance of `spec` takes at once: its `OLLAMA_NUM_PARALLEL` (at least 1).
-fn capacity(spec: &FleetSpec) -> u32 {
-    spec.env
-        .get("OLLAMA_NUM_PARALLEL")
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(1)
-        .max(1)
-}
-
-/// The routes of the node's fleets, `(fleet, model, failure threshold)`: fleets serving the
-/// same model (as Ollama compares names) share one pool, named after the first of them.
-pub fn routes(fleets: &[(String, String, u32)]) -> Vec<Route> {
+/// The routes: each fleet's `spec.model`, `fleets` being `(fleet, model, failure threshold)`;
+/// then each model that instances still serve (`serving`, `(fleet, model)`) though no fleet's
+/// spec names it any more (a new model rolls out). One pool per model (as Ollama compares
+/// names), shared by every fleet serving it, named after the first of them (by name).
+pub fn routes(fleets: &[(String, String, u32)], serving: &[(&str, &str)]) -> Vec<Route> {
     let mut sorted: Vec<&(String, String, u32)> = fleets.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let threshold: HashMap<&str, u32> = fleets.iter().map(|(f, _, t)| (f.as_str(), *t)).collect();
     let mut pools: HashMap<String, String> = HashMap::new();
-    sorted
+    let mut out: Vec<Route> = sorted
         .into_iter()
         .map(|(fleet, model, threshold)| {
             let pool = pools
@@ -340,11 +361,47 @@ pub fn routes(fleets: &[(String, String, u32)]) -> Vec<Route> {
             Route {
                 fleet: fleet.clone(),
                 model: model.clone(),
+                label: pool.clone(),
                 pool,
                 failure_threshold: *threshold,
+                current: true,
             }
         })
-        .collect()
+        .collect();
+    let mut stale: Vec<(&str, &str)> = serving
+        .iter()
+        .copied()
+        .filter(|(fleet, _)| threshold.contains_key(fleet))
+        .collect();
+    stale.sort_unstable();
+    stale.dedup();
+    for (fleet, model) in stale {
+        let key = fleet_api::ModelRef::key(model);
+        let known = out
+            .iter()
+            .any(|r| r.fleet == fleet && fleet_api::ModelRef::key(&r.model) == key);
+        if known {
+            continue;
+        }
+        let label = out
+            .iter()
+            .find(|r| fleet_api::ModelRef::key(&r.model) == key)
+            .map_or_else(|| fleet.to_string(), |r| r.label.clone());
+        // (`@` is in no fleet name: the pool cannot be taken for a fleet's.)
+        let pool = pools
+            .entry(key.clone())
+            .or_insert_with(|| format!("{fleet}@{key}"))
+            .clone();
+        out.push(Route {
+            fleet: fleet.to_string(),
+            model: model.to_string(),
+            label,
+            pool,
+            failure_threshold: threshold.get(fleet).copied().unwrap_or(3),
+            current: false,
+        });
+    }
+    out
 }
 
 #[cfg(test)]
@@ -353,11 +410,14 @@ mod tests {
 
     #[test]
     fn fleets_serving_one_model_share_a_pool() {
-        let r = routes(&[
-            ("b".into(), "llama3".into(), 3),
-            ("a".into(), "Llama3:latest".into(), 3),
-            ("c".into(), "qwen".into(), 3),
-        ]);
+        let r = routes(
+            &[
+                ("b".into(), "llama3".into(), 3),
+                ("a".into(), "Llama3:latest".into(), 3),
+                ("c".into(), "qwen".into(), 3),
+            ],
+            &[],
+        );
         let pool = |f: &str| r.iter().find(|x| x.fleet == f).map(|x| x.pool.clone());
         assert_eq!(pool("a"), Some("a".into()));
         assert_eq!(
@@ -366,5 +426,40 @@ mod tests {
             "same model: the first fleet's pool"
         );
         assert_eq!(pool("c"), Some("c".into()));
+    }
+
+    /// While fleet `c` rolls out from qwen to mistral, its old instances still serve qwen: qwen
+    /// keeps a pool (its own, as no fleet's spec names it), mistral gets c's, and a model that
+    /// another fleet's spec names stays that fleet's pool.
+    #[test]
+    fn a_model_only_old_instances_serve_keeps_its_pool() {
+        let fleets = [
+            ("a".into(), "llama3".into(), 3),
+            ("c".into(), "mistral".into(), 2),
+        ];
+        let r = routes(
+            &fleets,
+            &[("c", "qwen"), ("c", "mistral"), ("c", "llama3:latest")],
+        );
+        let of = |model: &str| {
+            r.iter()
+                .find(|x| fleet_api::ModelRef::key(&x.model) == fleet_api::ModelRef::key(model))
+                .map(|x| {
+                    (
+                        x.pool.clone(),
+                        x.label.clone(),
+                        x.current,
+                        x.failure_threshold,
+                    )
+                })
+        };
+        assert_eq!(of("mistral"), Some(("c".into(), "c".into(), true, 2)));
+        let qwen = fleet_api::ModelRef::key("qwen");
+        assert_eq!(
+            of("qwen"),
+            Some((format!("c@{qwen}"), "c".into(), false, 2))
+        );
+        assert_eq!(of("llama3").map(|x| x.0), Some("a".into()), "a's pool");
+        assert_eq!(r.len(), 4);
     }
 }

@@ -165,12 +165,12 @@ impl Call<'_> {
                 Ok(lease)
             }
             Err(Refused::NoneReady) => {
-                self.record(&pool.pool, StatusCode::SERVICE_UNAVAILABLE, *queue_wait);
+                self.record(&pool.label, StatusCode::SERVICE_UNAVAILABLE, *queue_wait);
                 Err(pool.none_ready())
             }
             Err(Refused::QueueFull | Refused::Timeout) => {
                 let mut r = self.refuse(
-                    &pool.pool,
+                    &pool.label,
                     StatusCode::SERVICE_UNAVAILABLE,
                     waited.elapsed(),
                     "server busy, please try again.  maximum pending requests exceeded",

@@ -278,7 +278,7 @@ async fn show(gw: &Gateway, req: Request) -> (Response, String) {
         return (missing, String::new());
     };
     let Some(url) = gw.pools.any_ready(&pool.pool) else {
-        return (pool.none_ready(), pool.pool);
+        return (pool.none_ready(), pool.label);
     };
     // Only what the question needs goes on, not what the client sent.
     let mut ask = json!({ "model": pool.model });
@@ -290,7 +290,10 @@ async fn show(gw: &Gateway, req: Request) -> (Response, String) {
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(bytes))
     else {
-        return (error(StatusCode::BAD_REQUEST, "invalid request"), pool.pool);
+        return (
+            error(StatusCode::BAD_REQUEST, "invalid request"),
+            pool.label,
+        );
     };
     let answer = async {
         let resp = gw
@@ -317,5 +320,5 @@ async fn show(gw: &Gateway, req: Request) -> (Response, String) {
             "the instance did not answer in time",
         ),
     };
-    (r, pool.pool)
+    (r, pool.label)
 }
