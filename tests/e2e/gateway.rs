@@ -492,13 +492,24 @@ async fn a_new_model_rolls_out_behind_the_gateway() {
         seen.len()
     );
     for (model, code, answered) in &seen {
-        match (*model, *code) {
-            (_, 200) => assert_eq!(answered, model, "answered by another model"),
-            (NEW, 503) => {}   // before the first new instance is ready
-            (MODEL, 404) => {} // after the last old instance is gone
-            other => panic!("{other:?}: {seen:?}"),
+        if *code == 200 {
+            assert_eq!(answered, model, "answered by another model");
         }
     }
+    // Each model's answers go through phases, never back: the new one is unknown (until the
+    // agent has seen the new spec), then waits for its first instance, then is served; the old
+    // one is served until its last instance is gone.
+    let phases = |model: &str, order: &[u16]| {
+        let codes: Vec<u16> = seen.iter().filter(|s| s.0 == model).map(|s| s.1).collect();
+        let rank = |c: &u16| order.iter().position(|o| o == c);
+        assert!(
+            codes.iter().all(|c| rank(c).is_some())
+                && codes.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])),
+            "{model}: {codes:?} (expected the phases {order:?})"
+        );
+    };
+    phases(NEW, &[404, 503, 200]);
+    phases(MODEL, &[200, 404]);
     assert!(served_new >= 2 && served_old >= 2, "{seen:?}");
     assert_eq!(
         agent.metric("ollama_fleet_model_reloads_total").await,
