@@ -357,6 +357,35 @@ async fn connections_an_instance_closed_fail_no_request() {
     );
 }
 
+/// Finding 7, made certain: instances that drop a connection's third request unanswered (as a
+/// server closing an idle connection just as a request arrives): the gateway sends it again on a
+/// fresh connection to the same instance, so no request fails, though a single instance leaves
+/// nowhere else to go; and the probes (through the same kind of pooled connection) keep it
+/// ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_an_instance_dropped_unanswered_goes_again() {
+    let (_world, agent, url) = serving("gh-drop", "k", 1, ", SIM_KEEPALIVE_MAX: \"2\"", &[]).await;
+    let ask =
+        json!({"model": MODEL, "prompt": "hi", "stream": false, "options": {"num_predict": 1}});
+    let mut failed = Vec::new();
+    for _ in 0..12 {
+        let (code, text) = post(&format!("{url}/api/generate"), &ask).await;
+        if code != 200 {
+            failed.push((code, text));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 12 failed: {failed:?}",
+        failed.len()
+    );
+    let (_, metrics) = agent.get("/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("ollama_fleet_instances{fleet=\"k\",phase=\"Ready\"} 1"),
+        "{metrics}"
+    );
+}
+
 /// Findings 5, 6 and the head buffer of 8: connections per client are bounded and the health
 /// check still answers; a head that never ends is cut early; browser pages of foreign origins,
 /// and requests naming a foreign Host (DNS rebinding) on a loopback gateway, are refused.

@@ -95,6 +95,10 @@ pub struct Config {
     /// `SIM_IDLE_TIMEOUT`: close a keep-alive connection idle this long (llama.cpp's server
     /// closes them after 5 s; Ollama's never does).
     pub idle_timeout: Option<Duration>,
+    /// `SIM_KEEPALIVE_MAX`: serve this many requests on a connection; the next one is dropped
+    /// unanswered with the connection, as by a server whose keep-alive timer runs out just as
+    /// the request arrives (the client may send it again on a fresh connection).
+    pub keepalive_max: Option<usize>,
     /// `SIM_HANG_AFTER`: stop answering any request this long after start.
     pub hang_after: Option<Duration>,
     /// `SIM_LEAK_RATE`: bytes per second leaked (allocated, touched, never freed).
@@ -182,6 +186,12 @@ impl Config {
             })?,
             hang_after: duration("SIM_HANG_AFTER")?,
             idle_timeout: duration("SIM_IDLE_TIMEOUT")?,
+            keepalive_max: get("SIM_KEEPALIVE_MAX")
+                .map(|v| {
+                    v.parse::<usize>()
+                        .map_err(|_| format!("SIM_KEEPALIVE_MAX: {v:?} is not a count"))
+                })
+                .transpose()?,
             leak_rate: quantity("SIM_LEAK_RATE", 0)?,
             ignore_sigterm: flag("SIM_IGNORE_SIGTERM"),
             access_log: get("SIM_ACCESS_LOG").is_none() || flag("SIM_ACCESS_LOG"),

@@ -72,8 +72,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    if let Some(idle) = app.cfg.idle_timeout {
-        return serve_closing_idle(app, listener, shutdown, idle).await;
+    if app.cfg.idle_timeout.is_some() || app.cfg.keepalive_max.is_some() {
+        return serve_closing(app, listener, shutdown).await;
     }
     // Go sets TCP_NODELAY on every connection, so Ollama's streamed tokens are not held back
     // by Nagle's algorithm; neither are the sim's.
@@ -86,14 +86,16 @@ pub async fn serve(
         .await
 }
 
-/// [`serve`], closing keep-alive connections idle for `idle` (the wait for a request's head is
-/// bounded by it, as llama.cpp's server bounds it).
-async fn serve_closing_idle(
+/// [`serve`], closing keep-alive connections as `SIM_IDLE_TIMEOUT` and `SIM_KEEPALIVE_MAX` say
+/// (the wait for a request's head is bounded by the idle timeout, as llama.cpp's server bounds
+/// it; past the keep-alive maximum a request is dropped with its connection).
+async fn serve_closing(
     app: Arc<App>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    idle: std::time::Duration,
 ) -> std::io::Result<()> {
+    use hyper::service::Service as _;
+    let (idle, max) = (app.cfg.idle_timeout, app.cfg.keepalive_max);
     let router = router(app);
     tokio::pin!(shutdown);
     loop {
@@ -102,11 +104,25 @@ async fn serve_closing_idle(
             accepted = listener.accept() => accepted?,
         };
         let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let inner = hyper_util::service::TowerToHyperService::new(router.clone());
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let service = hyper::service::service_fn(move |req| {
+            let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let answer = inner.call(req);
+            async move {
+                if max.is_some_and(|max| n >= max) {
+                    return Err(std::io::Error::other("keep-alive maximum: dropped"));
+                }
+                answer.await.map_err(std::io::Error::other)
+            }
+        });
         tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(idle)
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new());
+            if let Some(idle) = idle {
+                http.header_read_timeout(idle);
+            }
+            let _ = http
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
         });

@@ -57,6 +57,9 @@ Costs:
   SIM_VERSION               what /api/version says   (default 0.4.0)
   SIM_IDLE_TIMEOUT=1s       close keep-alive connections idle this long (llama.cpp's
                             server does after 5 s; Ollama's never does)
+  SIM_KEEPALIVE_MAX=2       serve 2 requests per connection, then drop the next one
+                            unanswered with its connection (a server closing an idle
+                            connection just as a request arrives)
 
 Faults:
   SIM_CRASH_AFTER=500ms     exit with SIM_EXIT_CODE before ever listening
