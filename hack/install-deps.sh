@@ -27,6 +27,9 @@ PACKAGES=(
   # services are not started, tests run their own), and promtool (Debian's prometheus) to check
   # the metrics exposition.
   nginx haproxy prometheus
+  # The real engine (hack/llama-engine.sh): llama.cpp's llama-server builds from source with
+  # cmake and a C++ compiler.
+  cmake g++
 )
 
 missing=()

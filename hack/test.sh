@@ -3,7 +3,8 @@
 #
 # On a fresh Debian machine as root: installs the packages it needs, starts a private etcd and
 # containerd (hack/dev-env.sh, in $OLLAMA_FLEET_DEV_DIR, default /tmp/ollama-fleet-test), builds
-# the workspace and the ollama-sim image, runs every test (unit, conformance and end-to-end against
+# the workspace, the ollama-sim image and the real engine's (llama-server from PyPI sources,
+# about 4 minutes the first time, then cached), runs every test (unit, conformance and end-to-end against
 # the real etcd and containerd), then stops the environment (KEEP_ENV=1 keeps it running).
 # Extra arguments replace `--workspace` in `cargo test`, e.g. `hack/test.sh -p fleet-api` or
 # `hack/test.sh -p fleet-e2e --test agent`.
@@ -25,6 +26,10 @@ echo "test: building" >&2
 cargo build --locked --workspace --all-targets
 export OLLAMA_FLEET_SIM_IMAGE_TAR=$ROOT/target/images/ollama-sim.oci.tar
 hack/sim-image.sh --binary "$ROOT/target/debug/ollama-sim" >/dev/null
+# The real engine (llama-server and a small GGUF; built once, then cached) behind the sim's API.
+eval "$(hack/llama-engine.sh)"
+export OLLAMA_FLEET_ENGINE_IMAGE_TAR=$ROOT/target/images/ollama-engine.oci.tar
+hack/sim-image.sh --binary "$ROOT/target/debug/ollama-sim" --engine "$LLAMA_SERVER:$LLAMA_GGUF" >/dev/null
 
 # The official Ollama Python client, for the sim's conformance test.
 OLLAMA_FLEET_PYTHON=$(hack/python-client.sh)

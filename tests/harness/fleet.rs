@@ -150,6 +150,24 @@ impl World {
         )
     }
 
+    /// Imports the real engine's image (llama-server behind the sim's API, see
+    /// `hack/llama-engine.sh`) into this world's namespace; returns its name. Stops the test
+    /// binary with what to run when the image was not built.
+    pub fn import_engine(&self) -> String {
+        let tar = &self.ns.env.engine_image_tar;
+        if !tar.exists() {
+            crate::stop(&format!(
+                "this test needs the real engine's image {}: run the tests with hack/test.sh (or \
+                 build it: eval \"$(hack/llama-engine.sh)\" && hack/sim-image.sh --engine \
+                 \"$LLAMA_SERVER:$LLAMA_GGUF\")",
+                tar.display()
+            ));
+        }
+        self.ns
+            .ctr_ok(&["images", "import", &tar.display().to_string()]);
+        self.ns.env.engine_image.clone()
+    }
+
     /// A fleet's per-node statuses, from `ollama-fleet get fleets NAME -o json` (empty when the
     /// CLI fails, e.g. while etcd is down).
     pub fn statuses(&self, fleet: &str) -> Vec<Value> {

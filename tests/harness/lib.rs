@@ -69,7 +69,7 @@ where
 
 /// Stops the test binary with one line saying what to run: a test that needs the dev
 /// environment cannot run without it, and a panic in every such test would bury that line.
-fn stop(why: &str) -> ! {
+pub(crate) fn stop(why: &str) -> ! {
     use std::io::Write;
     // One test says it and exits; the others (in parallel) wait here for the exit.
     static ONCE: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -145,6 +145,10 @@ pub struct DevEnv {
     pub sim_image_tar: PathBuf,
     /// The sim image's name.
     pub sim_image: String,
+    /// The real engine's image archive (`hack/sim-image.sh --engine`), and its name.
+    pub engine_image_tar: PathBuf,
+    /// The real engine's image name.
+    pub engine_image: String,
 }
 
 impl DevEnv {
@@ -186,6 +190,11 @@ impl DevEnv {
             sim_image_tar,
             sim_image: var("OLLAMA_FLEET_SIM_IMAGE")
                 .unwrap_or_else(|| "localhost/ollama-sim:dev".into()),
+            engine_image_tar: var("OLLAMA_FLEET_ENGINE_IMAGE_TAR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo_root().join("target/images/ollama-engine.oci.tar")),
+            engine_image: var("OLLAMA_FLEET_ENGINE_IMAGE")
+                .unwrap_or_else(|| "localhost/ollama-engine:dev".into()),
         }
     }
 }

@@ -613,14 +613,32 @@ pub(crate) async fn infer(app: Arc<App>, body: Value, prompt: String, shape: Sha
         .acquire(&info, keep, num_thread)
         .await
         .map_err(refusal)?;
-    let prompt_tokens = prompt.split_whitespace().count().max(1);
+    let mut prompt_tokens: Vec<crate::cache::Token> = body["context"]
+        .as_array()
+        .map(|c| c.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    prompt_tokens.extend(crate::cache::tokens(&prompt));
+    let messages = match shape {
+        Shape::Chat => body["messages"].clone(),
+        Shape::Generate => {
+            let mut m = Vec::new();
+            if let Some(system) = body["system"].as_str() {
+                m.push(json!({"role": "system", "content": system}));
+            }
+            m.push(json!({"role": "user", "content": prompt}));
+            Value::Array(m)
+        }
+    };
     let job = Generation {
         model: name,
         shape,
         tokens,
         reason,
-        prompt_tokens,
+        prompt: prompt_tokens,
+        prefill_per_second: app.cfg.prefill_per_second,
         started,
+        messages,
+        raw: (body["raw"] == true).then(|| prompt.clone()),
     };
     // The thread count the request ran with, for tests (Ollama itself does not say).
     let threads = (
@@ -641,14 +659,88 @@ struct Generation {
     shape: Shape,
     tokens: usize,
     reason: &'static str,
-    prompt_tokens: usize,
+    /// The prompt's tokens (a generate request's `context` first).
+    prompt: Vec<crate::cache::Token>,
+    prefill_per_second: f64,
     started: Instant,
+    /// The conversation, for the real engine's chat template.
+    messages: Value,
+    /// A raw prompt (`raw: true`): no template.
+    raw: Option<String>,
 }
 
 impl Generation {
+    /// Generates with the real engine: the prompt rendered by the model's template, completed
+    /// by the runner (its prompt cache as far as it holds the prefix); Ollama's counts from the
+    /// runner's (`prompt_eval_count` includes cached tokens, `prompt_eval_duration` covers only
+    /// the ones evaluated, as in Ollama since 0.30).
+    async fn run_engine(
+        self,
+        lease: Lease,
+        child: &crate::engine::Child,
+        tx: Option<mpsc::Sender<Value>>,
+    ) -> Value {
+        let prompt = match &self.raw {
+            Some(p) => Ok(p.clone()),
+            None => child.template(&self.messages).await,
+        };
+        let (ptx, mut prx) = mpsc::channel::<String>(16);
+        let (shape, model) = (self.shape, self.model.clone());
+        let forward = async {
+            while let Some(piece) = prx.recv().await {
+                if let Some(tx) = &tx
+                    && tx.send(shape.chunk(&model, &piece)).await.is_err()
+                {
+                    return;
+                }
+            }
+        };
+        let complete = async {
+            match prompt {
+                Ok(p) => child.complete(&p, self.tokens, ptx).await,
+                Err(e) => Err(e),
+            }
+        };
+        let (done, ()) = tokio::join!(complete, forward);
+        let done = match done {
+            Ok(d) => d,
+            Err(e) => {
+                let error = json!({ "error": e });
+                if let Some(tx) = &tx {
+                    let _ = tx.send(error.clone()).await;
+                }
+                return error;
+            }
+        };
+        let text = if tx.is_some() { "" } else { done.text.as_str() };
+        let reason = if done.at_limit { "length" } else { "stop" };
+        let mut out = self.shape.done(&self.model, text, reason);
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        out["total_duration"] = json!(ns(self.started.elapsed()));
+        out["load_duration"] = json!(ns(lease.load_duration));
+        out["prompt_eval_count"] = json!(done.prompt_n + done.cache_n);
+        out["prompt_eval_duration"] = json!(ns(done.prompt));
+        out["eval_count"] = json!(done.predicted_n);
+        out["eval_duration"] = json!(ns(done.predicted));
+        drop(lease);
+        if let Some(tx) = tx {
+            let _ = tx.send(out.clone()).await;
+        }
+        out
+    }
+
     /// Produces the tokens at the lease's speed; streams them when `tx` is given. Returns the
     /// final object (with the whole text when not streaming).
     async fn run(self, lease: Lease, tx: Option<mpsc::Sender<Value>>) -> Value {
+        if let Some(child) = lease.child.clone() {
+            return self.run_engine(lease, &child, tx).await;
+        }
+        // Prompt evaluation: only what the prompt cache does not hold.
+        let taken = lease.runner().take_slot(&self.prompt);
+        let uncached = self.prompt.len().saturating_sub(taken.cached).max(1);
+        let prefill = Duration::from_secs_f64(uncached as f64 / self.prefill_per_second);
+        tokio::time::sleep(prefill).await;
+        let mut held = self.prompt.clone();
         let per_token = Duration::from_secs_f64(1.0 / lease.tokens_per_second);
         let eval_started = Instant::now();
         let mut text = String::new();
@@ -658,9 +750,11 @@ impl Generation {
             // millisecond, capping any speed at 1000 tokens/s).
             tokio::time::sleep_until(paced + per_token.mul_f64((i + 1) as f64)).await;
             let word = WORDS[i % WORDS.len()];
+            held.extend(crate::cache::tokens(word));
             match &tx {
                 Some(tx) => {
                     if tx.send(self.shape.chunk(&self.model, word)).await.is_err() {
+                        lease.runner().give_back_slot(taken.slot, held);
                         return Value::Null; // the client left
                     }
                 }
@@ -672,14 +766,16 @@ impl Generation {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         done["total_duration"] = json!(ns(self.started.elapsed()));
         done["load_duration"] = json!(ns(lease.load_duration));
-        done["prompt_eval_count"] = json!(self.prompt_tokens);
-        done["prompt_eval_duration"] = json!(ns(Duration::from_millis(self.prompt_tokens as u64)));
+        // As Ollama since 0.30: the count includes cached tokens, the duration only the
+        // evaluated ones.
+        done["prompt_eval_count"] = json!(self.prompt.len().max(1));
+        done["prompt_eval_duration"] = json!(ns(prefill));
         done["eval_count"] = json!(self.tokens);
         done["eval_duration"] = json!(ns(eval));
         if let Shape::Generate = self.shape {
-            done["context"] =
-                json!((1..=(self.prompt_tokens + self.tokens) as u64).collect::<Vec<_>>());
+            done["context"] = json!(held);
         }
+        lease.runner().give_back_slot(taken.slot, held);
         drop(lease);
         if let Some(tx) = tx {
             let _ = tx.send(done.clone()).await;
@@ -977,7 +1073,10 @@ async fn delete_model(State(app): Shared, body: Bytes) -> ApiResult {
 }
 
 async fn sim_state(State(app): Shared) -> Response {
+    let (cache_bytes, cache_states) = app.runner.cache_held();
     axum::Json(json!({
+        "promptCacheBytes": cache_bytes,
+        "promptCacheStates": cache_states,
         "pid": std::process::id(),
         "uptimeSeconds": app.started.elapsed().as_secs_f64(),
         "inFlight": app.runner.in_flight(),

@@ -82,6 +82,15 @@ pub struct Config {
     pub pull_missing: Vec<String>,
     /// `SIM_TOKENS_PER_SECOND`: generation speed with enough CPU (default 50).
     pub tokens_per_second: f64,
+    /// `SIM_PREFILL_TOKENS_PER_SECOND`: prompt evaluation speed, for the tokens the prompt
+    /// cache does not hold (default 1000).
+    pub prefill_per_second: f64,
+    /// `LLAMA_ARG_CACHE_RAM`: the prompt cache's cap in MiB, as llama-server reads it (default
+    /// 8192; 0: no cache; -1: no cap).
+    pub cache_ram_mib: i64,
+    /// `SIM_KV_BYTES_PER_TOKEN`: memory a cached prompt state holds per token (default 0: the
+    /// cache costs time only; the real SmolLM2-135M holds about 22Ki).
+    pub kv_bytes_per_token: u64,
     /// `SIM_NUM_PREDICT`: tokens generated when the request does not say (default 16).
     pub num_predict: usize,
     /// `SIM_START_DELAY`: wait before listening (slow start).
@@ -112,6 +121,11 @@ pub struct Config {
     /// `SIM_HOST_CORES` overrides the count from `/proc/cpuinfo`, so a small test machine can
     /// look like a many-core server.
     pub host_cores: usize,
+    /// `OLLAMA_CONTEXT_LENGTH`: tokens of context per parallel slot (default 4096).
+    pub context_length: usize,
+    /// `SIM_ENGINE` and `SIM_ENGINE_MODEL`: a `llama-server` binary and the GGUF it serves for
+    /// every model: generation is real, as Ollama's runner does it (see [`crate::engine`]).
+    pub engine: Option<crate::engine::Engine>,
 }
 
 /// Default Ollama port.
@@ -170,6 +184,21 @@ impl Config {
                         .collect()
                 })
                 .unwrap_or_default(),
+            prefill_per_second: get("SIM_PREFILL_TOKENS_PER_SECOND").map_or(Ok(1000.0), |v| {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|t| *t > 0.0 && t.is_finite())
+                    .ok_or_else(|| {
+                        format!("SIM_PREFILL_TOKENS_PER_SECOND: {v:?} is not a positive number")
+                    })
+            })?,
+            cache_ram_mib: get("LLAMA_ARG_CACHE_RAM").map_or(Ok(8192), |v| {
+                v.parse::<i64>()
+                    .ok()
+                    .filter(|n| *n >= -1)
+                    .ok_or_else(|| format!("LLAMA_ARG_CACHE_RAM: {v:?} is not MiB (or -1)"))
+            })?,
+            kv_bytes_per_token: quantity("SIM_KV_BYTES_PER_TOKEN", 0)?,
             tokens_per_second: get("SIM_TOKENS_PER_SECOND").map_or(Ok(50.0), |v| {
                 v.parse::<f64>()
                     .ok()
@@ -202,6 +231,15 @@ impl Config {
                     .filter(|n| *n > 0)
                     .ok_or_else(|| format!("SIM_HOST_CORES: {v:?} is not a positive integer"))?,
                 None => host_physical_cores(),
+            },
+            context_length: number("OLLAMA_CONTEXT_LENGTH", 4096)?.max(256),
+            engine: match (get("SIM_ENGINE"), get("SIM_ENGINE_MODEL")) {
+                (None, None) => None,
+                (Some(binary), Some(model)) => Some(crate::engine::Engine {
+                    binary: binary.into(),
+                    model: model.into(),
+                }),
+                _ => return Err("SIM_ENGINE and SIM_ENGINE_MODEL go together".into()),
             },
         })
     }

@@ -8,10 +8,13 @@
 //! `OLLAMA_MAX_QUEUE`, `OLLAMA_MAX_LOADED_MODELS`, `OLLAMA_KEEP_ALIVE` and `OLLAMA_NOPRUNE`,
 //! and has realistic costs: a loaded model really holds its memory, loading and generating take
 //! time, and requests queue. Faults are injected by `SIM_*` variables or `/sim/*` endpoints:
-//! see [`config::Config`] and the README of this crate's binary (`ollama-sim --help`).
+//! see [`config::Config`] and the README of this crate's binary (`ollama-sim --help`). With
+//! `SIM_ENGINE` a loaded model is a real `llama-server` child, as in Ollama ([`engine`]).
 
 pub mod api;
+pub mod cache;
 pub mod config;
+pub mod engine;
 pub mod faults;
 pub mod models;
 pub mod openai;

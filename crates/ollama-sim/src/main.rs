@@ -53,6 +53,14 @@ Costs:
   SIM_TOKENS_PER_SECOND     speed with enough CPU    (default 50; slower when num_thread
                             exceeds the cgroup's CPU quota)
   SIM_NUM_PREDICT           tokens per answer        (default 16)
+  SIM_PREFILL_TOKENS_PER_SECOND  prompt evaluation speed for tokens the prompt
+                            cache does not hold (default 1000)
+  LLAMA_ARG_CACHE_RAM       the prompt cache's cap in MiB, as llama-server reads it
+                            (default 8192; 0: none; -1: no cap)
+  SIM_KV_BYTES_PER_TOKEN    memory a cached prompt state holds per token (default 0)
+  SIM_ENGINE, SIM_ENGINE_MODEL  a llama-server binary and the GGUF it serves for every
+                            model: real generation, as Ollama's runner (no prompt cache
+                            modelling then: the engine has its own)
   SIM_START_DELAY           wait before listening
   SIM_VERSION               what /api/version says   (default 0.4.0)
   SIM_IDLE_TIMEOUT=1s       close keep-alive connections idle this long (llama.cpp's

@@ -24,6 +24,8 @@ use crate::models::ModelInfo;
 struct Loaded {
     info: ModelInfo,
     _memory: Vec<u8>,
+    /// With the real engine: the `llama-server` serving it.
+    child: Option<Arc<crate::engine::Child>>,
     num_thread: usize,
     /// Requests using it now.
     refs: usize,
@@ -68,6 +70,8 @@ pub struct Runner {
     pending: AtomicUsize,
     /// Runner starts and restarts so far (tests count reloads).
     loads: AtomicUsize,
+    /// The prompt cache of the loaded model's slots (without the real engine).
+    cache: Mutex<crate::cache::PromptCache>,
 }
 
 /// A request's hold on a loaded model and a parallel slot; released on drop.
@@ -83,12 +87,15 @@ pub struct Lease {
     pub num_thread: usize,
     /// Tokens per second this request gets (lower when threads exceed the CPU allowance).
     pub tokens_per_second: f64,
+    /// With the real engine: the runner that serves the request.
+    pub child: Option<Arc<crate::engine::Child>>,
 }
 
 impl Runner {
     /// A runner for `cfg`.
     pub fn new(cfg: Arc<Config>) -> Arc<Runner> {
         Arc::new(Runner {
+            cache: Mutex::new(Runner::fresh_cache(&cfg)),
             slots: Arc::new(Semaphore::new(cfg.num_parallel)),
             cfg,
             loaded: Mutex::new(HashMap::new()),
@@ -97,6 +104,30 @@ impl Runner {
             pending: AtomicUsize::new(0),
             loads: AtomicUsize::new(0),
         })
+    }
+
+    fn fresh_cache(cfg: &Config) -> crate::cache::PromptCache {
+        crate::cache::PromptCache::new(cfg.num_parallel, cfg.cache_ram_mib, cfg.kv_bytes_per_token)
+    }
+
+    fn cache(&self) -> MutexGuard<'_, crate::cache::PromptCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for `prompt`, and how much of it the prompt cache holds.
+    pub fn take_slot(&self, prompt: &[crate::cache::Token]) -> crate::cache::Taken {
+        self.cache().take(prompt)
+    }
+
+    /// The request on `slot` is done; the slot holds `tokens`.
+    pub fn give_back_slot(&self, slot: usize, tokens: Vec<crate::cache::Token>) {
+        self.cache().give_back(slot, tokens);
+    }
+
+    /// Bytes and states of the prompt cache.
+    pub fn cache_held(&self) -> (u64, usize) {
+        let c = self.cache();
+        (c.bytes(), c.states())
     }
 
     fn loaded(&self) -> MutexGuard<'_, HashMap<String, Loaded>> {
@@ -127,15 +158,42 @@ impl Runner {
     /// The thread count a request runs with: its own `num_thread`, the model's parameter, or
     /// the host's cores.
     fn threads_for(&self, info: &ModelInfo, num_thread: Option<usize>) -> usize {
-        num_thread
-            .or_else(|| {
-                info.parameters
-                    .get("num_thread")
-                    .and_then(|v| v.as_u64())
-                    .map(|n| n as usize)
-            })
+        Runner::set_threads(info, num_thread)
             .unwrap_or(self.cfg.host_cores)
             .max(1)
+    }
+
+    /// The thread count the request or the model sets, if any (the engine gets `-t` only then,
+    /// as Ollama passes it).
+    fn set_threads(info: &ModelInfo, num_thread: Option<usize>) -> Option<usize> {
+        num_thread.or_else(|| {
+            info.parameters
+                .get("num_thread")
+                .and_then(|v| v.as_u64())
+                .map(|n| n as usize)
+        })
+    }
+
+    /// The real engine's runner of `key`, if the engine is on and it runs.
+    fn child_of(&self, key: &str) -> Option<Arc<crate::engine::Child>> {
+        self.loaded().get(key).and_then(|l| l.child.clone())
+    }
+
+    /// Starts the engine's runner for `info` (none without the engine).
+    async fn start_child(
+        &self,
+        info: &ModelInfo,
+        threads: usize,
+    ) -> Result<Option<Arc<crate::engine::Child>>, Refusal> {
+        let Some(engine) = &self.cfg.engine else {
+            return Ok(None);
+        };
+        let set = Runner::set_threads(info, None).map(|_| threads);
+        engine
+            .start(self.cfg.context_length, self.cfg.num_parallel, set)
+            .await
+            .map(|c| Some(Arc::new(c)))
+            .map_err(Refusal::LoadFailed)
     }
 
     /// Gets the runner for `info` (loading it when needed; only then is the request counted
@@ -147,6 +205,17 @@ impl Runner {
         threads: usize,
         keep_alive: Option<KeepAlive>,
     ) -> Result<usize, Refusal> {
+        // A runner the kernel killed (its cgroup ran out of memory) is started again.
+        {
+            let mut loaded = self.loaded();
+            if loaded
+                .get(key)
+                .is_some_and(|l| l.refs == 0 && l.child.as_ref().is_some_and(|c| !c.alive()))
+            {
+                eprintln!("level=WARN source=sim msg=\"llama runner terminated\" key={key}");
+                loaded.remove(key);
+            }
+        }
         let ready = self
             .loaded()
             .get(key)
@@ -190,6 +259,7 @@ impl Runner {
             }
         };
         std::mem::forget(admitted);
+        let child = self.child_of(&key);
         Ok(Lease {
             runner: self.clone(),
             key,
@@ -202,6 +272,7 @@ impl Runner {
                 num_thread,
                 cgroup_cpu_allowance(),
             ),
+            child,
         })
     }
 
@@ -240,13 +311,19 @@ impl Runner {
         };
         self.loads.fetch_add(1, Ordering::SeqCst);
         if reload {
-            tokio::time::sleep(self.cfg.load_time).await;
+            let child = self.start_child(info, threads).await?;
+            if child.is_none() {
+                tokio::time::sleep(self.cfg.load_time).await;
+            }
             eprintln!(
                 "level=INFO source=sim msg=\"llama runner restarted\" model={} num_thread={threads}",
                 info.name
             );
             if let Some(l) = self.loaded().get_mut(key) {
                 l.num_thread = threads;
+                if child.is_some() {
+                    l.child = child;
+                }
                 l.last_used = Instant::now();
                 // The runner now serves the name that reloaded it.
                 l.info = info.clone();
@@ -255,12 +332,20 @@ impl Runner {
             return Ok(threads);
         }
         self.evict_for_room();
-        tokio::time::sleep(self.cfg.load_time).await;
-        let bytes = usize::try_from(info.memory)
-            .map_err(|_| Refusal::LoadFailed("model too large".into()))?;
-        let memory = tokio::task::spawn_blocking(move || hold_memory(bytes))
-            .await
-            .map_err(|e| Refusal::LoadFailed(e.to_string()))?;
+        // A new runner starts with empty slots and an empty cache.
+        *self.cache() = Runner::fresh_cache(&self.cfg);
+        let child = self.start_child(info, threads).await?;
+        let memory = if child.is_some() {
+            // The engine holds the model's memory itself.
+            Vec::new()
+        } else {
+            tokio::time::sleep(self.cfg.load_time).await;
+            let bytes = usize::try_from(info.memory)
+                .map_err(|_| Refusal::LoadFailed("model too large".into()))?;
+            tokio::task::spawn_blocking(move || hold_memory(bytes))
+                .await
+                .map_err(|e| Refusal::LoadFailed(e.to_string()))?
+        };
         eprintln!(
             "level=INFO source=sim msg=\"llama runner started\" model={} memory={} num_thread={threads}",
             info.name, info.memory
@@ -270,6 +355,7 @@ impl Runner {
             Loaded {
                 info: info.clone(),
                 _memory: memory,
+                child,
                 num_thread: threads,
                 refs: 1,
                 expires: None,
@@ -390,6 +476,13 @@ struct Admitted(Arc<Runner>);
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.0.admitted.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Lease {
+    /// The runner the lease is of.
+    pub fn runner(&self) -> &Runner {
+        &self.runner
     }
 }
 

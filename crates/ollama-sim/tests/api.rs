@@ -726,6 +726,76 @@ async fn keys_are_read_as_go_reads_them() {
     unloaded(&url, "unloaded by a Kelvin-sign keep_alive").await;
 }
 
+/// The prompt cache as llama-server keeps it: the next turn of a conversation costs only its new
+/// tokens (prompt_eval_count still counts them all); another conversation moves the slot and
+/// the first comes back from RAM; with LLAMA_ARG_CACHE_RAM=0 it is evaluated again; cached
+/// states hold memory.
+#[tokio::test]
+async fn conversations_hit_the_prompt_cache() {
+    let doc = |name: &str| {
+        (0..300)
+            .map(|i| format!("{name}{i}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let turn = |url: String, convo: Vec<serde_json::Value>| async move {
+        let (status, body) = post(
+            &format!("{url}/api/chat"),
+            json!({"model": "smollm2:135m", "messages": convo, "stream": false, "options": {"num_predict": 2}}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let v = json(&body);
+        let ms = v["prompt_eval_duration"].as_u64().unwrap_or(0) / 1_000_000;
+        (
+            v["prompt_eval_count"].as_u64().unwrap_or(0),
+            ms,
+            v["message"].clone(),
+        )
+    };
+    let vars = [
+        ("SIM_PREFILL_TOKENS_PER_SECOND", "1000"),
+        ("SIM_KV_BYTES_PER_TOKEN", "1Ki"),
+    ];
+    let url = pulled("cache", &vars).await;
+    let a = vec![json!({"role": "user", "content": doc("a")})];
+    let (count, first_ms, answer) = turn(url.clone(), a.clone()).await;
+    assert!(
+        count >= 300 && first_ms >= 250,
+        "{count} tokens in {first_ms} ms"
+    );
+    let mut a2 = a.clone();
+    a2.push(answer);
+    a2.push(json!({"role": "user", "content": "and then?"}));
+    let (count2, ms, _) = turn(url.clone(), a2.clone()).await;
+    assert!(
+        count2 > count && ms < 50,
+        "the next turn: {count2} tokens in {ms} ms"
+    );
+    // Another conversation takes the slot; the first comes back from RAM.
+    let (_, b_ms, _) = turn(
+        url.clone(),
+        vec![json!({"role": "user", "content": doc("b")})],
+    )
+    .await;
+    assert!(b_ms >= 250, "{b_ms}");
+    let (_, ms, _) = turn(url.clone(), a2.clone()).await;
+    assert!(ms < 50, "restored from RAM: {ms} ms");
+    let (_, state) = get(&format!("{url}/sim/state")).await;
+    let bytes = json(&state)["promptCacheBytes"].as_u64().unwrap_or(0);
+    assert!(bytes >= 300 << 10, "cached states hold memory: {state}");
+    // No cache: every turn is evaluated in full.
+    let off = pulled("nocache", &[("LLAMA_ARG_CACHE_RAM", "0")]).await;
+    turn(off.clone(), a2.clone()).await;
+    turn(
+        off.clone(),
+        vec![json!({"role": "user", "content": doc("b")})],
+    )
+    .await;
+    let (_, ms, _) = turn(off, a2).await;
+    assert!(ms >= 250, "without a RAM cache: {ms} ms");
+}
+
 /// Names compare case-insensitively, as in Ollama.
 #[tokio::test]
 async fn names_are_case_insensitive() {
