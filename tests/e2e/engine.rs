@@ -101,3 +101,132 @@ async fn the_real_engine_serves_a_fleet_and_caches_prompts() {
         took(&first)
     );
 }
+
+/// The memory cgroup's figures of an instance (cgroup v1): (resident anonymous memory, OOM
+/// kills so far).
+fn memory_of(world: &World, id: &str) -> (u64, u64) {
+    let (_, pid) = world.ns.task(id).expect("task");
+    let dir = fleet_e2e::containerd::cgroup_v1_dir(pid, "memory").expect("memory cgroup");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let field = |text: &str, key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (
+        field(&read("memory.stat"), "total_rss "),
+        field(&read("memory.oom_control"), "oom_kill "),
+    )
+}
+
+/// Distinct long prompts to one instance (until `prompts`, or an OOM kill when `until_oom`);
+/// returns how many were answered and its resident memory after each.
+async fn flood(
+    world: &World,
+    address: &str,
+    id: &str,
+    prompts: usize,
+    until_oom: bool,
+) -> (usize, Vec<u64>) {
+    let mut answered = 0;
+    let mut rss = Vec::new();
+    for i in 0..prompts {
+        let body = json!({"model": MODEL, "prompt": document(120, 1000 + i), "stream": false, "options": {"num_predict": 2}});
+        if let Ok((200, text)) = request(
+            "POST",
+            &format!("http://{address}/api/generate"),
+            Some(&body),
+            Duration::from_secs(300),
+        )
+        .await
+            && serde_json::from_str::<Value>(&text).is_ok_and(|v| v["done"] == true)
+        {
+            answered += 1;
+        }
+        let (bytes, oom_kills) = memory_of(world, id);
+        rss.push(bytes >> 20);
+        if until_oom && oom_kills > 0 {
+            break;
+        }
+    }
+    (answered, rss)
+}
+
+/// Issue 22: an instance of 512Mi sent distinct long prompts. Its prompt cache is sized from
+/// its memory (the model, its context's KV cache and a margin taken off), so nothing is
+/// OOM-killed, every request is answered, and its memory levels off. With the engine's own cap
+/// (8 GiB, Ollama's default) the same flood OOM-kills the runner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_prompt_cache_keeps_an_instance_within_its_memory() {
+    let world = World::new("engine-memory");
+    let image = world.import_engine();
+    let base = free_port_range(2);
+    let bounded = engine_fleet(&world, &image, "m", 1, base, "512Mi");
+    world.cli_ok(&["apply", "-f", "-"], Some(&bounded));
+    let agent = world.agent("node-1", &[]);
+    let s = world
+        .wait_status("m", "ready with a sized prompt cache", 300, |s| {
+            s["readyReplicas"] == 1 && s["promptCache"].as_str().is_some_and(|c| c.ends_with("Mi"))
+        })
+        .await;
+    let cache = s["promptCache"].as_str().unwrap_or_default().to_string();
+    let listed = agent.listed(Some("m")).await;
+    let (id, address) = (
+        listed[0]["id"].as_str().expect("id").to_string(),
+        listed[0]["address"].as_str().expect("address").to_string(),
+    );
+    let env = world.ns.ctr_ok(&["containers", "info", &id]);
+    assert!(
+        env.contains("LLAMA_ARG_CACHE_RAM="),
+        "the instance's environment: {env}"
+    );
+    let (answered, rss) = flood(&world, &address, &id, 12, false).await;
+    let (_, oom_kills) = memory_of(&world, &id);
+    eprintln!(
+        "bounded ({cache}): {answered}/12 answered, {oom_kills} OOM kills, RSS MiB after each: {rss:?}"
+    );
+    assert_eq!(answered, 12);
+    assert_eq!(oom_kills, 0);
+    let s = &world.statuses("m")[0];
+    assert!(
+        s["instances"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|i| i["restarts"] == 0)),
+        "{s}"
+    );
+    let (last, before) = (rss[11], rss[7]);
+    assert!(
+        last < before + 24 && last < 480,
+        "memory does not level off: {rss:?}"
+    );
+    assert!(
+        world
+            .cli_ok(&["describe", "fleet", "m"], None)
+            .contains("Prompt cache:"),
+        "describe shows it"
+    );
+
+    // The engine's own cap, as Ollama leaves it: the runner is OOM-killed.
+    world.cli_ok(&["delete", "fleet", "m"], None);
+    let unbounded = engine_fleet(&world, &image, "u", 1, base + 1, "512Mi")
+        .replace("memory: 512Mi", "memory: 512Mi, promptCache: engine");
+    world.cli_ok(&["apply", "-f", "-"], Some(&unbounded));
+    world
+        .wait_status("u", "ready", 300, |s| s["readyReplicas"] == 1)
+        .await;
+    let listed = agent.listed(Some("u")).await;
+    let (id, address) = (
+        listed[0]["id"].as_str().expect("id").to_string(),
+        listed[0]["address"].as_str().expect("address").to_string(),
+    );
+    let (answered, rss) = flood(&world, &address, &id, 24, true).await;
+    let (_, oom_kills) = memory_of(&world, &id);
+    eprintln!(
+        "the engine's own cap: {answered}/{} answered, {oom_kills} OOM kills, RSS MiB after each: {rss:?}",
+        rss.len()
+    );
+    assert!(
+        oom_kills > 0,
+        "the unbounded cache did not fill the memory: {rss:?}"
+    );
+}

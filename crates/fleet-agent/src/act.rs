@@ -125,6 +125,7 @@ mod tests {
             topology: Default::default(),
             cgroup_parent: "/t".into(),
             nofile: None,
+            models: Default::default(),
         }
     }
 

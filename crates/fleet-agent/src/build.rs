@@ -1,15 +1,16 @@
 //! From a fleet's spec to one instance's container: the process, environment, mounts, cgroup
 //! limits and labels (interface.md §3). Pure functions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
 
 use fleet_api::{
     CpuPinning, FleetSpec, LABEL_CREATED_AT, LABEL_FLEET, LABEL_PORT, LABEL_SLOT, LABEL_SPEC_HASH,
-    LastExit, Replicas,
+    LastExit, ModelRef, PromptCache, Replicas,
 };
 use fleet_runtime::{BindMount, ContainerSpec, ImageInfo, Limits};
 
+use crate::ollama::ModelFacts;
 use crate::topology::{Topology, format_cpulist};
 
 /// Label: restarts of the slot before this instance (carried from instance to instance).
@@ -31,6 +32,9 @@ pub const LABEL_GRACE: &str = "ollama-fleet.io/grace-ms";
 /// Label: the requests the instance takes at once (its `OLLAMA_NUM_PARALLEL`), so the gateway
 /// gives it that many, not what a later spec says.
 pub const LABEL_PARALLEL: &str = "ollama-fleet.io/parallel";
+/// Label: the instance's prompt cache (`LLAMA_ARG_CACHE_RAM`): bytes, `engine` (the engine's
+/// default) or `pending` (sized before its model was known: none, until it is replaced).
+pub const LABEL_PROMPT_CACHE: &str = "ollama-fleet.io/prompt-cache";
 /// Label: how the slot's previous instance ended, `code:reason:RFC3339`.
 pub const LABEL_LAST_EXIT: &str = "ollama-fleet.io/last-exit";
 
@@ -45,6 +49,79 @@ pub struct NodeCtx {
     pub cgroup_parent: String,
     /// `RLIMIT_NOFILE` of instances.
     pub nofile: Option<u64>,
+    /// What the node's model cache knows of each model (by `ModelRef::key`).
+    pub models: HashMap<String, ModelFacts>,
+}
+
+/// An instance's prompt cache (the engine's host-RAM cache of prompt states).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheRam {
+    /// The engine's own default: `LLAMA_ARG_CACHE_RAM` is not set.
+    Engine,
+    /// Its model is not known on the node yet: none (`0`) until the instance is replaced.
+    Pending,
+    /// This many bytes (whole MiB).
+    Bytes(u64),
+}
+
+impl CacheRam {
+    fn label(self) -> String {
+        match self {
+            CacheRam::Engine => "engine".into(),
+            CacheRam::Pending => "pending".into(),
+            CacheRam::Bytes(b) => b.to_string(),
+        }
+    }
+
+    fn parse(text: &str) -> Option<CacheRam> {
+        match text {
+            "engine" => Some(CacheRam::Engine),
+            "pending" => Some(CacheRam::Pending),
+            b => b.parse().ok().map(CacheRam::Bytes),
+        }
+    }
+
+    /// The bound it puts on the cache (`None`: the engine's, 8 GiB).
+    pub fn bytes(self) -> Option<u64> {
+        match self {
+            CacheRam::Engine => None,
+            CacheRam::Pending => Some(0),
+            CacheRam::Bytes(b) => Some(b),
+        }
+    }
+}
+
+/// What is kept beyond the model, its KV cache and the prompt cache, for the server, the
+/// runner's compute buffers and the rest: 128 MiB and a tenth of the memory.
+pub fn memory_margin(memory: u64) -> u64 {
+    (128 << 20) + memory / 10
+}
+
+/// The prompt cache an instance of `spec` gets, knowing `facts` of its model (if the node
+/// knows them): `resources.promptCache` when it says a size or `engine`; with `auto`, what
+/// `resources.memory` leaves after the model, the KV cache of its context (`OLLAMA_CONTEXT_LENGTH`,
+/// default 4096, times `OLLAMA_NUM_PARALLEL`) and [`memory_margin`]; the engine's own without a
+/// memory limit to size it from.
+pub fn prompt_cache(spec: &FleetSpec, facts: Option<&ModelFacts>) -> CacheRam {
+    let memory = match (spec.resources.prompt_cache, spec.resources.memory) {
+        (PromptCache::Engine, _) | (PromptCache::Auto, None) => return CacheRam::Engine,
+        (PromptCache::Bytes(q), _) => return CacheRam::Bytes(q.bytes() >> 20 << 20),
+        (PromptCache::Auto, Some(m)) => m.bytes(),
+    };
+    let Some(facts) = facts else {
+        return CacheRam::Pending;
+    };
+    let context = spec
+        .env
+        .get("OLLAMA_CONTEXT_LENGTH")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(4096);
+    let kv = facts.kv_per_token * context * u64::from(parallel_of(&spec.env));
+    let left = memory
+        .saturating_sub(facts.size)
+        .saturating_sub(kv)
+        .saturating_sub(memory_margin(memory));
+    CacheRam::Bytes(left >> 20 << 20)
 }
 
 /// What a new instance inherits from its slot's history.
@@ -84,6 +161,8 @@ pub struct InstanceLabels {
     pub host_ip: Option<std::net::IpAddr>,
     /// The requests it takes at once (absent on containers made before the label existed).
     pub parallel: Option<u32>,
+    /// Its prompt cache (absent on containers made before the label existed).
+    pub prompt_cache: Option<CacheRam>,
 }
 
 impl InstanceLabels {
@@ -108,6 +187,7 @@ impl InstanceLabels {
             grace: None,
             host_ip: None,
             parallel: None,
+            prompt_cache: None,
         }
     }
 }
@@ -135,6 +215,7 @@ pub fn parse_labels(labels: &BTreeMap<String, String>) -> Option<InstanceLabels>
         threads: get(LABEL_THREADS).and_then(|t| t.parse().ok()),
         host_ip: get(LABEL_HOST_IP).and_then(|ip| ip.parse().ok()),
         parallel: get(LABEL_PARALLEL).and_then(|p| p.parse().ok()),
+        prompt_cache: get(LABEL_PROMPT_CACHE).and_then(CacheRam::parse),
         grace: get(LABEL_GRACE)
             .and_then(|g| g.parse().ok())
             .map(std::time::Duration::from_millis),
@@ -242,6 +323,10 @@ pub fn container_spec(
         })
         .collect();
     env.extend(default_env(spec, port));
+    let cache = prompt_cache(spec, node.models.get(&ModelRef::key(&spec.model)));
+    if let Some(bytes) = cache.bytes() {
+        env.insert("LLAMA_ARG_CACHE_RAM".into(), (bytes >> 20).to_string());
+    }
     env.extend(spec.env.clone());
     let security = security(spec, &image.config.user, &mut env);
     let args = if spec.command.is_empty() {
@@ -302,6 +387,22 @@ pub fn container_spec(
     ]);
     labels.insert(LABEL_HOST_IP.to_string(), spec.network.host_ip.to_string());
     labels.insert(LABEL_PARALLEL.to_string(), parallel_of(&env).to_string());
+    // What the instance really got (the manifest's env may set the variable itself).
+    let cache = match env
+        .get("LLAMA_ARG_CACHE_RAM")
+        .map(|v| v.trim().parse::<i64>())
+    {
+        None => CacheRam::Engine,
+        Some(Ok(mib)) if mib >= 0 => {
+            if cache == CacheRam::Pending && mib == 0 {
+                CacheRam::Pending
+            } else {
+                CacheRam::Bytes((mib as u64) << 20)
+            }
+        }
+        Some(_) => CacheRam::Engine,
+    };
+    labels.insert(LABEL_PROMPT_CACHE.to_string(), cache.label());
     labels.insert(
         LABEL_GRACE.to_string(),
         spec.termination_grace_period.std().as_millis().to_string(),
@@ -447,6 +548,7 @@ mod tests {
             },
             cgroup_parent: "/ollama-fleet/ns".into(),
             nofile: Some(4096),
+            models: Default::default(),
         }
     }
 
@@ -454,6 +556,97 @@ mod tests {
         let mut i = fleet_runtime::fake::FakeRuntime::image_named("docker.io/ollama/ollama:0.4.0");
         i.config.env = vec!["PATH=/bin".into(), "OLLAMA_HOST=0.0.0.0:11434".into()];
         i
+    }
+
+    /// The prompt cache an instance gets: what its memory leaves once the model, its context's
+    /// KV cache and the margin are taken; a size or the engine's own when the manifest says.
+    #[test]
+    fn the_prompt_cache_is_sized_from_memory() {
+        let facts = ModelFacts {
+            size: 98 << 20,
+            kv_per_token: 23_040,
+        };
+        let mib = |c: CacheRam| c.bytes().map(|b| b >> 20);
+        // 512 - 98 - 90 (4096 tokens of 22.5 KiB) - (128 + 51.2) = 144 MiB.
+        let small = fleet("  resources: {memory: 512Mi}\n");
+        assert_eq!(mib(prompt_cache(&small, Some(&facts))), Some(144));
+        assert_eq!(
+            prompt_cache(&small, None),
+            CacheRam::Pending,
+            "the model not known yet"
+        );
+        // Two slots of 8192 tokens each: 720 MiB of KV cache leave nothing.
+        let wide = fleet(
+            "  resources: {memory: 512Mi}\n  env: {OLLAMA_NUM_PARALLEL: \"2\", OLLAMA_CONTEXT_LENGTH: \"8192\"}\n",
+        );
+        assert_eq!(mib(prompt_cache(&wide, Some(&facts))), Some(0));
+        let big = fleet("  resources: {memory: 8Gi}\n");
+        let llama3 = ModelFacts {
+            size: 4_700_000_000,
+            kv_per_token: 131_072,
+        };
+        // 8192 - 4482 - 512 - 947.2 = 2250 MiB.
+        assert_eq!(mib(prompt_cache(&big, Some(&llama3))), Some(2250));
+        let set = fleet("  resources: {memory: 1Gi, promptCache: 300Mi}\n");
+        assert_eq!(mib(prompt_cache(&set, None)), Some(300), "no model needed");
+        let engine = fleet("  resources: {memory: 1Gi, promptCache: engine}\n");
+        assert_eq!(prompt_cache(&engine, Some(&facts)), CacheRam::Engine);
+        assert_eq!(
+            prompt_cache(&fleet(""), Some(&facts)),
+            CacheRam::Engine,
+            "no memory to size from"
+        );
+        // In the container: the variable in MiB, and the label says what the instance got.
+        let mut n = node();
+        n.models.insert(ModelRef::key("m"), facts);
+        let made = |spec: &FleetSpec, n: &NodeCtx| {
+            let c = container_spec(
+                "f",
+                spec,
+                "h",
+                &image(),
+                n,
+                (0, 11434),
+                "f-0-a".into(),
+                &Carry::default(),
+                SystemTime::UNIX_EPOCH,
+            );
+            let env = c
+                .env
+                .iter()
+                .find_map(|kv| kv.strip_prefix("LLAMA_ARG_CACHE_RAM=").map(str::to_string));
+            (
+                env,
+                c.labels.get(LABEL_PROMPT_CACHE).cloned(),
+                parse_labels(&c.labels).and_then(|l| l.prompt_cache),
+            )
+        };
+        assert_eq!(
+            made(&small, &n),
+            (
+                Some("144".into()),
+                Some((144u64 << 20).to_string()),
+                Some(CacheRam::Bytes(144 << 20))
+            )
+        );
+        assert_eq!(
+            made(&small, &node()),
+            (
+                Some("0".into()),
+                Some("pending".into()),
+                Some(CacheRam::Pending)
+            )
+        );
+        assert_eq!(
+            made(&engine, &n),
+            (None, Some("engine".into()), Some(CacheRam::Engine))
+        );
+        let own = fleet("  resources: {memory: 512Mi}\n  env: {LLAMA_ARG_CACHE_RAM: \"64\"}\n");
+        assert_eq!(
+            made(&own, &n).2,
+            Some(CacheRam::Bytes(64 << 20)),
+            "the manifest's own variable wins"
+        );
     }
 
     #[test]

@@ -302,8 +302,15 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         let (gates, ready) = self.readiness(&labelled, now);
 
         // Plan.
-        let (plan, terminating) =
-            self.plan(&evals, docs.is_some(), &ready.instances, busy_before, now);
+        let facts = self.models.facts();
+        let (plan, terminating) = self.plan(
+            &evals,
+            docs.is_some(),
+            &ready.instances,
+            busy_before,
+            now,
+            &facts,
+        );
 
         // Act: first what starts instances; then, once the instances about to stop are out of
         // the endpoints (the gateway, the view and the status key), what stops them.
@@ -312,6 +319,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             topology: self.cfg.topology.clone(),
             cgroup_parent: self.cfg.cgroup_parent.clone(),
             nofile: Some(self.cfg.nofile),
+            models: self.models.facts(),
         };
         let (stopping, starting): (Vec<&Action>, Vec<&Action>) =
             plan.actions.iter().partition(|a| a.stops().is_some());
@@ -338,6 +346,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             messages: &ready.messages,
             gates: &gates,
             last_error: &|slot| exec.last_error(slot),
+            models: &facts,
         });
         self.show(&evals, &ready.instances, &statuses, &leaving);
         self.announce(&statuses, &ready.instances, &stopping).await;
@@ -449,6 +458,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         instances: &[planner::Instance],
         busy_before: HashMap<planner::SlotKey, planner::InFlight>,
         now: SystemTime,
+        facts: &HashMap<String, crate::ollama::ModelFacts>,
     ) -> (planner::Plan, HashSet<String>) {
         let targets: Vec<Target<'_>> = evals
             .iter()
@@ -466,6 +476,10 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                         replicas: *replicas,
                         hash,
                         can_create: image.is_some(),
+                        cache_known: build::prompt_cache(
+                            &fleet.spec,
+                            facts.get(&fleet_api::ModelRef::key(&fleet.spec.model)),
+                        ) != build::CacheRam::Pending,
                     },
                     Eval::Paused(_) | Eval::Invalid(_) | Eval::Refused { .. } => Desired::Keep,
                 },

@@ -180,9 +180,19 @@ impl Fleets {
             hash,
             image,
             image_wait,
-            request: written.resources.memory.map(fleet_api::Quantity::bytes),
+            request: request_of(&written.resources),
             cut: None,
         }
+    }
+}
+
+/// The memory each instance asks for, as admission counts it: `resources.memory`; without one,
+/// a prompt cache the manifest sizes itself (it will hold that much).
+fn request_of(r: &fleet_api::Resources) -> Option<u64> {
+    match (r.memory, r.prompt_cache) {
+        (Some(m), _) => Some(m.bytes()),
+        (None, fleet_api::PromptCache::Bytes(c)) if c.bytes() > 0 => Some(c.bytes()),
+        (None, _) => None,
     }
 }
 

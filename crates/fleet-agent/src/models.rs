@@ -24,7 +24,7 @@ use fleet_runtime::clock::{self, Instant};
 use fleet_api::{CpuPinning, FleetSpec, ModelRef};
 use tokio::sync::Notify;
 
-use crate::ollama::{Ollama, Progress};
+use crate::ollama::{ModelFacts, Ollama, Progress};
 use crate::reason::{Reason, Waiting};
 use crate::tasks::PerTarget;
 use crate::topology::Topology;
@@ -194,6 +194,8 @@ pub struct ModelCache {
     ollama: Arc<dyn Ollama>,
     entries: Arc<Mutex<HashMap<(String, String), State>>>,
     stats: Arc<Mutex<ModelStats>>,
+    /// What the node knows of each model (by its key), once prepared: for sizing instances.
+    facts: Arc<Mutex<HashMap<String, ModelFacts>>>,
     wake: Arc<Notify>,
     backoff: Duration,
 }
@@ -217,9 +219,15 @@ impl ModelCache {
             ollama,
             entries: Arc::new(Mutex::new(HashMap::new())),
             stats: Arc::new(Mutex::new(ModelStats::default())),
+            facts: Arc::default(),
             wake,
             backoff,
         }
+    }
+
+    /// What the node knows of each model (by [`ModelRef::key`]), once a preparation asked.
+    pub fn facts(&self) -> HashMap<String, ModelFacts> {
+        lock(&self.facts).clone()
     }
 
     /// Whether the agent is writing into `cache` now (a pull, or a create for the thread
@@ -477,6 +485,24 @@ impl ModelCache {
             self.step(key, "setting num_thread of", progress);
             self.derive(base, model, model, threads).await?;
         }
+        // What sizing instances needs (their prompt cache): asked once per model.
+        let known = lock(&self.facts).contains_key(&ModelRef::key(model));
+        if !known {
+            match self.ollama.facts(base, model).await {
+                Ok(Some(facts)) => {
+                    tracing::info!(
+                        model,
+                        size = facts.size,
+                        kv_per_token = facts.kv_per_token,
+                        "model facts known"
+                    );
+                    lock(&self.facts).insert(ModelRef::key(model), facts);
+                    self.wake.notify_one();
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(model, error = %e, "cannot ask the model's facts"),
+            }
+        }
         // Derived models no instance runs with any more.
         if let Ok(names) = self.ollama.names(base).await {
             for name in names {
@@ -670,6 +696,11 @@ mod tests {
             assert!(matches!(cache.gate(&need, &via), Gate::Open(_)));
         }
         assert_eq!(
+            cache.facts().get(&ModelRef::key("m:1")),
+            Some(&crate::ollama::SCRIPTED_FACTS),
+            "the model's facts, for sizing instances"
+        );
+        assert_eq!(
             ollama.calls(),
             [
                 "show http://a m:1",
@@ -680,6 +711,7 @@ mod tests {
                 "show http://a m:1-fleet-t2",
                 "derive http://a m:1",
                 "show http://a m:1",
+                "facts http://a m:1",
                 "names http://a ",
             ]
         );

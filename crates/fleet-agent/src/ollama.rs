@@ -23,6 +23,29 @@ use crate::upstream::{self, CallError};
 /// Bytes done and total of a pull, as the stream reports them.
 pub type Progress = Arc<Mutex<(u64, u64)>>;
 
+/// What sizing an instance's memory needs to know of a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelFacts {
+    /// Bytes the model takes (its weights file, which the runner maps).
+    pub size: u64,
+    /// Bytes of KV cache per token of context: f16 keys and values of every layer.
+    pub kv_per_token: u64,
+}
+
+/// The KV cache per token of a model, from `/api/show`'s `model_info`: layers x KV heads x
+/// (key + value dimensions) x 2 bytes (f16, llama.cpp's default).
+pub fn kv_per_token(model_info: &Value) -> Option<u64> {
+    let arch = model_info["general.architecture"].as_str()?;
+    let n = |k: &str| model_info[format!("{arch}.{k}")].as_u64();
+    let layers = n("block_count")?;
+    let heads = n("attention.head_count")?.max(1);
+    let kv_heads = n("attention.head_count_kv").unwrap_or(heads);
+    let head_dim = n("embedding_length")? / heads;
+    let key = n("attention.key_length").unwrap_or(head_dim);
+    let value = n("attention.value_length").unwrap_or(head_dim);
+    Some(layers * kv_heads * (key + value) * 2)
+}
+
 /// Ollama, as far as the agent needs it. `base` is an instance's `http://host:port`.
 #[async_trait::async_trait]
 pub trait Ollama: Send + Sync + 'static {
@@ -45,6 +68,8 @@ pub trait Ollama: Send + Sync + 'static {
     async fn delete(&self, base: &str, model: &str) -> Result<(), CallError>;
     /// Loads the model and pins it (`keep_alive: -1`); succeeds once `/api/ps` shows it.
     async fn load(&self, base: &str, model: &str) -> Result<(), CallError>;
+    /// The model's size and KV cache per token (`None`: the server does not say).
+    async fn facts(&self, base: &str, model: &str) -> Result<Option<ModelFacts>, CallError>;
 }
 
 /// Ollama over HTTP.
@@ -402,6 +427,52 @@ impl Ollama for HttpOllama {
             )))
         }
     }
+
+    async fn facts(&self, base: &str, model: &str) -> Result<Option<ModelFacts>, CallError> {
+        let (status, body) = self
+            .call(
+                "POST",
+                format!("{base}/api/show"),
+                Some(json!({"model": model, "name": model})),
+                CALL_TIMEOUT,
+            )
+            .await?;
+        if status != 200 {
+            return Ok(None);
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(|e| CallError::json(&e))?;
+        let Some(kv) = kv_per_token(&v["model_info"]) else {
+            return Ok(None);
+        };
+        Ok(self.size_of(base, model).await?.map(|size| ModelFacts {
+            size,
+            kv_per_token: kv,
+        }))
+    }
+}
+
+impl HttpOllama {
+    /// The size `/api/tags` gives the model.
+    async fn size_of(&self, base: &str, model: &str) -> Result<Option<u64>, CallError> {
+        let (status, body) = self
+            .call("GET", format!("{base}/api/tags"), None, CALL_TIMEOUT)
+            .await?;
+        if status != 200 {
+            return Err(CallError::status(status, &body));
+        }
+        let v: Value = serde_json::from_slice(&body).map_err(|e| CallError::json(&e))?;
+        Ok(v["models"].as_array().and_then(|models| {
+            models
+                .iter()
+                .find(|m| {
+                    m["name"]
+                        .as_str()
+                        .or_else(|| m["model"].as_str())
+                        .is_some_and(|n| same_model(n, model))
+                })
+                .and_then(|m| m["size"].as_u64())
+        }))
+    }
 }
 
 /// Ollama as a test scripts it: a models directory per base URL (or shared, see
@@ -422,7 +493,16 @@ struct Scripted {
     down: HashSet<String>,
     calls: Vec<String>,
     pull_time: Duration,
+    /// What `facts` says of every model present (`None`: [`SCRIPTED_FACTS`]).
+    facts: Option<ModelFacts>,
 }
+
+/// What scripted Ollama says of a model unless told otherwise: SmolLM2-135M's KV cache per
+/// token, 64 MiB of weights.
+pub const SCRIPTED_FACTS: ModelFacts = ModelFacts {
+    size: 64 << 20,
+    kv_per_token: 23_040,
+};
 
 impl ScriptedOllama {
     fn lock(&self) -> MutexGuard<'_, Scripted> {
@@ -432,6 +512,11 @@ impl ScriptedOllama {
     /// Every base URL uses the same models directory (a node's shared cache).
     pub fn share(&self, dir: &str) {
         self.lock().dirs.insert("*".into(), dir.into());
+    }
+
+    /// What `facts` says of every model present (default: 64 MiB, 22.5 KiB per token).
+    pub fn set_facts(&self, facts: ModelFacts) {
+        self.lock().facts = Some(facts);
     }
 
     /// Pulls take this long.
@@ -557,6 +642,14 @@ impl Ollama for ScriptedOllama {
             )))
         }
     }
+
+    async fn facts(&self, base: &str, model: &str) -> Result<Option<ModelFacts>, CallError> {
+        let key = self.record("facts", base, model)?;
+        let s = self.lock();
+        Ok(s.models
+            .contains_key(&key)
+            .then(|| s.facts.unwrap_or(SCRIPTED_FACTS)))
+    }
 }
 
 #[cfg(test)]
@@ -571,6 +664,34 @@ mod tests {
         );
         assert_eq!(num_thread_of("stop \"<|end|>\""), None);
         assert_eq!(num_thread_of(""), None);
+    }
+
+    #[test]
+    fn kv_cache_per_token_from_the_model_info() {
+        let smollm2 = serde_json::json!({
+            "general.architecture": "llama",
+            "llama.block_count": 30,
+            "llama.embedding_length": 576,
+            "llama.attention.head_count": 9,
+            "llama.attention.head_count_kv": 3,
+        });
+        assert_eq!(
+            kv_per_token(&smollm2),
+            Some(23_040),
+            "30 x 3 x (64 + 64) x 2"
+        );
+        let llama3_8b = serde_json::json!({
+            "general.architecture": "llama",
+            "llama.block_count": 32,
+            "llama.embedding_length": 4096,
+            "llama.attention.head_count": 32,
+            "llama.attention.head_count_kv": 8,
+        });
+        assert_eq!(kv_per_token(&llama3_8b), Some(131_072));
+        assert_eq!(
+            kv_per_token(&serde_json::json!({"general.architecture": "bert"})),
+            None
+        );
     }
 
     #[test]

@@ -122,6 +122,9 @@ pub enum Desired<'a> {
         hash: &'a str,
         /// Whether new instances can be created now.
         can_create: bool,
+        /// Whether new instances get a sized prompt cache (their model is known on the node):
+        /// instances made before, with none, are then outdated.
+        cache_known: bool,
     },
     /// Touch nothing: the document is invalid, or the fleet is paused.
     Keep,
@@ -395,6 +398,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
             replicas,
             hash,
             can_create,
+            cache_known,
         } = &target.desired
         else {
             continue;
@@ -406,6 +410,7 @@ pub fn plan(input: &Input<'_>) -> Plan {
             replicas: *replicas,
             hash,
             can_create: *can_create,
+            cache_known: *cache_known,
             input,
         }
         .plan(&instances, &mut out);
@@ -423,6 +428,7 @@ struct FleetPlan<'a> {
     replicas: u32,
     hash: &'a str,
     can_create: bool,
+    cache_known: bool,
     input: &'a Input<'a>,
 }
 
@@ -535,12 +541,26 @@ impl FleetPlan<'_> {
     /// Why a healthy running instance should be replaced now, if it should; sets the wake-up
     /// for its rotation.
     fn replaceable(&self, i: &Instance, out: &mut Plan) -> Option<Why> {
-        if i.labels.spec_hash != self.hash || !self.in_place(i) {
+        // Made before its model was known (no prompt cache), and not serving yet: made again
+        // with one, when the model is in the node's shared cache (its own cache would be pulled
+        // again). Once it served, it keeps its way until it is replaced anyway.
+        let cache_pending = i.labels.prompt_cache == Some(build::CacheRam::Pending)
+            && !self.spec.models.host_path.is_empty();
+        if i.labels.spec_hash != self.hash
+            || !self.in_place(i)
+            || (cache_pending && self.cache_known && !i.was_ready)
+        {
             return Some(Why::Outdated);
         }
         let rotation = &self.spec.rotation;
+        // A prompt cache that is full but bounded is no leak: its bound does not count.
+        let cache = i
+            .labels
+            .prompt_cache
+            .and_then(build::CacheRam::bytes)
+            .unwrap_or(0);
         if let (Some(max), Some(used)) = (rotation.max_memory, i.memory)
-            && used > max.bytes()
+            && used.saturating_sub(cache) > max.bytes()
         {
             return Some(Why::MaxMemory);
         }
@@ -758,9 +778,11 @@ impl FleetPlan<'_> {
         keep
     }
 
-    /// A new instance for an empty slot, on its own port (or a free one of the pool).
+    /// A new instance for an empty slot, on its own port (or a free one of the pool). While
+    /// the fleet's model is not known on the node (its prompt cache cannot be sized), only one
+    /// instance is made: the model is pulled through it, and the others follow once it is known.
     fn create(&self, slot: u32, ports: &mut Ports<'_>, out: &mut Plan) {
-        if !self.can_create {
+        if !self.can_create || (!self.cache_known && !ports.held.is_empty()) {
             return;
         }
         if let Some(port) = self.port_for(slot, None, false, false, ports) {
@@ -1043,6 +1065,7 @@ mod tests {
                 replicas,
                 hash: "h1",
                 can_create: true,
+                cache_known: true,
             },
         }]
     }
@@ -1128,6 +1151,7 @@ mod tests {
                 replicas: 2,
                 hash: "h1",
                 can_create: false,
+                cache_known: true,
             },
         }];
         assert!(plan_of(Some(&targets), &[], &[], t(0)).actions.is_empty());
@@ -1655,6 +1679,76 @@ mod tests {
             })
             .collect();
         assert_eq!(ports, [11500, 11501]);
+    }
+
+    /// While a fleet's model is not known on the node, only one instance is made (the model is
+    /// pulled through it; the others follow with a sized prompt cache). Once it is known, that
+    /// instance, made without a prompt cache, is made again if it has not served yet.
+    #[test]
+    fn the_prompt_cache_waits_for_the_model() {
+        let s = spec("  models: {hostPath: /var/lib/ollama-fleet/models}\n");
+        let targets = |cache_known| {
+            vec![Target {
+                name: "f",
+                desired: Desired::Run {
+                    spec: &s,
+                    replicas: 3,
+                    hash: "h1",
+                    can_create: true,
+                    cache_known,
+                },
+            }]
+        };
+        let p = plan_of(Some(&targets(false)), &[], &[], t(0));
+        assert_eq!(kinds(&p), ["create 0"], "one to pull through");
+        let mut puller = inst(0, "h1", TaskState::Running, false);
+        puller.labels.prompt_cache = Some(build::CacheRam::Pending);
+        puller.was_ready = false;
+        let p = plan_of(
+            Some(&targets(false)),
+            std::slice::from_ref(&puller),
+            &[],
+            t(1),
+        );
+        assert!(p.actions.is_empty(), "the others wait: {p:?}");
+        let p = plan_of(
+            Some(&targets(true)),
+            std::slice::from_ref(&puller),
+            &[],
+            t(2),
+        );
+        assert_eq!(
+            kinds(&p),
+            ["create 1", "create 2", "replace f-0-h1 Outdated"],
+            "the model is known: the others, and the puller again"
+        );
+        puller.ready = true;
+        puller.was_ready = true;
+        let p = plan_of(
+            Some(&targets(true)),
+            std::slice::from_ref(&puller),
+            &[],
+            t(2),
+        );
+        assert_eq!(kinds(&p), ["create 1", "create 2"], "it served: it stays");
+    }
+
+    /// A prompt cache that is full but bounded is not a leak: `rotation.maxMemory` counts the
+    /// instance's memory beyond its cache's bound.
+    #[test]
+    fn max_memory_is_not_fooled_by_a_bounded_prompt_cache() {
+        let s = spec("  rotation: {maxMemory: 512Mi}\n");
+        let mut i = inst(0, "h1", TaskState::Running, true);
+        i.memory = Some(700 << 20);
+        i.labels.prompt_cache = Some(build::CacheRam::Bytes(300 << 20));
+        let p = plan_of(Some(&run(&s, 1)), std::slice::from_ref(&i), &[], t(10));
+        assert!(
+            p.actions.is_empty(),
+            "400 MiB beyond its 300 MiB cache: {p:?}"
+        );
+        i.memory = Some(900 << 20);
+        let p = plan_of(Some(&run(&s, 1)), &[i], &[], t(10));
+        assert_eq!(kinds(&p), ["replace f-0-h1 MaxMemory"]);
     }
 
     /// A rotation or rollout is not a restart: the new instance carries the slot's restarts and

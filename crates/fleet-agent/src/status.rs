@@ -127,6 +127,7 @@ pub fn summarize(
         instances,
         conditions,
         updated_at: String::new(),
+        prompt_cache: None,
     }
 }
 
@@ -165,6 +166,7 @@ fn summary_json(status: &FleetStatus, updated_at: &str) -> String {
         instances: Vec::new(),
         conditions: status.conditions.clone(),
         updated_at: updated_at.to_string(),
+        prompt_cache: status.prompt_cache.clone(),
     };
     serde_json::to_string(&summary).unwrap_or_default()
 }

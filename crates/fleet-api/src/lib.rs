@@ -27,8 +27,8 @@ pub use decode::FieldError;
 pub use manifest::{
     API_VERSION, CpuPinning, DEFAULT_IMAGE, DEFAULT_MODELS_PATH, EPHEMERAL_PORT_START, FleetSpec,
     KIND, MAX_CPUS, MAX_MEMORY, MIN_MEMORY, MIN_PORT, Metadata, Models, Network, OllamaFleet,
-    Probe, Probes, PullPolicy, Replicas, Resources, RestartBackoff, Rollout, Rotation, RuntimeSpec,
-    SecurityContext, is_dns_label, is_normalised_path,
+    Probe, Probes, PromptCache, PullPolicy, Replicas, Resources, RestartBackoff, Rollout, Rotation,
+    RuntimeSpec, SecurityContext, is_dns_label, is_normalised_path,
 };
 pub use refs::{ImageRef, ModelRef};
 pub use schema::schema_json;

@@ -208,6 +208,55 @@ pub struct Resources {
     /// `socket` pins each instance to the cpus and NUMA memory of one socket.
     #[serde(default)]
     pub cpu_pinning: CpuPinning,
+    /// Host RAM for the engine's prompt cache (llama-server's `--cache-ram`, which Ollama leaves
+    /// at 8 GiB per runner): `auto` sizes it from `memory` (less the model, its context's KV
+    /// cache and a margin), a quantity sets it (`0`: no prompt cache), `engine` leaves the
+    /// engine's own default.
+    #[serde(default, skip_serializing_if = "PromptCache::is_auto")]
+    pub prompt_cache: PromptCache,
+}
+
+/// The engine's prompt cache per instance (`resources.promptCache`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PromptCache {
+    /// Sized from `resources.memory`: what the model and its context leave, less a margin.
+    #[default]
+    Auto,
+    /// The engine's own default (8 GiB per runner): the agent sets nothing.
+    Engine,
+    /// This much (`0`: no prompt cache).
+    Bytes(Quantity),
+}
+
+impl PromptCache {
+    /// The default.
+    pub fn is_auto(&self) -> bool {
+        *self == PromptCache::Auto
+    }
+}
+
+impl Serialize for PromptCache {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PromptCache::Auto => s.serialize_str("auto"),
+            PromptCache::Engine => s.serialize_str("engine"),
+            PromptCache::Bytes(q) => q.serialize(s),
+        }
+    }
+}
+
+impl JsonSchema for PromptCache {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PromptCache".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let quantity = generator.subschema_for::<Quantity>();
+        schemars::json_schema!({
+            "description": "auto (from memory), engine (the engine's default, 8 GiB), or a quantity (0: none).",
+            "anyOf": [{"type": "string", "enum": ["auto", "engine"]}, quantity]
+        })
+    }
 }
 
 /// CPU pinning of instances.
@@ -935,6 +984,35 @@ fn decode_resources(f: &mut Fields<'_>) -> Resources {
     let pids = f
         .node("pids")
         .and_then(|node| int_in(node, &f.path_of("pids"), f.errs, 1, i64::MAX).map(|n| n as u64));
+    let prompt_cache = match f.node("promptCache") {
+        None => PromptCache::Auto,
+        Some(node) => match &node.value {
+            Value::Str(s) if s == "auto" => PromptCache::Auto,
+            Value::Str(s) if s == "engine" => PromptCache::Engine,
+            Value::Str(s) if s.starts_with(|c: char| c.is_ascii_alphabetic()) => {
+                f.errs.add(
+                    &f.path_of("promptCache"),
+                    node.pos,
+                    format!("unsupported value {s:?}: use auto, engine, or a quantity such as 256Mi (0: no prompt cache)"),
+                );
+                PromptCache::Auto
+            }
+            _ => Quantity::decode(node, &f.path_of("promptCache"), f.errs)
+                .map_or(PromptCache::Auto, PromptCache::Bytes),
+        },
+    };
+    if let (PromptCache::Bytes(cache), Some(m)) = (prompt_cache, memory)
+        && cache >= m
+        && memory_ok(&m)
+    {
+        f.errs.add(
+            &f.path_of("promptCache"),
+            f.pos_of("promptCache"),
+            format!(
+                "must be below resources.memory ({m}) to leave room for the model, got {cache}"
+            ),
+        );
+    }
     let cpu_pinning = f
         .parsed::<String, _>("cpuPinning", |p| match p.as_str() {
             "none" => Ok(CpuPinning::None),
@@ -948,6 +1026,7 @@ fn decode_resources(f: &mut Fields<'_>) -> Resources {
         memory: memory.filter(memory_ok),
         pids,
         cpu_pinning,
+        prompt_cache,
     }
 }
 

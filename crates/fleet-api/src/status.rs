@@ -227,6 +227,10 @@ pub struct FleetStatus {
     /// When this status was written (RFC 3339).
     #[serde(default)]
     pub updated_at: String,
+    /// The prompt cache a new instance gets on this node (`resources.promptCache`): a quantity,
+    /// `engine` (the engine's own, 8 GiB), or `pending` (none until the model is on the node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache: Option<String>,
 }
 
 impl FleetStatus {

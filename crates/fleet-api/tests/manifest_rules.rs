@@ -864,3 +864,52 @@ fn bombs_fail_with_one_error() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(errs[0].message.contains("bytes of text"), "{errs:?}");
 }
+
+#[test]
+fn prompt_cache_is_auto_engine_or_a_size_below_memory() {
+    use fleet_api::{PromptCache, Quantity};
+    assert_eq!(
+        passes(&doc("")).spec.resources.prompt_cache,
+        PromptCache::Auto
+    );
+    let of = |v: &str| {
+        passes(&doc(&format!(
+            "resources: {{memory: 1Gi, promptCache: {v}}}"
+        )))
+        .spec
+        .resources
+        .prompt_cache
+    };
+    assert_eq!(of("auto"), PromptCache::Auto);
+    assert_eq!(of("engine"), PromptCache::Engine);
+    assert_eq!(of("256Mi"), PromptCache::Bytes(Quantity::mebibytes(256)));
+    assert_eq!(
+        of("0"),
+        PromptCache::Bytes(Quantity::mebibytes(0)),
+        "no prompt cache"
+    );
+    fails(
+        &doc("resources: {promptCache: lots}"),
+        "spec.resources.promptCache",
+        "use auto, engine, or a quantity",
+    );
+    fails(
+        &doc("resources: {memory: 512Mi, promptCache: 512Mi}"),
+        "spec.resources.promptCache",
+        "must be below resources.memory",
+    );
+    fails(
+        &doc("resources: {promptCache: -1}"),
+        "spec.resources.promptCache",
+        ">= 0",
+    );
+    // The normalised form keeps what was said, and `auto` is the default left out.
+    let f = passes(&doc("resources: {memory: 1Gi, promptCache: 256Mi}"));
+    let json = serde_json::to_value(&f).expect("json");
+    assert_eq!(json["spec"]["resources"]["promptCache"], "256Mi");
+    let auto = serde_json::to_value(passes(&doc(""))).expect("json");
+    assert!(
+        auto["spec"]["resources"].get("promptCache").is_none(),
+        "{auto}"
+    );
+}

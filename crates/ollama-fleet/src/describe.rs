@@ -38,13 +38,18 @@ fn spec_lines(spec: &FleetSpec, out: &mut String) {
         (
             "Resources",
             format!(
-                "cpus {}, memory {}, pids {}, cpu pinning {}",
+                "cpus {}, memory {}, pids {}, cpu pinning {}, prompt cache {}",
                 opt(r.cpus.map(|c| c.to_string())),
                 opt(r.memory.map(|m| m.to_string())),
                 opt(r.pids.map(|p| p.to_string())),
                 match r.cpu_pinning {
                     fleet_api::CpuPinning::None => "none",
                     fleet_api::CpuPinning::Socket => "socket",
+                },
+                match r.prompt_cache {
+                    fleet_api::PromptCache::Auto => "auto".to_string(),
+                    fleet_api::PromptCache::Engine => "engine".to_string(),
+                    fleet_api::PromptCache::Bytes(q) => q.to_string(),
                 }
             ),
         ),
@@ -169,6 +174,14 @@ fn describe(v: &FleetView, now: SystemTime) -> String {
                 counts.join(", ")
             }
         );
+        if let Some(cache) = &s.prompt_cache {
+            let said = match cache.as_str() {
+                "engine" => "the engine's own (8 GiB)".to_string(),
+                "pending" => "none yet: sized once the model is on this node".to_string(),
+                size => format!("{size} per new instance (LLAMA_ARG_CACHE_RAM)"),
+            };
+            let _ = writeln!(out, "  Prompt cache: {said}");
+        }
         let rows: Vec<Vec<String>> = s
             .conditions
             .iter()

@@ -307,6 +307,15 @@ async fn version(State(app): Shared) -> Response {
     axum::Json(json!({"version": app.cfg.version})).into_response()
 }
 
+/// The size of a model as its runner holds it: the real engine's GGUF, else the model's blobs.
+fn model_bytes(app: &App, blobs: u64) -> u64 {
+    app.cfg
+        .engine
+        .as_ref()
+        .and_then(|e| std::fs::metadata(&e.model).ok())
+        .map_or(blobs, |m| m.len())
+}
+
 async fn tags(State(app): Shared) -> Response {
     let models: Vec<Value> = app
         .store
@@ -317,7 +326,7 @@ async fn tags(State(app): Shared) -> Response {
                 "name": m.name,
                 "model": m.name,
                 "modified_at": timestamp(m.modified),
-                "size": m.size,
+                "size": model_bytes(&app, m.size),
                 "digest": short_digest(&m.digest),
                 "details": details(),
             })
@@ -880,10 +889,16 @@ async fn show(State(app): Shared, body: Bytes) -> ApiResult {
         "template": info.template.clone().unwrap_or_else(|| "{{ .Prompt }}".into()),
         "system": info.system.clone().unwrap_or_default(),
         "details": details(),
+        // SmolLM2-135M's shape (what the real engine's image serves): 30 layers of 3 KV heads
+        // of 64 dimensions, 22.5 KiB of KV cache per token in f16.
         "model_info": {
             "general.architecture": "llama",
             "general.parameter_count": 134_515_008u64,
             "llama.context_length": 8192,
+            "llama.block_count": 30,
+            "llama.embedding_length": 576,
+            "llama.attention.head_count": 9,
+            "llama.attention.head_count_kv": 3,
         },
         "modified_at": timestamp(info.modified),
         "capabilities": info.capabilities(),

@@ -34,6 +34,8 @@ pub struct Pass<'a> {
     pub gates: &'a HashMap<GateKey, Gate>,
     /// The last error of a slot's last action, if it failed.
     pub last_error: &'a dyn Fn(&SlotKey) -> Option<String>,
+    /// What the node's model cache knows of models (the prompt cache new instances get).
+    pub models: &'a HashMap<String, crate::ollama::ModelFacts>,
 }
 
 impl std::fmt::Debug for Pass<'_> {
@@ -129,6 +131,16 @@ fn fleet_status(pass: &Pass<'_>, name: &str, mine: &[&Instance]) -> Option<Fleet
         }
         _ => None,
     };
+    if let Some((_, Eval::Run { fleet, .. })) = eval {
+        let facts = pass
+            .models
+            .get(&fleet_api::ModelRef::key(&fleet.spec.model));
+        summary.prompt_cache = Some(match crate::build::prompt_cache(&fleet.spec, facts) {
+            crate::build::CacheRam::Engine => "engine".into(),
+            crate::build::CacheRam::Pending => "pending".into(),
+            crate::build::CacheRam::Bytes(b) => fleet_api::Quantity(b).to_string(),
+        });
+    }
     summary.conditions = conditions(
         eval.map(|(_, e)| e),
         &summary,
