@@ -208,6 +208,18 @@ pub struct ServeArgs {
         default_value_t = 256
     )]
     pub per_client: usize,
+    /// Send a conversation's next turn to the instance that served the last one (its prompt
+    /// cache holds the conversation), when that is free or frees sooner than evaluating the
+    /// conversation elsewhere would take. Conversations are named by an X-Session-Id header,
+    /// else by their leading messages (chat) or returned context (generate).
+    #[arg(
+        long = "serve-affinity",
+        env = "OLLAMA_FLEET_SERVE_AFFINITY",
+        value_name = "BOOL",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub affinity: bool,
 }
 
 fn parse_optional_quantity(s: &str) -> Result<Option<u64>, String> {
@@ -437,6 +449,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
                 body_timeout: args.serve.body_timeout,
                 allowed_origins: args.serve.allowed_origins.clone(),
                 loopback: addr.ip().is_loopback(),
+                affinity: args.serve.affinity,
             });
             if args.serve.token_file.is_none() && !addr.ip().is_loopback() {
                 tracing::warn!(%addr, "the gateway serves without tokens on a non-loopback address: anyone who reaches it can use the models (see --serve-token-file)");

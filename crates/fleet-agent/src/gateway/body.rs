@@ -237,8 +237,35 @@ impl<'a> Request<'a> {
         })
     }
 
-    fn string(&self, field: &str) -> Option<String> {
+    /// A top-level value as it was written (the last key Go would take for `field`).
+    pub fn raw(&self, field: &str) -> Option<&'a RawValue> {
+        self.entries.last(field)
+    }
+
+    /// A top-level string.
+    pub fn string(&self, field: &str) -> Option<String> {
         serde_json::from_str(self.entries.last(field)?.get()).ok()
+    }
+
+    /// The most tokens it asks for: `options.num_predict` (Ollama) or `max_tokens`,
+    /// `max_completion_tokens` (OpenAI).
+    pub fn token_limit(&self) -> Option<u64> {
+        let number = |v: &RawValue| serde_json::from_str::<i64>(v.get()).ok();
+        let options = self
+            .raw("options")
+            .and_then(|o| Entries::parse(o.get().as_bytes()).ok())
+            .and_then(|o| {
+                o.0.iter()
+                    .rev()
+                    .find(|(k, _)| k.0 == "num_predict")
+                    .map(|(_, v)| *v)
+            })
+            .and_then(number);
+        options
+            .or_else(|| self.raw("max_tokens").and_then(number))
+            .or_else(|| self.raw("max_completion_tokens").and_then(number))
+            .and_then(|n| u64::try_from(n).ok())
+            .filter(|n| *n > 0)
     }
 
     /// The model it names (`model`, else the older `name`), as Ollama reads it.

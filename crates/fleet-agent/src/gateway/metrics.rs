@@ -29,6 +29,9 @@ struct PerFleet {
     generated_tokens: u64,
     reloads: u64,
     stalled: u64,
+    affinity_hits: u64,
+    affinity_misses: u64,
+    cached_tokens: u64,
 }
 
 /// The gateway's figures, by fleet (`""`: requests that matched no fleet).
@@ -58,6 +61,10 @@ pub struct Sample {
     pub reload: bool,
     /// The watchdog aborted it.
     pub stalled: bool,
+    /// When the gateway knew the conversation's instance: whether the request went there.
+    pub affinity_hit: Option<bool>,
+    /// Prompt tokens the instance held of the conversation (served from its cache).
+    pub cached_tokens: u64,
 }
 
 /// A histogram's name, help, and where it is kept.
@@ -84,7 +91,7 @@ const HISTOGRAMS: [HistogramOf; 3] = [
     ),
 ];
 
-const COUNTERS: [CounterOf; 4] = [
+const COUNTERS: [CounterOf; 7] = [
     (
         "ollama_fleet_prompt_tokens_total",
         "Prompt tokens evaluated (prompt_eval_count).",
@@ -104,6 +111,21 @@ const COUNTERS: [CounterOf; 4] = [
         "ollama_fleet_stalled_requests_total",
         "Requests the watchdog aborted.",
         |f| f.stalled,
+    ),
+    (
+        "ollama_fleet_affinity_hits_total",
+        "Turns of a known conversation sent to the instance that holds it.",
+        |f| f.affinity_hits,
+    ),
+    (
+        "ollama_fleet_affinity_misses_total",
+        "Turns of a known conversation sent elsewhere (its instance was busy for longer than a prefill, or gone).",
+        |f| f.affinity_misses,
+    ),
+    (
+        "ollama_fleet_prompt_cached_tokens_total",
+        "Prompt tokens the instance held of the conversation (not evaluated again).",
+        |f| f.cached_tokens,
     ),
 ];
 
@@ -126,6 +148,12 @@ impl Metrics {
         f.generated_tokens += s.generated_tokens;
         f.reloads += u64::from(s.reload);
         f.stalled += u64::from(s.stalled);
+        match s.affinity_hit {
+            Some(true) => f.affinity_hits += 1,
+            Some(false) => f.affinity_misses += 1,
+            None => {}
+        }
+        f.cached_tokens += s.cached_tokens;
     }
 
     /// Counts a request the watchdog aborted before any byte reached the client (it is
@@ -209,6 +237,8 @@ mod tests {
             generated_tokens: 7,
             reload: code == 200,
             stalled: code == 504,
+            affinity_hit: (code == 200).then_some(ttft.is_some()),
+            cached_tokens: 5,
         };
         m.record(
             "a",

@@ -9,11 +9,13 @@
 //! - [`proxy`]: a request's way to an instance: option pinning, a slot from the pool, one
 //!   failover, the first-token and stall watchdog, relaying the answer and measuring it;
 //! - [`body`]: request bodies: read once within a node-wide budget, pinned as Ollama reads keys;
+//! - [`affinity`]: a conversation's next turn to the instance that holds its prefix;
 //! - [`browser`]: Ollama's protections against web pages (origins, CORS, local hosts);
 //! - [`auth`]: bearer tokens from a file, re-read when it changes;
 //! - [`pool`]: dispatch (idle-only, bounded FIFO queue per pool, drain, stall counts);
 //! - [`metrics`]: the traffic figures Ollama lacks.
 
+pub mod affinity;
 pub mod auth;
 pub mod body;
 pub mod browser;
@@ -66,6 +68,8 @@ pub struct GatewayConfig {
     pub allowed_origins: Vec<String>,
     /// The gateway listens on a loopback address: requests must name a local `Host`.
     pub loopback: bool,
+    /// A conversation's next turn goes to the instance that holds its prefix ([`affinity`]).
+    pub affinity: bool,
 }
 
 impl Default for GatewayConfig {
@@ -82,6 +86,7 @@ impl Default for GatewayConfig {
             body_timeout: Duration::from_secs(30),
             allowed_origins: Vec::new(),
             loopback: false,
+            affinity: true,
         }
     }
 }
@@ -164,6 +169,7 @@ pub struct Gateway {
     tokens: auth::Tokens,
     budget: body::Budget,
     browsers: browser::Browsers,
+    affinity: affinity::Affinity,
     /// The controller has told what runs (until then, every request gets 503).
     known: AtomicBool,
 }
@@ -229,6 +235,7 @@ impl Gateway {
             tokens: auth::Tokens::new(cfg.token_file.clone()),
             budget: body::Budget::new(cfg.body_budget),
             browsers: browser::Browsers::new(&cfg.allowed_origins, cfg.loopback),
+            affinity: affinity::Affinity::default(),
             cfg,
             pools: Pools::default(),
             routes: RwLock::new(Vec::new()),

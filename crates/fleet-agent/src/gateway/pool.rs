@@ -4,6 +4,7 @@
 //! slot the moment one frees up (no polling).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +36,8 @@ pub struct Backend {
 struct Slot {
     backend: Backend,
     in_flight: u32,
+    /// How far each request in flight is.
+    progress: Vec<Arc<Progress>>,
     /// Draining: no new requests, whatever the controller says next.
     drained: bool,
     /// Consecutive watchdog failures.
@@ -60,10 +63,35 @@ struct Waiter {
     tx: oneshot::Sender<Lease>,
 }
 
+/// How far a request in flight is (the gateway's view of an instance's work, for estimating
+/// how long a busy instance stays busy).
+#[derive(Debug)]
+pub struct Progress {
+    /// When it was sent.
+    pub started: Instant,
+    /// Answer pieces (tokens) relayed so far.
+    pub pieces: AtomicU64,
+    /// Tokens it asks for at most (`num_predict`, `max_tokens`; 0: not said).
+    pub limit: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            started: Instant::now(),
+            pieces: AtomicU64::new(0),
+            limit: AtomicU64::new(0),
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     slots: BTreeMap<String, Slot>,
     queues: HashMap<String, VecDeque<Waiter>>,
+    /// A request waiting for one instance in particular (its conversation's): at most one
+    /// per instance.
+    affine: HashMap<String, oneshot::Sender<Lease>>,
     /// Round-robin position per pool, so that equally idle instances share the load.
     turn: HashMap<String, usize>,
 }
@@ -112,6 +140,8 @@ impl std::fmt::Debug for Pools {
 pub struct Lease {
     /// The instance.
     pub backend: Backend,
+    /// How far the request is (the relay counts its pieces).
+    pub progress: Arc<Progress>,
     pools: Pools,
     released: bool,
 }
@@ -119,7 +149,8 @@ pub struct Lease {
 impl Lease {
     /// Frees the slot, and counts a watchdog failure of the instance (`stalled`) or a success.
     pub fn finish(mut self, stalled: bool) {
-        self.pools.release(&self.backend.id, Some(stalled));
+        self.pools
+            .release(&self.backend.id, &self.progress, Some(stalled));
         self.released = true;
     }
 }
@@ -127,7 +158,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if !self.released {
-            self.pools.release(&self.backend.id, None);
+            self.pools.release(&self.backend.id, &self.progress, None);
         }
     }
 }
@@ -147,6 +178,7 @@ impl Pools {
                 None => Slot {
                     backend: b,
                     in_flight: 0,
+                    progress: Vec::new(),
                     drained: false,
                     stalls: 0,
                     served: 0,
@@ -309,14 +341,91 @@ impl Pools {
         let turn = s.turn.entry(pool.to_string()).or_default();
         *turn = turn.wrapping_add(1);
         let id = idle[*turn % idle.len()].clone();
-        let slot = s.slots.get_mut(&id)?;
+        self.take(s, &id)
+    }
+
+    /// A slot on instance `id` (it must be open), counted as in use.
+    fn take(&self, s: &mut State, id: &str) -> Option<Lease> {
+        let slot = s.slots.get_mut(id)?;
         slot.in_flight += 1;
         slot.served += 1;
+        let progress = Arc::new(Progress::new());
+        slot.progress.push(progress.clone());
         Some(Lease {
             backend: slot.backend.clone(),
+            progress,
             pools: self.clone(),
             released: false,
         })
+    }
+
+    /// A slot on instance `id` of `pool`, at once, if it has room.
+    pub fn try_on(&self, pool: &str, id: &str) -> Option<Lease> {
+        let mut s = lock(&self.state);
+        let open = s
+            .slots
+            .get(id)
+            .is_some_and(|x| x.backend.pool == pool && x.open());
+        if open { self.take(&mut s, id) } else { None }
+    }
+
+    /// The requests in flight on instance `id` of `pool` when it takes requests (`None`: it
+    /// does not, or nobody may wait for it: another request does already).
+    pub fn busy_on(&self, pool: &str, id: &str) -> Option<Vec<Arc<Progress>>> {
+        let s = lock(&self.state);
+        let slot = s
+            .slots
+            .get(id)
+            .filter(|x| x.backend.pool == pool && x.takes_requests())?;
+        if s.affine.get(id).is_some_and(|w| !w.is_closed()) {
+            return None;
+        }
+        Some(slot.progress.clone())
+    }
+
+    /// Waits (until `until` at most) for a slot on instance `id`: the next one it frees is
+    /// this request's, before any in the pool's queue. `None` when the time passed, the
+    /// instance stopped taking requests, or another request waits for it already.
+    pub async fn wait_on(&self, id: &str, until: Instant) -> Option<Lease> {
+        let rx = {
+            let mut s = lock(&self.state);
+            if s.affine.get(id).is_some_and(|w| !w.is_closed()) {
+                return None;
+            }
+            let (tx, rx) = oneshot::channel();
+            s.affine.insert(id.to_string(), tx);
+            rx
+        };
+        match tokio::time::timeout_at(until, rx).await {
+            Ok(Ok(lease)) => Some(lease),
+            _ => {
+                let mut s = lock(&self.state);
+                if s.affine.get(id).is_some_and(|w| w.is_closed()) {
+                    s.affine.remove(id);
+                }
+                None
+            }
+        }
+    }
+
+    /// Gives a slot freed on `id` to the request waiting for that instance, if one does.
+    fn hand_to_affine(&self, s: &mut State, id: &str) {
+        let open = s.slots.get(id).is_some_and(Slot::open);
+        if !open {
+            return;
+        }
+        let Some(waiter) = s.affine.remove(id) else {
+            return;
+        };
+        let Some(lease) = self.take(s, id) else {
+            return;
+        };
+        if let Err(mut lease) = waiter.send(lease) {
+            // It gave up meanwhile: the slot goes back.
+            lease.released = true;
+            let progress = lease.progress.clone();
+            Self::give_back(s, id, &progress, None);
+        }
     }
 
     /// Gives freed capacity in `pool` to its waiting requests, first come first served.
@@ -341,14 +450,21 @@ impl Pools {
             if let Err(mut lease) = waiter.tx.send(lease) {
                 // It gave up meanwhile: the slot goes back.
                 lease.released = true;
-                Self::give_back(s, &lease.backend.id, None);
+                let progress = lease.progress.clone();
+                Self::give_back(s, &lease.backend.id, &progress, None);
             }
         }
     }
 
-    fn give_back(s: &mut State, id: &str, stalled: Option<bool>) -> Option<String> {
+    fn give_back(
+        s: &mut State,
+        id: &str,
+        progress: &Arc<Progress>,
+        stalled: Option<bool>,
+    ) -> Option<String> {
         let slot = s.slots.get_mut(id)?;
         slot.in_flight = slot.in_flight.saturating_sub(1);
+        slot.progress.retain(|p| !Arc::ptr_eq(p, progress));
         match stalled {
             Some(true) => slot.stalls += 1,
             Some(false) => slot.stalls = 0,
@@ -357,9 +473,10 @@ impl Pools {
         Some(slot.backend.pool.clone())
     }
 
-    fn release(&self, id: &str, stalled: Option<bool>) {
+    fn release(&self, id: &str, progress: &Arc<Progress>, stalled: Option<bool>) {
         let mut s = lock(&self.state);
-        if let Some(pool) = Self::give_back(&mut s, id, stalled) {
+        if let Some(pool) = Self::give_back(&mut s, id, progress, stalled) {
+            self.hand_to_affine(&mut s, id);
             self.hand_out(&mut s, &pool);
         }
         drop(s);
@@ -496,6 +613,48 @@ mod tests {
         let stuck = pools.acquire("f", None, 0, WAIT).await.expect("b");
         let waited = pools.drain(&stuck.backend.id, Duration::from_secs(3)).await;
         assert_eq!(waited, Duration::from_secs(3));
+    }
+
+    /// A request waiting for one instance (its conversation's) gets that instance's next free
+    /// slot before the pool's queue; only one may wait for an instance; the wait ends in time.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waiting_for_its_instance_gets_it_first() {
+        let pools = Pools::default();
+        pools.update(vec![backend("a", 1), backend("b", 1)]);
+        let on_a = pools.try_on("f", "a").expect("a is free");
+        assert!(pools.try_on("f", "a").is_none(), "a is busy now");
+        let on_b = pools.acquire("f", None, 8, WAIT).await.expect("b");
+        assert_eq!(pools.busy_on("f", "a").map(|p| p.len()), Some(1));
+        let fifo = {
+            let p = pools.clone();
+            tokio::spawn(async move { p.acquire("f", None, 8, WAIT).await })
+        };
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let affine = {
+            let p = pools.clone();
+            tokio::spawn(async move {
+                let until = Instant::now() + Duration::from_secs(5);
+                p.wait_on("a", until).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(
+            pools.busy_on("f", "a").is_none(),
+            "someone waits for a already"
+        );
+        drop(on_a);
+        let got = affine.await.expect("affine").expect("a slot");
+        assert_eq!(got.backend.id, "a", "before the queue");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(!fifo.is_finished(), "the queue waits on");
+        drop(on_b);
+        let queued = fifo.await.expect("fifo").expect("a slot");
+        assert_eq!(queued.backend.id, "b");
+        drop(got);
+        // A wait that runs out says so.
+        let _hold = pools.try_on("f", "a").expect("a");
+        let until = Instant::now() + Duration::from_millis(100);
+        assert!(pools.wait_on("a", until).await.is_none());
     }
 
     #[tokio::test(start_paused = true)]

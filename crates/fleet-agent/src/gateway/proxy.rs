@@ -14,6 +14,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::affinity;
 use super::body::{self, BodyError, Held};
 use super::metrics::Sample;
 use super::{Gateway, Lease, PoolOf, Refused, error};
@@ -23,9 +24,6 @@ use crate::upstream;
 /// even when the model is loaded (microseconds), while a load takes tens of milliseconds at
 /// least (seconds for real models).
 pub const RELOAD_THRESHOLD: Duration = Duration::from_millis(10);
-
-/// The most of an answer's end kept to read its counts from.
-const TAIL: usize = 16 << 10;
 
 /// The instance's response headers a client gets.
 const FORWARDED_HEADERS: [header::HeaderName; 2] = [header::CONTENT_TYPE, header::CACHE_CONTROL];
@@ -61,6 +59,8 @@ pub async fn forward(gw: &Arc<Gateway>, route: &'static str, req: Request) -> Re
         route,
         started: Instant::now(),
         streaming: false,
+        conversation: None,
+        limit: 0,
     };
     match call.read(req).await {
         Ok((pool, body, held)) => {
@@ -80,6 +80,10 @@ struct Call<'a> {
     started: Instant,
     /// The answer streams (its silence is the instance's); else it comes whole at the end.
     streaming: bool,
+    /// The conversation it continues, if it names one (and affinity is on).
+    conversation: Option<affinity::Key>,
+    /// The most tokens it asks for (0: not said).
+    limit: u64,
 }
 
 impl Call<'_> {
@@ -114,6 +118,11 @@ impl Call<'_> {
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok());
+        let session = req
+            .headers()
+            .get(affinity::SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let read = body::read(
             req.into_body(),
             declared,
@@ -137,9 +146,16 @@ impl Call<'_> {
             let message = format!("model '{model}' not found");
             return Err(self.refuse("", StatusCode::NOT_FOUND, Duration::ZERO, message));
         };
+        let conversation = cfg
+            .affinity
+            .then(|| affinity::key_of(&pool.pool, self.route, session.as_deref(), &parsed))
+            .flatten();
+        let limit = parsed.token_limit().unwrap_or(0);
         let pinned = parsed.pinned(&pool.model).map_err(refuse)?;
         drop(parsed);
         self.streaming = streaming;
+        self.conversation = conversation;
+        self.limit = limit;
         let body = pinned.map_or(bytes, Bytes::from);
         Ok((pool, body, held))
     }
@@ -189,11 +205,32 @@ impl Call<'_> {
         let mut exclude: Option<String> = None;
         let mut queue_wait = Duration::ZERO;
         let mut last = String::new();
+        let mut held: Option<u64> = None;
+        let mut known = false;
         for round in 0..2 {
-            let lease = match self.lease(pool, exclude.as_deref(), &mut queue_wait).await {
-                Ok(lease) => lease,
-                Err(refused) => return refused,
+            // The first try goes to the conversation's instance when that pays.
+            let affine = match (round, self.conversation) {
+                (0, Some(key)) => {
+                    let found = self.conversation_instance(pool, key, &mut queue_wait).await;
+                    known = found.is_some();
+                    found.and_then(|(lease, entry)| Some((lease?, entry.tokens)))
+                }
+                _ => None,
             };
+            let lease = match affine {
+                Some((lease, tokens)) => {
+                    held = Some(tokens);
+                    lease
+                }
+                None => match self.lease(pool, exclude.as_deref(), &mut queue_wait).await {
+                    Ok(lease) => lease,
+                    Err(refused) => return refused,
+                },
+            };
+            lease
+                .progress
+                .limit
+                .store(self.limit, std::sync::atomic::Ordering::Relaxed);
             let fleet = lease.backend.fleet.clone();
             match self.attempt(&lease, &body).await {
                 Attempt::Started(answer) => {
@@ -204,6 +241,9 @@ impl Call<'_> {
                         started: self.started,
                         ttft: self.started.elapsed(),
                         queue_wait,
+                        pool: pool.pool.clone(),
+                        conversation: self.conversation,
+                        affinity: known.then_some(held),
                     };
                     return relay.respond(answer);
                 }
@@ -227,6 +267,36 @@ impl Call<'_> {
             }
         }
         error(StatusCode::BAD_GATEWAY, last)
+    }
+
+    /// The instance that served the conversation last, if the gateway knows one in `pool`, and
+    /// a slot on it: at once when it is free; after waiting for it when it is busy for less
+    /// time than evaluating the conversation again elsewhere would take (and nobody waits for it
+    /// already); else none (the request goes to the least busy instance).
+    async fn conversation_instance(
+        &self,
+        pool: &PoolOf,
+        key: affinity::Key,
+        queue_wait: &mut Duration,
+    ) -> Option<(Option<Lease>, affinity::Entry)> {
+        let gw = self.gw;
+        let entry = gw.affinity.lookup(key)?;
+        if let Some(lease) = gw.pools.try_on(&pool.pool, &entry.instance) {
+            return Some((Some(lease), entry));
+        }
+        let Some(busy) = gw.pools.busy_on(&pool.pool, &entry.instance) else {
+            return Some((None, entry));
+        };
+        let rates = gw.affinity.rates(&pool.pool);
+        let wait = affinity::busy_for(&busy, &rates);
+        if !affinity::worth_waiting(wait, entry.tokens, &rates) {
+            return Some((None, entry));
+        }
+        let waited = Instant::now();
+        let until = waited + wait.mul_f64(1.5) + Duration::from_millis(200);
+        let lease = gw.pools.wait_on(&entry.instance, until).await;
+        *queue_wait += waited.elapsed();
+        Some((lease, entry))
     }
 
     /// Sends `body` to the leased instance and waits for its headers and first bytes: within
@@ -364,6 +434,13 @@ struct Relay {
     started: Instant,
     ttft: Duration,
     queue_wait: Duration,
+    /// The pool it was sent in.
+    pool: String,
+    /// The conversation it continues, if it names one.
+    conversation: Option<affinity::Key>,
+    /// When the gateway knew the conversation's instance: `Some(tokens it held)` when the
+    /// request went there (a hit), `None` when it went elsewhere (a miss).
+    affinity: Option<Option<u64>>,
 }
 
 type Chunk = Result<Bytes, std::io::Error>;
@@ -401,8 +478,14 @@ impl Relay {
             async move { matches!(tokio::time::timeout(idle, tx.send(chunk)).await, Ok(Ok(()))) }
         };
         let mut client_here = true;
+        let pieces = &self.lease.progress.pieces;
+        let count = |data: &[u8]| {
+            let n = data.iter().filter(|b| **b == b'\n').count() as u64;
+            pieces.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        };
         if let Some(data) = first {
             tail.keep(&data);
+            count(&data);
             client_here = pass(Ok(data)).await;
         }
         while client_here {
@@ -422,6 +505,7 @@ impl Relay {
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         tail.keep(&data);
+                        count(&data);
                         client_here = pass(Ok(data)).await;
                     }
                 }
@@ -430,50 +514,118 @@ impl Relay {
         if !client_here {
             tracing::debug!(instance = %self.lease.backend.id, "the client went away or stopped reading; the instance's slot is free");
         }
-        let counts = tail.counts();
+        let last = tail.last_object();
+        let counts = last.as_ref().map(Counts::of).unwrap_or_default();
+        let cached = self.learn(last.as_ref(), &counts, code, stalled);
         let sample = Sample {
             route: self.route,
             code: code.as_u16(),
             duration: self.started.elapsed(),
             ttft: Some(self.ttft),
             queue_wait: self.queue_wait,
-            prompt_tokens: counts.prompt,
-            generated_tokens: counts.generated,
+            prompt_tokens: counts.cost.prompt,
+            generated_tokens: counts.cost.generated,
             reload: counts.reload,
             stalled,
+            affinity_hit: self.affinity.map(|held| held.is_some()),
+            cached_tokens: cached,
         };
         self.gw.metrics.record(&self.lease.backend.fleet, &sample);
         self.lease.finish(stalled);
     }
 }
 
-/// The end of an answer, kept to read its counts from.
-#[derive(Default)]
-struct Tail(Vec<u8>);
-
-impl Tail {
-    fn keep(&mut self, data: &[u8]) {
-        self.0.extend_from_slice(data);
-        if self.0.len() > TAIL {
-            self.0.drain(..self.0.len() - TAIL / 2);
+impl Relay {
+    /// What the gateway learns from a finished answer: the pool's rates, and where the
+    /// conversation now lives (a chat's by its leading messages; a generate's by the `context`
+    /// its answer returned). Returns the prompt tokens served from the instance's cache (on a
+    /// hit: what it held of the conversation, at most the prompt).
+    fn learn(&self, last: Option<&Value>, counts: &Counts, code: StatusCode, stalled: bool) -> u64 {
+        if code != StatusCode::OK || stalled {
+            return 0;
         }
-    }
-
-    fn counts(&self) -> Counts {
-        last_object(&self.0)
-            .as_ref()
-            .map(Counts::of)
-            .unwrap_or_default()
+        let affinity = &self.gw.affinity;
+        let held = self.affinity.flatten();
+        affinity.observe(&self.pool, &counts.cost, held.is_some());
+        let id = &self.lease.backend.id;
+        let total = counts.cost.prompt + counts.cost.generated;
+        if let Some(key) = self.conversation {
+            affinity.remember(key, id, total);
+        }
+        if let Some(context) = last.and_then(|v| v["context"].as_array()) {
+            let text = serde_json::to_string(context).unwrap_or_default();
+            if let Some(key) = affinity::context_key(&self.pool, &text) {
+                affinity.remember(key, id, context.len() as u64);
+            }
+        }
+        held.map_or(0, |h| h.min(counts.cost.prompt))
     }
 }
 
+/// The most of an answer's last line kept (a generate answer's `context` is in it).
+const LAST_LINE: usize = 1 << 20;
+
+/// The end of an answer: its last complete JSON line (NDJSON, or SSE `data:`), and the line
+/// being received (a whole answer that does not end in a newline), each at most [`LAST_LINE`].
+#[derive(Default)]
+struct Tail {
+    line: Vec<u8>,
+    /// The line is longer than kept: dropped until its end.
+    overflow: bool,
+    last: Vec<u8>,
+}
+
+impl Tail {
+    fn keep(&mut self, data: &[u8]) {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let (part, ended) = match rest.iter().position(|b| *b == b'\n') {
+                Some(at) => (&rest[..at], Some(at)),
+                None => (rest, None),
+            };
+            if !self.overflow {
+                if self.line.len() + part.len() > LAST_LINE {
+                    self.overflow = true;
+                    self.line.clear();
+                } else {
+                    self.line.extend_from_slice(part);
+                }
+            }
+            match ended {
+                Some(at) => {
+                    if !self.overflow && json_line(&self.line).is_some() {
+                        self.last = std::mem::take(&mut self.line);
+                    }
+                    self.line.clear();
+                    self.overflow = false;
+                    rest = &rest[at + 1..];
+                }
+                None => rest = &[],
+            }
+        }
+    }
+
+    /// The answer's last complete JSON object.
+    fn last_object(&self) -> Option<Value> {
+        [&self.line, &self.last]
+            .into_iter()
+            .filter_map(|l| json_line(l))
+            .find_map(|l| serde_json::from_str(l).ok())
+    }
+}
+
+/// A line's JSON object, if it holds one (`data:` of a server-sent event stripped).
+fn json_line(line: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(line).ok()?.trim();
+    let text = text.strip_prefix("data:").unwrap_or(text).trim();
+    text.starts_with('{').then_some(text)
+}
+
 /// What an answer says it cost.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct Counts {
-    /// Prompt tokens.
-    prompt: u64,
-    /// Generated tokens.
-    generated: u64,
+    /// Tokens and times.
+    cost: affinity::Cost,
     /// The instance loaded the model for it.
     reload: bool,
 }
@@ -484,21 +636,23 @@ impl Counts {
         let n = |k: &str| v[k].as_u64().unwrap_or(0);
         let usage = &v["usage"];
         Counts {
-            prompt: n("prompt_eval_count").max(usage["prompt_tokens"].as_u64().unwrap_or(0)),
-            generated: n("eval_count").max(usage["completion_tokens"].as_u64().unwrap_or(0)),
+            cost: affinity::Cost {
+                prompt: n("prompt_eval_count").max(usage["prompt_tokens"].as_u64().unwrap_or(0)),
+                prompt_time: Duration::from_nanos(n("prompt_eval_duration")),
+                generated: n("eval_count").max(usage["completion_tokens"].as_u64().unwrap_or(0)),
+                generate_time: Duration::from_nanos(n("eval_duration")),
+            },
             reload: u128::from(n("load_duration")) > RELOAD_THRESHOLD.as_nanos(),
         }
     }
 }
 
-/// The last complete JSON object in `tail` (NDJSON lines or SSE `data:` lines).
-fn last_object(tail: &[u8]) -> Option<Value> {
-    let text = String::from_utf8_lossy(tail);
-    text.lines()
-        .rev()
-        .map(|l| l.trim().trim_start_matches("data:").trim())
-        .filter(|l| l.starts_with('{'))
-        .find_map(|l| serde_json::from_str(l).ok())
+/// The last complete JSON object of an answer (NDJSON lines or SSE `data:` lines).
+#[cfg(test)]
+fn last_object(answer: &[u8]) -> Option<Value> {
+    let mut tail = Tail::default();
+    tail.keep(answer);
+    tail.last_object()
 }
 
 #[cfg(test)]
@@ -509,10 +663,9 @@ mod tests {
     fn counts_from_the_last_object() {
         let ndjson = b"{\"response\":\"a\",\"done\":false}\n{\"done\":true,\"eval_count\":7,\"prompt_eval_count\":3,\"load_duration\":45000}\n";
         let last = last_object(ndjson).expect("last");
-        let counts = |prompt, generated, reload| Counts {
-            prompt,
-            generated,
-            reload,
+        let counts = |prompt, generated, reload| {
+            let c = Counts::of(&json!({"prompt_eval_count": prompt, "eval_count": generated}));
+            Counts { reload, ..c }
         };
         assert_eq!(
             Counts::of(&last),
@@ -535,5 +688,24 @@ mod tests {
         let event = Ending::ErrorEvent.end("quiet".into()).expect("an event");
         assert_eq!(&event[..], b"data: {\"error\":\"quiet\"}\n\n");
         assert!(Ending::Cut.end("quiet".into()).is_err());
+    }
+
+    /// The last line of an answer is kept whole (a generate answer's `context` makes it long),
+    /// and a whole answer without a final newline is read too.
+    #[test]
+    fn the_last_line_is_kept_whole() {
+        let context: Vec<u64> = (0..20_000).collect();
+        let last = json!({"done": true, "eval_count": 2, "context": context}).to_string();
+        let mut tail = Tail::default();
+        tail.keep(b"{\"response\":\"a\"}\n");
+        for piece in last.as_bytes().chunks(1000) {
+            tail.keep(piece);
+        }
+        tail.keep(b"\n");
+        let v = tail.last_object().expect("the last object");
+        assert_eq!(v["context"].as_array().map(Vec::len), Some(20_000));
+        let mut whole = Tail::default();
+        whole.keep(br#"{"done":true,"eval_count":3}"#);
+        assert_eq!(whole.last_object().expect("whole")["eval_count"], 3);
     }
 }
