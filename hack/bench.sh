@@ -12,6 +12,7 @@
 #        hack/bench.sh --partition ROUNDS   (see hack/bench-partition.sh)
 #        hack/bench.sh --serve N [--seconds S]   (see hack/bench-serve.sh)
 #        hack/bench.sh --bodies BUDGET_MIB   (see hack/bench-gateway-memory.sh)
+#        hack/bench.sh --affinity N [--engine 1]   (see hack/bench-affinity.sh)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -24,6 +25,13 @@ cargo build --locked --release -p ollama-fleet -p ollama-sim -p fleet-e2e --bin 
 export OLLAMA_FLEET_BINARY=$ROOT/target/release/ollama-fleet
 export OLLAMA_FLEET_SIM_IMAGE_TAR=$ROOT/target/images-bench/ollama-sim.oci.tar
 hack/sim-image.sh --binary "$ROOT/target/release/ollama-sim" --out "$ROOT/target/images-bench" >/dev/null
+if [[ " $* " == *" --engine 1 "* ]]; then
+  # The real engine (llama-server and SmolLM2-135M; built once, then cached) behind the sim.
+  eval "$(hack/llama-engine.sh)"
+  export OLLAMA_FLEET_ENGINE_IMAGE_TAR=$ROOT/target/images-bench/ollama-engine.oci.tar
+  hack/sim-image.sh --binary "$ROOT/target/release/ollama-sim" --out "$ROOT/target/images-bench" \
+    --engine "$LLAMA_SERVER:$LLAMA_GGUF" >/dev/null
+fi
 echo "bench: $(nproc) cpus, $(free -g | awk '/Mem:/ {print $2}') GiB, containerd $(containerd --version | awk '{print $3}'), runc $(runc --version | awk 'NR==1 {print $3}')" >&2
 if [[ ${1:-} == --partition ]]; then
   # hack/bench-partition.sh: the silent-partition e2e test, ROUNDS times, printing its figures.

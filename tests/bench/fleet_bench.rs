@@ -10,6 +10,7 @@
 //!
 //! `--serve N` (run by `hack/bench-serve.sh`): see `serve.rs`.
 //! `--bodies BUDGET_MIB` (run by `hack/bench-gateway-memory.sh`): see `bodies.rs`.
+//! `--affinity N [--engine 1]` (run by `hack/bench-affinity.sh`): see `affinity.rs`.
 //!
 //! `--scale NODES` (run by `hack/bench-scale.sh`): hollow nodes against one etcd, see `scale.rs`.
 //!
@@ -19,6 +20,7 @@
 //! warmed, `maxUnavailable: 10%`; a rolling update, then a rotation by age of all of them: time
 //! and the fewest ready instances seen.
 
+mod affinity;
 mod bodies;
 mod scale;
 mod serve;
@@ -393,6 +395,19 @@ async fn main() {
     let budget: u64 = arg("--bodies", "0").parse().unwrap_or(0);
     if budget > 0 {
         bodies::bodies_bench(budget).await;
+        return;
+    }
+    let conversations_on: u32 = arg("--affinity", "0").parse().unwrap_or(0);
+    if conversations_on > 0 {
+        affinity::affinity_bench(affinity::Options {
+            n: conversations_on,
+            engine: arg("--engine", "0") == "1",
+            conversations: arg("--conversations", "12").parse().unwrap_or(12),
+            turns: arg("--turns", "6").parse().unwrap_or(6),
+            think: Duration::from_secs_f64(arg("--think", "2").parse().unwrap_or(2.0)),
+            answer: arg("--answer", "16").parse().unwrap_or(16),
+        })
+        .await;
         return;
     }
     let serve: u32 = arg("--serve", "0").parse().unwrap_or(0);

@@ -26,13 +26,13 @@ use serde_json::{Value, json};
 const MODEL: &str = "smollm2:135m";
 const TOKENS_PER_SECOND: f64 = 200.0;
 
-type Http = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type Http = Client<HttpConnector, Full<Bytes>>;
 
 /// A small deterministic PRNG (xorshift64*): the same schedule for every setup.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> f64 {
+    pub(crate) fn next(&mut self) -> f64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -138,7 +138,7 @@ async fn run(client: &Http, url: &str, arrivals: &[Arrival]) -> Vec<Outcome> {
     out
 }
 
-fn quantile(mut v: Vec<Duration>, q: f64) -> Duration {
+pub(crate) fn quantile(mut v: Vec<Duration>, q: f64) -> Duration {
     if v.is_empty() {
         return Duration::ZERO;
     }
@@ -182,7 +182,7 @@ fn nginx(dir: &std::path::Path, listen: u16, ports: &[u16]) -> Proxy {
     )
 }
 
-fn haproxy(dir: &std::path::Path, listen: u16, ports: &[u16]) -> Proxy {
+pub(crate) fn haproxy(dir: &std::path::Path, listen: u16, ports: &[u16]) -> Proxy {
     let servers: String = ports
         .iter()
         .enumerate()

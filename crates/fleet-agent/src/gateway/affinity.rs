@@ -22,7 +22,7 @@ use fleet_runtime::clock::Instant;
 use serde_json::value::RawValue;
 
 use super::body::Request;
-use super::pool::Progress;
+use super::pool::{Busy, Progress};
 use crate::lock;
 
 /// The session header a client may name its conversation with.
@@ -115,6 +115,8 @@ pub struct Rates {
     pub prefill: f64,
     /// Tokens an answer has (for requests that do not say their limit).
     pub answer: f64,
+    /// Request body bytes per prompt token (to guess a prompt's tokens before it is sent).
+    pub bytes_per_token: f64,
 }
 
 impl Default for Rates {
@@ -124,6 +126,7 @@ impl Default for Rates {
             generate: 100.0,
             prefill: 140.0,
             answer: 64.0,
+            bytes_per_token: 4.0,
         }
     }
 }
@@ -184,11 +187,14 @@ impl Affinity {
         lock(&self.rates).get(pool).copied().unwrap_or_default()
     }
 
-    /// Learns from an answer of `pool`; `hit`: it went to an instance holding its conversation
-    /// (its prompt evaluation says nothing of what a miss costs).
-    pub fn observe(&self, pool: &str, cost: &Cost, hit: bool) {
+    /// Learns from an answer of `pool` to a request of `bytes`; `hit`: it went to an instance
+    /// holding its conversation (its prompt evaluation says nothing of what a miss costs).
+    pub fn observe(&self, pool: &str, bytes: usize, cost: &Cost, hit: bool) {
         let mut rates = lock(&self.rates);
         let r = rates.entry(pool.to_string()).or_default();
+        if cost.prompt >= 32 && bytes > 0 {
+            r.bytes_per_token = ewma(r.bytes_per_token, bytes as f64 / cost.prompt as f64);
+        }
         if cost.generated > 0 && cost.generate_time > Duration::ZERO {
             r.generate = ewma(
                 r.generate,
@@ -205,30 +211,66 @@ impl Affinity {
     }
 }
 
+/// How long a request in flight has left: what remains of its expected prefill, then its
+/// remaining tokens at the generation rate (its limit when it said one, else a usual answer's
+/// length).
+fn left(p: &Progress, rates: &Rates) -> Duration {
+    let pieces = p.pieces.load(Ordering::Relaxed);
+    let prefill = if pieces == 0 {
+        Duration::from_micros(p.prefill_us.load(Ordering::Relaxed))
+            .saturating_sub(p.started.elapsed())
+    } else {
+        Duration::ZERO
+    };
+    let limit = p.limit.load(Ordering::Relaxed);
+    let expected = if limit > 0 {
+        limit as f64
+    } else {
+        rates.answer.max(1.0)
+    };
+    let tokens = (expected - pieces as f64).max(1.0);
+    prefill + Duration::from_secs_f64(tokens / rates.generate.max(0.1))
+}
+
 /// How long an instance with these requests in flight stays busy (until its first request
-/// ends): each request's remaining tokens at the generation rate (its limit when it said one,
-/// else a usual answer's length).
+/// ends).
 pub fn busy_for(requests: &[Arc<Progress>], rates: &Rates) -> Duration {
     requests
         .iter()
-        .map(|p| {
-            let limit = p.limit.load(Ordering::Relaxed);
-            let expected = if limit > 0 {
-                limit as f64
-            } else {
-                rates.answer.max(1.0)
-            };
-            let left = (expected - p.pieces.load(Ordering::Relaxed) as f64).max(1.0);
-            Duration::from_secs_f64(left / rates.generate.max(0.1))
-        })
+        .map(|p| left(p, rates))
         .min()
         .unwrap_or_default()
 }
 
-/// Whether to wait for the conversation's instance: when it will be free sooner than the
-/// `tokens` it holds would take to evaluate again elsewhere.
-pub fn worth_waiting(busy: Duration, tokens: u64, rates: &Rates) -> bool {
-    busy < Duration::from_secs_f64(tokens as f64 / rates.prefill.max(0.1))
+/// What a turn served from the cache costs (its answer).
+fn turn(rates: &Rates) -> Duration {
+    Duration::from_secs_f64(rates.answer.max(1.0) / rates.generate.max(0.1))
+}
+
+/// How long evaluating `tokens` prompt tokens takes where they are not cached.
+pub fn prefill(tokens: u64, rates: &Rates) -> Duration {
+    Duration::from_secs_f64(tokens as f64 / rates.prefill.max(0.1))
+}
+
+/// Whether to wait for the conversation's instance, and for how long it is expected to take:
+/// when its slot frees (after the requests already waiting for it) sooner than the `tokens`
+/// it holds would take elsewhere, counting what waiting elsewhere takes (nothing when another
+/// instance is free; else until the first frees, and the pool's queue ahead).
+pub fn worth_waiting(busy: &Busy, tokens: u64, rates: &Rates) -> Option<Duration> {
+    let own = busy_for(&busy.own, rates) + turn(rates) * busy.ahead as u32;
+    let elsewhere = if busy.idle_elsewhere || busy.others.is_empty() {
+        Duration::ZERO
+    } else {
+        let first = busy
+            .others
+            .iter()
+            .map(|o| busy_for(o, rates))
+            .min()
+            .unwrap_or_default();
+        let per_slot = turn(rates).mul_f64(busy.queued as f64 / busy.others.len() as f64);
+        first + per_slot
+    };
+    (own < elsewhere + prefill(tokens, rates)).then_some(own)
 }
 
 #[cfg(test)]
@@ -292,34 +334,72 @@ mod tests {
         );
     }
 
+    fn progress(pieces: u64, limit: u64, prefill: Duration) -> Arc<Progress> {
+        let p = Progress::new();
+        p.pieces.store(pieces, Ordering::Relaxed);
+        p.limit.store(limit, Ordering::Relaxed);
+        p.prefill_us
+            .store(prefill.as_micros() as u64, Ordering::Relaxed);
+        Arc::new(p)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn waiting_pays_when_the_instance_frees_before_a_prefill_elsewhere() {
         let rates = Rates {
             generate: 20.0,
             prefill: 100.0,
             answer: 40.0,
+            bytes_per_token: 4.0,
         };
-        let p = Arc::new(Progress {
-            started: Instant::now(),
-            pieces: 30.into(),
-            limit: 40.into(),
-        });
-        let busy = busy_for(std::slice::from_ref(&p), &rates);
-        assert_eq!(busy, Duration::from_millis(500), "10 tokens left at 20/s");
-        assert!(
-            worth_waiting(busy, 1000, &rates),
+        let p = progress(30, 40, Duration::ZERO);
+        assert_eq!(
+            busy_for(std::slice::from_ref(&p), &rates),
+            Duration::from_millis(500),
+            "10 tokens left at 20/s"
+        );
+        let mut busy = Busy {
+            own: vec![p.clone()],
+            idle_elsewhere: true,
+            ..Busy::default()
+        };
+        assert_eq!(
+            worth_waiting(&busy, 1000, &rates),
+            Some(Duration::from_millis(500)),
             "1000 tokens: 10 s elsewhere"
         );
-        assert!(
-            !worth_waiting(busy, 20, &rates),
+        assert_eq!(
+            worth_waiting(&busy, 20, &rates),
+            None,
             "20 tokens: 0.2 s elsewhere"
         );
-        p.limit.store(0, Ordering::Relaxed);
+        // A request still evaluating its prompt: what is left of its prefill, then its answer.
+        let prefilling = progress(0, 40, Duration::from_secs(3));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(busy_for(&[prefilling], &rates), Duration::from_secs(4));
+        // Requests waiting for it already: a usual turn (40 tokens at 20/s) each.
+        busy.ahead = 2;
         assert_eq!(
-            busy_for(&[p], &rates),
-            Duration::from_millis(500),
-            "a usual answer"
+            worth_waiting(&busy, 1000, &rates),
+            Some(Duration::from_millis(4500))
         );
+        assert_eq!(
+            worth_waiting(&busy, 400, &rates),
+            None,
+            "4 s elsewhere, at once"
+        );
+        // When every instance is busy, elsewhere means waiting too: until the first frees,
+        // and the pool's queue ahead.
+        busy.idle_elsewhere = false;
+        busy.others = vec![vec![progress(0, 40, Duration::ZERO)]];
+        busy.queued = 1;
+        assert_eq!(
+            worth_waiting(&busy, 400, &rates),
+            Some(Duration::from_millis(4500)),
+            "2 s + 2 s + 4 s elsewhere"
+        );
+        // A hot conversation does not queue without end for its instance.
+        busy.ahead = 20;
+        assert_eq!(worth_waiting(&busy, 1000, &rates), None);
     }
 
     #[test]
@@ -331,7 +411,7 @@ mod tests {
             generated: 50,
             generate_time: Duration::from_secs(1),
         };
-        a.observe("p", &cost, false);
+        a.observe("p", 4000, &cost, false);
         let r = a.rates("p");
         assert!(
             r.prefill > 140.0 && r.prefill < 200.0,
@@ -341,7 +421,7 @@ mod tests {
             prompt_time: Duration::from_millis(10),
             ..cost
         };
-        a.observe("p", &hit, true);
+        a.observe("p", 4000, &hit, true);
         assert_eq!(
             a.rates("p").prefill,
             r.prefill,

@@ -63,6 +63,25 @@ struct Waiter {
     tx: oneshot::Sender<Lease>,
 }
 
+/// The most requests that may wait for one instance in particular (the cost rule in
+/// `affinity` bounds them first; this bounds what a flood of one session can hold).
+pub const AFFINE_WAITERS: usize = 8;
+
+/// What a request that would like instance `id` sees of the pool (see [`Pools::busy_on`]).
+#[derive(Debug, Default)]
+pub struct Busy {
+    /// The requests in flight on the instance.
+    pub own: Vec<Arc<Progress>>,
+    /// Requests waiting for that instance already.
+    pub ahead: usize,
+    /// Another instance of the pool has a free slot.
+    pub idle_elsewhere: bool,
+    /// The requests in flight on each other instance of the pool that takes requests.
+    pub others: Vec<Vec<Arc<Progress>>>,
+    /// Requests waiting in the pool's queue.
+    pub queued: usize,
+}
+
 /// How far a request in flight is (the gateway's view of an instance's work, for estimating
 /// how long a busy instance stays busy).
 #[derive(Debug)]
@@ -73,14 +92,17 @@ pub struct Progress {
     pub pieces: AtomicU64,
     /// Tokens it asks for at most (`num_predict`, `max_tokens`; 0: not said).
     pub limit: AtomicU64,
+    /// How long its prompt is expected to take before the first piece, in microseconds.
+    pub prefill_us: AtomicU64,
 }
 
 impl Progress {
-    fn new() -> Progress {
+    pub(crate) fn new() -> Progress {
         Progress {
             started: Instant::now(),
             pieces: AtomicU64::new(0),
             limit: AtomicU64::new(0),
+            prefill_us: AtomicU64::new(0),
         }
     }
 }
@@ -89,9 +111,9 @@ impl Progress {
 struct State {
     slots: BTreeMap<String, Slot>,
     queues: HashMap<String, VecDeque<Waiter>>,
-    /// A request waiting for one instance in particular (its conversation's): at most one
-    /// per instance.
-    affine: HashMap<String, oneshot::Sender<Lease>>,
+    /// Requests waiting for one instance in particular (their conversation's), first come
+    /// first served, at most [`AFFINE_WAITERS`] per instance.
+    affine: HashMap<String, VecDeque<oneshot::Sender<Lease>>>,
     /// Round-robin position per pool, so that equally idle instances share the load.
     turn: HashMap<String, usize>,
 }
@@ -193,6 +215,7 @@ impl Pools {
             }
         }
         s.slots = slots;
+        Self::forget_affine(&mut s);
         let pools: Vec<String> = s.queues.keys().cloned().collect();
         for pool in pools {
             self.hand_out(&mut s, &pool);
@@ -306,8 +329,12 @@ impl Pools {
     /// after `within`; returns how long it waited.
     pub async fn drain(&self, id: &str, within: Duration) -> Duration {
         let started = Instant::now();
-        if let Some(s) = lock(&self.state).slots.get_mut(id) {
-            s.drained = true;
+        {
+            let mut s = lock(&self.state);
+            if let Some(slot) = s.slots.get_mut(id) {
+                slot.drained = true;
+            }
+            Self::forget_affine(&mut s);
         }
         let deadline = started + within;
         loop {
@@ -369,63 +396,92 @@ impl Pools {
         if open { self.take(&mut s, id) } else { None }
     }
 
-    /// The requests in flight on instance `id` of `pool` when it takes requests (`None`: it
-    /// does not, or nobody may wait for it: another request does already).
-    pub fn busy_on(&self, pool: &str, id: &str) -> Option<Vec<Arc<Progress>>> {
-        let s = lock(&self.state);
+    /// What a request that would like instance `id` of `pool` sees: the instance's requests
+    /// in flight and those waiting for it, and the rest of the pool. `None` when the instance
+    /// takes no requests, or [`AFFINE_WAITERS`] wait for it already.
+    pub fn busy_on(&self, pool: &str, id: &str) -> Option<Busy> {
+        let mut s = lock(&self.state);
         let slot = s
             .slots
             .get(id)
             .filter(|x| x.backend.pool == pool && x.takes_requests())?;
-        if s.affine.get(id).is_some_and(|w| !w.is_closed()) {
+        let own = slot.progress.clone();
+        let ahead = s.affine.get_mut(id).map_or(0, |w| {
+            w.retain(|tx| !tx.is_closed());
+            w.len()
+        });
+        if ahead >= AFFINE_WAITERS {
             return None;
         }
-        Some(slot.progress.clone())
+        let mut busy = Busy {
+            own,
+            ahead,
+            ..Busy::default()
+        };
+        for (other, x) in &s.slots {
+            if other != id && x.backend.pool == pool && x.takes_requests() {
+                busy.idle_elsewhere |= x.open();
+                busy.others.push(x.progress.clone());
+            }
+        }
+        busy.queued = s.queues.get_mut(pool).map_or(0, |q| {
+            q.retain(|w| !w.tx.is_closed());
+            q.len()
+        });
+        Some(busy)
     }
 
-    /// Waits (until `until` at most) for a slot on instance `id`: the next one it frees is
-    /// this request's, before any in the pool's queue. `None` when the time passed, the
-    /// instance stopped taking requests, or another request waits for it already.
+    /// Waits (until `until` at most) for a slot on instance `id`: the slots it frees go to the
+    /// requests waiting for it, in order, before any in the pool's queue. `None` when the time
+    /// passed, the instance stopped taking requests, or [`AFFINE_WAITERS`] wait for it already.
     pub async fn wait_on(&self, id: &str, until: Instant) -> Option<Lease> {
         let rx = {
             let mut s = lock(&self.state);
-            if s.affine.get(id).is_some_and(|w| !w.is_closed()) {
+            let waiting = s.affine.entry(id.to_string()).or_default();
+            waiting.retain(|tx| !tx.is_closed());
+            if waiting.len() >= AFFINE_WAITERS {
                 return None;
             }
             let (tx, rx) = oneshot::channel();
-            s.affine.insert(id.to_string(), tx);
+            waiting.push_back(tx);
             rx
         };
-        match tokio::time::timeout_at(until, rx).await {
-            Ok(Ok(lease)) => Some(lease),
-            _ => {
-                let mut s = lock(&self.state);
-                if s.affine.get(id).is_some_and(|w| w.is_closed()) {
-                    s.affine.remove(id);
-                }
-                None
+        let got = tokio::time::timeout_at(until, rx).await;
+        let mut s = lock(&self.state);
+        if let Some(waiting) = s.affine.get_mut(id) {
+            waiting.retain(|tx| !tx.is_closed());
+            if waiting.is_empty() {
+                s.affine.remove(id);
+            }
+        }
+        got.ok()?.ok()
+    }
+
+    /// Gives the slots freed on `id` to the requests waiting for that instance, if any do.
+    fn hand_to_affine(&self, s: &mut State, id: &str) {
+        while s.slots.get(id).is_some_and(Slot::open) {
+            let Some(waiter) = s.affine.get_mut(id).and_then(VecDeque::pop_front) else {
+                s.affine.remove(id);
+                return;
+            };
+            let Some(lease) = self.take(s, id) else {
+                return;
+            };
+            if let Err(mut lease) = waiter.send(lease) {
+                // It gave up meanwhile: the slot goes back.
+                lease.released = true;
+                let progress = lease.progress.clone();
+                Self::give_back(s, id, &progress, None);
             }
         }
     }
 
-    /// Gives a slot freed on `id` to the request waiting for that instance, if one does.
-    fn hand_to_affine(&self, s: &mut State, id: &str) {
-        let open = s.slots.get(id).is_some_and(Slot::open);
-        if !open {
-            return;
-        }
-        let Some(waiter) = s.affine.remove(id) else {
-            return;
-        };
-        let Some(lease) = self.take(s, id) else {
-            return;
-        };
-        if let Err(mut lease) = waiter.send(lease) {
-            // It gave up meanwhile: the slot goes back.
-            lease.released = true;
-            let progress = lease.progress.clone();
-            Self::give_back(s, id, &progress, None);
-        }
+    /// Lets go of the requests waiting for instances that no longer take requests (they go to
+    /// the pool instead).
+    fn forget_affine(s: &mut State) {
+        let slots = &s.slots;
+        s.affine
+            .retain(|id, _| slots.get(id).is_some_and(Slot::takes_requests));
     }
 
     /// Gives freed capacity in `pool` to its waiting requests, first come first served.
@@ -615,46 +671,79 @@ mod tests {
         assert_eq!(waited, Duration::from_secs(3));
     }
 
-    /// A request waiting for one instance (its conversation's) gets that instance's next free
-    /// slot before the pool's queue; only one may wait for an instance; the wait ends in time.
+    /// Requests waiting for one instance (their conversation's) get that instance's free slots
+    /// before the pool's queue, in order; at most [`AFFINE_WAITERS`] wait for one instance; a
+    /// wait ends in time, and when the instance is drained.
     #[tokio::test(start_paused = true)]
-    async fn a_request_waiting_for_its_instance_gets_it_first() {
+    async fn requests_waiting_for_their_instance_get_it_first() {
         let pools = Pools::default();
         pools.update(vec![backend("a", 1), backend("b", 1)]);
         let on_a = pools.try_on("f", "a").expect("a is free");
         assert!(pools.try_on("f", "a").is_none(), "a is busy now");
+        let busy = pools.busy_on("f", "a").expect("a takes requests");
+        assert_eq!(
+            (busy.own.len(), busy.ahead, busy.idle_elsewhere),
+            (1, 0, true)
+        );
         let on_b = pools.acquire("f", None, 8, WAIT).await.expect("b");
-        assert_eq!(pools.busy_on("f", "a").map(|p| p.len()), Some(1));
         let fifo = {
             let p = pools.clone();
             tokio::spawn(async move { p.acquire("f", None, 8, WAIT).await })
         };
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let affine = {
+        let wait_for_a = |secs| {
             let p = pools.clone();
             tokio::spawn(async move {
-                let until = Instant::now() + Duration::from_secs(5);
-                p.wait_on("a", until).await
+                p.wait_on("a", Instant::now() + Duration::from_secs(secs))
+                    .await
             })
         };
+        let first = wait_for_a(5);
         tokio::time::sleep(Duration::from_millis(1)).await;
-        assert!(
-            pools.busy_on("f", "a").is_none(),
-            "someone waits for a already"
+        let second = wait_for_a(5);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let busy = pools.busy_on("f", "a").expect("a takes requests");
+        assert_eq!(
+            (busy.ahead, busy.idle_elsewhere, busy.queued),
+            (2, false, 1)
         );
+        assert_eq!(busy.others.len(), 1);
         drop(on_a);
-        let got = affine.await.expect("affine").expect("a slot");
+        let got = first.await.expect("join").expect("a slot");
         assert_eq!(got.backend.id, "a", "before the queue");
         tokio::time::sleep(Duration::from_millis(1)).await;
-        assert!(!fifo.is_finished(), "the queue waits on");
+        assert!(
+            !fifo.is_finished() && !second.is_finished(),
+            "the others wait on"
+        );
+        drop(got);
+        let got = second.await.expect("join").expect("a slot");
+        assert_eq!(got.backend.id, "a", "the second in order");
         drop(on_b);
         let queued = fifo.await.expect("fifo").expect("a slot");
         assert_eq!(queued.backend.id, "b");
-        drop(got);
         // A wait that runs out says so.
-        let _hold = pools.try_on("f", "a").expect("a");
         let until = Instant::now() + Duration::from_millis(100);
         assert!(pools.wait_on("a", until).await.is_none());
+        // At most AFFINE_WAITERS wait for one instance.
+        let waiting: Vec<_> = (0..AFFINE_WAITERS).map(|_| wait_for_a(60)).collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(
+            pools.busy_on("f", "a").is_none(),
+            "a is at its waiters' bound"
+        );
+        let until = Instant::now() + Duration::from_secs(60);
+        assert!(
+            pools.wait_on("a", until).await.is_none(),
+            "no wait past the bound"
+        );
+        // Draining the instance lets them go (to the pool) at once.
+        drop(queued);
+        pools.drain("a", Duration::from_secs(1)).await;
+        for w in waiting {
+            assert!(w.await.expect("join").is_none());
+        }
+        drop(got);
     }
 
     #[tokio::test(start_paused = true)]

@@ -205,10 +205,10 @@ impl Call<'_> {
         let mut exclude: Option<String> = None;
         let mut queue_wait = Duration::ZERO;
         let mut last = String::new();
-        let mut held: Option<u64> = None;
         let mut known = false;
         for round in 0..2 {
             // The first try goes to the conversation's instance when that pays.
+            let mut held: Option<u64> = None;
             let affine = match (round, self.conversation) {
                 (0, Some(key)) => {
                     let found = self.conversation_instance(pool, key, &mut queue_wait).await;
@@ -227,10 +227,7 @@ impl Call<'_> {
                     Err(refused) => return refused,
                 },
             };
-            lease
-                .progress
-                .limit
-                .store(self.limit, std::sync::atomic::Ordering::Relaxed);
+            self.expect(&lease, pool, body.len(), held);
             let fleet = lease.backend.fleet.clone();
             match self.attempt(&lease, &body).await {
                 Attempt::Started(answer) => {
@@ -244,6 +241,7 @@ impl Call<'_> {
                         pool: pool.pool.clone(),
                         conversation: self.conversation,
                         affinity: known.then_some(held),
+                        bytes: body.len(),
                     };
                     return relay.respond(answer);
                 }
@@ -269,6 +267,20 @@ impl Call<'_> {
         error(StatusCode::BAD_GATEWAY, last)
     }
 
+    /// Notes what the request on `lease` is expected to cost: its token limit, and its prompt's
+    /// evaluation (its tokens guessed from its `bytes`, less those the instance holds of its
+    /// conversation, at the pool's rate), for the estimates of later requests.
+    fn expect(&self, lease: &Lease, pool: &PoolOf, bytes: usize, held: Option<u64>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let rates = self.gw.affinity.rates(&pool.pool);
+        let tokens = (bytes as f64 / rates.bytes_per_token.max(0.1)) as u64;
+        let prefill = affinity::prefill(tokens.saturating_sub(held.unwrap_or(0)), &rates);
+        let progress = &lease.progress;
+        progress.limit.store(self.limit, Relaxed);
+        let micros = u64::try_from(prefill.as_micros()).unwrap_or(u64::MAX);
+        progress.prefill_us.store(micros, Relaxed);
+    }
+
     /// The instance that served the conversation last, if the gateway knows one in `pool`, and
     /// a slot on it: at once when it is free; after waiting for it when it is busy for less
     /// time than evaluating the conversation again elsewhere would take (and nobody waits for it
@@ -288,10 +300,9 @@ impl Call<'_> {
             return Some((None, entry));
         };
         let rates = gw.affinity.rates(&pool.pool);
-        let wait = affinity::busy_for(&busy, &rates);
-        if !affinity::worth_waiting(wait, entry.tokens, &rates) {
+        let Some(wait) = affinity::worth_waiting(&busy, entry.tokens, &rates) else {
             return Some((None, entry));
-        }
+        };
         let waited = Instant::now();
         let until = waited + wait.mul_f64(1.5) + Duration::from_millis(200);
         let lease = gw.pools.wait_on(&entry.instance, until).await;
@@ -441,6 +452,8 @@ struct Relay {
     /// When the gateway knew the conversation's instance: `Some(tokens it held)` when the
     /// request went there (a hit), `None` when it went elsewhere (a miss).
     affinity: Option<Option<u64>>,
+    /// The request body's size.
+    bytes: usize,
 }
 
 type Chunk = Result<Bytes, std::io::Error>;
@@ -546,7 +559,7 @@ impl Relay {
         }
         let affinity = &self.gw.affinity;
         let held = self.affinity.flatten();
-        affinity.observe(&self.pool, &counts.cost, held.is_some());
+        affinity.observe(&self.pool, self.bytes, &counts.cost, held.is_some());
         let id = &self.lease.backend.id;
         let total = counts.cost.prompt + counts.cost.generated;
         if let Some(key) = self.conversation {
