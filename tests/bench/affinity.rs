@@ -183,25 +183,42 @@ async fn chat(
         .flatten()
 }
 
+/// The shape of a workload: turns per conversation, think time, answer tokens, document
+/// words; `single`: every turn is a new conversation (a new document, nothing to reuse).
+#[derive(Clone, Copy)]
+struct Shape {
+    turns: usize,
+    think: Duration,
+    answer: u64,
+    doc_words: usize,
+    single: bool,
+}
+
 /// One conversation: `turns` turns with think time between them; a failed turn ends it.
-async fn conversation(
-    client: Http,
-    url: String,
-    system: String,
-    seed: u64,
-    o: (usize, Duration, u64, usize),
-) -> Vec<Turn> {
-    let (turns, think, answer, doc_words) = o;
+async fn conversation(client: Http, url: String, system: String, seed: u64, o: Shape) -> Vec<Turn> {
+    let Shape {
+        turns,
+        think,
+        answer,
+        doc_words,
+        single,
+    } = o;
     let mut rng = Rng(seed | 1);
     // Start spread over one think time, as users arrive.
     tokio::time::sleep(think.mul_f64(rng.next())).await;
-    let mut messages = vec![
-        json!({"role": "system", "content": system}),
-        json!({"role": "user", "content": format!("Document {seed}: {}\nSummarise it.", text(doc_words, seed))}),
-    ];
+    let opening = |seed: u64| {
+        vec![
+            json!({"role": "system", "content": system}),
+            json!({"role": "user", "content": format!("Document {seed}: {}\nSummarise it.", text(doc_words, seed))}),
+        ]
+    };
+    let mut messages = opening(seed);
     let mut out = Vec::new();
     for index in 0..turns {
-        if index > 0 {
+        if index > 0 && single {
+            tokio::time::sleep(think.mul_f64(0.5 + rng.next())).await;
+            messages = opening(seed * 1000 + index as u64);
+        } else if index > 0 {
             tokio::time::sleep(think.mul_f64(0.5 + rng.next())).await;
             let q = format!(
                 "Question {index}: what does it say about the {}?",
@@ -235,6 +252,7 @@ async fn conversation(
 struct Figures {
     later: (Duration, Duration),
     first: (Duration, Duration),
+    all: (Duration, Duration),
     per_second: f64,
     turns: usize,
     failed: usize,
@@ -247,7 +265,7 @@ async fn workload(
     system: &str,
     seed: u64,
     conversations: usize,
-    o: (usize, Duration, u64, usize),
+    o: Shape,
 ) -> Figures {
     let started = Instant::now();
     let tasks: Vec<_> = (0..conversations as u64)
@@ -269,9 +287,11 @@ async fn workload(
     let ok: Vec<&Turn> = turns.iter().filter(|t| t.ok).collect();
     let later: Vec<Duration> = ok.iter().filter(|t| t.index > 0).map(|t| t.ttft).collect();
     let first: Vec<Duration> = ok.iter().filter(|t| t.index == 0).map(|t| t.ttft).collect();
+    let all: Vec<Duration> = ok.iter().map(|t| t.ttft).collect();
     Figures {
         later: (quantile(later.clone(), 0.5), quantile(later, 0.9)),
         first: (quantile(first.clone(), 0.5), quantile(first, 0.9)),
+        all: (quantile(all.clone(), 0.5), quantile(all, 0.9)),
         per_second: ok.len() as f64 / took.as_secs_f64(),
         turns: ok.len(),
         failed: turns.len() - ok.len(),
@@ -399,7 +419,13 @@ pub async fn affinity_bench(o: Options) {
         .build_http();
     let system = format!("You are a careful assistant. {}", text(750, 0));
     let doc_words = 400;
-    let shape = (o.turns, o.think, o.answer, doc_words);
+    let shape = Shape {
+        turns: o.turns,
+        think: o.think,
+        answer: o.answer,
+        doc_words,
+        single: false,
+    };
     println!(
         "affinity-bench: {} {} instances (memory 512Mi, prompt cache {}), {} conversations at once, {} turns each, think {:.1}s, {}-token answers; system prompt 750 words, documents {doc_words} words",
         o.n,
@@ -447,7 +473,11 @@ pub async fn affinity_bench(o: Options) {
         };
         let seed = 1000 * (i as u64 + 1);
         // Warm-up: connections, runners, the gateway's rates.
-        let warm = (2, Duration::from_millis(100), o.answer, doc_words);
+        let warm = Shape {
+            turns: 2,
+            think: Duration::from_millis(100),
+            ..shape
+        };
         workload(
             &client,
             url,
@@ -492,21 +522,24 @@ pub async fn affinity_bench(o: Options) {
             &system,
             seed + 700,
             o.conversations,
-            (1, o.think, o.answer, doc_words),
+            Shape {
+                single: true,
+                ..shape
+            },
         )
         .await;
         singles.push((name, single));
         results.push(f);
     }
     println!(
-        "single-turn workload ({} new documents at once, nothing to reuse):",
-        o.conversations
+        "single-turn workload ({} clients, {} requests each, every one a new document: nothing to reuse):",
+        o.conversations, o.turns
     );
     for (name, f) in &singles {
         println!(
             "{name:<30} ttft p50 {:>7}ms p90 {:>7}ms {:>6.2} turns/s, {} failed",
-            ms(f.first.0),
-            ms(f.first.1),
+            ms(f.all.0),
+            ms(f.all.1),
             f.per_second,
             f.failed
         );
