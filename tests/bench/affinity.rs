@@ -18,14 +18,12 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use fleet_e2e::{AgentProcess, World, free_port, free_port_range, request};
-use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
-use crate::serve::{Http, Rng, haproxy, quantile};
+use crate::serve::{Http, Rng, haproxy, quantile, streamed};
 
 const MODEL: &str = "smollm2:135m";
 
@@ -129,58 +127,37 @@ fn text(words: usize, seed: u64) -> String {
 }
 
 /// What one turn saw.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Turn {
     index: usize,
     ok: bool,
     ttft: Duration,
+    /// Why it failed.
+    failure: Option<String>,
 }
 
-/// One streamed `/api/chat` turn: (TTFT, the answer's text), or `None` when it failed.
+/// One streamed `/api/chat` turn: (TTFT, the answer's text), or why it failed.
 async fn chat(
     client: &Http,
     url: &str,
     messages: &[Value],
     tokens: u64,
-) -> Option<(Duration, String)> {
+) -> Result<(Duration, String), String> {
     let body = json!({"model": MODEL, "messages": messages, "stream": true,
         "options": {"num_predict": tokens}});
-    let started = Instant::now();
-    let req = hyper::Request::post(format!("{url}/api/chat"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .ok()?;
-    let run = async {
-        let resp = client.request(req).await.ok()?;
-        if resp.status() != 200 {
-            return None;
-        }
-        let mut body = resp.into_body();
-        let mut ttft = None;
-        let mut all = Vec::new();
-        while let Some(frame) = body.frame().await {
-            let data = frame.ok()?.into_data().unwrap_or_default();
-            if !data.is_empty() && ttft.is_none() {
-                ttft = Some(started.elapsed());
-            }
-            all.extend_from_slice(&data);
-        }
-        let mut answer = String::new();
-        let mut done = false;
-        for line in String::from_utf8_lossy(&all).lines() {
-            let v: Value = serde_json::from_str(line).ok()?;
-            if v.get("error").is_some() {
-                return None;
-            }
-            answer.push_str(v["message"]["content"].as_str().unwrap_or(""));
-            done |= v["done"] == true;
-        }
-        done.then_some((ttft?, answer))
-    };
-    tokio::time::timeout(Duration::from_secs(600), run)
-        .await
-        .ok()
-        .flatten()
+    let url = format!("{url}/api/chat");
+    let (ttft, lines) = streamed(client, &url, &body, Duration::from_secs(600)).await?;
+    if let Some(error) = lines.iter().find_map(|v| v.get("error")) {
+        return Err(format!("an error in the stream: {error}"));
+    }
+    if lines.last().is_none_or(|l| l["done"] != true) {
+        return Err("the stream ended before done".into());
+    }
+    let answer = lines
+        .iter()
+        .filter_map(|v| v["message"]["content"].as_str())
+        .collect();
+    Ok((ttft, answer))
 }
 
 /// The shape of a workload: turns per conversation, think time, answer tokens, document
@@ -227,19 +204,21 @@ async fn conversation(client: Http, url: String, system: String, seed: u64, o: S
             messages.push(json!({"role": "user", "content": q}));
         }
         match chat(&client, &url, &messages, answer).await {
-            Some((ttft, text)) => {
+            Ok((ttft, text)) => {
                 out.push(Turn {
                     index,
                     ok: true,
                     ttft,
+                    failure: None,
                 });
                 messages.push(json!({"role": "assistant", "content": text}));
             }
-            None => {
+            Err(why) => {
                 out.push(Turn {
                     index,
                     ok: false,
                     ttft: Duration::ZERO,
+                    failure: Some(why),
                 });
                 break;
             }
@@ -256,6 +235,8 @@ struct Figures {
     per_second: f64,
     turns: usize,
     failed: usize,
+    /// Why turns failed.
+    failures: Vec<String>,
 }
 
 /// Runs `conversations` conversations (seeds from `seed`) against `url`.
@@ -295,6 +276,7 @@ async fn workload(
         per_second: ok.len() as f64 / took.as_secs_f64(),
         turns: ok.len(),
         failed: turns.len() - ok.len(),
+        failures: turns.iter().filter_map(|t| t.failure.clone()).collect(),
     }
 }
 
@@ -528,6 +510,10 @@ pub async fn affinity_bench(o: Options) {
             },
         )
         .await;
+        for why in f.failures.iter().chain(&single.failures) {
+            let why: String = why.chars().take(160).collect();
+            println!("  {name}: a turn failed: {why}");
+        }
         singles.push((name, single));
         results.push(f);
     }

@@ -73,45 +73,70 @@ struct Outcome {
     total: Duration,
 }
 
-async fn one(client: &Http, url: &str, tokens: u64) -> Outcome {
-    let body = json!({"model": MODEL, "prompt": "bench", "options": {"num_predict": tokens}});
+/// POSTs `body` to `url` and reads the streamed answer: the time to its first byte, and its
+/// NDJSON lines; else why not (no answer, a status other than 200 and its body, a broken
+/// stream, or no answer within `within`).
+pub(crate) async fn streamed(
+    client: &Http,
+    url: &str,
+    body: &Value,
+    within: Duration,
+) -> Result<(Duration, Vec<Value>), String> {
     let started = Instant::now();
-    let Ok(req) = hyper::Request::post(format!("{url}/api/generate"))
+    let req = hyper::Request::post(url)
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
-    else {
-        return Outcome::default();
-    };
+        .map_err(|e| e.to_string())?;
     let run = async {
-        let resp = client.request(req).await.ok()?;
-        if resp.status() != 200 {
-            return None;
-        }
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| format!("no answer: {e}"))?;
+        let status = resp.status();
         let mut body = resp.into_body();
         let mut ttft = None;
-        let mut tail = Vec::new();
+        let mut all = Vec::new();
         while let Some(frame) = body.frame().await {
-            let data = frame.ok()?.into_data().unwrap_or_default();
+            let data = frame
+                .map_err(|e| format!("cut: {e}"))?
+                .into_data()
+                .unwrap_or_default();
             if !data.is_empty() && ttft.is_none() {
                 ttft = Some(started.elapsed());
             }
-            tail.extend_from_slice(&data);
-            if tail.len() > 4096 {
-                tail.drain(..tail.len() - 2048);
+            all.extend_from_slice(&data);
+        }
+        let text = String::from_utf8_lossy(&all);
+        if status != 200 {
+            return Err(format!("{}: {}", status.as_u16(), text.trim()));
+        }
+        let lines: Option<Vec<Value>> =
+            text.lines().map(|l| serde_json::from_str(l).ok()).collect();
+        let lines = lines.ok_or_else(|| format!("not NDJSON: {text}"))?;
+        Ok((ttft.ok_or("an empty answer")?, lines))
+    };
+    tokio::time::timeout(within, run)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {within:?}")))
+}
+
+async fn one(client: &Http, url: &str, tokens: u64) -> Outcome {
+    let body = json!({"model": MODEL, "prompt": "bench", "options": {"num_predict": tokens}});
+    let started = Instant::now();
+    let url = format!("{url}/api/generate");
+    let answer = streamed(client, &url, &body, Duration::from_secs(120)).await;
+    match answer {
+        Ok((ttft, lines))
+            if lines
+                .last()
+                .is_some_and(|l| l["done"] == true && l["eval_count"] == tokens) =>
+        {
+            Outcome {
+                ok: true,
+                ttft,
+                total: started.elapsed(),
             }
         }
-        let last: Value = String::from_utf8_lossy(&tail)
-            .lines()
-            .last()
-            .and_then(|l| serde_json::from_str(l).ok())?;
-        (last["done"] == true && last["eval_count"] == tokens).then_some(Outcome {
-            ok: true,
-            ttft: ttft?,
-            total: started.elapsed(),
-        })
-    };
-    match tokio::time::timeout(Duration::from_secs(120), run).await {
-        Ok(Some(o)) => o,
         _ => Outcome {
             ok: false,
             ttft: Duration::ZERO,

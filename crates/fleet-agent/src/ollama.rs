@@ -228,14 +228,7 @@ impl HttpOllama {
 #[async_trait::async_trait]
 impl Ollama for HttpOllama {
     async fn show(&self, base: &str, model: &str) -> Result<Option<Option<u32>>, CallError> {
-        let (status, body) = self
-            .call(
-                "POST",
-                format!("{base}/api/show"),
-                Some(json!({"model": model, "name": model})),
-                CALL_TIMEOUT,
-            )
-            .await?;
+        let (status, body) = self.post_show(base, model).await?;
         match status {
             200 => {
                 let v: Value = serde_json::from_slice(&body).map_err(|e| CallError::json(&e))?;
@@ -429,14 +422,7 @@ impl Ollama for HttpOllama {
     }
 
     async fn facts(&self, base: &str, model: &str) -> Result<Option<ModelFacts>, CallError> {
-        let (status, body) = self
-            .call(
-                "POST",
-                format!("{base}/api/show"),
-                Some(json!({"model": model, "name": model})),
-                CALL_TIMEOUT,
-            )
-            .await?;
+        let (status, body) = self.post_show(base, model).await?;
         if status != 200 {
             return Ok(None);
         }
@@ -452,6 +438,13 @@ impl Ollama for HttpOllama {
 }
 
 impl HttpOllama {
+    /// `POST /api/show` for `model`: (status, body).
+    async fn post_show(&self, base: &str, model: &str) -> Result<(u16, Bytes), CallError> {
+        let body = json!({"model": model, "name": model});
+        let url = format!("{base}/api/show");
+        self.call("POST", url, Some(body), CALL_TIMEOUT).await
+    }
+
     /// The size `/api/tags` gives the model.
     async fn size_of(&self, base: &str, model: &str) -> Result<Option<u64>, CallError> {
         let (status, body) = self

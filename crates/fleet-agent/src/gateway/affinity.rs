@@ -117,6 +117,12 @@ pub struct Rates {
     pub answer: f64,
     /// Request body bytes per prompt token (to guess a prompt's tokens before it is sent).
     pub bytes_per_token: f64,
+    /// Seconds an instance is busy with a request that is not a hit (what each request in the
+    /// pool's queue will hold an instance for).
+    pub service: f64,
+    /// Seconds an instance is busy with a hit (what each request waiting for an instance in
+    /// particular will hold it for).
+    pub hit_service: f64,
 }
 
 impl Default for Rates {
@@ -127,6 +133,8 @@ impl Default for Rates {
             prefill: 140.0,
             answer: 64.0,
             bytes_per_token: 4.0,
+            service: 2.0,
+            hit_service: 0.5,
         }
     }
 }
@@ -187,11 +195,17 @@ impl Affinity {
         lock(&self.rates).get(pool).copied().unwrap_or_default()
     }
 
-    /// Learns from an answer of `pool` to a request of `bytes`; `hit`: it went to an instance
-    /// holding its conversation (its prompt evaluation says nothing of what a miss costs).
-    pub fn observe(&self, pool: &str, bytes: usize, cost: &Cost, hit: bool) {
+    /// Learns from an answer of `pool` to a request of `bytes` that held its instance for
+    /// `service`; `hit`: it went to an instance holding its conversation (its prompt evaluation
+    /// says nothing of what a miss costs).
+    pub fn observe(&self, pool: &str, bytes: usize, cost: &Cost, service: Duration, hit: bool) {
         let mut rates = lock(&self.rates);
         let r = rates.entry(pool.to_string()).or_default();
+        if hit {
+            r.hit_service = ewma(r.hit_service, service.as_secs_f64());
+        } else {
+            r.service = ewma(r.service, service.as_secs_f64());
+        }
         if cost.prompt >= 32 && bytes > 0 {
             r.bytes_per_token = ewma(r.bytes_per_token, bytes as f64 / cost.prompt as f64);
         }
@@ -242,22 +256,23 @@ pub fn busy_for(requests: &[Arc<Progress>], rates: &Rates) -> Duration {
         .unwrap_or_default()
 }
 
-/// What a turn served from the cache costs (its answer).
-fn turn(rates: &Rates) -> Duration {
-    Duration::from_secs_f64(rates.answer.max(1.0) / rates.generate.max(0.1))
-}
-
 /// How long evaluating `tokens` prompt tokens takes where they are not cached.
 pub fn prefill(tokens: u64, rates: &Rates) -> Duration {
     Duration::from_secs_f64(tokens as f64 / rates.prefill.max(0.1))
 }
 
 /// Whether to wait for the conversation's instance, and for how long it is expected to take:
-/// when its slot frees (after the requests already waiting for it) sooner than the `tokens`
-/// it holds would take elsewhere, counting what waiting elsewhere takes (nothing when another
-/// instance is free; else until the first frees, and the pool's queue ahead).
+/// when its slot frees (after the hits already waiting for it) sooner than the `tokens` it
+/// holds would take elsewhere, counting what waiting elsewhere takes (nothing when another
+/// instance is free; else until the first frees, then the pool's queue ahead shared by the
+/// other instances). While another instance is free, only one request may wait.
 pub fn worth_waiting(busy: &Busy, tokens: u64, rates: &Rates) -> Option<Duration> {
-    let own = busy_for(&busy.own, rates) + turn(rates) * busy.ahead as u32;
+    // Bounded load: while another instance idles, one request at most waits for this one.
+    if busy.idle_elsewhere && busy.ahead > 0 {
+        return None;
+    }
+    let secs = |s: f64| Duration::from_secs_f64(s.max(0.0));
+    let own = busy_for(&busy.own, rates) + secs(rates.hit_service * busy.ahead as f64);
     let elsewhere = if busy.idle_elsewhere || busy.others.is_empty() {
         Duration::ZERO
     } else {
@@ -267,8 +282,7 @@ pub fn worth_waiting(busy: &Busy, tokens: u64, rates: &Rates) -> Option<Duration
             .map(|o| busy_for(o, rates))
             .min()
             .unwrap_or_default();
-        let per_slot = turn(rates).mul_f64(busy.queued as f64 / busy.others.len() as f64);
-        first + per_slot
+        first + secs(rates.service * busy.queued as f64 / busy.others.len() as f64)
     };
     (own < elsewhere + prefill(tokens, rates)).then_some(own)
 }
@@ -350,6 +364,8 @@ mod tests {
             prefill: 100.0,
             answer: 40.0,
             bytes_per_token: 4.0,
+            service: 2.0,
+            hit_service: 2.0,
         };
         let p = progress(30, 40, Duration::ZERO);
         assert_eq!(
@@ -376,26 +392,26 @@ mod tests {
         let prefilling = progress(0, 40, Duration::from_secs(3));
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(busy_for(&[prefilling], &rates), Duration::from_secs(4));
-        // Requests waiting for it already: a usual turn (40 tokens at 20/s) each.
-        busy.ahead = 2;
-        assert_eq!(
-            worth_waiting(&busy, 1000, &rates),
-            Some(Duration::from_millis(4500))
-        );
-        assert_eq!(
-            worth_waiting(&busy, 400, &rates),
-            None,
-            "4 s elsewhere, at once"
-        );
+        // Bounded load: while another instance idles, one request at most waits for this one.
+        busy.ahead = 1;
+        assert_eq!(worth_waiting(&busy, 1000, &rates), None, "another idles");
         // When every instance is busy, elsewhere means waiting too: until the first frees,
-        // and the pool's queue ahead.
+        // and the pool's queue ahead (2 s a request, as measured); and hits waiting for this
+        // instance already take 2 s each, as measured.
         busy.idle_elsewhere = false;
         busy.others = vec![vec![progress(0, 40, Duration::ZERO)]];
+        busy.ahead = 2;
         busy.queued = 1;
         assert_eq!(
             worth_waiting(&busy, 400, &rates),
             Some(Duration::from_millis(4500)),
-            "2 s + 2 s + 4 s elsewhere"
+            "0.5 s + 2 x 2 s here; 2 s + 2 s + 4 s elsewhere"
+        );
+        busy.queued = 0;
+        assert_eq!(
+            worth_waiting(&busy, 200, &rates),
+            None,
+            "2 s + 2 s elsewhere"
         );
         // A hot conversation does not queue without end for its instance.
         busy.ahead = 20;
@@ -411,7 +427,7 @@ mod tests {
             generated: 50,
             generate_time: Duration::from_secs(1),
         };
-        a.observe("p", 4000, &cost, false);
+        a.observe("p", 4000, &cost, Duration::from_secs(6), false);
         let r = a.rates("p");
         assert!(
             r.prefill > 140.0 && r.prefill < 200.0,
@@ -421,7 +437,7 @@ mod tests {
             prompt_time: Duration::from_millis(10),
             ..cost
         };
-        a.observe("p", 4000, &hit, true);
+        a.observe("p", 4000, &hit, Duration::from_secs(1), true);
         assert_eq!(
             a.rates("p").prefill,
             r.prefill,

@@ -303,8 +303,12 @@ impl Call<'_> {
         let Some(wait) = affinity::worth_waiting(&busy, entry.tokens, &rates) else {
             return Some((None, entry));
         };
+        // Once waiting, it waits on (as long as a request may wait in the pool's queue): by
+        // now going elsewhere would cost the prefill on top of the time spent. Waiting ends
+        // early when the instance stops taking requests.
+        tracing::trace!(instance = %entry.instance, expected = ?wait, "waiting for the conversation's instance");
         let waited = Instant::now();
-        let until = waited + wait.mul_f64(1.5) + Duration::from_millis(200);
+        let until = waited + gw.cfg.queue_timeout;
         let lease = gw.pools.wait_on(&entry.instance, until).await;
         *queue_wait += waited.elapsed();
         Some((lease, entry))
@@ -559,7 +563,14 @@ impl Relay {
         }
         let affinity = &self.gw.affinity;
         let held = self.affinity.flatten();
-        affinity.observe(&self.pool, self.bytes, &counts.cost, held.is_some());
+        let service = self.lease.progress.started.elapsed();
+        affinity.observe(
+            &self.pool,
+            self.bytes,
+            &counts.cost,
+            service,
+            held.is_some(),
+        );
         let id = &self.lease.backend.id;
         let total = counts.cost.prompt + counts.cost.generated;
         if let Some(key) = self.conversation {
