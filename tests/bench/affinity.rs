@@ -41,6 +41,12 @@ pub struct Options {
     pub think: Duration,
     /// Tokens per answer.
     pub answer: u64,
+    /// Words per conversation's document (the system prompt has 750: with documents shorter
+    /// than that, llama-server does not consult its prompt cache when a conversation returns
+    /// to a slot another one used meanwhile; see the sim's cache.rs).
+    pub doc_words: usize,
+    /// Also run the single-turn workload (`--single 0` skips it).
+    pub single: bool,
 }
 
 /// Common English words, for text a real tokenizer reads as about 1.3 tokens per word.
@@ -400,7 +406,7 @@ pub async fn affinity_bench(o: Options) {
         .pool_max_idle_per_host(1024)
         .build_http();
     let system = format!("You are a careful assistant. {}", text(750, 0));
-    let doc_words = 400;
+    let doc_words = o.doc_words;
     let shape = Shape {
         turns: o.turns,
         think: o.think,
@@ -497,6 +503,14 @@ pub async fn affinity_bench(o: Options) {
             f.turns,
             f.failed
         );
+        for why in &f.failures {
+            let why: String = why.chars().take(160).collect();
+            println!("  {name}: a turn failed: {why}");
+        }
+        results.push(f);
+        if !o.single {
+            continue;
+        }
         // Single turns: every request a new document.
         let single = workload(
             &client,
@@ -510,17 +524,18 @@ pub async fn affinity_bench(o: Options) {
             },
         )
         .await;
-        for why in f.failures.iter().chain(&single.failures) {
+        for why in &single.failures {
             let why: String = why.chars().take(160).collect();
-            println!("  {name}: a turn failed: {why}");
+            println!("  {name}: a single turn failed: {why}");
         }
         singles.push((name, single));
-        results.push(f);
     }
-    println!(
-        "single-turn workload ({} clients, {} requests each, every one a new document: nothing to reuse):",
-        o.conversations, o.turns
-    );
+    if o.single {
+        println!(
+            "single-turn workload ({} clients, {} requests each, every one a new document: nothing to reuse):",
+            o.conversations, o.turns
+        );
+    }
     for (name, f) in &singles {
         println!(
             "{name:<30} ttft p50 {:>7}ms p90 {:>7}ms {:>6.2} turns/s, {} failed",

@@ -406,6 +406,8 @@ async fn main() {
             turns: arg("--turns", "6").parse().unwrap_or(6),
             think: Duration::from_secs_f64(arg("--think", "2").parse().unwrap_or(2.0)),
             answer: arg("--answer", "16").parse().unwrap_or(16),
+            doc_words: arg("--doc-words", "400").parse().unwrap_or(400),
+            single: arg("--single", "1") != "0",
         })
         .await;
         return;

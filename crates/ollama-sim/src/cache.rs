@@ -1,9 +1,9 @@
 //! The prompt cache, as llama.cpp's server keeps it (Ollama's runner since v0.30), modelled for
 //! the sim without the real engine. Each parallel slot holds the tokens of its last request (its
-//! KV cache). A request takes the idle slot whose tokens share the longest prefix with its
-//! prompt; when a slot moves to another prompt, the state it held is saved to a host-RAM cache
-//! of prompt states, and the cached state sharing the longest prefix with the new prompt is
-//! restored when it beats what the slot holds. The RAM cache keeps states up to a cap
+//! KV cache). A request takes the idle slot whose tokens share the largest part of its prompt;
+//! when that slot would lose more than half of what it holds (or none shares enough), the state
+//! it held is saved to a host-RAM cache of prompt states, and the cached state sharing more of
+//! the new prompt is restored when it beats what the slot holds (see [`PromptCache::take`]). The RAM cache keeps states up to a cap
 //! (`LLAMA_ARG_CACHE_RAM` in MiB, default 8192 as llama-server's; 0: no cache; -1: no cap),
 //! dropping the least recently used. Only the tokens past the restored prefix cost prefill
 //! time. A cached state holds real memory (`SIM_KV_BYTES_PER_TOKEN` per token), so an
@@ -24,6 +24,10 @@ pub fn tokens(text: &str) -> Vec<Token> {
         })
         .collect()
 }
+
+/// The share of a prompt an idle slot must hold to be chosen for it (llama-server's
+/// `--slot-prompt-similarity` default; Ollama does not set it).
+const SLOT_PROMPT_SIMILARITY: f64 = 0.1;
 
 fn common(a: &[Token], b: &[Token]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -87,38 +91,76 @@ impl PromptCache {
         self.saved.len()
     }
 
-    /// Takes an idle slot for `prompt` (the one sharing the longest prefix, else the least
-    /// recently used); saves what it held when the prompt moves it elsewhere, and restores the
-    /// cached state that shares more of the prompt, if one does.
+    /// Takes an idle slot for `prompt` and restores what the engine would, by llama-server's
+    /// rules: the idle slot sharing the largest part of the prompt (more than a tenth,
+    /// `--slot-prompt-similarity`), else the least recently used. The RAM cache is consulted only
+    /// when the slot came by LRU, or when the new prompt would drop more than half of what the
+    /// slot holds: then the slot's state is saved, and the cached state that keeps more of
+    /// itself (at least a quarter) and covers more of the prompt is restored. So a shared
+    /// system prompt that makes up more than half of the slot's prompt keeps the cache from
+    /// being consulted: the turn re-evaluates everything past the system prompt.
     pub fn take(&mut self, prompt: &[Token]) -> Taken {
         self.clock += 1;
-        let slot = (0..self.slots.len())
+        let share = |n: usize, of: usize| n as f64 / of.max(1) as f64;
+        let idle: Vec<usize> = (0..self.slots.len())
             .filter(|i| !self.slots[*i].busy)
-            .max_by_key(|i| {
+            .collect();
+        let by_prefix = idle
+            .iter()
+            .copied()
+            .filter(|i| !self.slots[*i].tokens.is_empty())
+            .map(|i| {
                 (
-                    common(&self.slots[*i].tokens, prompt),
-                    u64::MAX - self.slots[*i].used,
+                    share(common(&self.slots[i].tokens, prompt), prompt.len()),
+                    i,
                 )
             })
-            .unwrap_or(0);
+            .filter(|(sim, _)| *sim > SLOT_PROMPT_SIMILARITY)
+            .fold(None, |best: Option<(f64, usize)>, (sim, i)| match best {
+                Some((b, _)) if b >= sim => best,
+                _ => Some((sim, i)),
+            });
+        let (slot, consult) = match by_prefix {
+            Some((_, i)) => {
+                let s = &self.slots[i];
+                (i, share(common(&s.tokens, prompt), s.tokens.len()) < 0.5)
+            }
+            None => {
+                let lru = idle
+                    .iter()
+                    .copied()
+                    .min_by_key(|i| self.slots[*i].used)
+                    .unwrap_or(0);
+                (lru, true)
+            }
+        };
         let mut held = common(&self.slots[slot].tokens, prompt);
-        let moving = held < self.slots[slot].tokens.len();
-        if moving && !self.slots[slot].tokens.is_empty() {
-            let old = std::mem::take(&mut self.slots[slot].tokens);
-            self.save(old);
-        }
-        let best = self
-            .saved
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (common(&s.tokens, prompt), i))
-            .max();
-        if let Some((n, i)) = best
-            && n > held
-        {
-            let restored = self.saved.remove(i);
-            held = n;
-            self.slots[slot].tokens = restored.tokens;
+        if consult {
+            let current = self.slots[slot].tokens.clone();
+            if !current.is_empty() {
+                self.save(current.clone());
+            }
+            // The base to beat: what the slot keeps of itself and covers of the prompt.
+            let mut keep_best = if current.is_empty() {
+                -1.0
+            } else {
+                share(held, current.len())
+            };
+            let mut sim_best = share(held, prompt.len());
+            let mut best = None;
+            for (i, saved) in self.saved.iter().enumerate() {
+                let n = common(&saved.tokens, prompt);
+                let keep = share(n, saved.tokens.len());
+                let sim = share(n, prompt.len());
+                if keep >= 0.25 && keep_best < keep && sim_best < sim {
+                    (keep_best, sim_best, best) = (keep, sim, Some((i, n)));
+                }
+            }
+            if let Some((i, n)) = best {
+                let restored = self.saved.remove(i);
+                held = n;
+                self.slots[slot].tokens = restored.tokens;
+            }
         }
         let s = &mut self.slots[slot];
         s.tokens.truncate(held);
@@ -191,6 +233,40 @@ mod tests {
         // A again: restored from RAM.
         let a3 = tokens("system doc-a question one answer one question two answer two more");
         assert_eq!(c.take(&a3).cached, 8);
+    }
+
+    /// As measured on llama-server (one slot, three conversations in turn, a new question each
+    /// round): with a system prompt of 750 words and documents of 400, every returning turn
+    /// evaluated ~410 tokens again (the slot kept the system prompt, the cache was not
+    /// consulted); with 200 and 700, a returning turn evaluated 8.
+    #[test]
+    fn a_shared_prefix_over_half_the_slot_keeps_the_cache_unconsulted() {
+        let run = |system: usize, document: usize| {
+            let mut c = PromptCache::new(1, 8192, 0);
+            let words = |n: usize, tag: &str| -> Vec<Token> {
+                (0..n).map(|i| tokens(&format!("{tag}{i}"))[0]).collect()
+            };
+            let mut conversations: Vec<Vec<Token>> = (0..3)
+                .map(|c| [words(system, "s"), words(document, &format!("d{c}-"))].concat())
+                .collect();
+            let mut evaluated = Vec::new();
+            for round in 0..3 {
+                for conversation in &mut conversations {
+                    conversation.extend(words(8, &format!("q{round}-")));
+                    let t = c.take(conversation);
+                    evaluated.push(conversation.len() - t.cached);
+                    c.give_back(t.slot, conversation.clone());
+                }
+            }
+            evaluated
+        };
+        let shared = run(750, 400);
+        assert!(
+            shared[3..].iter().all(|n| *n > 400),
+            "re-evaluated: {shared:?}"
+        );
+        let own = run(200, 700);
+        assert!(own[3..].iter().all(|n| *n <= 9), "restored: {own:?}");
     }
 
     #[test]

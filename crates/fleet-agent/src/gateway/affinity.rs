@@ -264,8 +264,8 @@ pub fn prefill(tokens: u64, rates: &Rates) -> Duration {
 /// Whether to wait for the conversation's instance, and for how long it is expected to take:
 /// when its slot frees (after the hits already waiting for it) sooner than the `tokens` it
 /// holds would take elsewhere, counting what waiting elsewhere takes (nothing when another
-/// instance is free; else until the first frees, then the pool's queue ahead shared by the
-/// other instances). While another instance is free, only one request may wait.
+/// instance is free; else until the first frees, after the hits waiting for it in particular,
+/// then the pool's queue ahead shared by the other instances). While another instance is free, only one request may wait.
 pub fn worth_waiting(busy: &Busy, tokens: u64, rates: &Rates) -> Option<Duration> {
     // Bounded load: while another instance idles, one request at most waits for this one.
     if busy.idle_elsewhere && busy.ahead > 0 {
@@ -276,10 +276,11 @@ pub fn worth_waiting(busy: &Busy, tokens: u64, rates: &Rates) -> Option<Duration
     let elsewhere = if busy.idle_elsewhere || busy.others.is_empty() {
         Duration::ZERO
     } else {
+        // The first other instance to free, after the hits waiting for it in particular.
         let first = busy
             .others
             .iter()
-            .map(|o| busy_for(o, rates))
+            .map(|o| busy_for(&o.own, rates) + secs(rates.hit_service * o.ahead as f64))
             .min()
             .unwrap_or_default();
         first + secs(rates.service * busy.queued as f64 / busy.others.len() as f64)
@@ -289,6 +290,7 @@ pub fn worth_waiting(busy: &Busy, tokens: u64, rates: &Rates) -> Option<Duration
 
 #[cfg(test)]
 mod tests {
+    use super::super::pool::Other;
     use super::*;
 
     fn key(route: &str, body: &str, session: Option<&str>) -> Option<Key> {
@@ -399,7 +401,10 @@ mod tests {
         // and the pool's queue ahead (2 s a request, as measured); and hits waiting for this
         // instance already take 2 s each, as measured.
         busy.idle_elsewhere = false;
-        busy.others = vec![vec![progress(0, 40, Duration::ZERO)]];
+        busy.others = vec![Other {
+            own: vec![progress(0, 40, Duration::ZERO)],
+            ahead: 0,
+        }];
         busy.ahead = 2;
         busy.queued = 1;
         assert_eq!(
@@ -413,6 +418,14 @@ mod tests {
             None,
             "2 s + 2 s elsewhere"
         );
+        // The other instance serves the hits waiting for it first (2 s each): 6 s elsewhere.
+        busy.others[0].ahead = 2;
+        assert_eq!(
+            worth_waiting(&busy, 200, &rates),
+            Some(Duration::from_millis(4500)),
+            "2 s + 2 x 2 s + 2 s elsewhere"
+        );
+        busy.others[0].ahead = 0;
         // A hot conversation does not queue without end for its instance.
         busy.ahead = 20;
         assert_eq!(worth_waiting(&busy, 1000, &rates), None);

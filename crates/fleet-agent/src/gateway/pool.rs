@@ -61,7 +61,14 @@ impl Slot {
 struct Waiter {
     exclude: Option<String>,
     tx: oneshot::Sender<Lease>,
+    /// From then on it goes before the requests waiting for one instance in particular.
+    first_from: Instant,
 }
+
+/// A request in a pool's queue lets requests waiting for one instance in particular (their
+/// conversation's, cheap to serve there) go first for at most this share of its queue timeout;
+/// then it takes the next slot that frees, so new conversations are never starved by busy ones.
+const YIELDS_FOR: u32 = 4;
 
 /// The most requests that may wait for one instance in particular (the cost rule in
 /// `affinity` bounds them first; this bounds what a flood of one session can hold).
@@ -76,10 +83,19 @@ pub struct Busy {
     pub ahead: usize,
     /// Another instance of the pool has a free slot.
     pub idle_elsewhere: bool,
-    /// The requests in flight on each other instance of the pool that takes requests.
-    pub others: Vec<Vec<Arc<Progress>>>,
+    /// Each other instance of the pool that takes requests.
+    pub others: Vec<Other>,
     /// Requests waiting in the pool's queue.
     pub queued: usize,
+}
+
+/// Another instance of the pool, as a request that would go there sees it.
+#[derive(Clone, Debug, Default)]
+pub struct Other {
+    /// The requests in flight on it.
+    pub own: Vec<Arc<Progress>>,
+    /// Requests waiting for it in particular (served before the pool's queue).
+    pub ahead: usize,
 }
 
 /// How far a request in flight is (the gateway's view of an instance's work, for estimating
@@ -314,6 +330,7 @@ impl Pools {
             queue.push_back(Waiter {
                 exclude: exclude.map(str::to_string),
                 tx,
+                first_from: Instant::now() + timeout / YIELDS_FOR,
             });
             rx
         };
@@ -401,30 +418,39 @@ impl Pools {
     /// takes no requests, or [`AFFINE_WAITERS`] wait for it already.
     pub fn busy_on(&self, pool: &str, id: &str) -> Option<Busy> {
         let mut s = lock(&self.state);
-        let slot = s
-            .slots
+        let State {
+            slots,
+            queues,
+            affine,
+            ..
+        } = &mut *s;
+        let slot = slots
             .get(id)
             .filter(|x| x.backend.pool == pool && x.takes_requests())?;
-        let own = slot.progress.clone();
-        let ahead = s.affine.get_mut(id).map_or(0, |w| {
-            w.retain(|tx| !tx.is_closed());
-            w.len()
-        });
-        if ahead >= AFFINE_WAITERS {
-            return None;
-        }
+        let mut ahead = |id: &str| {
+            affine.get_mut(id).map_or(0, |w| {
+                w.retain(|tx| !tx.is_closed());
+                w.len()
+            })
+        };
         let mut busy = Busy {
-            own,
-            ahead,
+            own: slot.progress.clone(),
+            ahead: ahead(id),
             ..Busy::default()
         };
-        for (other, x) in &s.slots {
+        if busy.ahead >= AFFINE_WAITERS {
+            return None;
+        }
+        for (other, x) in slots.iter() {
             if other != id && x.backend.pool == pool && x.takes_requests() {
                 busy.idle_elsewhere |= x.open();
-                busy.others.push(x.progress.clone());
+                busy.others.push(Other {
+                    own: x.progress.clone(),
+                    ahead: ahead(other),
+                });
             }
         }
-        busy.queued = s.queues.get_mut(pool).map_or(0, |q| {
+        busy.queued = queues.get_mut(pool).map_or(0, |q| {
             q.retain(|w| !w.tx.is_closed());
             q.len()
         });
@@ -432,7 +458,8 @@ impl Pools {
     }
 
     /// Waits (until `until` at most) for a slot on instance `id`: the slots it frees go to the
-    /// requests waiting for it, in order, before any in the pool's queue. `None` when the time
+    /// requests waiting for it, in order, before the pool's queue (unless a request there has
+    /// waited [`YIELDS_FOR`]th of its timeout). `None` when the time
     /// passed, the instance stopped taking requests, or [`AFFINE_WAITERS`] wait for it already.
     pub async fn wait_on(&self, id: &str, until: Instant) -> Option<Lease> {
         let rx = {
@@ -532,6 +559,14 @@ impl Pools {
     fn release(&self, id: &str, progress: &Arc<Progress>, stalled: Option<bool>) {
         let mut s = lock(&self.state);
         if let Some(pool) = Self::give_back(&mut s, id, progress, stalled) {
+            let overdue = s.queues.get(&pool).is_some_and(|q| {
+                q.iter()
+                    .find(|w| !w.tx.is_closed())
+                    .is_some_and(|w| w.first_from <= Instant::now())
+            });
+            if overdue {
+                self.hand_out(&mut s, &pool);
+            }
             self.hand_to_affine(&mut s, id);
             self.hand_out(&mut s, &pool);
         }
@@ -744,6 +779,41 @@ mod tests {
             assert!(w.await.expect("join").is_none());
         }
         drop(got);
+    }
+
+    /// A request in the pool's queue lets conversations waiting for their instance go first
+    /// for a quarter of its queue timeout, then takes the next slot that frees: a stream of
+    /// busy conversations cannot starve a new one.
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_yields_to_conversations_for_a_while_only() {
+        let pools = Pools::default();
+        pools.update(vec![backend("a", 1)]);
+        let mut on_a = pools.try_on("f", "a").expect("a is free");
+        let fifo = {
+            let p = pools.clone();
+            tokio::spawn(async move { p.acquire("f", None, 8, WAIT).await })
+        };
+        let wait_for_a = || {
+            let p = pools.clone();
+            tokio::spawn(async move { p.wait_on("a", Instant::now() + WAIT).await })
+        };
+        // Within 15 s (60 s / 4), every slot that frees goes to a conversation.
+        for _ in 0..3 {
+            let conversation = wait_for_a();
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            drop(on_a);
+            on_a = conversation.await.expect("join").expect("a slot");
+            assert!(!fifo.is_finished(), "the queue yields");
+        }
+        // At 16 s the queue goes first; the conversation waits for the next slot.
+        let conversation = wait_for_a();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        drop(on_a);
+        let queued = fifo.await.expect("join").expect("a slot");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(!conversation.is_finished(), "after the queue's request");
+        drop(queued);
+        assert!(conversation.await.expect("join").is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -208,25 +208,27 @@ impl Call<'_> {
         let mut known = false;
         for round in 0..2 {
             // The first try goes to the conversation's instance when that pays.
-            let mut held: Option<u64> = None;
-            let affine = match (round, self.conversation) {
+            let (affine, home) = match (round, self.conversation) {
                 (0, Some(key)) => {
-                    let found = self.conversation_instance(pool, key, &mut queue_wait).await;
-                    known = found.is_some();
-                    found.and_then(|(lease, entry)| Some((lease?, entry.tokens)))
+                    match self.conversation_instance(pool, key, &mut queue_wait).await {
+                        Some((lease, entry)) => (lease, Some(entry)),
+                        None => (None, None),
+                    }
                 }
-                _ => None,
+                _ => (None, None),
             };
+            known |= home.is_some();
             let lease = match affine {
-                Some((lease, tokens)) => {
-                    held = Some(tokens);
-                    lease
-                }
+                Some(lease) => lease,
                 None => match self.lease(pool, exclude.as_deref(), &mut queue_wait).await {
                     Ok(lease) => lease,
                     Err(refused) => return refused,
                 },
             };
+            // A hit when it got the instance holding its conversation, waited for or not.
+            let held = home
+                .filter(|e| e.instance == lease.backend.id)
+                .map(|e| e.tokens);
             self.expect(&lease, pool, body.len(), held);
             let fleet = lease.backend.fleet.clone();
             match self.attempt(&lease, &body).await {
@@ -283,8 +285,9 @@ impl Call<'_> {
 
     /// The instance that served the conversation last, if the gateway knows one in `pool`, and
     /// a slot on it: at once when it is free; after waiting for it when it is busy for less
-    /// time than evaluating the conversation again elsewhere would take (and nobody waits for it
-    /// already); else none (the request goes to the least busy instance).
+    /// time than evaluating the conversation again elsewhere would take ([`affinity::worth_waiting`]);
+    /// else none (the request goes to the pool's queue, and is a hit only if that gives it the
+    /// same instance).
     async fn conversation_instance(
         &self,
         pool: &PoolOf,
