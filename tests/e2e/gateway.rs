@@ -498,7 +498,7 @@ async fn a_new_model_rolls_out_behind_the_gateway() {
     }
     // Each model's answers go through phases, never back: the new one is unknown (until the
     // agent has seen the new spec), then waits for its first instance, then is served; the old
-    // one is served until its last instance is gone.
+    // one is served until its last instance leaves (503, retryable, while it drains) and is gone.
     let phases = |model: &str, order: &[u16]| {
         let codes: Vec<u16> = seen.iter().filter(|s| s.0 == model).map(|s| s.1).collect();
         let rank = |c: &u16| order.iter().position(|o| o == c);
@@ -509,7 +509,7 @@ async fn a_new_model_rolls_out_behind_the_gateway() {
         );
     };
     phases(NEW, &[404, 503, 200]);
-    phases(MODEL, &[200, 404]);
+    phases(MODEL, &[200, 503, 404]);
     assert!(served_new >= 2 && served_old >= 2, "{seen:?}");
     assert_eq!(
         agent.metric("ollama_fleet_model_reloads_total").await,
