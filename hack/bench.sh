@@ -27,7 +27,8 @@ export OLLAMA_FLEET_SIM_IMAGE_TAR=$ROOT/target/images-bench/ollama-sim.oci.tar
 hack/sim-image.sh --binary "$ROOT/target/release/ollama-sim" --out "$ROOT/target/images-bench" >/dev/null
 if [[ " $* " == *" --engine 1 "* ]]; then
   # The real engine (llama-server and SmolLM2-135M; built once, then cached) behind the sim.
-  eval "$(hack/llama-engine.sh)"
+  engine_env=$(hack/llama-engine.sh) || { echo "bench: building the real engine failed (above)" >&2; exit 1; }
+  eval "$engine_env"
   export OLLAMA_FLEET_ENGINE_IMAGE_TAR=$ROOT/target/images-bench/ollama-engine.oci.tar
   hack/sim-image.sh --binary "$ROOT/target/release/ollama-sim" --out "$ROOT/target/images-bench" \
     --engine "$LLAMA_SERVER:$LLAMA_GGUF" >/dev/null

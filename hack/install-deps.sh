@@ -28,8 +28,8 @@ PACKAGES=(
   # the metrics exposition.
   nginx haproxy prometheus
   # The real engine (hack/llama-engine.sh): llama.cpp's llama-server builds from source with
-  # cmake and a C++ compiler.
-  cmake g++
+  # cmake, make and a C++ compiler.
+  cmake make g++
 )
 
 missing=()

@@ -42,7 +42,7 @@ EOF
 key=$(printf '%s ' "$LLAMA_VERSION" "${FLAGS[@]}" | sha256sum | cut -c1-12)
 server=$CACHE/llama-server-$LLAMA_VERSION-$key
 if [[ ! -x $server ]]; then
-  for tool in cmake g++ python3; do
+  for tool in cmake make g++ python3; do
     command -v "$tool" >/dev/null || { say "needs $tool (hack/install-deps.sh installs it)"; exit 1; }
   done
   work=$(mktemp -d "$CACHE/build.XXXXXX")

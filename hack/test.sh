@@ -27,7 +27,8 @@ cargo build --locked --workspace --all-targets
 export OLLAMA_FLEET_SIM_IMAGE_TAR=$ROOT/target/images/ollama-sim.oci.tar
 hack/sim-image.sh --binary "$ROOT/target/debug/ollama-sim" >/dev/null
 # The real engine (llama-server and a small GGUF; built once, then cached) behind the sim's API.
-eval "$(hack/llama-engine.sh)"
+engine_env=$(hack/llama-engine.sh) || { echo "test: building the real engine failed (above)" >&2; exit 1; }
+eval "$engine_env"
 export OLLAMA_FLEET_ENGINE_IMAGE_TAR=$ROOT/target/images/ollama-engine.oci.tar
 hack/sim-image.sh --binary "$ROOT/target/debug/ollama-sim" --engine "$LLAMA_SERVER:$LLAMA_GGUF" >/dev/null
 
