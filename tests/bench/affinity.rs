@@ -23,7 +23,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
-use crate::serve::{Http, Rng, haproxy, quantile, streamed};
+use crate::serve::{Http, Rng, haproxy, instance_ports, quantile, streamed};
 
 const MODEL: &str = "smollm2:135m";
 
@@ -392,12 +392,7 @@ pub async fn affinity_bench(o: Options) {
             s["readyReplicas"] == u64::from(o.n)
         })
         .await;
-    let ports: Vec<u16> = status["instances"]
-        .as_array()
-        .expect("instances")
-        .iter()
-        .filter_map(|i| i["port"].as_u64().map(|p| p as u16))
-        .collect();
+    let ports = instance_ports(&status);
     let dir = world.dir.join("proxies");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let haproxy_port = free_port();

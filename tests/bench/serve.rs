@@ -267,12 +267,7 @@ pub async fn serve_bench(n: u32, seconds: f64, loads: &[f64], rollouts: bool) {
         &["--serve", &format!("127.0.0.1:{gateway_port}")],
     );
     let status = wait_all(&world, u64::from(n), "every instance ready", None).await;
-    let ports: Vec<u16> = status["instances"]
-        .as_array()
-        .expect("instances")
-        .iter()
-        .filter_map(|i| i["port"].as_u64().map(|p| p as u16))
-        .collect();
+    let ports = instance_ports(&status);
     let dir = world.dir.join("proxies");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let (nginx_port, haproxy_port) = (free_port(), free_port());
@@ -430,4 +425,14 @@ pub async fn serve_bench(n: u32, seconds: f64, loads: &[f64], rollouts: bool) {
             took.as_secs_f64()
         );
     }
+}
+
+/// The ports of the instances a fleet status lists.
+pub fn instance_ports(status: &serde_json::Value) -> Vec<u16> {
+    status["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .filter_map(|i| i["port"].as_u64().and_then(|p| u16::try_from(p).ok()))
+        .collect()
 }
