@@ -95,6 +95,8 @@ async fn baseline(world: &World, n: u32, concurrency: usize, base: u16) -> Durat
         topology: Topology::read(std::path::Path::new("/")),
         cgroup_parent: format!("/ollama-fleet/{}", world.ns.name),
         nofile: fleet_agent::topology::hard_nofile().map(|n| n.min(65_536)),
+        bounds_swap: fleet_agent::policy::Host::bounds_swap(&fleet_agent::policy::RealHost),
+        host_files: fleet_agent::policy::Host::files(&fleet_agent::policy::RealHost),
         models: Default::default(),
     };
     let hash = fleet_api::spec_hash(&fleet.spec, &image.digest);

@@ -125,6 +125,8 @@ mod tests {
             topology: Default::default(),
             cgroup_parent: "/t".into(),
             nofile: None,
+            bounds_swap: true,
+            host_files: vec![],
             models: Default::default(),
         }
     }

@@ -49,6 +49,12 @@ pub struct NodeCtx {
     pub cgroup_parent: String,
     /// `RLIMIT_NOFILE` of instances.
     pub nofile: Option<u64>,
+    /// Whether the host's cgroups bound swap (v2, or v1 with swap accounting): then instances
+    /// get `resources.swap` (none by default) beyond their memory limit.
+    pub bounds_swap: bool,
+    /// The host's files instances see read-only (`/etc/hosts`, `/etc/resolv.conf`), those
+    /// the host has.
+    pub host_files: Vec<String>,
     /// What the node's model cache knows of each model (by `ModelRef::key`).
     pub models: HashMap<String, ModelFacts>,
 }
@@ -364,6 +370,10 @@ pub fn container_spec(
     };
     let limits = Limits {
         memory_bytes: r.memory.map(|m| m.bytes()),
+        memory_swap_bytes: r
+            .memory
+            .filter(|_| node.bounds_swap)
+            .map(|m| m.bytes().saturating_add(r.swap.map_or(0, |s| s.bytes()))),
         cpu_quota_us: r.cpus.map(|c| (c * 100_000.0).round() as i64),
         cpu_period_us: 100_000,
         cpu_shares: r.cpu_shares,
@@ -428,6 +438,7 @@ pub fn container_spec(
             image.config.working_dir.clone()
         },
         mounts,
+        host_files: node.host_files.clone(),
         limits,
         cgroup_parent: node.cgroup_parent.clone(),
         runtime: spec.runtime.name.clone(),
@@ -548,6 +559,8 @@ mod tests {
             },
             cgroup_parent: "/ollama-fleet/ns".into(),
             nofile: Some(4096),
+            bounds_swap: true,
+            host_files: vec!["/etc/hosts".into()],
             models: Default::default(),
         }
     }
@@ -560,6 +573,41 @@ mod tests {
 
     /// The prompt cache an instance gets: what its memory leaves once the model, its context's
     /// KV cache and the margin are taken; a size or the engine's own when the manifest says.
+    #[test]
+    fn swap_is_the_fleets_allowance_beyond_memory_where_the_host_bounds_it() {
+        let swap_of = |extra: &str, bounds_swap: bool| {
+            let node = NodeCtx {
+                bounds_swap,
+                ..node()
+            };
+            let c = container_spec(
+                "f",
+                &fleet(extra),
+                "h",
+                &image(),
+                &node,
+                (0, 11434),
+                "f-0-abcdef".into(),
+                &Carry::default(),
+                SystemTime::UNIX_EPOCH,
+            );
+            (c.limits.memory_bytes, c.limits.memory_swap_bytes)
+        };
+        let gib = 1u64 << 30;
+        let limits = "  resources: {memory: 1Gi}\n";
+        assert_eq!(swap_of(limits, true), (Some(gib), Some(gib)), "none by default");
+        assert_eq!(
+            swap_of("  resources: {memory: 1Gi, swap: 256Mi}\n", true),
+            (Some(gib), Some(gib + (256 << 20)))
+        );
+        assert_eq!(
+            swap_of(limits, false),
+            (Some(gib), None),
+            "a host without swap accounting takes no swap setting (runc would fail)"
+        );
+        assert_eq!(swap_of("", true), (None, None), "no limit, nothing to add to");
+    }
+
     #[test]
     fn the_prompt_cache_is_sized_from_memory() {
         let facts = ModelFacts {
@@ -701,6 +749,8 @@ mod tests {
         assert_eq!(c.args, ["/bin/ollama", "serve", "--x"]);
         assert_eq!(c.limits.cpu_quota_us, Some(150_000));
         assert_eq!(c.limits.memory_bytes, Some(1 << 30));
+        assert_eq!(c.limits.memory_swap_bytes, Some(1 << 30), "no swap");
+        assert_eq!(c.host_files, ["/etc/hosts"], "what the host has");
         assert_eq!(c.limits.pids, Some(64));
         // perSocket 2: slots 0-1 on socket 0, slots 2-3 on socket 1.
         assert_eq!(c.limits.cpuset_cpus.as_deref(), Some("2-3"));

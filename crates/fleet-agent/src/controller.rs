@@ -8,7 +8,7 @@
 //! Watch events, containerd events, probe changes and finished actions only wake the loop; a
 //! resync timer wakes it anyway.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -86,6 +86,19 @@ pub struct Agent<R: Runtime, S: Store> {
     host: Arc<dyn Host + Send + Sync>,
     /// The node gateway, when the agent serves (`--serve`).
     gateway: Option<Arc<Gateway>>,
+    /// Said once, until it changes: each fleet's refusal reason (warned), the host files
+    /// missing, and whether the host bounds swap.
+    said: Said,
+    /// Exited instances whose cgroup was read for an OOM kill the events did not tell.
+    oom_checked: HashSet<String>,
+}
+
+/// What the agent has logged about its node and fleets, so that each is said once.
+#[derive(Debug, Default)]
+struct Said {
+    refusals: BTreeMap<String, &'static str>,
+    missing_files: BTreeSet<String>,
+    swap: Option<bool>,
 }
 
 impl<R: Runtime, S: Store> std::fmt::Debug for Agent<R, S> {
@@ -151,6 +164,8 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             graces: HashMap::new(),
             host: Arc::new(policy::RealHost),
             gateway: None,
+            said: Said::default(),
+            oom_checked: HashSet::new(),
         }
     }
 
@@ -299,6 +314,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         // Evaluate each fleet for this node, then what runs and how ready it is.
         let evals = self.evaluate(docs.as_ref(), &labelled).await;
         self.sample_memory(&labelled).await;
+        self.find_unseen_ooms(&labelled).await;
         let (gates, ready) = self.readiness(&labelled, now);
 
         // Plan.
@@ -314,11 +330,14 @@ impl<R: Runtime, S: Store> Agent<R, S> {
 
         // Act: first what starts instances; then, once the instances about to stop are out of
         // the endpoints (the gateway, the view and the status key), what stops them.
+        let (host_files, bounds_swap) = self.host_for_instances();
         let node = NodeCtx {
             sockets: self.cfg.sockets,
             topology: self.cfg.topology.clone(),
             cgroup_parent: self.cfg.cgroup_parent.clone(),
             nofile: Some(self.cfg.nofile),
+            bounds_swap,
+            host_files,
             models: self.models.facts(),
         };
         let (stopping, starting): (Vec<&Action>, Vec<&Action>) =
@@ -388,6 +407,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             &self.cfg.policy,
             self.host.memory(),
         );
+        self.say_refusals(&evals);
         self.graces = labelled
             .iter()
             .filter_map(|(o, l)| Some((o.id.clone(), l.grace?)))
@@ -672,6 +692,81 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             && Why::ROTATIONS.contains(&why)
         {
             *self.rotations.entry((fleet.clone(), why)).or_default() += 1;
+        }
+    }
+
+    /// Logs each fleet this node refuses (or cuts) once per reason, at warn level, with what to
+    /// do; and when it is admitted again.
+    fn say_refusals(&mut self, evals: &Evals) {
+        let said = &mut self.said.refusals;
+        said.retain(|name, _| evals.contains_key(name));
+        for (name, (_, eval)) in evals {
+            let refusal = match eval {
+                Eval::Refused { refusal, .. } | Eval::Run { cut: Some(refusal), .. } => refusal,
+                _ => {
+                    if said.remove(name).is_some() {
+                        tracing::info!(fleet = %name, "fleet admitted on this node");
+                    }
+                    continue;
+                }
+            };
+            if said.get(name) != Some(&refusal.reason()) {
+                said.insert(name.clone(), refusal.reason());
+                let what = if refusal.partial() {
+                    "fleet admitted with fewer instances on this node"
+                } else {
+                    "fleet not admitted on this node: nothing of it starts here"
+                };
+                tracing::warn!(fleet = %name, reason = refusal.reason(),
+                    message = %refusal.message(&self.cfg.policy), "{what}");
+            }
+        }
+    }
+
+    /// What instances created now get from the host: the files they see (said once when one
+    /// is missing) and whether their swap is bounded (said once when it cannot be).
+    fn host_for_instances(&mut self) -> (Vec<String>, bool) {
+        let files = self.host.files();
+        for file in policy::HOST_FILES {
+            let present = files.iter().any(|f| f == file);
+            if !present && self.said.missing_files.insert(file.to_string()) {
+                tracing::warn!(file, "this host has no {file}: instances created now go without it (create it, and replace the instances, to give it to them)");
+            } else if present && self.said.missing_files.remove(file) {
+                tracing::info!(file, "this host has {file} again: instances created from now on see it");
+            }
+        }
+        let swap = *self.said.swap.get_or_insert_with(|| {
+            let bounded = self.host.bounds_swap();
+            if !bounded {
+                tracing::warn!("this host's cgroups do not account swap (cgroup v1 without swapaccount=1): instances cannot be kept from swapping; boot the kernel with swapaccount=1 or turn swap off");
+            }
+            bounded
+        });
+        (files, swap)
+    }
+
+    /// Adds to `ooms` the instances that exited by SIGKILL while the OOM killer ran in their
+    /// cgroup: an OOM kill whose event was lost (the agent or containerd away). Each exit is
+    /// read once.
+    async fn find_unseen_ooms(&mut self, labelled: &Labelled<'_>) {
+        let ids: HashSet<&str> = labelled.iter().map(|(o, _)| o.id.as_str()).collect();
+        self.oom_checked.retain(|id| ids.contains(id.as_str()));
+        for (o, _) in labelled {
+            if o.state != fleet_runtime::TaskState::Stopped
+                || o.exit_code != Some(137)
+                || lock(&self.ooms).contains(&o.id)
+                || !self.oom_checked.insert(o.id.clone())
+            {
+                continue;
+            }
+            match self.runtime.oom_killed(&o.id, &self.cfg.cgroup_parent).await {
+                Ok(true) => {
+                    tracing::info!(id = %o.id, "the instance was OOM-killed (counted in its cgroup; the event was missed)");
+                    lock(&self.ooms).insert(o.id.clone());
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(id = %o.id, error = %e, "cannot read the instance's OOM count"),
+            }
         }
     }
 

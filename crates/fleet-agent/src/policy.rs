@@ -187,7 +187,14 @@ pub trait Host {
     fn cpus(&self) -> usize;
     /// The node's memory in bytes.
     fn memory(&self) -> u64;
+    /// The files of [`HOST_FILES`] this host has (instances see those, read-only).
+    fn files(&self) -> Vec<String>;
+    /// Whether the host's cgroups bound swap (v2, or v1 with swap accounting).
+    fn bounds_swap(&self) -> bool;
 }
+
+/// The host's files every instance sees read-only, as containers do: name resolution.
+pub const HOST_FILES: [&str; 2] = ["/etc/hosts", "/etc/resolv.conf"];
 
 /// The real host.
 #[derive(Clone, Copy, Debug, Default)]
@@ -225,9 +232,23 @@ impl Host for RealHost {
     fn memory(&self) -> u64 {
         crate::topology::memory_bytes()
     }
+
+    fn files(&self) -> Vec<String> {
+        // A dangling symlink (a resolver's stub file not there yet) counts as missing.
+        HOST_FILES
+            .iter()
+            .filter(|f| Path::new(f).exists())
+            .map(|f| f.to_string())
+            .collect()
+    }
+
+    fn bounds_swap(&self) -> bool {
+        use fleet_runtime::cgroup::{self, SwapControl};
+        cgroup::swap_control(Path::new(cgroup::ROOT)) != SwapControl::None
+    }
 }
 
-/// A scripted host for tests: symlinks, addresses, cpus and memory as told.
+/// A scripted host for tests: symlinks, addresses, cpus, memory, files and swap as told.
 #[derive(Clone, Debug)]
 pub struct ScriptedHost {
     /// (link, target): paths under `link` resolve under `target`.
@@ -238,6 +259,10 @@ pub struct ScriptedHost {
     pub cpus: usize,
     /// Memory in bytes.
     pub memory: u64,
+    /// The host files present.
+    pub files: Vec<String>,
+    /// Whether swap is bounded.
+    pub bounds_swap: bool,
 }
 
 impl Default for ScriptedHost {
@@ -248,6 +273,8 @@ impl Default for ScriptedHost {
             local: Vec::new(),
             cpus: 64,
             memory: 1 << 40,
+            files: HOST_FILES.iter().map(|f| f.to_string()).collect(),
+            bounds_swap: true,
         }
     }
 }
@@ -272,6 +299,14 @@ impl Host for ScriptedHost {
 
     fn memory(&self) -> u64 {
         self.memory
+    }
+
+    fn files(&self) -> Vec<String> {
+        self.files.clone()
+    }
+
+    fn bounds_swap(&self) -> bool {
+        self.bounds_swap
     }
 }
 
@@ -449,6 +484,7 @@ mod tests {
             local: vec!["10.0.0.7".parse().expect("ip")],
             cpus: 8,
             memory: 32 << 30,
+            ..ScriptedHost::default()
         }
     }
 

@@ -290,6 +290,30 @@ async fn crashes_and_ooms_are_replaced_with_history() {
         assert_eq!(slot0.restarts, 2);
         let exit = slot0.last_exit.as_ref().expect("last exit");
         assert_eq!((exit.code, exit.reason.as_str()), (137, "OOMKilled"));
+
+        // An OOM kill whose event never came (the agent was away): the cgroup's count tells.
+        let victim = slot0.id.clone();
+        a.runtime.oom_unseen(&victim);
+        let s = wait_status(&a.store, "f", "slot 0 replaced after an unseen OOM kill", |s| {
+            s.ready_replicas == 2 && s.instances.iter().all(|i| i.id != victim)
+        })
+        .await;
+        let slot0 = s.instances.iter().find(|i| i.slot == 0).expect("slot 0");
+        assert_eq!(slot0.restarts, 3);
+        let exit = slot0.last_exit.as_ref().expect("last exit");
+        assert_eq!((exit.code, exit.reason.as_str()), (137, "OOMKilled"));
+
+        // A SIGKILL from elsewhere (kill -9) is not an OOM kill.
+        let victim = slot0.id.clone();
+        a.runtime.exit(&victim, 137);
+        let s = wait_status(&a.store, "f", "slot 0 replaced after a kill -9", |s| {
+            s.ready_replicas == 2 && s.instances.iter().all(|i| i.id != victim)
+        })
+        .await;
+        let slot0 = s.instances.iter().find(|i| i.slot == 0).expect("slot 0");
+        let exit = slot0.last_exit.as_ref().expect("last exit");
+        assert_eq!(exit.code, 137);
+        assert_ne!(exit.reason.as_str(), "OOMKilled");
         a.stop().await;
     })
     .await

@@ -201,6 +201,11 @@ pub struct Resources {
     /// Hard memory limit, at least 4Mi. Absent: no limit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<Quantity>,
+    /// Swap the instance may use beyond `memory`. Absent or `0`: none, so an instance at its
+    /// limit is OOM-killed and replaced rather than swapping its model and KV cache (the
+    /// kubelet's default too). Needs a memory limit (the fleet's or the agent's default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap: Option<Quantity>,
     /// Most processes and threads the instance may have.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
@@ -981,6 +986,15 @@ fn decode_resources(f: &mut Fields<'_>) -> Resources {
         };
         f.errs.add(&f.path_of("memory"), pos, message);
     }
+    let swap: Option<Quantity> = f.opt("swap");
+    if let Some(s) = swap.filter(|s| s.bytes() > MAX_MEMORY.bytes()) {
+        let pos = f.pos_of("swap");
+        f.errs.add(
+            &f.path_of("swap"),
+            pos,
+            format!("must be at most {MAX_MEMORY}, got {s}"),
+        );
+    }
     let pids = f
         .node("pids")
         .and_then(|node| int_in(node, &f.path_of("pids"), f.errs, 1, i64::MAX).map(|n| n as u64));
@@ -1024,6 +1038,7 @@ fn decode_resources(f: &mut Fields<'_>) -> Resources {
         cpus,
         cpu_shares,
         memory: memory.filter(memory_ok),
+        swap: swap.filter(|s| s.bytes() <= MAX_MEMORY.bytes()),
         pids,
         cpu_pinning,
         prompt_cache,

@@ -866,6 +866,26 @@ fn bombs_fail_with_one_error() {
 }
 
 #[test]
+fn swap_is_none_unless_a_bounded_amount_is_asked() {
+    use fleet_api::Quantity;
+    assert_eq!(passes(&doc("")).spec.resources.swap, None);
+    let swap = |v: &str| {
+        passes(&doc(&format!("resources: {{memory: 1Gi, swap: {v}}}")))
+            .spec
+            .resources
+            .swap
+    };
+    assert_eq!(swap("0"), Some(Quantity::mebibytes(0)));
+    assert_eq!(swap("512Mi"), Some(Quantity::mebibytes(512)));
+    fails(
+        &doc("resources: {swap: lots}"),
+        "spec.resources.swap",
+        "quantity",
+    );
+    fails(&doc("resources: {swap: 2Pi}"), "spec.resources.swap", "at most");
+}
+
+#[test]
 fn prompt_cache_is_auto_engine_or_a_size_below_memory() {
     use fleet_api::{PromptCache, Quantity};
     assert_eq!(

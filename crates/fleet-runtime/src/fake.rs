@@ -40,6 +40,7 @@ struct State {
     pull_delay: std::time::Duration,
     memory: BTreeMap<String, u64>,
     ignore_sigterm: bool,
+    oom_killed: std::collections::BTreeSet<String>,
 }
 
 /// Called with (container, signal) on every `kill`, before it takes effect.
@@ -116,6 +117,7 @@ impl FakeRuntime {
             env: vec![],
             cwd: "/".into(),
             mounts: vec![],
+        host_files: vec![],
             limits: crate::Limits::default(),
             cgroup_parent: "/".into(),
             runtime: "io.containerd.runc.v2".into(),
@@ -147,7 +149,15 @@ impl FakeRuntime {
 
     /// An OOM kill: the OOM event, then an exit with 137.
     pub fn oom(&self, id: &str) {
+        self.state().oom_killed.insert(id.to_string());
         let _ = self.events.send(RuntimeEvent::Oom { id: id.to_string() });
+        self.exit(id, 137);
+    }
+
+    /// An OOM kill whose event is lost (the agent was away): only the exit with 137, and the
+    /// count in the cgroup that [`Runtime::oom_killed`] reads.
+    pub fn oom_unseen(&self, id: &str) {
+        self.state().oom_killed.insert(id.to_string());
         self.exit(id, 137);
     }
 
@@ -388,6 +398,10 @@ impl Runtime for FakeRuntime {
 
     async fn memory(&self, id: &str, _pid: u32) -> Result<u64> {
         Ok(self.state().memory.get(id).copied().unwrap_or(0))
+    }
+
+    async fn oom_killed(&self, id: &str, _cgroup_parent: &str) -> Result<bool> {
+        Ok(self.state().oom_killed.contains(id))
     }
 
     fn log_path(&self, id: &str) -> PathBuf {

@@ -66,6 +66,10 @@ pub struct BindMount {
 pub struct Limits {
     /// Memory limit in bytes.
     pub memory_bytes: Option<u64>,
+    /// Memory plus swap in bytes (OCI `memory.swap`): equal to `memory_bytes` for no swap
+    /// (v2 `memory.swap.max` 0, v1 `memory.memsw.limit_in_bytes` = the limit). `None`: the
+    /// runtime's default, which is unbounded swap; set only where the host accounts swap.
+    pub memory_swap_bytes: Option<u64>,
     /// CFS quota in microseconds per `cpu_period_us`.
     pub cpu_quota_us: Option<i64>,
     /// CFS period (default 100000).
@@ -99,6 +103,9 @@ pub struct ContainerSpec {
     pub cwd: String,
     /// Bind mounts.
     pub mounts: Vec<BindMount>,
+    /// Files of the host bound read-only at the same path (`/etc/hosts`, `/etc/resolv.conf`),
+    /// those the host has: a bind of a missing file fails the task's creation.
+    pub host_files: Vec<String>,
     /// cgroup limits.
     pub limits: Limits,
     /// The cgroup parent (`/ollama-fleet/<namespace>`); the container's cgroup is `<parent>/<id>`.
@@ -315,6 +322,21 @@ pub trait Runtime: Send + Sync + 'static {
             .map_err(|e| RuntimeError::Failed {
                 op: "memory",
                 id: pid.to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Whether the kernel's OOM killer ran in the cgroup of a container whose task has exited
+    /// (and was not deleted yet): the count in its `memory.events` (v2) or
+    /// `memory.oom_control` (v1). For an OOM kill whose event the agent missed.
+    async fn oom_killed(&self, id: &str, cgroup_parent: &str) -> Result<bool> {
+        let dir = format!("{}/{id}", cgroup_parent.trim_end_matches('/'));
+        cgroup::oom_kills(std::path::Path::new(cgroup::ROOT), &dir)
+            .await
+            .map(|n| n > 0)
+            .map_err(|e| RuntimeError::Failed {
+                op: "oom_killed",
+                id: id.to_string(),
                 message: e.to_string(),
             })
     }

@@ -1,7 +1,7 @@
 //! The OCI runtime spec of an instance: a pure function of a [`ContainerSpec`].
 //!
 //! Host network (no network namespace), its own pid/ipc/uts/mount namespaces, the standard
-//! mounts, the host's `/etc/hosts` and `/etc/resolv.conf` read-only, the fleet's bind mounts,
+//! mounts, the host's `/etc/hosts` and `/etc/resolv.conf` read-only (those it has), the fleet's bind mounts,
 //! the cgroup limits, and current container defaults: no-new-privileges, a reduced capability
 //! set, a seccomp filter that denies what container runtimes deny by default, an
 //! `oom_score_adj` that makes instances the host's first victims, a bounded `RLIMIT_NOFILE`,
@@ -230,14 +230,10 @@ pub fn build(c: &ContainerSpec) -> Value {
             "tmpfs",
             &["nosuid", "strictatime", "mode=755", "size=65536k"],
         ),
-        mount("/etc/hosts", "bind", "/etc/hosts", &["rbind", "ro"]),
-        mount(
-            "/etc/resolv.conf",
-            "bind",
-            "/etc/resolv.conf",
-            &["rbind", "ro"],
-        ),
     ];
+    for file in &c.host_files {
+        mounts.push(mount(file, "bind", file, &["rbind", "ro"]));
+    }
     for m in &c.mounts {
         let source = m.source.display().to_string();
         let mode = if m.read_only { "ro" } else { "rw" };
@@ -285,7 +281,11 @@ pub fn build(c: &ContainerSpec) -> Value {
     let mut resources = serde_json::Map::new();
     resources.insert("devices".into(), devices());
     if let Some(limit) = l.memory_bytes {
-        resources.insert("memory".into(), json!({"limit": limit}));
+        let mut memory = json!({"limit": limit});
+        if let Some(swap) = l.memory_swap_bytes {
+            memory["swap"] = json!(swap.max(limit));
+        }
+        resources.insert("memory".into(), memory);
     }
     if !cpu.is_empty() {
         resources.insert("cpu".into(), Value::Object(cpu));
@@ -350,8 +350,10 @@ mod tests {
                 destination: "/models".into(),
                 read_only: false,
             }],
+            host_files: vec!["/etc/hosts".into(), "/etc/resolv.conf".into()],
             limits: Limits {
                 memory_bytes: Some(8 << 30),
+                memory_swap_bytes: Some(8 << 30),
                 cpu_quota_us: Some(200_000),
                 cpu_period_us: 100_000,
                 cpu_shares: Some(2048),
@@ -372,6 +374,7 @@ mod tests {
         let s = build(&spec());
         let r = &s["linux"]["resources"];
         assert_eq!(r["memory"]["limit"], 8u64 << 30);
+        assert_eq!(r["memory"]["swap"], 8u64 << 30, "no swap: memory + swap = memory");
         assert_eq!(r["cpu"]["quota"], 200_000);
         assert_eq!(r["cpu"]["period"], 100_000);
         assert_eq!(r["cpu"]["shares"], 2048);
@@ -494,5 +497,45 @@ mod tests {
         let r = &s["linux"]["resources"];
         assert!(r["memory"].is_null() && r["cpu"].is_null() && r["pids"].is_null());
         assert!(r["devices"].is_array());
+    }
+
+    #[test]
+    fn swap_is_bounded_only_with_a_memory_limit_and_never_below_it() {
+        let mut c = spec();
+        c.limits.memory_swap_bytes = Some((8 << 30) + (64 << 20));
+        assert_eq!(
+            build(&c)["linux"]["resources"]["memory"],
+            json!({"limit": 8u64 << 30, "swap": (8u64 << 30) + (64 << 20)})
+        );
+        c.limits.memory_swap_bytes = Some(1);
+        assert_eq!(
+            build(&c)["linux"]["resources"]["memory"]["swap"],
+            8u64 << 30
+        );
+        c.limits.memory_swap_bytes = None;
+        assert!(build(&c)["linux"]["resources"]["memory"]["swap"].is_null());
+        c.limits.memory_bytes = None;
+        c.limits.memory_swap_bytes = Some(1 << 30);
+        assert!(build(&c)["linux"]["resources"]["memory"].is_null());
+    }
+
+    #[test]
+    fn only_the_host_files_the_host_has_are_bound() {
+        let destinations = |c: &ContainerSpec| -> Vec<String> {
+            build(c)["mounts"]
+                .as_array()
+                .expect("mounts")
+                .iter()
+                .filter_map(|m| m["destination"].as_str())
+                .filter(|d| d.starts_with("/etc/"))
+                .map(String::from)
+                .collect()
+        };
+        let mut c = spec();
+        assert_eq!(destinations(&c), ["/etc/hosts", "/etc/resolv.conf"]);
+        c.host_files = vec!["/etc/resolv.conf".into()];
+        assert_eq!(destinations(&c), ["/etc/resolv.conf"]);
+        c.host_files.clear();
+        assert!(destinations(&c).is_empty());
     }
 }

@@ -13,6 +13,12 @@ use fleet_runtime::{
 };
 use futures::StreamExt;
 
+/// No swap, where the host can bound it (as the agent sets it).
+fn swap_limit() -> Option<u64> {
+    let control = fleet_runtime::cgroup::swap_control(std::path::Path::new(fleet_runtime::cgroup::ROOT));
+    (control != fleet_runtime::cgroup::SwapControl::None).then_some(64 << 20)
+}
+
 fn spec(image: &ImageInfo, id: &str, labelled: bool, port: u16) -> ContainerSpec {
     let mut labels = BTreeMap::new();
     if labelled {
@@ -32,8 +38,10 @@ fn spec(image: &ImageInfo, id: &str, labelled: bool, port: u16) -> ContainerSpec
         ],
         cwd: "/".into(),
         mounts: vec![],
+        host_files: vec!["/etc/hosts".into(), "/etc/resolv.conf".into()],
         limits: Limits {
             memory_bytes: Some(64 << 20),
+            memory_swap_bytes: swap_limit(),
             cpu_quota_us: Some(50_000),
             cpu_period_us: 100_000,
             cpu_shares: Some(512),
@@ -235,6 +243,13 @@ async fn containerd_limits_logs_and_oom() {
         read(mem.join("memory.limit_in_bytes")),
         (64u64 << 20).to_string()
     );
+    if swap_limit().is_some() {
+        assert_eq!(
+            read(mem.join("memory.memsw.limit_in_bytes")),
+            (64u64 << 20).to_string(),
+            "no swap: memory + swap = the memory limit"
+        );
+    }
     let cpu = fleet_e2e::containerd::cgroup_v1_dir(pid, "cpu").expect("cpu cgroup");
     assert_eq!(read(cpu.join("cpu.cfs_quota_us")), "50000");
     assert_eq!(read(cpu.join("cpu.shares")), "512");
@@ -260,6 +275,10 @@ async fn containerd_limits_logs_and_oom() {
     .expect("OOM within 30s");
     assert!(oom, "an OOM event");
     assert_eq!(exit, Some(137));
+    assert!(
+        rt.oom_killed(&c.id, &c.cgroup_parent).await.expect("read the OOM count"),
+        "the exited task's cgroup counts the OOM kill (for an event the agent missed)"
+    );
     let log = std::fs::read_to_string(rt.log_path(&c.id)).expect("log file");
     assert!(
         log.contains("Listening on"),

@@ -67,6 +67,7 @@ async fn pulls_unpacks_and_runs_from_a_registry() {
         env: vec![format!("OLLAMA_HOST=127.0.0.1:{port}")],
         cwd: "/".into(),
         mounts: vec![],
+        host_files: vec![],
         limits: Default::default(),
         cgroup_parent: "/ollama-fleet-test".into(),
         runtime: "io.containerd.runc.v2".into(),

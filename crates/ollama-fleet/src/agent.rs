@@ -417,6 +417,10 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on {} (see --listen)", args.listen))?;
     tracing::info!(node = %node, namespace = %args.namespace, sockets = cfg.sockets, listen = %args.listen,
         host_paths = ?cfg.policy.host_paths, runtimes = ?cfg.policy.runtimes.keys().collect::<Vec<_>>(), "agent starting");
+    if !cfg.policy.runtimes.contains_key("runc") {
+        tracing::warn!(runtimes = ?cfg.policy.runtimes.keys().collect::<Vec<_>>(),
+            "--allow-runtime does not list runc: fleets on the default runtime (no spec.runtime.binaryName) will not start on this node; add --allow-runtime runc to keep them");
+    }
 
     let gateway = match args.serve.addr {
         None => None,
