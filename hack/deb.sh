@@ -75,7 +75,7 @@ Copyright: the ollama-fleet authors
 License: see the project's source repository
 COPYRIGHT
 chmod -R u+rwX,go+rX,go-w "$P/usr/share" "$P/var/lib/ollama-fleet"
-chmod 0700 "$P/var/lib/ollama-fleet"
+chmod 0755 "$P/var/lib/ollama-fleet"
 chmod 0755 "$P/var/lib/ollama-fleet/models"
 
 echo /etc/default/ollama-fleet >"$P/DEBIAN/conffiles"

@@ -131,3 +131,52 @@ if ((REBUILD)) || [[ ! -f $IMAGE.img || ! -f $IMAGE.vmlinuz ]]; then
   build_image
 fi
 [[ ${VM_IMAGE_ONLY:-0} == 1 ]] && exit 0
+
+# The run: the package, the sim image and the check on a 9p share; a copy-on-write overlay of
+# the image; qemu until the guest powers itself off.
+RUN=$DIR/run
+rm -rf "$RUN"
+mkdir -p "$RUN/share"
+if [[ -z $DEB ]]; then
+  DEB=$("$ROOT/hack/deb.sh" --out "$DIR/deb") || die "hack/deb.sh failed"
+fi
+cp "$DEB" "$RUN/share/"
+"$ROOT/hack/sim-image.sh" --out "$RUN/images" >/dev/null || die "hack/sim-image.sh failed"
+cp "$RUN/images/ollama-sim.oci.tar" "$RUN/share/"
+cp "$ROOT/hack/vm/guest-check.sh" "$RUN/share/"
+echo "${ONLY[*]}" >"$RUN/share/configs"
+qemu-img create -q -f qcow2 -b "$IMAGE.img" -F raw "$RUN/disk.qcow2"
+
+BUDGET=$((300 + 600 * ${#ONLY[@]}))
+log "booting the VM (TCG, 2 sockets, 3 GiB; configurations: ${ONLY[*]}; at most ${BUDGET}s; console: $RUN/console.log)"
+START=$SECONDS
+status=0
+timeout "$BUDGET" qemu-system-x86_64 -machine q35 -cpu max -smp 2,sockets=2,cores=1,threads=1 -m 3G \
+  -display none -monitor none -serial "file:$RUN/console.log" -nic none -no-reboot \
+  -kernel "$IMAGE.vmlinuz" -initrd "$IMAGE.initrd" \
+  -append "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0" \
+  -drive "file=$RUN/disk.qcow2,if=virtio,format=qcow2" \
+  -virtfs "local,path=$RUN/share,mount_tag=share,security_model=none,id=share" || status=$?
+ELAPSED=$((SECONDS - START))
+((status == 124)) && log "the VM did not finish within ${BUDGET}s"
+
+RESULTS=$RUN/share/results
+[[ -f $RESULTS ]] || die "no results from the guest (exit $status); see $RUN/console.log and $RUN/share/guest.log"
+echo
+printf '%-15s %-28s %-5s %s\n' CONFIG CHECK "" DETAIL
+misses=0
+while IFS='|' read -r config name verdict detail; do
+  printf '%-15s %-28s %-5s %s\n' "$config" "$name" "$verdict" "$detail"
+  [[ $verdict == ok ]] || misses=$((misses + 1))
+done <"$RESULTS"
+for config in "${ONLY[@]}"; do
+  grep -q "^$config|gateway|" "$RESULTS" || { echo "$config: the check did not finish"; misses=$((misses + 1)); }
+done
+echo
+echo "vm-check: ${ELAPSED}s in the VM (boot, install, ${#ONLY[@]} configuration(s)); guest log $RUN/share/guest.log, agent log $RUN/share/agent.log"
+((KEEP)) || rm -f "$RUN/disk.qcow2"
+if ((misses || status)); then
+  echo "vm-check: FAILED ($misses miss(es), qemu exit $status)" >&2
+  exit 1
+fi
+echo "vm-check: passed"

@@ -718,7 +718,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                     "fleet not admitted on this node: nothing of it starts here"
                 };
                 tracing::warn!(fleet = %name, reason = refusal.reason(),
-                    message = %refusal.message(&self.cfg.policy), "{what}");
+                    why = %refusal.message(&self.cfg.policy), "{what}");
             }
         }
     }
