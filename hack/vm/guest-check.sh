@@ -62,8 +62,13 @@ YAML
   ollama-fleet apply -f "/tmp/$1.yaml"
 }
 
+# Swap on, so that "no swap" means something (a file made here: one from mkfs -d has holes).
+if ! swapon --show | grep -q .; then
+  dd if=/dev/zero of=/swapfile bs=1M count=512 status=none && chmod 600 /swapfile &&
+    mkswap /swapfile >/dev/null && swapon /swapfile
+fi
 log "kernel $(uname -r), $(stat -fc %T /sys/fs/cgroup) at /sys/fs/cgroup, init $(cat /proc/1/comm), $(nproc) cpus"
-record host cgroup2 "$([[ $(stat -fc %T /sys/fs/cgroup) == cgroup2fs ]] && echo ok || echo MISS)" "$(stat -fc %T /sys/fs/cgroup); systemd $(systemctl --version | head -n1 | cut -d' ' -f2); $(containerd --version | cut -d' ' -f3); runc $(runc --version | head -n1 | cut -d' ' -f3); crun $(crun --version | head -n1 | cut -d' ' -f3)"
+record host cgroup2 "$([[ $(stat -fc %T /sys/fs/cgroup) == cgroup2fs ]] && echo ok || echo MISS)" "$(stat -fc %T /sys/fs/cgroup); systemd $(systemctl --version | head -n1 | cut -d' ' -f2); $(containerd --version | cut -d' ' -f3); runc $(runc --version | head -n1 | cut -d' ' -f3); crun $(crun --version | head -n1 | cut -d' ' -f3); etcd $(etcd --version | head -n1 | awk '{print $NF}'); swap $(swapon --show=SIZE --noheadings | head -n1)"
 
 # Installed as an operator does: apt, the env file, systemctl.
 if apt-get install -y -q "$SHARE"/ollama-fleet_*.deb >/tmp/apt.log 2>&1; then
@@ -140,9 +145,14 @@ TOML
   got="slot 0: $(cat "$cg0/cpuset.cpus.effective"), slot 1: $(cat "$cg1/cpuset.cpus.effective"); subtree of $(dirname "$cg0"): $(cat "$(dirname "$cg0")/cgroup.subtree_control")"
   check "$config" "cpuset pinning" "$got" test "$(cat "$cg0/cpuset.cpus.effective")/$(cat "$cg1/cpuset.cpus.effective")" = "0/1"
   check "$config" "oom_score_adj" "$(cat "/proc/$pid0/oom_score_adj")" test "$(cat "/proc/$pid0/oom_score_adj")" = 900
-  local rt
-  rt=$(ctr -n $NS containers info "$id0" | jq -r '.Runtime.Options.binary_name // .Runtime.Options.BinaryName // "runc"')
-  check "$config" "runtime" "$rt; cgroup ${cg0#/sys/fs/cgroup}" test "$(basename "${rt:-runc}")" = "${binary:-runc}"
+  # Which OCI runtime made it: the binary in the shim's options, and the state each leaves in
+  # the shim's root (runc: state.json, crun: status).
+  local rt state
+  rt=$(ctr -n $NS containers info "$id0" | jq -r '.Runtime.Options.value // empty' | base64 -d 2>/dev/null | tr -c '[:print:]' ' ' | grep -o '[^ ]*crun[^ ]*' || echo default)
+  state=$(ls "/run/containerd/runc/$NS/$id0" 2>/dev/null | tr '\n' ' ')
+  local made_by=runc
+  [[ $state == *status* && $state != *state.json* ]] && made_by=crun
+  check "$config" "runtime" "shim options: $rt; state: $state-> $made_by; cgroup ${cg0#/sys/fs/cgroup}" test "$made_by" = "${binary:-runc}"
 
   # Swap: a bounded amount when asked.
   if wait_for 120 has_ready "$p-swap" 1; then

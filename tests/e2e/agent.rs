@@ -94,6 +94,13 @@ async fn the_reconcile_loop_end_to_end() {
                 .trim(),
             (128u64 << 20).to_string()
         );
+        // No swap: memory + swap is the limit (this kernel accounts swap per cgroup).
+        assert_eq!(
+            std::fs::read_to_string(mem.join("memory.memsw.limit_in_bytes"))
+                .expect("memsw limit (swap accounting)")
+                .trim(),
+            (128u64 << 20).to_string()
+        );
         let cpu = cgroup_v1_dir(pid, "cpu").expect("cpu cgroup");
         assert_eq!(
             std::fs::read_to_string(cpu.join("cpu.cfs_quota_us"))

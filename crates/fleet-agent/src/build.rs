@@ -595,7 +595,11 @@ mod tests {
         };
         let gib = 1u64 << 30;
         let limits = "  resources: {memory: 1Gi}\n";
-        assert_eq!(swap_of(limits, true), (Some(gib), Some(gib)), "none by default");
+        assert_eq!(
+            swap_of(limits, true),
+            (Some(gib), Some(gib)),
+            "none by default"
+        );
         assert_eq!(
             swap_of("  resources: {memory: 1Gi, swap: 256Mi}\n", true),
             (Some(gib), Some(gib + (256 << 20)))
@@ -605,7 +609,11 @@ mod tests {
             (Some(gib), None),
             "a host without swap accounting takes no swap setting (runc would fail)"
         );
-        assert_eq!(swap_of("", true), (None, None), "no limit, nothing to add to");
+        assert_eq!(
+            swap_of("", true),
+            (None, None),
+            "no limit, nothing to add to"
+        );
     }
 
     #[test]

@@ -702,7 +702,10 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         said.retain(|name, _| evals.contains_key(name));
         for (name, (_, eval)) in evals {
             let refusal = match eval {
-                Eval::Refused { refusal, .. } | Eval::Run { cut: Some(refusal), .. } => refusal,
+                Eval::Refused { refusal, .. }
+                | Eval::Run {
+                    cut: Some(refusal), ..
+                } => refusal,
                 _ => {
                     if said.remove(name).is_some() {
                         tracing::info!(fleet = %name, "fleet admitted on this node");
@@ -730,9 +733,15 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         for file in policy::HOST_FILES {
             let present = files.iter().any(|f| f == file);
             if !present && self.said.missing_files.insert(file.to_string()) {
-                tracing::warn!(file, "this host has no {file}: instances created now go without it (create it, and replace the instances, to give it to them)");
+                tracing::warn!(
+                    file,
+                    "this host has no {file}: instances created now go without it (create it, and replace the instances, to give it to them)"
+                );
             } else if present && self.said.missing_files.remove(file) {
-                tracing::info!(file, "this host has {file} again: instances created from now on see it");
+                tracing::info!(
+                    file,
+                    "this host has {file} again: instances created from now on see it"
+                );
             }
         }
         let swap = *self.said.swap.get_or_insert_with(|| {
@@ -759,13 +768,19 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             {
                 continue;
             }
-            match self.runtime.oom_killed(&o.id, &self.cfg.cgroup_parent).await {
+            match self
+                .runtime
+                .oom_killed(&o.id, &self.cfg.cgroup_parent)
+                .await
+            {
                 Ok(true) => {
                     tracing::info!(id = %o.id, "the instance was OOM-killed (counted in its cgroup; the event was missed)");
                     lock(&self.ooms).insert(o.id.clone());
                 }
                 Ok(false) => {}
-                Err(e) => tracing::debug!(id = %o.id, error = %e, "cannot read the instance's OOM count"),
+                Err(e) => {
+                    tracing::debug!(id = %o.id, error = %e, "cannot read the instance's OOM count")
+                }
             }
         }
     }

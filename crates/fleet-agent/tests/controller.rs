@@ -294,9 +294,12 @@ async fn crashes_and_ooms_are_replaced_with_history() {
         // An OOM kill whose event never came (the agent was away): the cgroup's count tells.
         let victim = slot0.id.clone();
         a.runtime.oom_unseen(&victim);
-        let s = wait_status(&a.store, "f", "slot 0 replaced after an unseen OOM kill", |s| {
-            s.ready_replicas == 2 && s.instances.iter().all(|i| i.id != victim)
-        })
+        let s = wait_status(
+            &a.store,
+            "f",
+            "slot 0 replaced after an unseen OOM kill",
+            |s| s.ready_replicas == 2 && s.instances.iter().all(|i| i.id != victim),
+        )
         .await;
         let slot0 = s.instances.iter().find(|i| i.slot == 0).expect("slot 0");
         assert_eq!(slot0.restarts, 3);

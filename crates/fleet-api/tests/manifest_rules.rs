@@ -882,7 +882,11 @@ fn swap_is_none_unless_a_bounded_amount_is_asked() {
         "spec.resources.swap",
         "quantity",
     );
-    fails(&doc("resources: {swap: 2Pi}"), "spec.resources.swap", "at most");
+    fails(
+        &doc("resources: {swap: 2Pi}"),
+        "spec.resources.swap",
+        "at most",
+    );
 }
 
 #[test]

@@ -100,9 +100,11 @@ pub enum SwapControl {
 /// so any child that has it answers.
 pub fn swap_control(root: &Path) -> SwapControl {
     if root.join("cgroup.controllers").exists() {
-        let any_child = std::fs::read_dir(root).into_iter().flatten().flatten().any(|e| {
-            e.path().join("memory.swap.max").exists()
-        });
+        let any_child = std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join("memory.swap.max").exists());
         return if any_child {
             SwapControl::V2
         } else {
@@ -149,8 +151,11 @@ mod tests {
         let v2 = root.join("v2");
         std::fs::create_dir_all(v2.join("ollama-fleet/ns/a")).expect("mkdir");
         std::fs::write(v2.join("cgroup.controllers"), "cpu memory pids\n").expect("write");
-        std::fs::write(v2.join("ollama-fleet/ns/a/memory.events"), "oom 2\noom_kill 2\n")
-            .expect("write");
+        std::fs::write(
+            v2.join("ollama-fleet/ns/a/memory.events"),
+            "oom 2\noom_kill 2\n",
+        )
+        .expect("write");
         assert_eq!(oom_kills(&v2, "/ollama-fleet/ns/a").await.expect("read"), 2);
         assert!(oom_kills(&v2, "/ollama-fleet/ns/gone").await.is_err());
         assert_eq!(swap_control(&v2), SwapControl::None);
@@ -166,8 +171,11 @@ mod tests {
         .expect("write");
         assert_eq!(oom_kills(&v1, "/ollama-fleet/ns/a").await.expect("read"), 0);
         assert_eq!(swap_control(&v1), SwapControl::None);
-        std::fs::write(v1.join("memory/memory.memsw.limit_in_bytes"), "9223372036854771712\n")
-            .expect("write");
+        std::fs::write(
+            v1.join("memory/memory.memsw.limit_in_bytes"),
+            "9223372036854771712\n",
+        )
+        .expect("write");
         assert_eq!(swap_control(&v1), SwapControl::V1);
         std::fs::remove_dir_all(&root).expect("cleanup");
     }

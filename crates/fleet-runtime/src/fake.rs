@@ -117,7 +117,7 @@ impl FakeRuntime {
             env: vec![],
             cwd: "/".into(),
             mounts: vec![],
-        host_files: vec![],
+            host_files: vec![],
             limits: crate::Limits::default(),
             cgroup_parent: "/".into(),
             runtime: "io.containerd.runc.v2".into(),

@@ -374,7 +374,11 @@ mod tests {
         let s = build(&spec());
         let r = &s["linux"]["resources"];
         assert_eq!(r["memory"]["limit"], 8u64 << 30);
-        assert_eq!(r["memory"]["swap"], 8u64 << 30, "no swap: memory + swap = memory");
+        assert_eq!(
+            r["memory"]["swap"],
+            8u64 << 30,
+            "no swap: memory + swap = memory"
+        );
         assert_eq!(r["cpu"]["quota"], 200_000);
         assert_eq!(r["cpu"]["period"], 100_000);
         assert_eq!(r["cpu"]["shares"], 2048);

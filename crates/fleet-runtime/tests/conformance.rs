@@ -15,7 +15,8 @@ use futures::StreamExt;
 
 /// No swap, where the host can bound it (as the agent sets it).
 fn swap_limit() -> Option<u64> {
-    let control = fleet_runtime::cgroup::swap_control(std::path::Path::new(fleet_runtime::cgroup::ROOT));
+    let control =
+        fleet_runtime::cgroup::swap_control(std::path::Path::new(fleet_runtime::cgroup::ROOT));
     (control != fleet_runtime::cgroup::SwapControl::None).then_some(64 << 20)
 }
 
@@ -276,7 +277,9 @@ async fn containerd_limits_logs_and_oom() {
     assert!(oom, "an OOM event");
     assert_eq!(exit, Some(137));
     assert!(
-        rt.oom_killed(&c.id, &c.cgroup_parent).await.expect("read the OOM count"),
+        rt.oom_killed(&c.id, &c.cgroup_parent)
+            .await
+            .expect("read the OOM count"),
         "the exited task's cgroup counts the OOM kill (for an event the agent missed)"
     );
     let log = std::fs::read_to_string(rt.log_path(&c.id)).expect("log file");
