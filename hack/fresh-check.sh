@@ -52,20 +52,10 @@ if ! command -v debootstrap >/dev/null; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >&2; }
 fi
 
-# The Debian mirror apt is configured with (deb822 .sources or one-line sources.list).
-mirror() {
-  local f
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [[ -f $f ]] || continue
-    awk '/^URIs:/ {u=$2} /^Suites:/ && / bookworm( |$)/ && u {print u; exit}' "$f"
-  done
-  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-    [[ -f $f ]] || continue
-    awk '$1 == "deb" && $3 == "bookworm" {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) {print $i; exit}}' "$f"
-  done
-}
-MIRROR=$(mirror | head -n1)
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror apt is configured with.
+# shellcheck source=hack/debian-mirror.sh
+source "$ROOT/hack/debian-mirror.sh"
+MIRROR=$(debian_mirror)
 
 CHROOT=$DIR/root
 LOG=$DIR/fresh-check.log

@@ -30,6 +30,8 @@ PACKAGES=(
   # The real engine (hack/llama-engine.sh): llama.cpp's llama-server builds from source with
   # cmake, make and a C++ compiler.
   cmake make g++
+  # The host check (hack/vm-check.sh): a debootstrapped Debian image booted by qemu (TCG).
+  debootstrap qemu-system-x86 qemu-utils
 )
 
 missing=()

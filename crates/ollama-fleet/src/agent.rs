@@ -108,8 +108,10 @@ pub struct Args {
     pub allow_host_paths: Vec<String>,
     /// An OCI runtime fleets may choose with `runtime.binaryName` (for the runc shim), NAME or
     /// NAME=BINARY (e.g. crun=/usr/bin/crun), or another containerd shim by its full name
-    /// (io.containerd.kata.v2); may be repeated. Default: runc only. A fleet asking for another
-    /// starts nothing here (RuntimeNotAllowed).
+    /// (io.containerd.kata.v2); may be repeated. Default: runc only. The list replaces the
+    /// default: name runc too (`--allow-runtime runc,crun=/usr/bin/crun`) to keep fleets on
+    /// the default runtime (the agent warns at start when runc is missing). A fleet asking for
+    /// another starts nothing here (RuntimeNotAllowed, logged once).
     #[arg(
         long = "allow-runtime",
         value_name = "NAME[=BINARY]",
