@@ -192,14 +192,24 @@ TOML
   back() { [[ $(field "$p-limits" 0 .restarts) -gt $restarts ]] && [[ $(field "$p-limits" 0 .ready) == true ]]; }
   check "$config" "crash replaced" "kill -9 slot 0 -> restarts $(wait_for 120 back; field "$p-limits" 0 .restarts), ready $(field "$p-limits" 0 .ready)" back
 
-  # Adoption: the agent restarts, the instances stay.
-  local before after
+  # Adoption: the agent restarts (with runc: by a package upgrade, whose postinst restarts a
+  # running agent), the instances stay.
+  local before after how agent_pid
   before=$(instances "$p-limits" | jq -r '"\(.id):\(.restarts)"' | sort | tr '\n' ' ')
-  systemctl restart ollama-fleet-agent
+  agent_pid=$(systemctl show -p MainPID --value ollama-fleet-agent)
+  if [[ $config == runc ]]; then
+    how="apt install --reinstall"
+    apt-get install -y -q --reinstall "$SHARE"/ollama-fleet_*.deb >/tmp/apt-reinstall.log 2>&1
+  else
+    how="systemctl restart"
+    systemctl restart ollama-fleet-agent
+  fi
   wait_for 60 agent_ready
+  how="$how: agent pid $agent_pid -> $(systemctl show -p MainPID --value ollama-fleet-agent)"
   wait_for 60 has_ready "$p-limits" 2
   after=$(instances "$p-limits" | jq -r '"\(.id):\(.restarts)"' | sort | tr '\n' ' ')
-  check "$config" "adoption" "before [$before] after [$after]" test "$before" = "$after"
+  check "$config" "adoption" "$how; before [$before] after [$after]" \
+    test "$before" = "$after" -a "$agent_pid" != "$(systemctl show -p MainPID --value ollama-fleet-agent)"
 
   # The gateway answers for the fleet's model.
   local answer
