@@ -279,6 +279,125 @@ async fn a_rollout_under_load_loses_no_request() {
     );
 }
 
+/// SIGTERM (systemctl stop or restart, a package upgrade) drains the gateway: it stops
+/// accepting at once, every request already in flight streams to its end, then the agent exits
+/// without touching an instance, and its successor adopts them and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_gateway_and_touches_no_instance() {
+    let world = World::new("gw-sigterm");
+    let base = free_port_range(3);
+    // 40 tokens at 10 tokens/s: every request streams for about 4 seconds.
+    let manifest = world.sim_fleet("d", 3, base, "").replace(
+        "SIM_LOAD_TIME: 50ms",
+        "SIM_LOAD_TIME: 50ms, SIM_TOKENS_PER_SECOND: \"10\"",
+    );
+    apply(&world, &manifest);
+    let serve = free_port();
+    let url = format!("http://127.0.0.1:{serve}");
+    let mut agent = world.agent("node-1", &["--serve", &format!("127.0.0.1:{serve}")]);
+    let before = world.wait_status("d", "3 ready", 120, all_ready(3)).await;
+    let ids: Vec<String> = ids_of(&before);
+
+    let requests: Vec<_> = (0..3)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let body =
+                    json!({"model": MODEL, "prompt": "count", "options": {"num_predict": 40}});
+                request(
+                    "POST",
+                    &format!("{url}/api/generate"),
+                    Some(&body),
+                    Duration::from_secs(60),
+                )
+                .await
+            })
+        })
+        .collect();
+    let in_flight = tokio::time::timeout(Duration::from_secs(20), async {
+        while agent.metric("ollama_fleet_inflight_requests").await < 3.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(in_flight.is_ok(), "3 requests in flight before the signal");
+
+    agent.sigterm();
+    let signalled = std::time::Instant::now();
+    // New connections are refused at once (a proxy in front retries them elsewhere) while the
+    // requests in flight go on.
+    let refused = tokio::time::timeout(Duration::from_secs(3), async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", serve))
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "the gateway still accepts after SIGTERM");
+    for r in requests {
+        let (code, text) = r.await.expect("client").expect("the request is answered");
+        let last: Value = text
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_default();
+        assert_eq!(code, 200, "{text}");
+        assert!(
+            last["done"] == true && last["eval_count"] == 40,
+            "every token of a request started before the signal: {text}"
+        );
+    }
+    let status = agent
+        .exited(Duration::from_secs(30))
+        .await
+        .expect("the agent exits once drained");
+    assert!(status.success(), "{status}");
+    eprintln!(
+        "drained and exited {:.1}s after SIGTERM",
+        signalled.elapsed().as_secs_f64()
+    );
+    assert!(agent.log_text().contains("gateway drained"));
+    for id in &ids {
+        let (state, _) = world.ns.task(id).expect("task");
+        assert_eq!(state, "RUNNING", "{id} untouched by the agent's stop");
+    }
+
+    // The next agent adopts them and serves once it has probed them.
+    agent.resume();
+    let serving = tokio::time::timeout(Duration::from_secs(60), async {
+        while !matches!(
+            request("GET", &format!("{url}/"), None, Duration::from_secs(2)).await,
+            Ok((200, _))
+        ) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(serving.is_ok(), "the next agent serves");
+    let listed = agent.listed(Some("d")).await;
+    let mut again: Vec<String> = listed
+        .iter()
+        .filter_map(|i| i["id"].as_str().map(String::from))
+        .collect();
+    let mut first = ids.clone();
+    again.sort();
+    first.sort();
+    assert_eq!(again, first, "the same instances, adopted");
+    assert_eq!(generations(&url, 2).await, 2);
+}
+
+/// The container ids of a fleet's status.
+fn ids_of(status: &Value) -> Vec<String> {
+    status["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["id"].as_str().map(String::from))
+        .collect()
+}
+
 /// The shipped example config with the nodes' gateways and the listen port put in.
 fn example(path: &str, listen: u16, gateways: [u16; 2]) -> String {
     std::fs::read_to_string(fleet_e2e::repo_root().join(path))

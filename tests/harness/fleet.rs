@@ -320,6 +320,32 @@ impl AgentProcess {
         }
     }
 
+    /// SIGTERM, as systemd stops it; [`AgentProcess::exited`] tells when it is gone.
+    pub fn sigterm(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+
+    /// Waits up to `within` for the agent to exit: its exit status, or `None` if it still
+    /// runs.
+    pub async fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `GET path` from the agent's HTTP endpoint: (status, body), if it answers.
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
         let url = format!("http://{}{path}", self.listen);

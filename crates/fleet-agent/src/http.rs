@@ -137,15 +137,35 @@ fn admit(held: &Arc<Mutex<Held>>, client: IpAddr, limits: &ServerLimits) -> Opti
     })
 }
 
-/// Serves `routers` on `listener` (HTTP/1.1) within `limits`, until the listener fails.
+/// Serves `routers` on `listener` (HTTP/1.1) within `limits`, for good.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     routers: Routers,
     limits: ServerLimits,
 ) -> std::io::Result<()> {
+    serve_until(listener, routers, limits, std::future::pending()).await
+}
+
+/// Serves `routers` on `listener` (HTTP/1.1) within `limits` until `stop` completes; then
+/// drains: the listening socket is closed (new connections are refused, so a proxy in front
+/// retries them elsewhere), each connection finishes the request it is serving (a streamed
+/// answer to its end) and is closed after it, and this returns once no connection is left.
+/// The caller bounds the drain.
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    routers: Routers,
+    limits: ServerLimits,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
     let held = Arc::new(Mutex::new(Held::default()));
+    let (draining, drain) = tokio::sync::watch::channel(false);
+    tokio::pin!(stop);
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            () = &mut stop => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
             Ok(c) => c,
             // Out of file descriptors and the like: wait a little rather than spin.
             Err(e) => {
@@ -167,6 +187,7 @@ pub async fn serve(
             routers.main.clone()
         };
         let service = hyper_util::service::TowerToHyperService::new(router);
+        let mut drain = drain.clone();
         tokio::spawn(async move {
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(hyper_util::rt::TokioTimer::new())
@@ -178,11 +199,32 @@ pub async fn serve(
                 http.header_read_timeout(limits.header_read_timeout);
             }
             let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                () = async { let _ = drain.wait_for(|d| *d).await; } => {
+                    // The request in progress goes on to its end; an idle connection closes.
+                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
             drop(place);
         });
+    }
+    drop(listener);
+    let _ = draining.send(true);
+    loop {
+        let left = {
+            let h = crate::lock(&held);
+            h.all + h.reserve
+        };
+        if left == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

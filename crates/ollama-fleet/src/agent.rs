@@ -147,6 +147,11 @@ pub struct ServeArgs {
     /// otherwise; instances are drained before the agent stops them.
     #[arg(long = "serve", env = "OLLAMA_FLEET_SERVE", value_name = "ADDR")]
     pub addr: Option<SocketAddr>,
+    /// On SIGTERM the gateway stops accepting and lets the requests in flight finish (each
+    /// streamed answer to its end) for at most this long before the agent exits; instances
+    /// are not touched. Keep the unit's TimeoutStopSec above it. A second signal exits at once.
+    #[arg(long = "drain-timeout", env = "OLLAMA_FLEET_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    pub drain_timeout: std::time::Duration,
     /// Requests waiting per fleet (model) at most; beyond: 503.
     #[arg(
         long = "serve-max-queue",
@@ -424,6 +429,12 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
             "--allow-runtime does not list runc: fleets on the default runtime (no spec.runtime.binaryName) will not start on this node; add --allow-runtime runc to keep them");
     }
 
+    // SIGTERM or SIGINT: the loop ends, the gateway drains, the agent exits.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
     let gateway = match args.serve.addr {
         None => None,
         Some(addr) => {
@@ -469,12 +480,18 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
                 health_reserve: 32,
                 ..Default::default()
             };
-            tokio::spawn(async move {
-                if let Err(e) = fleet_agent::http::serve(listener, router, limits).await {
+            let stop = stopping(&stop);
+            let serving = tokio::spawn(async move {
+                if let Err(e) = fleet_agent::http::serve_until(listener, router, limits, stop).await
+                {
                     tracing::error!(error = %e, "gateway stopped");
                 }
             });
-            Some(gw)
+            Some(Serving {
+                gateway: gw,
+                serving,
+                drain_timeout: args.serve.drain_timeout,
+            })
         }
     };
 
@@ -487,7 +504,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
             );
             let store = Arc::new(MemoryStore::new(&global.etcd_prefix));
             tokio::spawn(mirror_manifests(dir.clone(), store.clone()));
-            serve(cfg, runtime, store, listener, gateway).await
+            serve(cfg, runtime, store, listener, gateway, stop).await
         }
         None => {
             let config = global.etcd_config()?;
@@ -508,8 +525,48 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
                     }
                 }
             };
-            serve(cfg, runtime, Arc::new(store), listener, gateway).await
+            serve(cfg, runtime, Arc::new(store), listener, gateway, stop).await
         }
+    }
+}
+
+/// The node gateway, serving until the agent stops.
+struct Serving {
+    gateway: Arc<Gateway>,
+    serving: tokio::task::JoinHandle<()>,
+    drain_timeout: Duration,
+}
+
+impl Serving {
+    /// Waits for the requests in flight to finish (the gateway has stopped accepting), at most
+    /// the drain timeout or until a second signal.
+    async fn drain(self) {
+        tracing::info!(timeout = ?self.drain_timeout, "draining the gateway: the requests in flight finish, new connections are refused; instances are not touched");
+        let started = std::time::Instant::now();
+        let mut serving = self.serving;
+        tokio::select! {
+            _ = &mut serving => {
+                tracing::info!(seconds = started.elapsed().as_secs_f64(), "gateway drained");
+            }
+            () = tokio::time::sleep(self.drain_timeout) => {
+                serving.abort();
+                tracing::warn!(timeout = ?self.drain_timeout, "the drain timed out: the requests still in flight are cut (see --drain-timeout)");
+            }
+            () = shutdown_signal() => {
+                serving.abort();
+                tracing::warn!("a second signal: exiting without waiting for the requests in flight");
+            }
+        }
+    }
+}
+
+/// Completes once `stop` says so.
+fn stopping(
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut stop = stop.clone();
+    async move {
+        let _ = stop.wait_for(|s| *s).await;
     }
 }
 
@@ -518,13 +575,14 @@ async fn serve<S: Store>(
     runtime: Arc<Containerd>,
     store: Arc<S>,
     listener: tokio::net::TcpListener,
-    gateway: Option<Arc<Gateway>>,
+    gateway: Option<Serving>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<ExitCode> {
     let mut agent = Agent::new(cfg, runtime, store);
     let mut more: Vec<Arc<dyn fleet_agent::prom::Expose>> = Vec::new();
-    if let Some(gw) = gateway {
-        more.push(gw.clone());
-        agent = agent.with_gateway(gw);
+    if let Some(s) = &gateway {
+        more.push(s.gateway.clone());
+        agent = agent.with_gateway(s.gateway.clone());
     }
     let router = fleet_agent::http::router(agent.view(), more);
     tokio::spawn(async move {
@@ -533,7 +591,11 @@ async fn serve<S: Store>(
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });
-    agent.run(shutdown_signal()).await;
+    agent.run(stopping(&stop)).await;
+    if let Some(s) = gateway {
+        s.drain().await;
+    }
+    tracing::info!("agent stopped; its instances keep running");
     Ok(ExitCode::SUCCESS)
 }
 
