@@ -42,7 +42,7 @@ if (($#)); then
 else
   timeout 1800 cargo test --locked --workspace
   # The host check on cgroup v2 with systemd (a Debian 12 VM, the package installed with apt,
-  # with runc and with crun): about 7 minutes with these debug binaries, the image cached after
+  # with runc and with crun): about 6 minutes with these debug binaries, the image cached after
   # the first run. VM_CHECK=0 skips it; hack/vm-check.sh alone runs every configuration
   # (containerd's SystemdCgroup too) on Debian 12 and 13.
   if [[ ${VM_CHECK:-1} != 0 ]]; then
