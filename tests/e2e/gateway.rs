@@ -366,6 +366,7 @@ async fn sigterm_drains_the_gateway_and_touches_no_instance() {
 
     // The next agent adopts them and serves once it has probed them.
     agent.resume();
+    let resumed = std::time::Instant::now();
     let serving = tokio::time::timeout(Duration::from_secs(60), async {
         while !matches!(
             request("GET", &format!("{url}/"), None, Duration::from_secs(2)).await,
@@ -376,6 +377,10 @@ async fn sigterm_drains_the_gateway_and_touches_no_instance() {
     })
     .await;
     assert!(serving.is_ok(), "the next agent serves");
+    eprintln!(
+        "the next agent served {:.2}s after it was started",
+        resumed.elapsed().as_secs_f64()
+    );
     let listed = agent.listed(Some("d")).await;
     let mut again: Vec<String> = listed
         .iter()
