@@ -515,14 +515,27 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
                 );
             }
             let mut delay = Duration::from_millis(500);
-            let store = loop {
-                match EtcdStore::connect(&config, &global.etcd_prefix).await {
-                    Ok(s) => break s,
-                    Err(e) => {
-                        tracing::warn!(endpoints = %config.endpoints.join(","), error = %e, "cannot reach etcd yet; retrying (running instances are not touched)");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(10));
+            // A signal while etcd is not reached yet stops the agent (and the gateway) at once.
+            let connect = async {
+                loop {
+                    match EtcdStore::connect(&config, &global.etcd_prefix).await {
+                        Ok(s) => break s,
+                        Err(e) => {
+                            tracing::warn!(endpoints = %config.endpoints.join(","), error = %e, "cannot reach etcd yet; retrying (running instances are not touched)");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(10));
+                        }
                     }
+                }
+            };
+            let store = tokio::select! {
+                store = connect => store,
+                () = stopping(&stop) => {
+                    if let Some(s) = gateway {
+                        s.drain().await;
+                    }
+                    tracing::info!("agent stopped before etcd answered; its instances keep running");
+                    return Ok(ExitCode::SUCCESS);
                 }
             };
             serve(cfg, runtime, Arc::new(store), listener, gateway, stop).await
