@@ -8,7 +8,7 @@
 //! Watch events, containerd events, probe changes and finished actions only wake the loop; a
 //! resync timer wakes it anyway.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -31,6 +31,7 @@ use crate::policy::{self, Host};
 use crate::prober::{self, Probes};
 use crate::publish::{PublishConfig, Publisher, Report};
 use crate::readiness::{self, Snapshot};
+use crate::said::Said;
 use crate::status::report::{Pass, fleet_statuses};
 
 pub use crate::act::DEFAULT_GRACE;
@@ -91,14 +92,6 @@ pub struct Agent<R: Runtime, S: Store> {
     said: Said,
     /// Exited instances whose cgroup was read for an OOM kill the events did not tell.
     oom_checked: HashSet<String>,
-}
-
-/// What the agent has logged about its node and fleets, so that each is said once.
-#[derive(Debug, Default)]
-struct Said {
-    refusals: BTreeMap<String, &'static str>,
-    missing_files: BTreeSet<String>,
-    swap: Option<bool>,
 }
 
 impl<R: Runtime, S: Store> std::fmt::Debug for Agent<R, S> {
@@ -330,7 +323,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
 
         // Act: first what starts instances; then, once the instances about to stop are out of
         // the endpoints (the gateway, the view and the status key), what stops them.
-        let (host_files, bounds_swap) = self.host_for_instances();
+        let (host_files, bounds_swap) = self.said.host(&*self.host);
         let node = NodeCtx {
             sockets: self.cfg.sockets,
             topology: self.cfg.topology.clone(),
@@ -407,7 +400,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             &self.cfg.policy,
             self.host.memory(),
         );
-        self.say_refusals(&evals);
+        self.said.refusals(&evals, &self.cfg.policy);
         self.graces = labelled
             .iter()
             .filter_map(|(o, l)| Some((o.id.clone(), l.grace?)))
@@ -693,65 +686,6 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         {
             *self.rotations.entry((fleet.clone(), why)).or_default() += 1;
         }
-    }
-
-    /// Logs each fleet this node refuses (or cuts) once per reason, at warn level, with what to
-    /// do; and when it is admitted again.
-    fn say_refusals(&mut self, evals: &Evals) {
-        let said = &mut self.said.refusals;
-        said.retain(|name, _| evals.contains_key(name));
-        for (name, (_, eval)) in evals {
-            let refusal = match eval {
-                Eval::Refused { refusal, .. }
-                | Eval::Run {
-                    cut: Some(refusal), ..
-                } => refusal,
-                _ => {
-                    if said.remove(name).is_some() {
-                        tracing::info!(fleet = %name, "fleet admitted on this node");
-                    }
-                    continue;
-                }
-            };
-            if said.get(name) != Some(&refusal.reason()) {
-                said.insert(name.clone(), refusal.reason());
-                let what = if refusal.partial() {
-                    "fleet admitted with fewer instances on this node"
-                } else {
-                    "fleet not admitted on this node: nothing of it starts here"
-                };
-                tracing::warn!(fleet = %name, reason = refusal.reason(),
-                    why = %refusal.message(&self.cfg.policy), "{what}");
-            }
-        }
-    }
-
-    /// What instances created now get from the host: the files they see (said once when one
-    /// is missing) and whether their swap is bounded (said once when it cannot be).
-    fn host_for_instances(&mut self) -> (Vec<String>, bool) {
-        let files = self.host.files();
-        for file in policy::HOST_FILES {
-            let present = files.iter().any(|f| f == file);
-            if !present && self.said.missing_files.insert(file.to_string()) {
-                tracing::warn!(
-                    file,
-                    "this host has no {file}: instances created now go without it (create it, and replace the instances, to give it to them)"
-                );
-            } else if present && self.said.missing_files.remove(file) {
-                tracing::info!(
-                    file,
-                    "this host has {file} again: instances created from now on see it"
-                );
-            }
-        }
-        let swap = *self.said.swap.get_or_insert_with(|| {
-            let bounded = self.host.bounds_swap();
-            if !bounded {
-                tracing::warn!("this host's cgroups do not account swap (cgroup v1 without swapaccount=1): instances cannot be kept from swapping; boot the kernel with swapaccount=1 or turn swap off");
-            }
-            bounded
-        });
-        (files, swap)
     }
 
     /// Adds to `ooms` the instances that exited by SIGKILL while the OOM killer ran in their

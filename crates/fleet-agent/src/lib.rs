@@ -20,6 +20,7 @@
 //! - [`status`]: status computation (pure; [`status::report`] per fleet, with conditions) and
 //!   the writer that writes only changes;
 //! - [`publish`]: the etcd session, node record and status writes, beside the loop (never in it);
+//! - [`said`]: what the agent logs once for the operator (refused fleets, missing host files, swap);
 //! - [`gateway`]: the node gateway (`agent --serve`): routes, dispatch, proxying, auth, metrics;
 //! - [`view`], [`http`]: what the agent shows: `/healthz`, `/readyz`, `/metrics`, `/instances`;
 //! - [`prom`]: the Prometheus text format, written in one place (and read back in tests).
@@ -45,6 +46,7 @@ pub mod prom;
 pub mod publish;
 pub mod readiness;
 pub mod reason;
+pub mod said;
 pub mod status;
 pub mod tasks;
 pub mod topology;
