@@ -44,6 +44,8 @@ pub struct AgentConfig {
     /// `RLIMIT_NOFILE` of instances: 65536, or the agent's own hard limit when lower (runc
     /// cannot raise it past the shim's hard limit, which normally matches the agent's).
     pub nofile: u64,
+    /// Where the fleets this node last saw are kept ([`crate::recall`]); `None`: nowhere.
+    pub recall: Option<std::path::PathBuf>,
 }
 
 impl AgentConfig {
@@ -68,6 +70,7 @@ impl AgentConfig {
             pull_backoff: Duration::from_secs(10),
             policy: Policy::default(),
             nofile: crate::topology::hard_nofile().map_or(65_536, |n| n.min(65_536)),
+            recall: None,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use fleet_api::{Capacity, NodeInfo, Versions};
+use fleet_api::{Capacity, FleetSpec, NodeInfo, Versions};
 use fleet_runtime::clock::{self, Instant};
 use fleet_runtime::{Observed, Runtime, RuntimeEvent};
 use fleet_store::{FleetDoc, FleetEvent, Store};
@@ -92,6 +92,8 @@ pub struct Agent<R: Runtime, S: Store> {
     said: Said,
     /// Exited instances whose cgroup was read for an OOM kill the events did not tell.
     oom_checked: HashSet<String>,
+    /// The fleets this node last saw, kept for a start while the store is away.
+    recall: Option<crate::recall::Recall>,
 }
 
 impl<R: Runtime, S: Store> std::fmt::Debug for Agent<R, S> {
@@ -119,6 +121,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         wake: Arc<Notify>,
     ) -> Agent<R, S> {
         let ollama: Arc<dyn Ollama> = Arc::new(HttpOllama::default());
+        let recall = cfg.recall.clone().map(crate::recall::Recall::new);
         Agent {
             models: ModelCache::new(ollama.clone(), wake.clone(), cfg.pull_backoff),
             warmer: Warmer::new(ollama, wake.clone()),
@@ -159,6 +162,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             gateway: None,
             said: Said::default(),
             oom_checked: HashSet::new(),
+            recall,
         }
     }
 
@@ -191,6 +195,16 @@ impl<R: Runtime, S: Store> Agent<R, S> {
     /// Runs until `shutdown` completes. Running instances are left running.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        if let Some(recall) = &mut self.recall {
+            let docs = recall.load();
+            self.fleets.recall(&docs, &self.cfg);
+            if !docs.is_empty() {
+                tracing::info!(
+                    fleets = docs.len(),
+                    "the fleets this node last saw are recalled: what runs is probed and served before the store answers"
+                );
+            }
+        }
         self.spawn_watchers();
         let mut next_wake: Option<SystemTime> = None;
         let mut last_start: Option<Instant> = None;
@@ -299,6 +313,9 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             }
         };
         let docs = lock(&self.docs).clone();
+        if let (Some(recall), Some(docs)) = (&mut self.recall, &docs) {
+            recall.keep(docs);
+        }
         let labelled: Vec<(&Observed, InstanceLabels)> = observed
             .iter()
             .filter_map(|o| Some((o, build::parse_labels(&o.labels)?)))
@@ -360,7 +377,13 @@ impl<R: Runtime, S: Store> Agent<R, S> {
             last_error: &|slot| exec.last_error(slot),
             models: &facts,
         });
-        self.show(&evals, &ready.instances, &statuses, &leaving);
+        self.show(
+            &evals,
+            docs.is_some(),
+            &ready.instances,
+            &statuses,
+            &leaving,
+        );
         self.announce(&statuses, &ready.instances, &stopping).await;
         for action in stopping {
             self.submit(action, &evals, &node, now);
@@ -541,6 +564,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
     fn show(
         &self,
         evals: &Evals,
+        fleets_known: bool,
         instances: &[planner::Instance],
         statuses: &[fleet_api::FleetStatus],
         leaving: &HashSet<String>,
@@ -557,9 +581,20 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         if let Some(gw) = &self.gateway {
             let by_id: HashMap<&str, &planner::Instance> =
                 instances.iter().map(|i| (i.id.as_str(), i)).collect();
-            let fleets = evals
-                .iter()
-                .filter_map(|(name, (_, e))| Some((name.as_str(), &e.fleet()?.spec)));
+            // Until the store answers, the fleets recalled (the instances they describe are
+            // served; nothing is planned from them).
+            let fleets: Vec<(&str, &FleetSpec)> = if fleets_known {
+                evals
+                    .iter()
+                    .filter_map(|(name, (_, e))| Some((name.as_str(), &e.fleet()?.spec)))
+                    .collect()
+            } else {
+                self.fleets
+                    .last_valid
+                    .iter()
+                    .map(|(name, f)| (name.as_str(), &f.spec))
+                    .collect()
+            };
             let seen = endpoints.iter().filter_map(|e| {
                 let spec = &self.fleets.last_valid.get(&e.fleet)?.spec;
                 let l = &by_id.get(e.id.as_str())?.labels;
@@ -573,7 +608,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                     leaving: leaving.contains(&e.id),
                 })
             });
-            gw.learn(fleets, seen);
+            gw.learn(fleets.into_iter(), seen);
         }
         self.view
             .write()

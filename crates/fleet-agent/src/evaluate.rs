@@ -121,6 +121,20 @@ impl Fleets {
         (evals, created)
     }
 
+    /// Takes the fleets recalled from the last agent's file as the last valid ones, while the
+    /// store has not answered (used to probe and serve what runs, never to plan).
+    pub fn recall(&mut self, docs: &[FleetDoc], cfg: &AgentConfig) {
+        if !self.last_valid.is_empty() {
+            return;
+        }
+        for doc in docs {
+            if let Ok((mut fleet, _)) = parse(doc, cfg) {
+                fleet.spec = cfg.policy.effective(&fleet.spec);
+                self.last_valid.insert(doc.name.clone(), fleet);
+            }
+        }
+    }
+
     /// A fleet document parsed and validated for this node: (fleet, replicas here), or the
     /// errors. Parsed once per revision, not once per pass.
     fn parsed(&mut self, doc: &FleetDoc, cfg: &AgentConfig) -> Parsed {

@@ -46,6 +46,7 @@ pub mod prom;
 pub mod publish;
 pub mod readiness;
 pub mod reason;
+pub mod recall;
 pub mod said;
 pub mod status;
 pub mod tasks;

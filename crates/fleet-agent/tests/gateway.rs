@@ -154,6 +154,7 @@ fn fast() -> GatewayConfig {
         first_token_timeout: Duration::from_millis(500),
         stall_timeout: Duration::from_millis(500),
         queue_timeout: Duration::from_secs(5),
+        start_wait: Duration::from_millis(300),
         ..GatewayConfig::default()
     }
 }
@@ -165,14 +166,51 @@ fn lines(text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// A request that arrives while the agent is starting (a restart) waits for the controller's
+/// first word on what runs, then is served: the restart costs it a delay, not an error.
+#[tokio::test]
+async fn a_request_during_the_agents_start_waits_and_is_served() {
+    let (a, _) = fake(Mode::Ok, Duration::ZERO).await;
+    let (gw, url) = gateway(GatewayConfig {
+        start_wait: Duration::from_secs(10),
+        ..fast()
+    })
+    .await;
+    let early = tokio::spawn({
+        let url = url.clone();
+        async move {
+            http_post(
+                &format!("{url}/api/generate"),
+                json!({"model": "m:1", "prompt": "hi"}),
+            )
+            .await
+        }
+    });
+    // The health check does not wait: the proxy in front must learn at once.
+    assert_eq!(http_get(&format!("{url}/")).await.0, 503);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !early.is_finished(),
+        "answered before the agent knew what runs"
+    );
+    gw.update(route_f(), vec![backend("a", &a, true)]);
+    let (code, body) = tokio::time::timeout(Duration::from_secs(5), early)
+        .await
+        .expect("answered once the agent knows")
+        .expect("client");
+    assert_eq!(code, 200, "{body}");
+}
+
 #[tokio::test]
 async fn routes_health_and_refusals() {
     let (a, _) = fake(Mode::Ok, Duration::ZERO).await;
     let (gw, url) = gateway(fast()).await;
-    // Before the controller has said what runs: 503, not "not found".
+    // Before the controller has said what runs: a wait (bounded), then 503, not "not found".
+    let asked = std::time::Instant::now();
     let (code, body) = http_post(&format!("{url}/api/generate"), json!({"model": "m:1"})).await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("starting"), "{body}");
+    assert!(asked.elapsed() >= Duration::from_millis(300), "no wait");
     // Nothing ready: the health check says so, and work gets Ollama's shapes.
     gw.update(route_f(), vec![backend("a", &a, false)]);
     assert_eq!(http_get(&format!("{url}/")).await.0, 503);

@@ -160,7 +160,9 @@ pub struct ServeArgs {
         default_value_t = 512
     )]
     pub max_queue: usize,
-    /// How long a request waits for a free instance at most; beyond: 503.
+    /// How long a request waits for a free instance at most; beyond: 503. Also how long one
+    /// that arrives while the agent is starting (before it has probed the instances it adopts)
+    /// waits for it.
     #[arg(long = "serve-queue-timeout", env = "OLLAMA_FLEET_SERVE_QUEUE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub queue_timeout: std::time::Duration,
     /// A streamed answer with no first byte within this: the request is aborted (504, not
@@ -457,6 +459,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
             let gw = Gateway::new(GatewayConfig {
                 max_queue: args.serve.max_queue,
                 queue_timeout: args.serve.queue_timeout,
+                start_wait: args.serve.queue_timeout,
                 first_token_timeout: args.serve.first_token_timeout,
                 request_timeout: args.serve.request_timeout,
                 stall_timeout: args.serve.stall_timeout,
@@ -507,6 +510,7 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
             serve(cfg, runtime, store, listener, gateway, stop).await
         }
         None => {
+            cfg.recall = Some(args.state_dir.recall());
             let config = global.etcd_config()?;
             if global.etcd_is_open() {
                 tracing::warn!(

@@ -130,7 +130,8 @@ impl Global {
 #[derive(Debug, Clone, clap::Args)]
 pub struct StateDir {
     /// The agent's state directory on this node (instance logs are in STATE_DIR/logs; `logs`
-    /// must be given the agent's).
+    /// must be given the agent's; the fleets the node last saw, for a start while etcd is
+    /// away, in STATE_DIR/fleets.json).
     #[arg(
         long = "state-dir",
         env = "OLLAMA_FLEET_STATE_DIR",
@@ -143,5 +144,10 @@ impl StateDir {
     /// STATE_DIR/logs: one log file per instance.
     pub fn logs(&self) -> std::path::PathBuf {
         self.path.join("logs")
+    }
+
+    /// STATE_DIR/fleets.json: the fleets this node last saw (a cache; see `fleet_agent::recall`).
+    pub fn recall(&self) -> std::path::PathBuf {
+        self.path.join("fleets.json")
     }
 }

@@ -26,7 +26,6 @@ pub mod routes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -48,6 +47,9 @@ pub struct GatewayConfig {
     pub max_queue: usize,
     /// How long a request waits for an instance at most.
     pub queue_timeout: Duration,
+    /// How long a request that arrives before the controller has said what runs (the agent is
+    /// starting) waits for it at most; then 503.
+    pub start_wait: Duration,
     /// A streaming answer with no first byte within this: the request is aborted (504) and
     /// the instance counts a stall.
     pub first_token_timeout: Duration,
@@ -77,6 +79,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             max_queue: 512,
             queue_timeout: Duration::from_secs(60),
+            start_wait: Duration::from_secs(60),
             first_token_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(1800),
             stall_timeout: Duration::from_secs(60),
@@ -170,8 +173,8 @@ pub struct Gateway {
     budget: body::Budget,
     browsers: browser::Browsers,
     affinity: affinity::Affinity,
-    /// The controller has told what runs (until then, every request gets 503).
-    known: AtomicBool,
+    /// The controller has told what runs (until then, requests wait, at most `start_wait`).
+    known: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -242,7 +245,7 @@ impl Gateway {
             metrics: Metrics::default(),
             client: upstream::client(usize::MAX),
             fresh: upstream::client(0),
-            known: AtomicBool::new(false),
+            known: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -260,16 +263,18 @@ impl Gateway {
         self.routes.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether the controller has said what runs.
-    fn knows(&self) -> bool {
-        self.known.load(Ordering::SeqCst)
+    /// Whether the controller has said what runs, waiting for it at most `start_wait`.
+    async fn knows(&self) -> bool {
+        let mut known = self.known.subscribe();
+        let waited = tokio::time::timeout(self.cfg.start_wait, known.wait_for(|k| *k)).await;
+        matches!(waited, Ok(Ok(_)))
     }
 
     /// What the controller last saw: the fleets and their instances.
     pub fn update(&self, routes: Vec<Route>, backends: Vec<Backend>) {
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
         self.pools.update(backends);
-        self.known.store(true, Ordering::SeqCst);
+        self.known.send_replace(true);
     }
 
     /// Learns what a pass saw: the fleets `(name, spec)` and the instances shown. An instance

@@ -138,7 +138,7 @@ async fn answer(
     if !gw.tokens.admit(req.headers()) {
         return (error(StatusCode::UNAUTHORIZED, "unauthorized"), none());
     }
-    if !gw.knows() {
+    if !gw.knows().await {
         let starting = "the agent is starting: it does not know its instances yet";
         return (error(StatusCode::SERVICE_UNAVAILABLE, starting), none());
     }
