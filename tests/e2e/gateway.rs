@@ -1,14 +1,15 @@
 //! The node gateway (`agent --serve`) with the real containerd, etcd and sim instances: the
-//! official Python client speaks to it as to Ollama, and a rollout under load loses nothing
-//! (instances are drained before they are stopped).
+//! official Python client speaks to it as to Ollama, a rollout under load loses nothing
+//! (instances are drained before they are stopped), and the shipped nginx and HAProxy configs
+//! balance over two nodes' gateways. Restarts of the agent itself are in restarts.rs.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fleet_e2e::http::request;
-use fleet_e2e::proxy::{self, Proxy};
-use fleet_e2e::{World, free_port, free_port_range, python};
+use fleet_e2e::proxy;
+use fleet_e2e::{Load, World, free_port, free_port_range, generations, python};
 use serde_json::{Value, json};
 
 const MODEL: &str = "smollm2:135m";
@@ -181,62 +182,6 @@ fn metrics_are_well_formed_and_feed_the_dashboard(metrics: &str) {
     );
 }
 
-/// Streaming requests from several clients at once, counted: (done, failed).
-struct Load {
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(url: &str, clients: usize, tokens: u64) -> Load {
-        let (stop, done, failed) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(AtomicU64::new(0)),
-        );
-        let tasks = (0..clients)
-            .map(|_| {
-                let (url, stop, done, failed) = (url.to_string(), stop.clone(), done.clone(), failed.clone());
-                tokio::spawn(async move {
-                    let body = json!({"model": MODEL, "prompt": "count", "options": {"num_predict": tokens}});
-                    while !stop.load(Ordering::SeqCst) {
-                        let r = request("POST", &format!("{url}/api/generate"), Some(&body), Duration::from_secs(60)).await;
-                        let complete = r.as_ref().is_ok_and(|(code, text)| {
-                            let last: Value = text.lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default();
-                            *code == 200 && last["done"] == true && last["eval_count"] == tokens
-                        });
-                        if complete {
-                            done.fetch_add(1, Ordering::SeqCst);
-                        } else {
-                            eprintln!("failed request: {r:?}");
-                            failed.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            done,
-            failed,
-            tasks,
-        }
-    }
-
-    async fn finish(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.tasks {
-            t.await.expect("client");
-        }
-        (
-            self.done.load(Ordering::SeqCst),
-            self.failed.load(Ordering::SeqCst),
-        )
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_under_load_loses_no_request() {
     let world = World::new("gw-drain");
@@ -257,7 +202,7 @@ async fn a_rollout_under_load_loses_no_request() {
     let serve = free_port();
     let agent = world.agent("node-1", &["--serve", &format!("127.0.0.1:{serve}")]);
     let before = world.wait_status("d", "3 ready", 120, all_ready(3)).await;
-    let load = Load::start(&format!("http://127.0.0.1:{serve}"), 4, 20);
+    let load = Load::start(&format!("http://127.0.0.1:{serve}"), MODEL, 4, 20);
     tokio::time::sleep(Duration::from_secs(2)).await;
     apply(&world, &manifest("two"));
     let old = before["instances"][0]["specHash"].clone();
@@ -277,247 +222,6 @@ async fn a_rollout_under_load_loses_no_request() {
         agent.log_text().contains("drained before stopping"),
         "no instance had requests to drain"
     );
-}
-
-/// SIGTERM (systemctl stop or restart, a package upgrade) drains the gateway: it stops
-/// accepting at once, every request already in flight streams to its end, then the agent exits
-/// without touching an instance, and its successor adopts them and serves.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_the_gateway_and_touches_no_instance() {
-    let world = World::new("gw-sigterm");
-    let base = free_port_range(3);
-    // 40 tokens at 10 tokens/s: every request streams for about 4 seconds.
-    let manifest = world.sim_fleet("d", 3, base, "").replace(
-        "SIM_LOAD_TIME: 50ms",
-        "SIM_LOAD_TIME: 50ms, SIM_TOKENS_PER_SECOND: \"10\"",
-    );
-    apply(&world, &manifest);
-    let serve = free_port();
-    let url = format!("http://127.0.0.1:{serve}");
-    let mut agent = world.agent("node-1", &["--serve", &format!("127.0.0.1:{serve}")]);
-    let before = world.wait_status("d", "3 ready", 120, all_ready(3)).await;
-    let ids: Vec<String> = ids_of(&before);
-
-    let requests: Vec<_> = (0..3)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                let body =
-                    json!({"model": MODEL, "prompt": "count", "options": {"num_predict": 40}});
-                request(
-                    "POST",
-                    &format!("{url}/api/generate"),
-                    Some(&body),
-                    Duration::from_secs(60),
-                )
-                .await
-            })
-        })
-        .collect();
-    let in_flight = tokio::time::timeout(Duration::from_secs(20), async {
-        while agent.metric("ollama_fleet_inflight_requests").await < 3.0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    assert!(in_flight.is_ok(), "3 requests in flight before the signal");
-
-    agent.sigterm();
-    let signalled = std::time::Instant::now();
-    // New connections are refused at once (a proxy in front retries them elsewhere) while the
-    // requests in flight go on.
-    let refused = tokio::time::timeout(Duration::from_secs(3), async {
-        while tokio::net::TcpStream::connect(("127.0.0.1", serve))
-            .await
-            .is_ok()
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(refused.is_ok(), "the gateway still accepts after SIGTERM");
-    for r in requests {
-        let (code, text) = r.await.expect("client").expect("the request is answered");
-        let last: Value = text
-            .lines()
-            .last()
-            .and_then(|l| serde_json::from_str(l).ok())
-            .unwrap_or_default();
-        assert_eq!(code, 200, "{text}");
-        assert!(
-            last["done"] == true && last["eval_count"] == 40,
-            "every token of a request started before the signal: {text}"
-        );
-    }
-    let status = agent
-        .exited(Duration::from_secs(30))
-        .await
-        .expect("the agent exits once drained");
-    assert!(status.success(), "{status}");
-    eprintln!(
-        "drained and exited {:.1}s after SIGTERM",
-        signalled.elapsed().as_secs_f64()
-    );
-    assert!(agent.log_text().contains("gateway drained"));
-    for id in &ids {
-        let (state, _) = world.ns.task(id).expect("task");
-        assert_eq!(state, "RUNNING", "{id} untouched by the agent's stop");
-    }
-
-    // The next agent adopts them and serves once it has probed them.
-    agent.resume();
-    let resumed = std::time::Instant::now();
-    let serving = tokio::time::timeout(Duration::from_secs(60), async {
-        while !matches!(
-            request("GET", &format!("{url}/"), None, Duration::from_secs(2)).await,
-            Ok((200, _))
-        ) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    assert!(serving.is_ok(), "the next agent serves");
-    eprintln!(
-        "the next agent served {:.2}s after it was started",
-        resumed.elapsed().as_secs_f64()
-    );
-    let listed = agent.listed(Some("d")).await;
-    let mut again: Vec<String> = listed
-        .iter()
-        .filter_map(|i| i["id"].as_str().map(String::from))
-        .collect();
-    let mut first = ids.clone();
-    again.sort();
-    first.sort();
-    assert_eq!(again, first, "the same instances, adopted");
-    assert_eq!(generations(&url, 2).await, 2);
-}
-
-/// An agent restarted while etcd is down (a package upgrade during an etcd outage) still serves
-/// what runs: it recalls the fleets its node last saw, probes the instances it adopts and routes
-/// to them, and changes nothing until etcd answers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_started_while_etcd_is_down_serves_what_runs() {
-    let mut etcd = fleet_e2e::PrivateEtcd::start("gw-recall");
-    let world = World::with_etcd("gw-recall", &etcd.endpoint());
-    let base = free_port_range(2);
-    apply(&world, &world.sim_fleet("r", 2, base, ""));
-    let serve = free_port();
-    let url = format!("http://127.0.0.1:{serve}");
-    let mut agent = world.agent("node-1", &["--serve", &format!("127.0.0.1:{serve}")]);
-    let before = world.wait_status("r", "2 ready", 120, all_ready(2)).await;
-    agent.sigterm();
-    agent
-        .exited(Duration::from_secs(30))
-        .await
-        .expect("the agent exits");
-    etcd.kill();
-
-    agent.resume();
-    let started = std::time::Instant::now();
-    fleet_e2e::wait_for(
-        "the gateway to serve with etcd down",
-        Duration::from_secs(60),
-        || async {
-            request("GET", &format!("{url}/"), None, Duration::from_secs(2))
-                .await
-                .ok()
-                .filter(|(c, _)| *c == 200)
-        },
-    )
-    .await;
-    eprintln!(
-        "with etcd down, the next agent served {:.2}s after it was started",
-        started.elapsed().as_secs_f64()
-    );
-    assert_eq!(generations(&url, 3).await, 3, "served with etcd down");
-    let (code, tags) = request(
-        "GET",
-        &format!("{url}/api/tags"),
-        None,
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("tags");
-    assert_eq!(code, 200);
-    assert!(tags.contains(MODEL), "{tags}");
-    let mut listed: Vec<String> = agent
-        .listed(Some("r"))
-        .await
-        .iter()
-        .filter_map(|i| i["id"].as_str().map(String::from))
-        .collect();
-    let mut ids = ids_of(&before);
-    listed.sort();
-    ids.sort();
-    assert_eq!(listed, ids, "the same instances, nothing made or stopped");
-    assert!(agent.log_text().contains("recalled"));
-
-    // etcd back: the agent takes its fleets from it again and publishes.
-    etcd.resume();
-    world
-        .wait_status("r", "status again", 60, all_ready(2))
-        .await;
-}
-
-/// The container ids of a fleet's status.
-fn ids_of(status: &Value) -> Vec<String> {
-    status["instances"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i["id"].as_str().map(String::from))
-        .collect()
-}
-
-/// The shipped example config with the nodes' gateways and the listen port put in.
-fn example(path: &str, listen: u16, gateways: [u16; 2]) -> String {
-    std::fs::read_to_string(fleet_e2e::repo_root().join(path))
-        .expect("example")
-        .replace(
-            "node-1.example:11400",
-            &format!("127.0.0.1:{}", gateways[0]),
-        )
-        .replace(
-            "node-2.example:11400",
-            &format!("127.0.0.1:{}", gateways[1]),
-        )
-        .replace("11434", &listen.to_string())
-}
-
-fn nginx(dir: &std::path::Path, listen: u16, gateways: [u16; 2]) -> Proxy {
-    let snippet = dir.join("ollama-fleet.conf");
-    let example = example("manifests/nginx/ollama-fleet.conf", listen, gateways);
-    std::fs::write(&snippet, example).expect("write");
-    proxy::nginx(dir, &format!("  include {};", snippet.display()))
-}
-
-fn haproxy(dir: &std::path::Path, listen: u16, gateways: [u16; 2]) -> Proxy {
-    proxy::haproxy(
-        dir,
-        &example("manifests/haproxy/haproxy.cfg", listen, gateways),
-    )
-}
-
-/// `n` generations through `url`: how many came back complete.
-async fn generations(url: &str, n: usize) -> usize {
-    let body =
-        json!({"model": MODEL, "prompt": "hi", "stream": false, "options": {"num_predict": 3}});
-    let mut ok = 0;
-    for _ in 0..n {
-        if let Ok((200, text)) = request(
-            "POST",
-            &format!("{url}/api/generate"),
-            Some(&body),
-            Duration::from_secs(30),
-        )
-        .await
-            && serde_json::from_str::<Value>(&text).is_ok_and(|v| v["done"] == true)
-        {
-            ok += 1;
-        }
-    }
-    ok
 }
 
 /// The shipped nginx and HAProxy examples, in front of two nodes' gateways: requests are
@@ -545,8 +249,8 @@ async fn nginx_and_haproxy_balance_over_two_gateways() {
     let dir = world.dir.join("proxies");
     std::fs::create_dir_all(&dir).expect("mkdir");
     let (nginx_port, haproxy_port) = (free_port(), free_port());
-    let _nginx = nginx(&dir, nginx_port, gateways);
-    let _haproxy = haproxy(&dir, haproxy_port, gateways);
+    let _nginx = proxy::shipped_nginx(&dir, nginx_port, gateways);
+    let _haproxy = proxy::shipped_haproxy(&dir, haproxy_port, gateways);
     let proxies = [
         format!("http://127.0.0.1:{nginx_port}"),
         format!("http://127.0.0.1:{haproxy_port}"),
@@ -565,7 +269,7 @@ async fn nginx_and_haproxy_balance_over_two_gateways() {
         .await;
     }
     for url in &proxies {
-        assert_eq!(generations(url, 8).await, 8, "through {url}");
+        assert_eq!(generations(url, MODEL, 8).await, 8, "through {url}");
     }
     assert!(
         one.metric("ollama_fleet_instance_requests_total").await >= 1.0,
@@ -597,7 +301,7 @@ async fn nginx_and_haproxy_balance_over_two_gateways() {
     .await;
     for url in &proxies {
         assert_eq!(
-            generations(url, 8).await,
+            generations(url, MODEL, 8).await,
             8,
             "through {url} with node 2 empty"
         );

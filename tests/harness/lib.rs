@@ -6,6 +6,7 @@ pub mod containerd;
 pub mod etcd;
 pub mod fleet;
 pub mod http;
+pub mod load;
 pub mod netfault;
 pub mod proxy;
 pub mod registry;
@@ -19,6 +20,7 @@ pub use containerd::Namespace;
 pub use etcd::{Certs, PrivateEtcd};
 pub use fleet::{AgentProcess, World, free_port_range};
 pub use http::{get, json, post, post_lines, request};
+pub use load::{Load, generations};
 pub use registry::PrivateRegistry;
 
 /// The root of the repository.

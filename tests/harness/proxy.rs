@@ -64,3 +64,35 @@ pub fn haproxy(dir: &Path, config: &str) -> Proxy {
         .expect("start haproxy");
     Proxy(child)
 }
+
+/// The shipped example config at `path` (under the repository) with the two nodes' gateways
+/// and the listen port put in.
+fn shipped(path: &str, listen: u16, gateways: [u16; 2]) -> String {
+    std::fs::read_to_string(crate::repo_root().join(path))
+        .expect("example")
+        .replace(
+            "node-1.example:11400",
+            &format!("127.0.0.1:{}", gateways[0]),
+        )
+        .replace(
+            "node-2.example:11400",
+            &format!("127.0.0.1:{}", gateways[1]),
+        )
+        .replace("11434", &listen.to_string())
+}
+
+/// nginx with the shipped `manifests/nginx/ollama-fleet.conf`, in front of two gateways.
+pub fn shipped_nginx(dir: &Path, listen: u16, gateways: [u16; 2]) -> Proxy {
+    let snippet = dir.join("ollama-fleet.conf");
+    let example = shipped("manifests/nginx/ollama-fleet.conf", listen, gateways);
+    std::fs::write(&snippet, example).expect("write");
+    nginx(dir, &format!("  include {};", snippet.display()))
+}
+
+/// HAProxy with the shipped `manifests/haproxy/haproxy.cfg`, in front of two gateways.
+pub fn shipped_haproxy(dir: &Path, listen: u16, gateways: [u16; 2]) -> Proxy {
+    haproxy(
+        dir,
+        &shipped("manifests/haproxy/haproxy.cfg", listen, gateways),
+    )
+}
