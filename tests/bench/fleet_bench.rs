@@ -9,6 +9,7 @@
 //! 3. The agent's peak RSS, and its CPU use over 30 s of idling with N instances.
 //!
 //! `--serve N` (run by `hack/bench-serve.sh`): see `serve.rs`.
+//! `--chaos 1 [--faults F,G]` (run by `hack/chaos.sh`): see `chaos.rs`.
 //! `--bodies BUDGET_MIB` (run by `hack/bench-gateway-memory.sh`): see `bodies.rs`.
 //! `--affinity N [--engine 1]` (run by `hack/bench-affinity.sh`): see `affinity.rs`.
 //!
@@ -22,6 +23,7 @@
 
 mod affinity;
 mod bodies;
+mod chaos;
 mod scale;
 mod serve;
 
@@ -397,6 +399,15 @@ async fn main() {
     let budget: u64 = arg("--bodies", "0").parse().unwrap_or(0);
     if budget > 0 {
         bodies::bodies_bench(budget).await;
+        return;
+    }
+    if arg("--chaos", "0") == "1" {
+        let only: Vec<String> = arg("--faults", "")
+            .split(',')
+            .filter(|f| !f.is_empty())
+            .map(String::from)
+            .collect();
+        chaos::chaos_bench(&only).await;
         return;
     }
     let conversations_on: u32 = arg("--affinity", "0").parse().unwrap_or(0);

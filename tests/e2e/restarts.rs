@@ -344,3 +344,120 @@ async fn rolling_restarts_behind_the_shipped_proxies_fail_no_request() {
         "only the requests in flight on node 1 (2 single-slot instances) may fail: {failed}"
     );
 }
+
+/// What clients saw through two restarts of a lone node's agent.
+#[derive(Debug)]
+struct Seen {
+    /// New connections (each asking the gateway for its models) answered, and refused or
+    /// failed; the slowest answer.
+    answered: u32,
+    refused: u32,
+    slowest: Duration,
+    /// Streaming generations done and failed.
+    done: u64,
+    failed: u64,
+}
+
+/// Two restarts (SIGTERM, exit, start) of `agent` while two clients stream generations through
+/// `url` and four clients each open a new connection every 20 ms.
+async fn two_restarts(agent: &mut AgentProcess, url: &str) -> Seen {
+    let load = Load::start(url, MODEL, 2, 20);
+    completes(&load, 2).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let knocks: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, stop) = (url.to_string(), stop.clone());
+            tokio::spawn(async move {
+                let (mut answered, mut refused, mut slowest) = (0u32, 0u32, Duration::ZERO);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let sent = std::time::Instant::now();
+                    match request(
+                        "GET",
+                        &format!("{url}/api/tags"),
+                        None,
+                        Duration::from_secs(60),
+                    )
+                    .await
+                    {
+                        Ok((200, _)) => answered += 1,
+                        _ => refused += 1,
+                    }
+                    slowest = slowest.max(sent.elapsed());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (answered, refused, slowest)
+            })
+        })
+        .collect();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        agent.sigterm();
+        assert!(
+            agent
+                .exited(Duration::from_secs(60))
+                .await
+                .is_some_and(|s| s.success())
+        );
+        agent.resume();
+        answers(url).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut answered, mut refused, mut slowest) = (0, 0, Duration::ZERO);
+    for k in knocks {
+        let (a, r, s) = k.await.expect("knocks");
+        (answered, refused, slowest) = (answered + a, refused + r, slowest.max(s));
+    }
+    let (done, failed) = load.finish().await;
+    Seen {
+        answered,
+        refused,
+        slowest,
+        done,
+        failed,
+    }
+}
+
+/// With the gateway's socket kept open across restarts (systemd's socket activation, the shipped
+/// `ollama-fleet-agent.socket`; here the test holds the socket and hands it to every start), a
+/// lone node's restart refuses no connection: connections made while the old agent drains or
+/// the new one starts wait in the socket's backlog, and the next agent serves them. Without it
+/// (the agent binds `--serve` itself), the same restarts refuse connections (measured here
+/// first, side by side).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_kept_across_restarts_refuses_no_connection() {
+    let world = World::new("restart-socket");
+    let manifest = world.sim_fleet("k", 2, free_port_range(2), "").replace(
+        "SIM_LOAD_TIME: 50ms",
+        "SIM_LOAD_TIME: 50ms, SIM_TOKENS_PER_SECOND: \"20\"",
+    );
+    apply(&world, &manifest);
+    let serve = format!("127.0.0.1:{}", free_port());
+    let mut agent = world.agent("node-1", &["--serve", &serve]);
+    world.wait_status("k", "2 ready", 120, all_ready(2)).await;
+    let bound = format!("http://{serve}");
+    answers(&bound).await;
+    let without = two_restarts(&mut agent, &bound).await;
+    eprintln!("two restarts, the agent binding --serve: {without:?}");
+
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let kept = format!("http://{}", socket.local_addr().expect("addr"));
+    agent.hand_socket(socket);
+    answers(&kept).await;
+    assert!(
+        agent
+            .log_text()
+            .contains("the gateway serves on the socket systemd passed")
+    );
+    let with = two_restarts(&mut agent, &kept).await;
+    eprintln!("two restarts on a kept socket: {with:?}");
+    assert_eq!(
+        with.refused, 0,
+        "connections refused across restarts on a kept socket"
+    );
+    assert_eq!(
+        with.failed, 0,
+        "generations failed across restarts on a kept socket"
+    );
+    assert!(with.answered >= 10, "too few connections to tell: {with:?}");
+}

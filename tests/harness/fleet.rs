@@ -79,6 +79,14 @@ impl World {
         World::in_namespace(Namespace::in_env(tag, env))
     }
 
+    /// A world on the containerd at `socket` whose fleets live in the etcd at `endpoint`.
+    pub fn with_both(tag: &str, socket: &str, endpoint: &str) -> World {
+        let mut env = crate::DevEnv::get();
+        env.containerd_socket = socket.to_string();
+        env.etcd_endpoints = endpoint.to_string();
+        World::in_namespace(Namespace::in_env(tag, env))
+    }
+
     fn in_namespace(ns: Namespace) -> World {
         let dir = temp_dir(&ns.name);
         World {
@@ -237,6 +245,8 @@ pub struct AgentProcess {
     pub listen: SocketAddr,
     /// Its log file.
     pub log: PathBuf,
+    /// A listening socket handed to every start, as systemd's socket activation does.
+    socket: Option<std::net::TcpListener>,
 }
 
 impl AgentProcess {
@@ -285,9 +295,18 @@ impl AgentProcess {
             env,
             listen,
             log: world.dir.join(format!("agent-{node}.log")),
+            socket: None,
         };
         agent.resume();
         agent
+    }
+
+    /// Stops it (SIGKILL) and starts it again with `socket` handed over at every start, as
+    /// systemd's socket activation does (`LISTEN_FDS=1`, the socket as fd 3).
+    pub fn hand_socket(&mut self, socket: std::net::TcpListener) {
+        self.kill9();
+        self.socket = Some(socket);
+        self.resume();
     }
 
     /// Starts it again with the same arguments (after [`AgentProcess::kill9`]).
@@ -297,7 +316,21 @@ impl AgentProcess {
             .append(true)
             .open(&self.log)
             .expect("log");
-        let child = Command::new(binary())
+        let mut cmd = match &self.socket {
+            None => Command::new(binary()),
+            Some(socket) => {
+                // The socket comes in as stdin; the shell makes it fd 3 and execs the agent.
+                let mut cmd = Command::new("sh");
+                cmd.args(["-c", "exec 3<&0 </dev/null; exec \"$0\" \"$@\""])
+                    .arg(binary())
+                    .env("LISTEN_FDS", "1")
+                    .stdin(std::os::fd::OwnedFd::from(
+                        socket.try_clone().expect("clone the socket"),
+                    ));
+                cmd
+            }
+        };
+        let child = cmd
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())

@@ -379,8 +379,27 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
+/// The gateway's listening socket when systemd passed one (socket activation:
+/// `ollama-fleet-agent.socket`), so that it stays open across the agent's restarts.
+pub fn activated_socket() -> std::io::Result<Option<std::net::TcpListener>> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() > 1 {
+        eprintln!(
+            "warning: systemd passed {} sockets; the gateway serves on the first",
+            fds.len()
+        );
+    }
+    fds.take_tcp_listener(0)
+}
+
+/// Runs the agent until SIGTERM or SIGINT. `activated`: the gateway's socket from systemd.
+pub async fn run(
+    global: &Global,
+    args: &Args,
+    activated: std::io::Result<Option<std::net::TcpListener>>,
+) -> anyhow::Result<ExitCode> {
+    let activated = activated
+        .context("the socket systemd passed (LISTEN_FDS) is not a TCP listening socket")?;
     let node = args.node_name.clone().unwrap_or_else(hostname);
     fleet_store::check_segment("node", &node)
         .map_err(|_| anyhow::anyhow!("--node-name {node:?} must not be empty or contain '/'"))?;
@@ -437,9 +456,22 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    let gateway = match args.serve.addr {
+    let gateway_socket = match activated {
+        Some(socket) => {
+            let addr = socket.local_addr()?;
+            if args.serve.addr.is_some_and(|a| a != addr) {
+                tracing::warn!(%addr, "--serve is ignored: the gateway serves on the socket systemd passed");
+            }
+            socket.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(socket)?;
+            tracing::info!(%addr, "the gateway serves on the socket systemd passed: it stays open across restarts (connections wait instead of being refused)");
+            Some((addr, Some(listener)))
+        }
+        None => args.serve.addr.map(|a| (a, None)),
+    };
+    let gateway = match gateway_socket {
         None => None,
-        Some(addr) => {
+        Some((addr, activated)) => {
             if let Some(f) = &args.serve.token_file {
                 anyhow::ensure!(
                     std::fs::metadata(f).is_ok_and(|m| m.is_file()),
@@ -453,9 +485,12 @@ pub async fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
                 args.serve.body_budget,
                 args.serve.max_body
             );
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot serve on {addr} (see --serve)"))?;
+            let listener = match activated {
+                Some(l) => l,
+                None => tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot serve on {addr} (see --serve)"))?,
+            };
             let gw = Gateway::new(GatewayConfig {
                 max_queue: args.serve.max_queue,
                 queue_timeout: args.serve.queue_timeout,

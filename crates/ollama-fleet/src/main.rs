@@ -81,6 +81,9 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         command => {
+            // Sockets passed by systemd are taken before any thread runs (their variables are
+            // removed from the environment).
+            let activated = matches!(command, Command::Agent(_)).then(agent::activated_socket);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -96,7 +99,7 @@ fn main() -> ExitCode {
                 match command {
                     Command::Agent(args) => {
                         cli.global.init_logging();
-                        agent::run(&cli.global, &args).await
+                        agent::run(&cli.global, &args, activated.unwrap_or(Ok(None))).await
                     }
                     Command::Apply(args) => apply::run(&cli.global, &args).await,
                     Command::Get(args) => get::run(&cli.global, &args).await,
