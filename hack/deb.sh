@@ -12,6 +12,8 @@
 # The package holds:
 #   /usr/bin/ollama-fleet                               the one binary (CLI and agent)
 #   /lib/systemd/system/ollama-fleet-agent.service      the agent's unit (not started on install)
+#   /lib/systemd/system/ollama-fleet-agent.socket       the gateway's socket, kept across restarts
+#                                                       (optional, not enabled on install)
 #   /etc/default/ollama-fleet                           its settings (a conffile: kept on upgrade)
 #   /var/lib/ollama-fleet, /var/lib/ollama-fleet/models the state directory and the model cache
 #   /usr/share/ollama-fleet/                            the JSON Schema, example fleets, the
@@ -59,6 +61,10 @@ sed 's|/usr/local/bin/ollama-fleet|/usr/bin/ollama-fleet|' "$ROOT/manifests/syst
 grep -q '^ExecStart=/usr/bin/ollama-fleet agent' "$P/lib/systemd/system/ollama-fleet-agent.service" ||
   die "the unit's ExecStart was not rewritten to /usr/bin"
 chmod 0644 "$P/lib/systemd/system/ollama-fleet-agent.service"
+# The gateway's socket unit: shipped, not enabled (see its comments).
+sed '/^#   install /d; /^#   systemctl daemon-reload/d' "$ROOT/manifests/systemd/ollama-fleet-agent.socket" \
+  >"$P/lib/systemd/system/ollama-fleet-agent.socket"
+chmod 0644 "$P/lib/systemd/system/ollama-fleet-agent.socket"
 install -m 0644 "$ROOT/manifests/systemd/ollama-fleet.env" "$P/etc/default/ollama-fleet"
 install -m 0644 "$ROOT/schemas/ollamafleet.schema.json" "$P/usr/share/ollama-fleet/"
 cp -r "$ROOT/manifests/examples" "$ROOT/manifests/haproxy" "$ROOT/manifests/nginx" \
@@ -118,7 +124,7 @@ cat >"$P/DEBIAN/prerm" <<'SCRIPT'
 set -e
 # Removal stops the agent (KillMode=process: its instances keep running under containerd).
 if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
-  systemctl disable --now ollama-fleet-agent.service >/dev/null 2>&1 || true
+  systemctl disable --now ollama-fleet-agent.socket ollama-fleet-agent.service >/dev/null 2>&1 || true
 fi
 exit 0
 SCRIPT

@@ -243,5 +243,39 @@ for config in $(cat "$SHARE/configs"); do
   log "configuration $config"
   one_config "$config"
 done
+# The gateway's socket kept by systemd (ollama-fleet-agent.socket) across restarts: new
+# connections through two `systemctl restart`s, with the agent binding --serve, then with the
+# socket unit.
+knock_through_restarts() { # prints: answered refused
+  local out=/tmp/knocks.$1
+  : >"$out"
+  (
+    end=$((SECONDS + 12))
+    while ((SECONDS < end)); do
+      curl -s -o /dev/null -w '%{http_code}\n' -m 30 http://127.0.0.1:11400/api/tags >>"$out"
+      sleep 0.02
+    done
+  ) &
+  local knocker=$!
+  sleep 2
+  systemctl restart ollama-fleet-agent
+  sleep 3
+  systemctl restart ollama-fleet-agent
+  wait "$knocker"
+  echo "$(grep -c '^200$' "$out") $(grep -vc '^200$' "$out")"
+}
+wait_for 60 agent_ready
+read -r bound_ok bound_refused < <(knock_through_restarts bound)
+since=$(date '+%Y-%m-%d %H:%M:%S')
+systemctl stop ollama-fleet-agent
+systemctl enable --now ollama-fleet-agent.socket >/dev/null 2>&1
+systemctl start ollama-fleet-agent
+wait_for 60 agent_ready
+read -r kept_ok kept_refused < <(knock_through_restarts kept)
+passed=$(journalctl -u ollama-fleet-agent --since "$since" | grep -c "serves on the socket systemd passed")
+check host "socket kept across restarts" "two restarts: --serve bound by the agent: $bound_refused of $((bound_ok + bound_refused)) connections refused; ollama-fleet-agent.socket: $kept_refused of $((kept_ok + kept_refused)); $passed start(s) on systemd's socket" \
+  test "$kept_refused" = 0 -a "$passed" -ge 3 -a "$kept_ok" -ge 20
+systemctl disable --now ollama-fleet-agent.socket >/dev/null 2>&1
+
 journalctl -u ollama-fleet-agent --no-pager >"$SHARE/agent.log" 2>&1
 ! grep -q '|MISS|' "$RESULTS"
