@@ -177,6 +177,22 @@ impl Rig {
                     .args(["if=/dev/zero", &format!("of={}", filler.display()), "bs=1M"])
                     .stderr(std::process::Stdio::null())
                     .status();
+                let df = std::process::Command::new("df")
+                    .args(["--output=pcent,avail"])
+                    .arg(&self.state1)
+                    .output()
+                    .map(|o| {
+                        String::from_utf8_lossy(&o.stdout)
+                            .split_whitespace()
+                            .skip(2)
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_default();
+                let logs = std::fs::read_dir(self.state1.join("logs")).map_or(0, |d| d.count());
+                println!(
+                    "chaos: disk-full: node 1's state file system at {df} (used, free); {logs} instance log files on it"
+                );
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 let _ = std::fs::remove_file(&filler);
             }
@@ -355,9 +371,11 @@ pub async fn chaos_bench(only: &[String]) {
 
 fn line(r: &Row) -> String {
     let [sent, _, failed, cut] = r.counts;
-    let back = r.back.map_or("not within 300 s".to_string(), |d| {
-        format!("{:.1} s", d.as_secs_f64())
-    });
+    let back = match r.back {
+        _ if r.lowest == SLOTS => "never lost".to_string(),
+        Some(d) => format!("{:.1} s", d.as_secs_f64()),
+        None => "not within 300 s".to_string(),
+    };
     format!(
         "| {} | {:.1} s | {sent} | {failed} | {cut} | {} | {} | {} | {}/{SLOTS} | {back} |",
         r.fault,

@@ -144,7 +144,9 @@ pub struct Args {
 pub struct ServeArgs {
     /// Serve an Ollama-compatible API on ADDR (e.g. 0.0.0.0:11400) for every fleet on this
     /// node: each request goes to a Ready instance with a free slot, waits in a queue
-    /// otherwise; instances are drained before the agent stops them.
+    /// otherwise; instances are drained before the agent stops them. When systemd passes a
+    /// socket (ollama-fleet-agent.socket), the gateway serves on it instead, and the socket
+    /// stays open across restarts.
     #[arg(long = "serve", env = "OLLAMA_FLEET_SERVE", value_name = "ADDR")]
     pub addr: Option<SocketAddr>,
     /// On SIGTERM the gateway stops accepting and lets the requests in flight finish (each
