@@ -9,25 +9,16 @@ use std::time::Duration;
 
 use fleet_e2e::http::request;
 use fleet_e2e::proxy;
-use fleet_e2e::{Load, World, free_port, free_port_range, generations, python};
+use fleet_e2e::{Load, World, all_ready, free_port, free_port_range, generations, python};
 use serde_json::{Value, json};
 
 const MODEL: &str = "smollm2:135m";
-
-fn apply(world: &World, manifest: &str) {
-    world.cli_ok(&["apply", "-f", "-"], Some(manifest));
-}
-
-/// Ready and updated: every instance of `n` on the current spec.
-fn all_ready(n: u64) -> impl Fn(&Value) -> bool {
-    move |s: &Value| s["readyReplicas"] == n && s["updatedReplicas"] == n && s["replicas"] == n
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_client_speaks_to_the_gateway() {
     let world = World::new("gw-client");
     let base = free_port_range(2);
-    apply(&world, &world.sim_fleet("g", 2, base, ""));
+    world.apply(&world.sim_fleet("g", 2, base, ""));
     let serve = free_port();
     let tokens = world.dir.join("tokens");
     std::fs::write(&tokens, "t0ken-for-tests\n").expect("tokens");
@@ -198,13 +189,13 @@ async fn a_rollout_under_load_loses_no_request() {
             )
             .replace("terminationGracePeriod: 2s", "terminationGracePeriod: 10s")
     };
-    apply(&world, &manifest("one"));
+    world.apply(&manifest("one"));
     let serve = free_port();
     let agent = world.agent("node-1", &["--serve", &format!("127.0.0.1:{serve}")]);
     let before = world.wait_status("d", "3 ready", 120, all_ready(3)).await;
     let load = Load::start(&format!("http://127.0.0.1:{serve}"), MODEL, 4, 20);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    apply(&world, &manifest("two"));
+    world.apply(&manifest("two"));
     let old = before["instances"][0]["specHash"].clone();
     world
         .wait_status("d", "every instance replaced", 120, |s| {
@@ -233,8 +224,8 @@ async fn nginx_and_haproxy_balance_over_two_gateways() {
     // machines would have their own containerd), each running a fleet of the same model.
     let (world, other) = (World::new("gw-proxies-1"), World::new("gw-proxies-2"));
     let (base_one, base_two) = (free_port_range(2), free_port_range(2));
-    apply(&world, &world.sim_fleet("a", 2, base_one, ""));
-    apply(&other, &other.sim_fleet("a", 2, base_two, ""));
+    world.apply(&world.sim_fleet("a", 2, base_one, ""));
+    other.apply(&other.sim_fleet("a", 2, base_two, ""));
     let gateways = [free_port(), free_port()];
     let serve = |i: usize| format!("127.0.0.1:{}", gateways[i]);
     let one = world.agent("node-1", &["--serve", &serve(0)]);
@@ -282,7 +273,7 @@ async fn nginx_and_haproxy_balance_over_two_gateways() {
 
     // Node 2 loses its instances: its gateway says 503 (on GET /, and to requests), and the
     // proxies go to node 1.
-    apply(&other, &other.sim_fleet("a", 0, base_two, ""));
+    other.apply(&other.sim_fleet("a", 0, base_two, ""));
     fleet_e2e::wait_for(
         "node 2's gateway to report no ready instance",
         Duration::from_secs(60),
@@ -318,7 +309,7 @@ async fn a_new_model_rolls_out_behind_the_gateway() {
     let world = World::new("gw-model");
     let base = free_port_range(2);
     let rollout = "  rollout: {maxUnavailable: 1}\n";
-    apply(&world, &world.sim_fleet("m", 2, base, rollout));
+    world.apply(&world.sim_fleet("m", 2, base, rollout));
     let serve = free_port();
     let agent = world.agent("node-1", &["--serve", &format!("127.0.0.1:{serve}")]);
     let before = world.wait_status("m", "2 ready", 120, all_ready(2)).await;
@@ -355,8 +346,7 @@ async fn a_new_model_rolls_out_behind_the_gateway() {
         })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    apply(
-        &world,
+    world.apply(
         &world
             .sim_fleet("m", 2, base, rollout)
             .replace(&format!("model: {MODEL}"), &format!("model: {NEW}")),

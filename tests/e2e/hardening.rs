@@ -7,10 +7,6 @@ use fleet_e2e::containerd::cgroup_v1_dir;
 use fleet_e2e::{AgentProcess, World, free_port_range};
 use serde_json::Value;
 
-fn apply(world: &World, manifest: &str) {
-    world.cli_ok(&["apply", "-f", "-"], Some(manifest));
-}
-
 /// The pid of the fleet's first running instance, from containerd.
 fn first_pid(world: &World, status: &Value) -> (String, u32) {
     let id = status["instances"][0]["id"]
@@ -52,7 +48,7 @@ async fn instances_run_with_current_container_defaults() {
         "resources: {cpus: 0.5, memory: 128Mi, pids: 256}",
         "resources: {cpus: 0.5}",
     );
-    apply(&world, &manifest);
+    world.apply(&manifest);
     let _agent = world.agent("node-1", &[]);
     let s = world
         .wait_status("d", "1 ready", 60, |s| s["readyReplicas"] == 1)
@@ -124,7 +120,7 @@ async fn a_read_only_root_and_another_user_work_with_the_sim() {
             "  securityContext: {runAsUser: 1000, runAsGroup: 1000, readOnlyRootFilesystem: true}\n",
         )
         .replace(&world.dir.join("models").display().to_string(), &cache.display().to_string());
-    apply(&world, &manifest);
+    world.apply(&manifest);
     let _agent = world.agent("node-1", &[]);
     // Ready means the model was pulled into /models and loaded: the instance wrote its cache.
     let s = world
@@ -183,7 +179,7 @@ fn peak_mib(agent: &AgentProcess) -> u64 {
 async fn hostile_fleets_in_etcd_neither_crash_the_agent_nor_reach_the_host() {
     let world = World::new("hard-etcd");
     let base = free_port_range(4);
-    apply(&world, &world.sim_fleet("good", 2, base, ""));
+    world.apply(&world.sim_fleet("good", 2, base, ""));
     let agent = world.agent("node-1", &[]);
     let before = world
         .wait_status("good", "2 ready", 60, |s| s["readyReplicas"] == 2)

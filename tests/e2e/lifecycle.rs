@@ -60,10 +60,6 @@ async fn threads_of(url: &str, body: &Value) -> Option<String> {
         .map(|(_, v)| v)
 }
 
-fn apply(world: &World, manifest: &str) {
-    world.cli_ok(&["apply", "-f", "-"], Some(manifest));
-}
-
 /// The fleet's instances in `/instances`.
 async fn listed(agent: &AgentProcess, fleet: &str) -> Vec<Value> {
     agent.listed(Some(fleet)).await
@@ -184,7 +180,7 @@ impl Sampler {
 async fn the_model_is_pulled_once_and_loaded_before_ready() {
     let world = World::new("lc-model");
     let base = free_port_range(10);
-    apply(&world, &fleet(&world, "m", 10, base, "", ""));
+    world.apply(&fleet(&world, "m", 10, base, "", ""));
     let agent = world.agent("node-1", &[]);
     let journal = world.dir.join("models/.sim-pulls.log");
     // The pull's progress shows in status.
@@ -273,7 +269,7 @@ async fn rotate(tag: &str, rollout: &str) -> (usize, usize, u32) {
     let world = World::new(tag);
     let base = free_port_range(12);
     let extra = format!("  rotation: {{maxAge: 20s}}\n  rollout: {rollout}\n");
-    apply(&world, &fleet(&world, "r", 10, base, "", &extra));
+    world.apply(&fleet(&world, "r", 10, base, "", &extra));
     let agent = world.agent("node-1", &[]);
     let first = id_set(&wait_ready(&agent, "r", 10, 120).await);
     let sampler = Sampler::start(&world, &agent, "r");
@@ -338,7 +334,7 @@ async fn roll_out(
     off: &Value,
 ) -> (Value, usize, usize) {
     let sampler = Sampler::start(world, agent, "u");
-    apply(world, manifest);
+    world.apply(manifest);
     let status = world
         .wait_status("u", "10 updated and ready", 120, |s| {
             s["updatedReplicas"] == 10
@@ -357,7 +353,7 @@ async fn rolling_updates_and_a_stalled_one() {
     let world = World::new("lc-roll");
     let base = free_port_range(10);
     let rollout = "  rollout: {maxUnavailable: 1}\n";
-    apply(&world, &fleet(&world, "u", 10, base, "", rollout));
+    world.apply(&fleet(&world, "u", 10, base, "", rollout));
     let agent = world.agent("node-1", &[]);
     let before = world
         .wait_status("u", "10 ready", 120, |s| s["readyReplicas"] == 10)
@@ -367,7 +363,7 @@ async fn rolling_updates_and_a_stalled_one() {
     // Rotation, rollout and probe settings shape no container: the new generation is acted on
     // and nothing restarts.
     let unshaped = "  rollout: {maxUnavailable: 2}\n  rotation: {maxAge: 1h}\n";
-    apply(&world, &fleet(&world, "u", 10, base, "", unshaped));
+    world.apply(&fleet(&world, "u", 10, base, "", unshaped));
     let generation = before["observedGeneration"].as_i64().unwrap_or(0);
     let same = world
         .wait_status("u", "the new generation observed", 30, |s| {
@@ -378,7 +374,7 @@ async fn rolling_updates_and_a_stalled_one() {
         id_set(&same["instances"].as_array().cloned().unwrap_or_default()),
         id_set(&before["instances"].as_array().cloned().unwrap_or_default())
     );
-    apply(&world, &fleet(&world, "u", 10, base, "", rollout));
+    world.apply(&fleet(&world, "u", 10, base, "", rollout));
 
     // An env change rolls out one at a time.
     let changed = fleet(&world, "u", 10, base, ", GREETING: hello", rollout);
@@ -425,8 +421,7 @@ async fn rolling_updates_and_a_stalled_one() {
     // and the condition says why it stopped.
     let sampler = Sampler::start(&world, &agent, "u");
     let broken = format!("{rollout}  command: [/bin/ollama, no-such-command]\n");
-    apply(
-        &world,
+    world.apply(
         &fleet(&world, "u", 10, base, ", GREETING: hello", &broken)
             .replace("cpus: 1.5,", "cpus: 2,"),
     );
@@ -488,7 +483,7 @@ async fn hung_and_leaking_instances_are_replaced() {
     let world = World::new("lc-sick");
     let base = free_port_range(3);
     let extra = "  rotation: {maxMemory: 48Mi}\n  rollout: {maxUnavailable: 1}\n";
-    apply(&world, &fleet(&world, "s", 3, base, "", extra));
+    world.apply(&fleet(&world, "s", 3, base, "", extra));
     let agent = world.agent("node-1", &[]);
     let first = wait_ready(&agent, "s", 3, 120).await;
     let by_slot: BTreeMap<u64, String> = first
@@ -551,7 +546,7 @@ async fn a_restarted_agent_keeps_what_is_ready() {
     let base = free_port_range(4);
     let manifest = fleet(&world, "a", 4, base, "", "")
         .replace("startupTimeoutSeconds: 60", "startupTimeoutSeconds: 3");
-    apply(&world, &manifest);
+    world.apply(&manifest);
     let mut agent = world.agent("node-1", &[]);
     let first = id_set(&wait_ready(&agent, "a", 4, 120).await);
     // Older than their startup timeout, then the agent dies and comes back.
@@ -590,7 +585,7 @@ async fn a_failing_model_pull_is_reported_and_retried() {
         "",
     )
     .replace("startupTimeoutSeconds: 60", "startupTimeoutSeconds: 2");
-    apply(&world, &manifest);
+    world.apply(&manifest);
     let agent = world.agent("node-1", &[]);
     let s = world
         .wait_status("p", "ModelPullBackOff", 60, |s| {
@@ -631,7 +626,7 @@ async fn a_new_model_rolls_out_while_the_old_one_serves() {
     let world = World::new("lc-model2");
     let base = free_port_range(4);
     let rollout = "  rollout: {maxUnavailable: 1}\n";
-    apply(&world, &fleet(&world, "n", 4, base, "", rollout));
+    world.apply(&fleet(&world, "n", 4, base, "", rollout));
     let agent = world.agent("node-1", &[]);
     wait_ready(&agent, "n", 4, 120).await;
 
@@ -640,7 +635,7 @@ async fn a_new_model_rolls_out_while_the_old_one_serves() {
     let sampler = Sampler::start(&world, &agent, "n");
     let new_model = fleet(&world, "n", 4, base, "", rollout)
         .replace(&format!("model: {MODEL}"), "model: smollm2:360m");
-    apply(&world, &new_model);
+    world.apply(&new_model);
     let done = wait_for(
         "4 ready on the new model",
         Duration::from_secs(120),
@@ -679,7 +674,7 @@ async fn an_embedding_model_becomes_ready() {
     let base = free_port_range(2);
     let manifest = fleet(&world, "emb", 2, base, "", "")
         .replace(&format!("model: {MODEL}"), "model: all-minilm:22m");
-    apply(&world, &manifest);
+    world.apply(&manifest);
     let agent = world.agent("node-1", &[]);
     let ready = wait_ready(&agent, "emb", 2, 90).await;
     for i in &ready {
@@ -715,8 +710,8 @@ async fn thread_counts_change_without_reloads() {
     let rollout = "  rollout: {maxUnavailable: 1}\n";
     let one = fleet(&world, "a", 3, base, "", rollout).replace("cpus: 1.5,", "cpus: 1,");
     let two = fleet(&world, "b", 2, base + 4, "", "").replace("cpus: 1.5,", "cpus: 2,");
-    apply(&world, &one);
-    apply(&world, &two);
+    world.apply(&one);
+    world.apply(&two);
     let agent = world.agent("node-1", &[]);
     wait_ready(&agent, "a", 3, 120).await;
     wait_ready(&agent, "b", 2, 120).await;
@@ -797,7 +792,7 @@ async fn thread_counts_change_without_reloads() {
         loads
     });
     let old: BTreeSet<String> = id_set(&listed(&agent, "a").await);
-    apply(&world, &one.replace("cpus: 1,", "cpus: 2,"));
+    world.apply(&one.replace("cpus: 1,", "cpus: 2,"));
     let done = wait_for("fleet a on 2 threads", Duration::from_secs(120), || async {
         let l = listed(&agent, "a").await;
         (ready_slots(&l) == 3 && l.len() == 3 && id_set(&l).is_disjoint(&old)).then_some(l)
@@ -868,13 +863,12 @@ async fn a_new_host_ip_rolls_out_within_the_budget() {
     let world = World::new("lc-hostip");
     let base = free_port_range(4);
     let rollout = "  rollout: {maxUnavailable: 1}\n";
-    apply(&world, &fleet(&world, "h", 4, base, "", rollout));
+    world.apply(&fleet(&world, "h", 4, base, "", rollout));
     let agent = world.agent("node-1", &[]);
     let before = wait_ready(&agent, "h", 4, 120).await;
     let old = id_set(&before);
     let sampler = Sampler::start(&world, &agent, "h");
-    apply(
-        &world,
+    world.apply(
         &fleet(&world, "h", 4, base, "", rollout).replace("hostIP: 127.0.0.1", "hostIP: 0.0.0.0"),
     );
     let after = wait_all_new(&agent, "h", 4, &old).await;
@@ -919,7 +913,7 @@ async fn a_new_base_port_moves_every_instance_within_the_budget() {
     let world = World::new("lc-baseport");
     let base = free_port_range(12);
     let in_place = "  rollout: {maxUnavailable: 1, maxSurge: 0}\n";
-    apply(&world, &fleet(&world, "p", 4, base, "", in_place));
+    world.apply(&fleet(&world, "p", 4, base, "", in_place));
     let agent = world.agent("node-1", &[]);
     let mut old = id_set(&wait_ready(&agent, "p", 4, 120).await);
     let home =
@@ -929,7 +923,7 @@ async fn a_new_base_port_moves_every_instance_within_the_budget() {
         (base + 7, "  rollout: {maxUnavailable: 0, maxSurge: 1}\n", 4),
     ] {
         let sampler = Sampler::start(&world, &agent, "p");
-        apply(&world, &fleet(&world, "p", 4, first, "", rollout));
+        world.apply(&fleet(&world, "p", 4, first, "", rollout));
         let after = wait_all_new(&agent, "p", 4, &old).await;
         let (ready, running, samples) = sampler.finish().await;
         eprintln!(

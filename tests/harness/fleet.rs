@@ -218,6 +218,11 @@ impl World {
         .await
     }
 
+    /// `ollama-fleet apply -f -` of `manifest` into this world's etcd prefix.
+    pub fn apply(&self, manifest: &str) {
+        self.cli_ok(&["apply", "-f", "-"], Some(manifest));
+    }
+
     /// Starts an agent for node `node` with extra arguments.
     pub fn agent(&self, node: &str, extra: &[&str]) -> AgentProcess {
         AgentProcess::start(self, node, extra)
@@ -446,4 +451,10 @@ impl Drop for AgentProcess {
             }
         }
     }
+}
+
+/// A status condition for [`World::wait_status`]: `n` instances, all ready and on the current
+/// spec.
+pub fn all_ready(n: u64) -> impl Fn(&Value) -> bool {
+    move |s: &Value| s["readyReplicas"] == n && s["updatedReplicas"] == n && s["replicas"] == n
 }

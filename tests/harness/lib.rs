@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 pub use containerd::Namespace;
 pub use etcd::{Certs, PrivateEtcd};
-pub use fleet::{AgentProcess, World, free_port_range};
+pub use fleet::{AgentProcess, World, all_ready, free_port_range};
 pub use http::{get, json, post, post_lines, request};
 pub use load::{Load, generations};
 pub use registry::PrivateRegistry;

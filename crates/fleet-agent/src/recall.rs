@@ -10,7 +10,8 @@
 //! store's (parsed and validated as any fleet document).
 
 use std::collections::BTreeMap;
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::PathBuf;
 
 use fleet_store::FleetDoc;
@@ -126,7 +127,15 @@ fn write(path: &std::path::Path, kept: &[Kept]) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(kept)?)?;
+    // Readable by root only: a fleet's env may carry what its instances need to keep private.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(&serde_json::to_vec(kept)?)?;
+    file.sync_all()?;
     std::fs::rename(&tmp, path)
 }
 
@@ -160,6 +169,10 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         let back = Recall::new(path.clone()).load();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).expect("meta").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "readable by root only");
         assert_eq!(
             back.iter()
                 .map(|d| (d.name.as_str(), d.revision, d.value.as_str()))
