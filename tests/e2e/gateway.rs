@@ -247,17 +247,7 @@ async fn nginx_and_haproxy_balance_over_two_gateways() {
         format!("http://127.0.0.1:{haproxy_port}"),
     ];
     for url in &proxies {
-        fleet_e2e::wait_for(
-            &format!("{url} to answer"),
-            Duration::from_secs(20),
-            || async {
-                request("GET", &format!("{url}/"), None, Duration::from_secs(2))
-                    .await
-                    .ok()
-                    .filter(|(c, _)| *c == 200)
-            },
-        )
-        .await;
+        fleet_e2e::answers(url).await;
     }
     for url in &proxies {
         assert_eq!(generations(url, MODEL, 8).await, 8, "through {url}");

@@ -149,7 +149,7 @@ async fn an_agent_started_while_etcd_is_down_serves_what_runs() {
 
     agent.resume();
     let started = std::time::Instant::now();
-    answers(&url).await;
+    fleet_e2e::answers(&url).await;
     eprintln!(
         "with etcd down, the next agent served {:.2}s after it was started",
         started.elapsed().as_secs_f64()
@@ -196,21 +196,6 @@ fn ids_of(status: &Value) -> Vec<String> {
         .flatten()
         .filter_map(|i| i["id"].as_str().map(String::from))
         .collect()
-}
-
-/// Waits until `url` answers `GET /` with 200.
-async fn answers(url: &str) {
-    fleet_e2e::wait_for(
-        &format!("{url} to answer"),
-        Duration::from_secs(60),
-        || async {
-            request("GET", &format!("{url}/"), None, Duration::from_secs(2))
-                .await
-                .ok()
-                .filter(|(c, _)| *c == 200)
-        },
-    )
-    .await;
 }
 
 /// Waits until a (restarted) agent's gateway has completed two generations (of 20 tokens): the
@@ -266,7 +251,7 @@ async fn rolling_restarts_behind_the_shipped_proxies_fail_no_request() {
         ("nginx", format!("http://127.0.0.1:{nginx_port}")),
     ];
     for (_, url) in &proxies {
-        answers(url).await;
+        fleet_e2e::answers(url).await;
     }
 
     for (name, url) in &proxies {
@@ -387,7 +372,7 @@ async fn two_restarts(agent: &mut AgentProcess, url: &str) -> Seen {
                 .is_some_and(|s| s.success())
         );
         agent.resume();
-        answers(url).await;
+        fleet_e2e::answers(url).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -424,14 +409,14 @@ async fn a_socket_kept_across_restarts_refuses_no_connection() {
     let mut agent = world.agent("node-1", &["--serve", &serve]);
     world.wait_status("k", "2 ready", 120, all_ready(2)).await;
     let bound = format!("http://{serve}");
-    answers(&bound).await;
+    fleet_e2e::answers(&bound).await;
     let without = two_restarts(&mut agent, &bound).await;
     eprintln!("two restarts, the agent binding --serve: {without:?}");
 
     let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let kept = format!("http://{}", socket.local_addr().expect("addr"));
     agent.hand_socket(socket);
-    answers(&kept).await;
+    fleet_e2e::answers(&kept).await;
     assert!(
         agent
             .log_text()

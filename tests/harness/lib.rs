@@ -28,6 +28,22 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Waits (up to a minute) until `url` answers `GET /` with 200: a gateway with a ready
+/// instance, or a proxy with such a gateway behind it.
+pub async fn answers(url: &str) {
+    wait_for(
+        &format!("{url} to answer"),
+        Duration::from_secs(60),
+        || async {
+            request("GET", &format!("{url}/"), None, Duration::from_secs(2))
+                .await
+                .ok()
+                .filter(|(c, _)| *c == 200)
+        },
+    )
+    .await;
+}
+
 /// Polls `check` until it returns `Some`, or panics naming `what` after `deadline`.
 pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
 where
