@@ -29,11 +29,6 @@ impl PrivateRegistry {
 
     fn start_with(tag: &str, creds: Option<(String, String)>) -> PrivateRegistry {
         let dir = temp_dir(&format!("registry-{tag}"));
-        let port = free_port();
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("data").display()
-        );
         if let Some((user, password)) = &creds {
             let script = "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))";
             let hash = Command::new("python3")
@@ -42,20 +37,38 @@ impl PrivateRegistry {
                 .expect("python3 (for a bcrypt hash)");
             let hash = String::from_utf8_lossy(&hash.stdout).trim().to_string();
             std::fs::write(dir.join("htpasswd"), format!("{user}:{hash}\n")).expect("htpasswd");
-            config.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
-                dir.join("htpasswd").display()
-            ));
         }
-        std::fs::write(dir.join("config.yml"), config).expect("registry config");
         let mut r = PrivateRegistry {
             child: None,
             dir,
-            port,
+            port: 0,
             creds,
         };
-        r.resume();
-        r
+        // A free port can be taken by another process before the registry binds it: then the
+        // registry exits, and another port is tried.
+        for _ in 0..5 {
+            r.port = free_port();
+            r.write_config();
+            if r.launch() {
+                return r;
+            }
+        }
+        panic!("docker-registry did not start on any of 5 ports");
+    }
+
+    fn write_config(&self) {
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n",
+            self.dir.join("data").display(),
+            self.port
+        );
+        if self.creds.is_some() {
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                self.dir.join("htpasswd").display()
+            ));
+        }
+        std::fs::write(self.dir.join("config.yml"), config).expect("registry config");
     }
 
     /// Corrupts the largest blob in the registry's storage (same size, different bytes), so the
@@ -96,9 +109,19 @@ impl PrivateRegistry {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Starts it again (same storage) and waits until it answers.
+    /// Starts it again (same storage, same port) and waits until it answers.
     pub fn resume(&mut self) {
-        let child = Command::new("docker-registry")
+        assert!(
+            self.launch(),
+            "docker-registry exited at start (is port {} taken?)",
+            self.port
+        );
+    }
+
+    /// Starts the registry and waits until it answers HTTP on its port: true, or false when it
+    /// exited first (its port taken).
+    fn launch(&mut self) -> bool {
+        let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(self.dir.join("config.yml"))
             .stdout(Stdio::null())
@@ -107,15 +130,39 @@ impl PrivateRegistry {
             .expect(
                 "start docker-registry (Debian package docker-registry; see hack/install-deps.sh)",
             );
-        self.child = Some(child);
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        loop {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return false;
+            }
+            if self.answers_http() {
+                // Ours, not another process that holds the port: still running a moment later.
+                std::thread::sleep(Duration::from_millis(100));
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return false;
+                }
+                self.child = Some(child);
+                return true;
+            }
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "registry did not start"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether an HTTP server answers `GET /v2/` on the port.
+    fn answers_http(&self) -> bool {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut head = [0u8; 8];
+        conn.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n").is_ok()
+            && conn.read_exact(&mut head).is_ok()
+            && head.starts_with(b"HTTP/1.")
     }
 
     /// Stops it.
