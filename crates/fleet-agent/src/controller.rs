@@ -198,7 +198,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         if let Some(recall) = &mut self.recall {
-            let docs = recall.load();
+            let docs = recall.load().await;
             self.fleets.recall(&docs, &self.cfg);
             if !docs.is_empty() {
                 tracing::info!(

@@ -52,51 +52,32 @@ impl Recall {
         }
     }
 
-    /// The fleets kept, if the file can be read (blocking: a small file, read once at start).
-    pub fn load(&mut self) -> Vec<FleetDoc> {
-        let read = std::fs::File::open(&self.path).and_then(|f| {
-            let mut text = String::new();
-            f.take(LIMIT).read_to_string(&mut text)?;
-            Ok(text)
-        });
-        let text = match read {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
-            Err(e) => {
-                tracing::warn!(file = %self.path.display(), error = %e, "cannot read the fleets this node last saw");
-                return Vec::new();
-            }
-        };
-        let kept: Vec<Kept> = match serde_json::from_str(&text) {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::warn!(file = %self.path.display(), error = %e, "the fleets this node last saw cannot be parsed; ignored");
-                return Vec::new();
-            }
-        };
-        self.kept = Some(kept.iter().map(|k| (k.name.clone(), k.revision)).collect());
-        kept.into_iter()
-            .filter(|k| fleet_store::check_segment("fleet", &k.name).is_ok())
-            .map(|k| FleetDoc {
-                name: k.name,
-                value: k.value,
-                revision: k.revision,
-                created: k.created,
-            })
-            .collect()
+    /// The fleets kept, if the file can be read (read once at start, off the async threads).
+    pub async fn load(&mut self) -> Vec<FleetDoc> {
+        let path = self.path.clone();
+        let docs = tokio::task::spawn_blocking(move || read(&path))
+            .await
+            .unwrap_or_default();
+        self.kept = Some(docs.iter().map(|d| (d.name.clone(), d.revision)).collect());
+        docs
     }
 
     /// Keeps `docs` (the store's fleets) when they differ from what is kept: written in the
     /// background, to a temporary file renamed over the old one (never half written).
     pub fn keep(&mut self, docs: &BTreeMap<String, FleetDoc>) {
-        let now: Vec<(String, i64)> = docs
-            .values()
-            .map(|d| (d.name.clone(), d.revision))
-            .collect();
-        if self.kept.as_ref() == Some(&now) {
+        let same = self.kept.as_ref().is_some_and(|kept| {
+            kept.iter()
+                .map(|(n, r)| (n.as_str(), *r))
+                .eq(docs.values().map(|d| (d.name.as_str(), d.revision)))
+        });
+        if same {
             return;
         }
-        self.kept = Some(now);
+        self.kept = Some(
+            docs.values()
+                .map(|d| (d.name.clone(), d.revision))
+                .collect(),
+        );
         let kept: Vec<Kept> = docs
             .values()
             .map(|d| Kept {
@@ -120,6 +101,39 @@ impl Recall {
             }
         });
     }
+}
+
+/// The fleets kept at `path` (none when it is missing or unreadable: said once, at start).
+fn read(path: &std::path::Path) -> Vec<FleetDoc> {
+    let read = std::fs::File::open(path).and_then(|f| {
+        let mut text = String::new();
+        f.take(LIMIT).read_to_string(&mut text)?;
+        Ok(text)
+    });
+    let text = match read {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the fleets this node last saw");
+            return Vec::new();
+        }
+    };
+    let kept: Vec<Kept> = match serde_json::from_str(&text) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "the fleets this node last saw cannot be parsed; ignored");
+            return Vec::new();
+        }
+    };
+    kept.into_iter()
+        .filter(|k| fleet_store::check_segment("fleet", &k.name).is_ok())
+        .map(|k| FleetDoc {
+            name: k.name,
+            value: k.value,
+            revision: k.revision,
+            created: k.created,
+        })
+        .collect()
 }
 
 fn write(path: &std::path::Path, kept: &[Kept]) -> std::io::Result<()> {
@@ -157,7 +171,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("recall-{}", std::process::id()));
         let path = dir.join("state/fleets.json");
         let mut recall = Recall::new(path.clone());
-        assert!(recall.load().is_empty(), "no file yet");
+        assert!(recall.load().await.is_empty(), "no file yet");
         let docs: BTreeMap<String, FleetDoc> = [doc("a", 5), doc("b", 7)]
             .into_iter()
             .map(|d| (d.name.clone(), d))
@@ -168,7 +182,7 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never written");
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let back = Recall::new(path.clone()).load();
+        let back = Recall::new(path.clone()).load().await;
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(&path).expect("meta").permissions(),
         );
@@ -188,9 +202,9 @@ mod tests {
             r#"[{"name":"../x","value":"","revision":1,"created":1}]"#,
         )
         .expect("write");
-        assert!(Recall::new(path.clone()).load().is_empty());
+        assert!(Recall::new(path.clone()).load().await.is_empty());
         std::fs::write(&path, "{not json").expect("write");
-        assert!(Recall::new(path).load().is_empty());
+        assert!(Recall::new(path).load().await.is_empty());
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

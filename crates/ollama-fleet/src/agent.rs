@@ -467,13 +467,21 @@ pub async fn run(
             socket.set_nonblocking(true)?;
             let listener = tokio::net::TcpListener::from_std(socket)?;
             tracing::info!(%addr, "the gateway serves on the socket systemd passed: it stays open across restarts (connections wait instead of being refused)");
-            Some((addr, Some(listener)))
+            Some((addr, listener))
         }
-        None => args.serve.addr.map(|a| (a, None)),
+        None => match args.serve.addr {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot serve on {addr} (see --serve)"))?;
+                Some((addr, listener))
+            }
+            None => None,
+        },
     };
     let gateway = match gateway_socket {
         None => None,
-        Some((addr, activated)) => {
+        Some((addr, listener)) => {
             if let Some(f) = &args.serve.token_file {
                 anyhow::ensure!(
                     std::fs::metadata(f).is_ok_and(|m| m.is_file()),
@@ -487,12 +495,6 @@ pub async fn run(
                 args.serve.body_budget,
                 args.serve.max_body
             );
-            let listener = match activated {
-                Some(l) => l,
-                None => tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot serve on {addr} (see --serve)"))?,
-            };
             let gw = Gateway::new(GatewayConfig {
                 max_queue: args.serve.max_queue,
                 queue_timeout: args.serve.queue_timeout,

@@ -265,6 +265,9 @@ impl Gateway {
 
     /// Whether the controller has said what runs, waiting for it at most `start_wait`.
     async fn knows(&self) -> bool {
+        if *self.known.borrow() {
+            return true;
+        }
         let mut known = self.known.subscribe();
         let waited = tokio::time::timeout(self.cfg.start_wait, known.wait_for(|k| *k)).await;
         matches!(waited, Ok(Ok(_)))
