@@ -1366,7 +1366,13 @@ async fn instances_the_gateway_sees_stall_are_replaced() {
         let (victim, other) = (s.instances[0].id.clone(), s.instances[1].id.clone());
         let slot = || async {
             gw.pools()
-                .acquire("f", Some(&other), 0, Duration::from_secs(1))
+                .acquire(
+                    "f",
+                    &fleet_agent::gateway::fair::Who::default(),
+                    Some(&other),
+                    0,
+                    Duration::from_secs(1),
+                )
                 .await
                 .ok()
         };

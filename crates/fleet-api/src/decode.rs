@@ -370,6 +370,11 @@ impl<'a> Fields<'a> {
         })
     }
 
+    /// This mapping's path.
+    pub(crate) fn path(&self) -> &str {
+        &self.path
+    }
+
     /// The path of a field of this mapping.
     pub(crate) fn path_of(&self, name: &str) -> String {
         join(&self.path, name)

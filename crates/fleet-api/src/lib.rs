@@ -14,6 +14,7 @@
 
 mod decode;
 pub mod emit;
+pub mod keys;
 mod manifest;
 pub mod refs;
 mod schema;

@@ -181,8 +181,10 @@ pub struct ServeArgs {
     /// failure (probes.liveness.failureThreshold in a row replace it, reason Stalled).
     #[arg(long = "serve-stall-timeout", env = "OLLAMA_FLEET_SERVE_STALL_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub stall_timeout: std::time::Duration,
-    /// Bearer tokens, one per line (re-read when it changes): every route but GET / then
-    /// needs `Authorization: Bearer TOKEN`.
+    /// The keys file: named keys of tenants with their models, priority and limits (YAML, see
+    /// README "Tenants"), or bearer tokens one per line; re-read when it changes. Every route
+    /// but GET / then needs `Authorization: Bearer TOKEN`. Under systemd's LoadCredential,
+    /// point it at `${CREDENTIALS_DIRECTORY}/NAME`.
     #[arg(
         long = "serve-token-file",
         env = "OLLAMA_FLEET_SERVE_TOKEN_FILE",
@@ -483,11 +485,7 @@ pub async fn run(
         None => None,
         Some((addr, listener)) => {
             if let Some(f) = &args.serve.token_file {
-                anyhow::ensure!(
-                    std::fs::metadata(f).is_ok_and(|m| m.is_file()),
-                    "--serve-token-file {} is not a readable file",
-                    f.display()
-                );
+                check_keys_file(f)?;
             }
             anyhow::ensure!(
                 args.serve.body_budget >= args.serve.max_body,
@@ -766,4 +764,22 @@ fn read_fleets(path: &Path) -> Result<FileFleets, String> {
             Ok((name, fleet_api::emit::to_yaml(doc)))
         })
         .collect()
+}
+
+/// Reads the keys file once at start: a mistake stops the agent with every error and where it
+/// is (later mistakes keep the keys read before, and are logged).
+fn check_keys_file(file: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("--serve-token-file {}: cannot read it", file.display()))?;
+    if let Err(errors) = fleet_api::keys::parse_keys(&text) {
+        let lines: Vec<String> = errors
+            .iter()
+            .map(|e| match e.pos {
+                Some(p) => format!("{}:{p}: {e}", file.display()),
+                None => format!("{}: {e}", file.display()),
+            })
+            .collect();
+        anyhow::bail!("the keys file has mistakes:\n{}", lines.join("\n"));
+    }
+    Ok(())
 }

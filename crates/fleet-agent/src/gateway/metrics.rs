@@ -2,12 +2,15 @@
 //! agent's `/metrics` through [`crate::prom`].
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use fleet_api::keys::Priority;
 
 use crate::lock;
 use crate::prom::{Exposition, Histogram, Kind};
 
+use super::limits::Reason;
 use super::pool::InstanceLoad;
 
 /// The series of `ollama_fleet_requests_total` within a fleet.
@@ -34,10 +37,36 @@ struct PerFleet {
     cached_tokens: u64,
 }
 
-/// The gateway's figures, by fleet (`""`: requests that matched no fleet).
+/// A tenant's figures (its name comes from the keys file, never from a request).
+#[derive(Debug, Default)]
+struct PerTenant {
+    /// By fleet (`""`: matched none) and status.
+    requests: BTreeMap<(String, u16), u64>,
+    /// By fleet: prompt and generated tokens.
+    tokens: BTreeMap<String, (u64, u64)>,
+    ttft: Histogram,
+    queue_wait: Histogram,
+    refusals: BTreeMap<Reason, u64>,
+}
+
+/// The gateway's figures, by fleet (`""`: requests that matched no fleet), and by tenant.
 #[derive(Debug, Default)]
 pub struct Metrics {
     fleets: Mutex<BTreeMap<String, PerFleet>>,
+    tenants: Mutex<BTreeMap<Arc<str>, PerTenant>>,
+}
+
+/// What the tenants' gauges show now.
+#[derive(Debug, Default)]
+pub struct TenantsNow {
+    /// The tenants of the keys file (each has its series, used or not).
+    pub known: Vec<String>,
+    /// Requests in progress (waiting or answered), by tenant.
+    pub in_flight: Vec<(String, u32)>,
+    /// Requests waiting for an instance, by tenant and class.
+    pub waiting: BTreeMap<(Arc<str>, Priority), usize>,
+    /// The nodes each limit is shared by.
+    pub nodes: u32,
 }
 
 /// One finished request, as measured.
@@ -65,10 +94,18 @@ pub struct Sample {
     pub affinity_hit: Option<bool>,
     /// Prompt tokens the instance held of the conversation (served from its cache).
     pub cached_tokens: u64,
+    /// The caller's tenant, when it has one.
+    pub tenant: Option<Arc<str>>,
 }
 
 /// A histogram's name, help, and where it is kept.
 type HistogramOf = (&'static str, &'static str, fn(&PerFleet) -> &Histogram);
+
+/// A tenant's token counter: name, help, and which of (prompt, generated).
+type TokensOf = (&'static str, &'static str, fn(&(u64, u64)) -> u64);
+
+/// A tenant's histogram: name, help, and where it is kept.
+type TenantHistogramOf = (&'static str, &'static str, fn(&PerTenant) -> &Histogram);
 
 /// A counter's name, help, and its value.
 type CounterOf = (&'static str, &'static str, fn(&PerFleet) -> u64);
@@ -154,6 +191,126 @@ impl Metrics {
             None => {}
         }
         f.cached_tokens += s.cached_tokens;
+        drop(fleets);
+        if let Some(tenant) = &s.tenant {
+            let mut tenants = lock(&self.tenants);
+            let t = tenants.entry(tenant.clone()).or_default();
+            *t.requests.entry((fleet.to_string(), s.code)).or_default() += 1;
+            if !fleet.is_empty() {
+                let tokens = t.tokens.entry(fleet.to_string()).or_default();
+                tokens.0 += s.prompt_tokens;
+                tokens.1 += s.generated_tokens;
+                if let Some(ttft) = s.ttft {
+                    t.ttft.observe(ttft.as_secs_f64());
+                }
+                t.queue_wait.observe(s.queue_wait.as_secs_f64());
+            }
+        }
+    }
+
+    /// Counts a request of `tenant` (`""`: no known key) refused for `reason`.
+    pub fn refused(&self, tenant: &str, reason: Reason) {
+        let mut tenants = lock(&self.tenants);
+        let t = tenants.entry(Arc::from(tenant)).or_default();
+        *t.refusals.entry(reason).or_default() += 1;
+    }
+
+    /// Adds the tenants' figures to `out`.
+    pub fn expose_tenants(&self, out: &mut Exposition, now: &TenantsNow) {
+        let mut tenants = lock(&self.tenants);
+        for known in &now.known {
+            tenants.entry(Arc::from(known.as_str())).or_default();
+        }
+        let name = "ollama_fleet_tenant_requests_total";
+        out.family(
+            name,
+            Kind::Counter,
+            "Requests answered, by tenant (keys file), fleet and status.",
+        );
+        for (tenant, t) in tenants.iter() {
+            for ((fleet, code), n) in &t.requests {
+                let code = code.to_string();
+                let labels = [("tenant", &**tenant), ("fleet", fleet), ("code", &code)];
+                out.sample(name, &labels, *n as f64);
+            }
+        }
+        let token_families: [TokensOf; 2] = [
+            (
+                "ollama_fleet_tenant_prompt_tokens_total",
+                "Prompt tokens, by tenant and fleet.",
+                |t| t.0,
+            ),
+            (
+                "ollama_fleet_tenant_generated_tokens_total",
+                "Generated tokens, by tenant and fleet.",
+                |t| t.1,
+            ),
+        ];
+        for (name, help, get) in token_families {
+            out.family(name, Kind::Counter, help);
+            for (tenant, t) in tenants.iter() {
+                for (fleet, tokens) in &t.tokens {
+                    let labels = [("tenant", &**tenant), ("fleet", fleet.as_str())];
+                    out.sample(name, &labels, get(tokens) as f64);
+                }
+            }
+        }
+        let histograms: [TenantHistogramOf; 2] = [
+            (
+                "ollama_fleet_tenant_time_to_first_token_seconds",
+                "From a request's arrival to its first response byte, by tenant.",
+                |t| &t.ttft,
+            ),
+            (
+                "ollama_fleet_tenant_queue_wait_seconds",
+                "Time requests waited for a free instance, by tenant.",
+                |t| &t.queue_wait,
+            ),
+        ];
+        for (name, help, get) in histograms {
+            out.family(name, Kind::Histogram, help);
+            for (tenant, t) in tenants.iter().filter(|(t, _)| !t.is_empty()) {
+                out.histogram(name, &[("tenant", tenant)], get(t));
+            }
+        }
+        let name = "ollama_fleet_tenant_refusals_total";
+        out.family(name, Kind::Counter, "Requests refused, by tenant (\"\": no known key) and reason: unauthorized (401), model (403), concurrency, requests, tokens (429), busy (503).");
+        for (tenant, t) in tenants.iter() {
+            for reason in Reason::ALL {
+                let n = t.refusals.get(&reason).copied().unwrap_or(0);
+                if n > 0 || !tenant.is_empty() {
+                    let labels = [("tenant", &**tenant), ("reason", reason.as_str())];
+                    out.sample(name, &labels, n as f64);
+                }
+            }
+        }
+        drop(tenants);
+        let name = "ollama_fleet_tenant_inflight_requests";
+        out.family(
+            name,
+            Kind::Gauge,
+            "Requests in progress (waiting or answered), by tenant.",
+        );
+        for (tenant, n) in &now.in_flight {
+            out.sample(name, &[("tenant", tenant)], f64::from(*n));
+        }
+        let name = "ollama_fleet_tenant_queue_depth";
+        out.family(
+            name,
+            Kind::Gauge,
+            "Requests waiting for a free instance, by tenant and priority class.",
+        );
+        for ((tenant, class), n) in &now.waiting {
+            let labels = [("tenant", &**tenant), ("priority", class.as_str())];
+            out.sample(name, &labels, *n as f64);
+        }
+        let name = "ollama_fleet_gateway_nodes";
+        out.family(
+            name,
+            Kind::Gauge,
+            "Nodes serving the gateway that share each tenant limit (a node takes limit / nodes).",
+        );
+        out.sample(name, &[], f64::from(now.nodes));
     }
 
     /// Counts a request the watchdog aborted before any byte reached the client (it is
@@ -239,6 +396,7 @@ mod tests {
             stalled: code == 504,
             affinity_hit: (code == 200).then_some(ttft.is_some()),
             cached_tokens: 5,
+            tenant: Some(Arc::from("editors")),
         };
         m.record(
             "a",
@@ -254,8 +412,17 @@ mod tests {
             in_flight: 1,
             served: 3,
         }];
+        m.refused("", Reason::Unauthorized);
+        m.refused("etl", Reason::Tokens);
         let mut out = Exposition::new();
         m.expose(&mut out, &[("a".into(), 2)], &loads);
+        let now = TenantsNow {
+            known: vec!["editors".into(), "etl".into(), "idle".into()],
+            in_flight: vec![("editors".into(), 4)],
+            waiting: BTreeMap::from([((Arc::from("etl"), Priority::Batch), 7)]),
+            nodes: 3,
+        };
+        m.expose_tenants(&mut out, &now);
         let text = out.finish();
         let samples = crate::prom::check(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let value = |name: &str, labels: &[(&str, &str)]| {
@@ -303,5 +470,61 @@ mod tests {
             None,
             "requests that matched no fleet count in requests_total only"
         );
+        let editors = [("tenant", "editors")];
+        let ok = [("tenant", "editors"), ("fleet", "a"), ("code", "200")];
+        assert_eq!(value("ollama_fleet_tenant_requests_total", &ok), Some(2.0));
+        let nowhere = [("tenant", "editors"), ("fleet", ""), ("code", "404")];
+        assert_eq!(
+            value("ollama_fleet_tenant_requests_total", &nowhere),
+            Some(1.0)
+        );
+        let tokens = [("tenant", "editors"), ("fleet", "a")];
+        assert_eq!(
+            value("ollama_fleet_tenant_generated_tokens_total", &tokens),
+            Some(21.0)
+        );
+        assert_eq!(
+            value("ollama_fleet_tenant_prompt_tokens_total", &tokens),
+            Some(9.0)
+        );
+        assert_eq!(
+            value(
+                "ollama_fleet_tenant_time_to_first_token_seconds_count",
+                &editors
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value("ollama_fleet_tenant_queue_wait_seconds_count", &editors),
+            Some(3.0)
+        );
+        let refusals = |tenant, reason| {
+            value(
+                "ollama_fleet_tenant_refusals_total",
+                &[("tenant", tenant), ("reason", reason)],
+            )
+        };
+        assert_eq!(refusals("", "unauthorized"), Some(1.0));
+        assert_eq!(refusals("etl", "tokens"), Some(1.0));
+        assert_eq!(
+            refusals("idle", "busy"),
+            Some(0.0),
+            "a known tenant's series start at 0"
+        );
+        assert_eq!(
+            refusals("", "busy"),
+            None,
+            "no zero series for unknown callers"
+        );
+        assert_eq!(
+            value("ollama_fleet_tenant_inflight_requests", &editors),
+            Some(4.0)
+        );
+        let waiting = [("tenant", "etl"), ("priority", "batch")];
+        assert_eq!(
+            value("ollama_fleet_tenant_queue_depth", &waiting),
+            Some(7.0)
+        );
+        assert_eq!(value("ollama_fleet_gateway_nodes", &[]), Some(3.0));
     }
 }

@@ -11,14 +11,18 @@
 //! - [`body`]: request bodies: read once within a node-wide budget, pinned as Ollama reads keys;
 //! - [`affinity`]: a conversation's next turn to the instance that holds its prefix;
 //! - [`browser`]: Ollama's protections against web pages (origins, CORS, local hosts);
-//! - [`auth`]: bearer tokens from a file, re-read when it changes;
-//! - [`pool`]: dispatch (idle-only, bounded FIFO queue per pool, drain, stall counts);
+//! - [`auth`]: who calls: named keys of tenants from a file, re-read when it changes;
+//! - [`limits`]: each key's and tenant's requests at once, requests and tokens per minute;
+//! - [`pool`]: dispatch (idle-only, a bounded queue per pool, drain, stall counts);
+//! - [`fair`]: a full pool's queue: interactive before batch, tenants in turn;
 //! - [`metrics`]: the traffic figures Ollama lacks.
 
 pub mod affinity;
 pub mod auth;
 pub mod body;
 pub mod browser;
+pub mod fair;
+pub mod limits;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -58,7 +62,8 @@ pub struct GatewayConfig {
     pub request_timeout: Duration,
     /// No byte for this long: the request is aborted.
     pub stall_timeout: Duration,
-    /// Bearer tokens, one per line (re-read when the file changes); `None`: no auth.
+    /// The keys file (named keys of tenants, or bearer tokens one per line; re-read when it
+    /// changes); `None`: no auth, every request is tenant `default`.
     pub token_file: Option<PathBuf>,
     /// Largest request body accepted.
     pub max_body: usize,
@@ -147,6 +152,17 @@ pub struct PoolOf {
 }
 
 impl PoolOf {
+    /// The answer when the caller's key may not use the pool's model.
+    pub fn not_allowed(&self, caller: &auth::Caller, model: &str) -> Response {
+        error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "key {} (tenant {}) may not use model '{model}'",
+                caller.key, caller.tenant
+            ),
+        )
+    }
+
     /// The answer when none of the pool's instances is ready on this node.
     pub fn none_ready(&self) -> Response {
         error(
@@ -169,7 +185,8 @@ pub struct Gateway {
     /// A client that keeps no connection: a request whose pooled connection the instance had
     /// closed goes again on a fresh one.
     fresh: upstream::Client<Body>,
-    tokens: auth::Tokens,
+    keys: auth::Keys,
+    ledger: limits::Ledger,
     budget: body::Budget,
     browsers: browser::Browsers,
     affinity: affinity::Affinity,
@@ -217,25 +234,61 @@ impl Expose for Gateway {
         drop(routes);
         let queues: Vec<(String, usize)> = queues.into_iter().collect();
         self.metrics.expose(out, &queues, &self.pools.counts());
+        let tenants = metrics::TenantsNow {
+            known: self.keys.tenants(),
+            in_flight: self.ledger.in_flight(),
+            waiting: self.pools.tenant_depths(),
+            nodes: self.ledger.nodes(),
+        };
+        self.metrics.expose_tenants(out, &tenants);
     }
 }
 
-/// An `{"error": ...}` answer, in Ollama's shape.
+/// An `{"error": ...}` answer, in Ollama's shape (on `/v1/` routes [`routes::handle`] gives it
+/// OpenAI's, see [`openai_error`]).
 pub fn error(code: StatusCode, message: impl Into<String>) -> Response {
-    let body = json!({ "error": message.into() }).to_string();
-    (
+    let message = message.into();
+    let body = json!({ "error": message }).to_string();
+    let mut r = (
         code,
         [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
         body,
     )
-        .into_response()
+        .into_response();
+    r.extensions_mut().insert(Said(message));
+    r
+}
+
+/// The message of an error the gateway answered itself (not an instance's).
+#[derive(Clone, Debug)]
+struct Said(String);
+
+/// The gateway's own error answer in OpenAI's shape (`{"error": {"message", "type", "param",
+/// "code"}}`, as OpenAI's clients read it), for `/v1/` routes; other answers are left as they are.
+pub fn openai_error(mut r: Response) -> Response {
+    let Some(Said(message)) = r.extensions_mut().remove::<Said>() else {
+        return r;
+    };
+    let (kind, code) = match r.status().as_u16() {
+        401 => ("invalid_request_error", Some("invalid_api_key")),
+        403 => ("permission_error", Some("model_not_allowed")),
+        404 => ("not_found_error", Some("model_not_found")),
+        429 => ("rate_limit_error", Some("rate_limit_exceeded")),
+        400..=499 => ("invalid_request_error", None),
+        _ => ("api_error", None),
+    };
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+    let (mut parts, _) = r.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body.to_string()))
 }
 
 impl Gateway {
     /// A gateway with `cfg`.
     pub fn new(cfg: GatewayConfig) -> Arc<Gateway> {
         Arc::new(Gateway {
-            tokens: auth::Tokens::new(cfg.token_file.clone()),
+            keys: auth::Keys::new(cfg.token_file.clone()),
+            ledger: limits::Ledger::default(),
             budget: body::Budget::new(cfg.body_budget),
             browsers: browser::Browsers::new(&cfg.allowed_origins, cfg.loopback),
             affinity: affinity::Affinity::default(),

@@ -1,7 +1,8 @@
 //! Dispatch: which instance takes a request. An instance takes at most its capacity
 //! (`OLLAMA_NUM_PARALLEL`) requests at once and only while Ready and not draining; when every
-//! instance of a pool is busy, requests wait in a bounded FIFO queue per pool and are handed a
-//! slot the moment one frees up (no polling).
+//! instance of a pool is busy, requests wait in a bounded queue per pool ([`super::fair`]:
+//! interactive before batch, tenants in turn) and are handed a slot the moment one frees up
+//! (no polling).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::AtomicU64;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use fleet_runtime::clock::Instant;
 use tokio::sync::{Notify, oneshot};
 
+use super::fair::{FairQueue, Live, Who};
 use crate::lock;
 
 /// An instance the gateway may send requests to.
@@ -58,11 +60,25 @@ impl Slot {
     }
 }
 
+#[derive(Debug)]
 struct Waiter {
     exclude: Option<String>,
-    tx: oneshot::Sender<Lease>,
+    tx: oneshot::Sender<Result<Lease, Refused>>,
     /// From then on it goes before the requests waiting for one instance in particular.
     first_from: Instant,
+}
+
+impl Live for Waiter {
+    fn live(&self) -> bool {
+        !self.tx.is_closed()
+    }
+}
+
+/// A request waiting for one instance in particular.
+#[derive(Debug)]
+struct Affine {
+    who: Who,
+    tx: oneshot::Sender<Lease>,
 }
 
 /// A request in a pool's queue lets requests waiting for one instance in particular (their
@@ -126,10 +142,11 @@ impl Progress {
 #[derive(Default)]
 struct State {
     slots: BTreeMap<String, Slot>,
-    queues: HashMap<String, VecDeque<Waiter>>,
+    /// Each pool's waiting requests, and its tenants' instance time.
+    queues: HashMap<String, FairQueue<Waiter>>,
     /// Requests waiting for one instance in particular (their conversation's), first come
     /// first served, at most [`AFFINE_WAITERS`] per instance.
-    affine: HashMap<String, VecDeque<oneshot::Sender<Lease>>>,
+    affine: HashMap<String, VecDeque<Affine>>,
     /// Round-robin position per pool, so that equally idle instances share the load.
     turn: HashMap<String, usize>,
 }
@@ -139,7 +156,8 @@ struct State {
 pub enum Refused {
     /// The pool has no ready instance.
     NoneReady,
-    /// The queue is full.
+    /// The queue is full (or a request of a higher class, or of a tenant with fewer waiting,
+    /// took its place).
     QueueFull,
     /// The wait timed out.
     Timeout,
@@ -180,6 +198,8 @@ pub struct Lease {
     pub backend: Backend,
     /// How far the request is (the relay counts its pieces).
     pub progress: Arc<Progress>,
+    /// Whose request it is.
+    pub who: Who,
     pools: Pools,
     released: bool,
 }
@@ -187,16 +207,16 @@ pub struct Lease {
 impl Lease {
     /// Frees the slot, and counts a watchdog failure of the instance (`stalled`) or a success.
     pub fn finish(mut self, stalled: bool) {
-        self.pools
-            .release(&self.backend.id, &self.progress, Some(stalled));
-        self.released = true;
+        let pools = self.pools.clone();
+        pools.release(&mut self, Some(stalled));
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if !self.released {
-            self.pools.release(&self.backend.id, &self.progress, None);
+            let pools = self.pools.clone();
+            pools.release(self, None);
         }
     }
 }
@@ -254,10 +274,23 @@ impl Pools {
         s.queues
             .iter_mut()
             .map(|(p, q)| {
-                q.retain(|w| !w.tx.is_closed());
+                q.prune();
                 (p.clone(), q.len())
             })
             .collect()
+    }
+
+    /// Requests waiting, per tenant and class, over every pool.
+    pub fn tenant_depths(&self) -> BTreeMap<(Arc<str>, fleet_api::keys::Priority), usize> {
+        let mut s = lock(&self.state);
+        let mut out = BTreeMap::new();
+        for q in s.queues.values_mut() {
+            q.prune();
+            for (tenant, class, n) in q.depths() {
+                *out.entry((tenant, class)).or_default() += n;
+            }
+        }
+        out
     }
 
     /// Requests in flight and served so far, per instance.
@@ -304,13 +337,14 @@ impl Pools {
     pub async fn acquire(
         &self,
         pool: &str,
+        who: &Who,
         exclude: Option<&str>,
         max_queue: usize,
         timeout: Duration,
     ) -> Result<Lease, Refused> {
         let rx = {
             let mut s = lock(&self.state);
-            if let Some(lease) = self.pick(&mut s, pool, exclude) {
+            if let Some(lease) = self.pick(&mut s, pool, who, exclude) {
                 return Ok(lease);
             }
             let ready = s.slots.values().any(|x| {
@@ -322,20 +356,24 @@ impl Pools {
                 return Err(Refused::NoneReady);
             }
             let queue = s.queues.entry(pool.to_string()).or_default();
-            queue.retain(|w| !w.tx.is_closed());
-            if queue.len() >= max_queue {
-                return Err(Refused::QueueFull);
-            }
             let (tx, rx) = oneshot::channel();
-            queue.push_back(Waiter {
+            let now = Instant::now();
+            let waiter = Waiter {
                 exclude: exclude.map(str::to_string),
                 tx,
-                first_from: Instant::now() + timeout / YIELDS_FOR,
-            });
+                first_from: now + timeout / YIELDS_FOR,
+            };
+            match queue.push(who, waiter, max_queue, now) {
+                Err(_) => return Err(Refused::QueueFull),
+                Ok(Some(out)) => {
+                    let _ = out.tx.send(Err(Refused::QueueFull));
+                }
+                Ok(None) => {}
+            }
             rx
         };
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(lease)) => Ok(lease),
+            Ok(Ok(answer)) => answer,
             // (The sender is only dropped with the pools.)
             Ok(Err(_)) => Err(Refused::NoneReady),
             Err(_) => Err(Refused::Timeout),
@@ -369,7 +407,7 @@ impl Pools {
     }
 
     /// The least busy open instance of `pool` (round robin among equals), counted as in use.
-    fn pick(&self, s: &mut State, pool: &str, exclude: Option<&str>) -> Option<Lease> {
+    fn pick(&self, s: &mut State, pool: &str, who: &Who, exclude: Option<&str>) -> Option<Lease> {
         let open: Vec<(&String, u32)> = s
             .slots
             .iter()
@@ -385,32 +423,42 @@ impl Pools {
         let turn = s.turn.entry(pool.to_string()).or_default();
         *turn = turn.wrapping_add(1);
         let id = idle[*turn % idle.len()].clone();
-        self.take(s, &id)
+        self.take(s, &id, who)
     }
 
-    /// A slot on instance `id` (it must be open), counted as in use.
-    fn take(&self, s: &mut State, id: &str) -> Option<Lease> {
+    /// A slot on instance `id` (it must be open) for `who`, counted as in use.
+    fn take(&self, s: &mut State, id: &str, who: &Who) -> Option<Lease> {
         let slot = s.slots.get_mut(id)?;
         slot.in_flight += 1;
         slot.served += 1;
         let progress = Arc::new(Progress::new());
         slot.progress.push(progress.clone());
+        let backend = slot.backend.clone();
+        s.queues
+            .entry(backend.pool.clone())
+            .or_default()
+            .started(&who.tenant, progress.started);
         Some(Lease {
-            backend: slot.backend.clone(),
+            backend,
             progress,
+            who: who.clone(),
             pools: self.clone(),
             released: false,
         })
     }
 
     /// A slot on instance `id` of `pool`, at once, if it has room.
-    pub fn try_on(&self, pool: &str, id: &str) -> Option<Lease> {
+    pub fn try_on(&self, pool: &str, id: &str, who: &Who) -> Option<Lease> {
         let mut s = lock(&self.state);
         let open = s
             .slots
             .get(id)
             .is_some_and(|x| x.backend.pool == pool && x.open());
-        if open { self.take(&mut s, id) } else { None }
+        if open {
+            self.take(&mut s, id, who)
+        } else {
+            None
+        }
     }
 
     /// What a request that would like instance `id` of `pool` sees: the instance's requests
@@ -429,7 +477,7 @@ impl Pools {
             .filter(|x| x.backend.pool == pool && x.takes_requests())?;
         let mut ahead = |id: &str| {
             affine.get_mut(id).map_or(0, |w| {
-                w.retain(|tx| !tx.is_closed());
+                w.retain(|a| !a.tx.is_closed());
                 w.len()
             })
         };
@@ -451,7 +499,7 @@ impl Pools {
             }
         }
         busy.queued = queues.get_mut(pool).map_or(0, |q| {
-            q.retain(|w| !w.tx.is_closed());
+            q.prune();
             q.len()
         });
         Some(busy)
@@ -461,22 +509,25 @@ impl Pools {
     /// requests waiting for it, in order, before the pool's queue (unless a request there has
     /// waited [`YIELDS_FOR`]th of its timeout). `None` when the time
     /// passed, the instance stopped taking requests, or [`AFFINE_WAITERS`] wait for it already.
-    pub async fn wait_on(&self, id: &str, until: Instant) -> Option<Lease> {
+    pub async fn wait_on(&self, id: &str, who: &Who, until: Instant) -> Option<Lease> {
         let rx = {
             let mut s = lock(&self.state);
             let waiting = s.affine.entry(id.to_string()).or_default();
-            waiting.retain(|tx| !tx.is_closed());
+            waiting.retain(|a| !a.tx.is_closed());
             if waiting.len() >= AFFINE_WAITERS {
                 return None;
             }
             let (tx, rx) = oneshot::channel();
-            waiting.push_back(tx);
+            waiting.push_back(Affine {
+                who: who.clone(),
+                tx,
+            });
             rx
         };
         let got = tokio::time::timeout_at(until, rx).await;
         let mut s = lock(&self.state);
         if let Some(waiting) = s.affine.get_mut(id) {
-            waiting.retain(|tx| !tx.is_closed());
+            waiting.retain(|a| !a.tx.is_closed());
             if waiting.is_empty() {
                 s.affine.remove(id);
             }
@@ -491,14 +542,12 @@ impl Pools {
                 s.affine.remove(id);
                 return;
             };
-            let Some(lease) = self.take(s, id) else {
+            let Some(lease) = self.take(s, id, &waiter.who) else {
                 return;
             };
-            if let Err(mut lease) = waiter.send(lease) {
+            if let Err(lease) = waiter.tx.send(lease) {
                 // It gave up meanwhile: the slot goes back.
-                lease.released = true;
-                let progress = lease.progress.clone();
-                Self::give_back(s, id, &progress, None);
+                Self::give_back(s, lease, None);
             }
         }
     }
@@ -511,63 +560,65 @@ impl Pools {
             .retain(|id, _| slots.get(id).is_some_and(Slot::takes_requests));
     }
 
-    /// Gives freed capacity in `pool` to its waiting requests, first come first served.
+    /// Gives freed capacity in `pool` to its waiting requests, in the queue's order.
     fn hand_out(&self, s: &mut State, pool: &str) {
         loop {
             let Some(queue) = s.queues.get_mut(pool) else {
                 return;
             };
-            let Some(waiter) = queue.pop_front() else {
+            let Some((who, waiter)) = queue.pop(Instant::now()) else {
                 return;
             };
-            if waiter.tx.is_closed() {
-                continue;
-            }
-            let Some(lease) = self.pick(s, pool, waiter.exclude.as_deref()) else {
+            let Some(lease) = self.pick(s, pool, &who, waiter.exclude.as_deref()) else {
                 // Nothing free: it stays first in line.
                 if let Some(q) = s.queues.get_mut(pool) {
-                    q.push_front(waiter);
+                    q.unpop(&who, waiter);
                 }
                 return;
             };
-            if let Err(mut lease) = waiter.tx.send(lease) {
+            if let Err(Ok(lease)) = waiter.tx.send(Ok(lease)) {
                 // It gave up meanwhile: the slot goes back.
-                lease.released = true;
-                let progress = lease.progress.clone();
-                Self::give_back(s, &lease.backend.id, &progress, None);
+                Self::give_back(s, lease, None);
             }
         }
     }
 
-    fn give_back(
-        s: &mut State,
-        id: &str,
-        progress: &Arc<Progress>,
-        stalled: Option<bool>,
-    ) -> Option<String> {
-        let slot = s.slots.get_mut(id)?;
+    /// Frees `lease`'s slot (counting a watchdog failure or a success of the instance when
+    /// `stalled` says), and its tenant's instance time; returns the pool.
+    fn give_back(s: &mut State, mut lease: Lease, stalled: Option<bool>) -> Option<String> {
+        Self::free(s, &mut lease, stalled)
+    }
+
+    fn free(s: &mut State, lease: &mut Lease, stalled: Option<bool>) -> Option<String> {
+        lease.released = true;
+        let pool = lease.backend.pool.clone();
+        if let Some(q) = s.queues.get_mut(&pool) {
+            q.finished(&lease.who.tenant, lease.progress.started, Instant::now());
+        }
+        let slot = s.slots.get_mut(&lease.backend.id)?;
         slot.in_flight = slot.in_flight.saturating_sub(1);
-        slot.progress.retain(|p| !Arc::ptr_eq(p, progress));
+        slot.progress.retain(|p| !Arc::ptr_eq(p, &lease.progress));
         match stalled {
             Some(true) => slot.stalls += 1,
             Some(false) => slot.stalls = 0,
             None => {}
         }
-        Some(slot.backend.pool.clone())
+        Some(pool)
     }
 
-    fn release(&self, id: &str, progress: &Arc<Progress>, stalled: Option<bool>) {
+    fn release(&self, lease: &mut Lease, stalled: Option<bool>) {
         let mut s = lock(&self.state);
-        if let Some(pool) = Self::give_back(&mut s, id, progress, stalled) {
-            let overdue = s.queues.get(&pool).is_some_and(|q| {
-                q.iter()
-                    .find(|w| !w.tx.is_closed())
-                    .is_some_and(|w| w.first_from <= Instant::now())
-            });
+        let id = lease.backend.id.clone();
+        if let Some(pool) = Self::free(&mut s, lease, stalled) {
+            let now = Instant::now();
+            let overdue = s
+                .queues
+                .get(&pool)
+                .is_some_and(|q| q.any_first(|w| w.first_from <= now));
             if overdue {
                 self.hand_out(&mut s, &pool);
             }
-            self.hand_to_affine(&mut s, id);
+            self.hand_to_affine(&mut s, &id);
             self.hand_out(&mut s, &pool);
         }
         drop(s);
@@ -597,8 +648,14 @@ mod tests {
     async fn idle_instances_first_then_a_fifo_queue() {
         let pools = Pools::default();
         pools.update(vec![backend("a", 1), backend("b", 1)]);
-        let first = pools.acquire("f", None, 10, WAIT).await.expect("a slot");
-        let second = pools.acquire("f", None, 10, WAIT).await.expect("a slot");
+        let first = pools
+            .acquire("f", &Who::default(), None, 10, WAIT)
+            .await
+            .expect("a slot");
+        let second = pools
+            .acquire("f", &Who::default(), None, 10, WAIT)
+            .await
+            .expect("a slot");
         assert_ne!(
             first.backend.id, second.backend.id,
             "both idle instances are used"
@@ -609,7 +666,10 @@ mod tests {
         for n in 0..3 {
             let (p, order) = (pools.clone(), order.clone());
             waiting.push(tokio::spawn(async move {
-                let lease = p.acquire("f", None, 10, WAIT).await.expect("queued slot");
+                let lease = p
+                    .acquire("f", &Who::default(), None, 10, WAIT)
+                    .await
+                    .expect("queued slot");
                 lock(&order).push(n);
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 drop(lease);
@@ -625,14 +685,148 @@ mod tests {
         assert_eq!(*lock(&order), [0, 1, 2]);
     }
 
+    /// Who waits for a full pool gets it in this order: interactive before batch, and inside a
+    /// class the tenants in turn by instance time (a long answer counts for its length), not
+    /// first come first served. Each row: the requests queued, in arrival order (name, tenant,
+    /// class, seconds its answer takes), while one single-slot instance is busy; then the
+    /// order they got the instance.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_pool_serves_classes_first_then_tenants_in_turn() {
+        use fleet_api::keys::Priority::{Batch, Interactive};
+        type Row = (&'static str, &'static str, fleet_api::keys::Priority, u64);
+        let table: [(&str, Vec<Row>, &[&str]); 4] = [
+            (
+                "a flood of one tenant does not go before another's request",
+                vec![
+                    ("a1", "a", Interactive, 1),
+                    ("a2", "a", Interactive, 1),
+                    ("a3", "a", Interactive, 1),
+                    ("a4", "a", Interactive, 1),
+                    ("b1", "b", Interactive, 1),
+                    ("b2", "b", Interactive, 1),
+                ],
+                &["a1", "b1", "a2", "b2", "a3", "a4"],
+            ),
+            (
+                "turns weigh instance time: a's answers take 3 s, b's 1 s",
+                vec![
+                    ("a1", "a", Interactive, 3),
+                    ("a2", "a", Interactive, 3),
+                    ("b1", "b", Interactive, 1),
+                    ("b2", "b", Interactive, 1),
+                    ("b3", "b", Interactive, 1),
+                    ("b4", "b", Interactive, 1),
+                ],
+                &["a1", "b1", "b2", "b3", "a2", "b4"],
+            ),
+            (
+                "batch only when no interactive request waits",
+                vec![
+                    ("c1", "c", Batch, 1),
+                    ("c2", "c", Batch, 1),
+                    ("a1", "a", Interactive, 1),
+                    ("d1", "d", Batch, 1),
+                    ("b1", "b", Interactive, 1),
+                ],
+                &["a1", "b1", "c1", "d1", "c2"],
+            ),
+            (
+                "a tenant alone gets every slot",
+                vec![
+                    ("c1", "c", Batch, 1),
+                    ("c2", "c", Batch, 1),
+                    ("c3", "c", Batch, 1),
+                ],
+                &["c1", "c2", "c3"],
+            ),
+        ];
+        for (case, rows, expect) in table {
+            let pools = Pools::default();
+            pools.update(vec![backend("a", 1)]);
+            let busy = pools.try_on("f", "a", &Who::default()).expect("free");
+            let order = Arc::new(Mutex::new(Vec::new()));
+            let mut tasks = Vec::new();
+            for (name, tenant, priority, secs) in rows {
+                let who = Who {
+                    tenant: Arc::from(tenant),
+                    priority,
+                };
+                let (p, order) = (pools.clone(), order.clone());
+                tasks.push(tokio::spawn(async move {
+                    let lease = p.acquire("f", &who, None, 16, WAIT).await.expect("a slot");
+                    lock(&order).push(name);
+                    tokio::time::sleep(Duration::from_secs(secs)).await;
+                    drop(lease);
+                }));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            drop(busy);
+            for t in tasks {
+                t.await.expect("join");
+            }
+            assert_eq!(*lock(&order), expect, "{case}");
+        }
+    }
+
+    /// A full queue takes a request of a higher class, or of a tenant with fewer waiting, in
+    /// place of the flood's newest, which is refused as if the queue had been full for it.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_the_flood_not_the_others() {
+        use fleet_api::keys::Priority::{Batch, Interactive};
+        let pools = Pools::default();
+        pools.update(vec![backend("a", 1)]);
+        let _busy = pools.try_on("f", "a", &Who::default()).expect("free");
+        let who = |tenant: &str, priority| Who {
+            tenant: Arc::from(tenant),
+            priority,
+        };
+        let queue = |w: Who| {
+            let p = pools.clone();
+            tokio::spawn(async move { p.acquire("f", &w, None, 2, WAIT).await.err() })
+        };
+        let flood: Vec<_> = (0..2).map(|_| queue(who("etl", Batch))).collect();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(
+            pools
+                .acquire("f", &who("etl", Batch), None, 2, WAIT)
+                .await
+                .err(),
+            Some(Refused::QueueFull),
+            "its own tenant's next request finds the queue full"
+        );
+        let editor = queue(who("ed", Interactive));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let [first, second] = <[_; 2]>::try_from(flood).expect("two");
+        assert_eq!(
+            second.await.expect("join"),
+            Some(Refused::QueueFull),
+            "the flood's newest gave its place"
+        );
+        assert!(
+            !first.is_finished() && !editor.is_finished(),
+            "both wait on"
+        );
+        first.abort();
+        editor.abort();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn capacity_is_num_parallel() {
         let pools = Pools::default();
         pools.update(vec![backend("a", 2)]);
-        let _one = pools.acquire("f", None, 0, WAIT).await.expect("1st");
-        let _two = pools.acquire("f", None, 0, WAIT).await.expect("2nd");
+        let _one = pools
+            .acquire("f", &Who::default(), None, 0, WAIT)
+            .await
+            .expect("1st");
+        let _two = pools
+            .acquire("f", &Who::default(), None, 0, WAIT)
+            .await
+            .expect("2nd");
         assert_eq!(
-            pools.acquire("f", None, 0, WAIT).await.err(),
+            pools
+                .acquire("f", &Who::default(), None, 0, WAIT)
+                .await
+                .err(),
             Some(Refused::QueueFull),
             "a third waits, and the queue holds none"
         );
@@ -642,12 +836,19 @@ mod tests {
     async fn bounded_queue_and_wait() {
         let pools = Pools::default();
         pools.update(vec![backend("a", 1)]);
-        let _busy = pools.acquire("f", None, 1, WAIT).await.expect("slot");
+        let _busy = pools
+            .acquire("f", &Who::default(), None, 1, WAIT)
+            .await
+            .expect("slot");
         let p = pools.clone();
-        let queued = tokio::spawn(async move { p.acquire("f", None, 1, WAIT).await.err() });
+        let queued =
+            tokio::spawn(async move { p.acquire("f", &Who::default(), None, 1, WAIT).await.err() });
         tokio::time::sleep(Duration::from_millis(1)).await;
         assert_eq!(
-            pools.acquire("f", None, 1, WAIT).await.err(),
+            pools
+                .acquire("f", &Who::default(), None, 1, WAIT)
+                .await
+                .err(),
             Some(Refused::QueueFull)
         );
         assert_eq!(
@@ -656,7 +857,10 @@ mod tests {
             "after the timeout"
         );
         assert_eq!(
-            pools.acquire("other", None, 1, WAIT).await.err(),
+            pools
+                .acquire("other", &Who::default(), None, 1, WAIT)
+                .await
+                .err(),
             Some(Refused::NoneReady)
         );
     }
@@ -670,11 +874,17 @@ mod tests {
         leaving.leaving = true;
         pools.update(vec![unready, leaving, backend("a", 1)]);
         for _ in 0..3 {
-            let lease = pools.acquire("f", None, 0, WAIT).await.expect("a");
+            let lease = pools
+                .acquire("f", &Who::default(), None, 0, WAIT)
+                .await
+                .expect("a");
             assert_eq!(lease.backend.id, "a");
         }
         assert_eq!(
-            pools.acquire("f", Some("a"), 5, WAIT).await.err(),
+            pools
+                .acquire("f", &Who::default(), Some("a"), 5, WAIT)
+                .await
+                .err(),
             Some(Refused::NoneReady),
             "a retry never goes back to the instance that failed"
         );
@@ -684,12 +894,18 @@ mod tests {
     async fn a_drain_waits_for_requests_in_flight_within_the_grace() {
         let pools = Pools::default();
         pools.update(vec![backend("a", 2), backend("b", 1)]);
-        let on_a = pools.acquire("f", Some("b"), 0, WAIT).await.expect("a");
+        let on_a = pools
+            .acquire("f", &Who::default(), Some("b"), 0, WAIT)
+            .await
+            .expect("a");
         let p = pools.clone();
         let drain = tokio::spawn(async move { p.drain("a", Duration::from_secs(30)).await });
         tokio::time::sleep(Duration::from_millis(1)).await;
         // Draining: new requests go elsewhere although a has room.
-        let other = pools.acquire("f", None, 0, WAIT).await.expect("b");
+        let other = pools
+            .acquire("f", &Who::default(), None, 0, WAIT)
+            .await
+            .expect("b");
         assert_eq!(other.backend.id, "b");
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert!(!drain.is_finished(), "a request is still in flight on a");
@@ -701,7 +917,10 @@ mod tests {
         );
         // Within the grace: a stuck request does not hold the stop forever.
         drop(other);
-        let stuck = pools.acquire("f", None, 0, WAIT).await.expect("b");
+        let stuck = pools
+            .acquire("f", &Who::default(), None, 0, WAIT)
+            .await
+            .expect("b");
         let waited = pools.drain(&stuck.backend.id, Duration::from_secs(3)).await;
         assert_eq!(waited, Duration::from_secs(3));
     }
@@ -713,24 +932,34 @@ mod tests {
     async fn requests_waiting_for_their_instance_get_it_first() {
         let pools = Pools::default();
         pools.update(vec![backend("a", 1), backend("b", 1)]);
-        let on_a = pools.try_on("f", "a").expect("a is free");
-        assert!(pools.try_on("f", "a").is_none(), "a is busy now");
+        let on_a = pools.try_on("f", "a", &Who::default()).expect("a is free");
+        assert!(
+            pools.try_on("f", "a", &Who::default()).is_none(),
+            "a is busy now"
+        );
         let busy = pools.busy_on("f", "a").expect("a takes requests");
         assert_eq!(
             (busy.own.len(), busy.ahead, busy.idle_elsewhere),
             (1, 0, true)
         );
-        let on_b = pools.acquire("f", None, 8, WAIT).await.expect("b");
+        let on_b = pools
+            .acquire("f", &Who::default(), None, 8, WAIT)
+            .await
+            .expect("b");
         let fifo = {
             let p = pools.clone();
-            tokio::spawn(async move { p.acquire("f", None, 8, WAIT).await })
+            tokio::spawn(async move { p.acquire("f", &Who::default(), None, 8, WAIT).await })
         };
         tokio::time::sleep(Duration::from_millis(1)).await;
         let wait_for_a = |secs| {
             let p = pools.clone();
             tokio::spawn(async move {
-                p.wait_on("a", Instant::now() + Duration::from_secs(secs))
-                    .await
+                p.wait_on(
+                    "a",
+                    &Who::default(),
+                    Instant::now() + Duration::from_secs(secs),
+                )
+                .await
             })
         };
         let first = wait_for_a(5);
@@ -759,7 +988,7 @@ mod tests {
         assert_eq!(queued.backend.id, "b");
         // A wait that runs out says so.
         let until = Instant::now() + Duration::from_millis(100);
-        assert!(pools.wait_on("a", until).await.is_none());
+        assert!(pools.wait_on("a", &Who::default(), until).await.is_none());
         // At most AFFINE_WAITERS wait for one instance.
         let waiting: Vec<_> = (0..AFFINE_WAITERS).map(|_| wait_for_a(60)).collect();
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -769,7 +998,7 @@ mod tests {
         );
         let until = Instant::now() + Duration::from_secs(60);
         assert!(
-            pools.wait_on("a", until).await.is_none(),
+            pools.wait_on("a", &Who::default(), until).await.is_none(),
             "no wait past the bound"
         );
         // Draining the instance lets them go (to the pool) at once.
@@ -788,14 +1017,16 @@ mod tests {
     async fn the_queue_yields_to_conversations_for_a_while_only() {
         let pools = Pools::default();
         pools.update(vec![backend("a", 1)]);
-        let mut on_a = pools.try_on("f", "a").expect("a is free");
+        let mut on_a = pools.try_on("f", "a", &Who::default()).expect("a is free");
         let fifo = {
             let p = pools.clone();
-            tokio::spawn(async move { p.acquire("f", None, 8, WAIT).await })
+            tokio::spawn(async move { p.acquire("f", &Who::default(), None, 8, WAIT).await })
         };
         let wait_for_a = || {
             let p = pools.clone();
-            tokio::spawn(async move { p.wait_on("a", Instant::now() + WAIT).await })
+            tokio::spawn(
+                async move { p.wait_on("a", &Who::default(), Instant::now() + WAIT).await },
+            )
         };
         // Within 15 s (60 s / 4), every slot that frees goes to a conversation.
         for _ in 0..3 {
@@ -820,14 +1051,17 @@ mod tests {
     async fn waiters_whose_clients_left_are_not_counted() {
         let pools = Pools::default();
         pools.update(vec![backend("a", 1)]);
-        let _busy = pools.acquire("f", None, 8, WAIT).await.expect("a slot");
+        let _busy = pools
+            .acquire("f", &Who::default(), None, 8, WAIT)
+            .await
+            .expect("a slot");
         let gone = {
             let pools = pools.clone();
-            tokio::spawn(async move { pools.acquire("f", None, 8, WAIT).await })
+            tokio::spawn(async move { pools.acquire("f", &Who::default(), None, 8, WAIT).await })
         };
         let stays = {
             let pools = pools.clone();
-            tokio::spawn(async move { pools.acquire("f", None, 8, WAIT).await })
+            tokio::spawn(async move { pools.acquire("f", &Who::default(), None, 8, WAIT).await })
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(pools.queue_depths(), [("f".to_string(), 2)]);
@@ -847,14 +1081,14 @@ mod tests {
         pools.update(vec![backend("a", 1)]);
         for n in 1..=2 {
             pools
-                .acquire("f", None, 0, WAIT)
+                .acquire("f", &Who::default(), None, 0, WAIT)
                 .await
                 .expect("a")
                 .finish(true);
             assert_eq!(pools.stalls("a"), n);
         }
         pools
-            .acquire("f", None, 0, WAIT)
+            .acquire("f", &Who::default(), None, 0, WAIT)
             .await
             .expect("a")
             .finish(false);

@@ -1,6 +1,7 @@
-//! A work request's way to an instance: its body read ([`super::body`]: bounded, pinned), a slot
-//! from its model's pool (or a place in the queue), one failover when nothing has reached the
-//! client yet, the first-token and stall watchdog, and the answer relayed and measured.
+//! A work request's way to an instance: its body read ([`super::body`]: bounded, pinned), the
+//! caller's right to the model and its limits ([`super::limits`]), a slot from its model's pool
+//! (or a place in the queue), one failover when nothing has reached the client yet, the
+//! first-token and stall watchdog, and the answer relayed, measured and charged.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,10 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::affinity;
+use super::auth::Caller;
 use super::body::{self, BodyError, Held};
+use super::fair::Who;
+use super::limits::{Reason, Ticket};
 use super::metrics::Sample;
 use super::{Gateway, Lease, PoolOf, Refused, error};
 use crate::upstream;
@@ -52,8 +56,17 @@ pub fn response(parts: &axum::http::response::Parts, body: Body) -> Response {
     response
 }
 
-/// Forwards a request of a work `route` to an instance of its model's pool.
-pub async fn forward(gw: &Arc<Gateway>, route: &'static str, req: Request) -> Response {
+/// Forwards a request of a work `route` from `caller` to an instance of its model's pool.
+pub async fn forward(
+    gw: &Arc<Gateway>,
+    route: &'static str,
+    caller: Arc<Caller>,
+    req: Request,
+) -> Response {
+    let who = Who {
+        tenant: Arc::from(caller.tenant.as_str()),
+        priority: caller.priority,
+    };
     let mut call = Call {
         gw,
         route,
@@ -61,16 +74,21 @@ pub async fn forward(gw: &Arc<Gateway>, route: &'static str, req: Request) -> Re
         streaming: false,
         conversation: None,
         limit: 0,
+        caller,
+        who,
     };
-    match call.read(req).await {
-        Ok((pool, body, held)) => {
-            let answer = call.dispatch(&pool, body).await;
-            // The body is sent (or given up): its bytes go back to the budget.
-            drop(held);
-            answer
-        }
-        Err(refused) => refused,
-    }
+    let (pool, body, held) = match call.read(req).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
+    };
+    let ticket = match call.admit(&pool) {
+        Ok(ticket) => ticket,
+        Err(refused) => return *refused,
+    };
+    let answer = call.dispatch(&pool, body, ticket).await;
+    // The body is sent (or given up): its bytes go back to the budget.
+    drop(held);
+    answer
 }
 
 /// One work request being answered.
@@ -84,9 +102,37 @@ struct Call<'a> {
     conversation: Option<affinity::Key>,
     /// The most tokens it asks for (0: not said).
     limit: u64,
+    /// Whose request it is.
+    caller: Arc<Caller>,
+    /// Its tenant and class, as the pool's queue sees them.
+    who: Who,
 }
 
 impl Call<'_> {
+    /// The caller may use the pool's model, and is within its limits: a ticket that counts the
+    /// request as in progress until the answer ends; else 403, or 429 with `Retry-After`.
+    fn admit(&self, pool: &PoolOf) -> Result<Ticket, Box<Response>> {
+        let gw = self.gw;
+        let tenant = &self.caller.tenant;
+        // (The request named a model of the pool, or the fleet: `pool.model` is the model.)
+        if !self.caller.may_use(&pool.model, &pool.model, &pool.fleets) {
+            gw.metrics.refused(tenant, Reason::Model);
+            self.record(&pool.label, StatusCode::FORBIDDEN, Duration::ZERO);
+            return Err(Box::new(pool.not_allowed(&self.caller, &pool.model)));
+        }
+        gw.ledger.admit(&self.caller, Instant::now()).map_err(|refusal| {
+            gw.metrics.refused(tenant, refusal.reason);
+            tracing::debug!(key = %self.caller.key, tenant = %tenant, reason = refusal.reason.as_str(), "over a limit");
+            let code = StatusCode::TOO_MANY_REQUESTS;
+            let mut r = self.refuse(&pool.label, code, Duration::ZERO, refusal.message());
+            let secs = refusal.retry_after.as_secs().to_string();
+            if let Ok(v) = HeaderValue::from_str(&secs) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            Box::new(r)
+        })
+    }
+
     /// Answers `code` with `message`, counted for `fleet` (`""`: matched none).
     fn refuse(
         &self,
@@ -105,6 +151,7 @@ impl Call<'_> {
             code: code.as_u16(),
             duration: self.started.elapsed(),
             queue_wait,
+            tenant: Some(self.who.tenant.clone()),
             ..Default::default()
         };
         self.gw.metrics.record(fleet, &sample);
@@ -173,7 +220,7 @@ impl Call<'_> {
         let lease = self
             .gw
             .pools
-            .acquire(&pool.pool, exclude, max, timeout)
+            .acquire(&pool.pool, &self.who, exclude, max, timeout)
             .await;
         match lease {
             Ok(lease) => {
@@ -185,6 +232,7 @@ impl Call<'_> {
                 Err(pool.none_ready())
             }
             Err(Refused::QueueFull | Refused::Timeout) => {
+                self.gw.metrics.refused(&self.caller.tenant, Reason::Busy);
                 let mut r = self.refuse(
                     &pool.label,
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -201,7 +249,7 @@ impl Call<'_> {
     /// Sends `body` to an instance of `pool`; when it did not get there or the instance refused
     /// it (no connection, a 5xx), once more to another one. A request that timed out is not
     /// sent again: the instance was working on it.
-    async fn dispatch(&self, pool: &PoolOf, body: Bytes) -> Response {
+    async fn dispatch(&self, pool: &PoolOf, body: Bytes, ticket: Ticket) -> Response {
         let mut exclude: Option<String> = None;
         let mut queue_wait = Duration::ZERO;
         let mut last = String::new();
@@ -244,6 +292,7 @@ impl Call<'_> {
                         conversation: self.conversation,
                         affinity: known.then_some(held),
                         bytes: body.len(),
+                        ticket,
                     };
                     return relay.respond(answer);
                 }
@@ -296,8 +345,12 @@ impl Call<'_> {
     ) -> Option<(Option<Lease>, affinity::Entry)> {
         let gw = self.gw;
         let entry = gw.affinity.lookup(key)?;
-        if let Some(lease) = gw.pools.try_on(&pool.pool, &entry.instance) {
+        if let Some(lease) = gw.pools.try_on(&pool.pool, &entry.instance, &self.who) {
             return Some((Some(lease), entry));
+        }
+        // A batch request does not wait for its instance: it would go before interactive ones.
+        if self.who.priority == fleet_api::keys::Priority::Batch {
+            return Some((None, entry));
         }
         let Some(busy) = gw.pools.busy_on(&pool.pool, &entry.instance) else {
             return Some((None, entry));
@@ -312,7 +365,7 @@ impl Call<'_> {
         tracing::trace!(instance = %entry.instance, expected = ?wait, "waiting for the conversation's instance");
         let waited = Instant::now();
         let until = waited + gw.cfg.queue_timeout;
-        let lease = gw.pools.wait_on(&entry.instance, until).await;
+        let lease = gw.pools.wait_on(&entry.instance, &self.who, until).await;
         *queue_wait += waited.elapsed();
         Some((lease, entry))
     }
@@ -461,6 +514,8 @@ struct Relay {
     affinity: Option<Option<u64>>,
     /// The request body's size.
     bytes: usize,
+    /// The caller's place within its limits, held until the answer ends; charged its tokens.
+    ticket: Ticket,
 }
 
 type Chunk = Result<Bytes, std::io::Error>;
@@ -549,8 +604,11 @@ impl Relay {
             stalled,
             affinity_hit: self.affinity.map(|held| held.is_some()),
             cached_tokens: cached,
+            tenant: Some(self.lease.who.tenant.clone()),
         };
         self.gw.metrics.record(&self.lease.backend.fleet, &sample);
+        let tokens = counts.cost.prompt + counts.cost.generated;
+        self.ticket.charge(tokens, Instant::now());
         self.lease.finish(stalled);
     }
 }

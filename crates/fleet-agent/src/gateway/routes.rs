@@ -14,7 +14,9 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
+use super::auth::Caller;
 use super::browser::Verdict;
+use super::limits::Reason;
 use super::metrics::Sample;
 use super::{Gateway, body, error, proxy};
 use crate::upstream::CallError;
@@ -97,8 +99,8 @@ pub fn route_label(path: &str) -> &'static str {
 }
 
 /// Every request: Ollama's browser checks first; the health check is open; the rest needs a
-/// token (when there are tokens) and the controller's first word on what runs. Every answer
-/// is counted.
+/// key (when there is a keys file) and the controller's first word on what runs. Every answer
+/// is counted; the gateway's own errors take OpenAI's shape on `/v1/` routes.
 pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let started = Instant::now();
     let path = req.uri().path().to_string();
@@ -110,6 +112,11 @@ pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             r.headers_mut().extend(cors);
             (r, fleet)
         }
+    };
+    let response = if path.starts_with("/v1/") {
+        super::openai_error(response)
+    } else {
+        response
     };
     if let Some(fleet) = counted_as {
         let sample = Sample {
@@ -135,9 +142,13 @@ async fn answer(
     if path == "/" && (method == Method::GET || method == Method::HEAD) {
         return (health(gw), none());
     }
-    if !gw.tokens.admit(req.headers()) {
-        return (error(StatusCode::UNAUTHORIZED, "unauthorized"), none());
-    }
+    let caller = match gw.keys.identify(req.headers()) {
+        Ok(caller) => caller,
+        Err(_) => {
+            gw.metrics.refused("", Reason::Unauthorized);
+            return (error(StatusCode::UNAUTHORIZED, "unauthorized"), none());
+        }
+    };
     if !gw.knows().await {
         let starting = "the agent is starting: it does not know its instances yet";
         return (error(StatusCode::SERVICE_UNAVAILABLE, starting), none());
@@ -148,16 +159,16 @@ async fn answer(
     }
     let not_found = || error(StatusCode::NOT_FOUND, "404 page not found");
     match (method, path) {
-        (Method::GET, "/api/tags") => (tags(gw, false), none()),
-        (Method::GET, "/v1/models") => (tags(gw, true), none()),
+        (Method::GET, "/api/tags") => (tags(gw, &caller, false), none()),
+        (Method::GET, "/v1/models") => (tags(gw, &caller, true), none()),
         (Method::GET, "/api/ps") => (ps(gw).await, none()),
         (Method::GET, "/api/version") => (version(gw).await, none()),
         (Method::POST, "/api/show") => {
-            let (r, fleet) = show(gw, req).await;
+            let (r, fleet) = show(gw, &caller, req).await;
             (r, Some(fleet))
         }
         (Method::POST, _) if route != "other" && work_route(path).is_some() => {
-            (proxy::forward(gw, route, req).await, None)
+            (proxy::forward(gw, route, caller, req).await, None)
         }
         _ => (not_found(), none()),
     }
@@ -176,10 +187,22 @@ fn health(gw: &Gateway) -> Response {
     }
 }
 
-/// The models served by at least one ready instance.
-fn tags(gw: &Gateway, openai: bool) -> Response {
+/// The models served by at least one ready instance that the caller may use.
+fn tags(gw: &Gateway, caller: &Caller, openai: bool) -> Response {
     let mut models: BTreeMap<String, String> = BTreeMap::new();
-    for r in gw.routes().iter().filter(|r| gw.pools.has_ready(&r.pool)) {
+    let routes = gw.routes();
+    let allowed = |r: &super::Route| {
+        let fleets: Vec<String> = routes
+            .iter()
+            .filter(|x| x.pool == r.pool)
+            .map(|x| x.fleet.clone())
+            .collect();
+        caller.may_use(&r.model, &r.model, &fleets)
+    };
+    for r in routes
+        .iter()
+        .filter(|r| gw.pools.has_ready(&r.pool) && allowed(r))
+    {
         models
             .entry(fleet_api::ModelRef::key(&r.model))
             .or_insert_with(|| r.model.clone());
@@ -257,7 +280,7 @@ async fn version(gw: &Gateway) -> Response {
 
 /// A model's details, from a ready instance of its pool (no slot needed: Ollama answers
 /// without its runner). Clients ask before they generate (`ollama run` does).
-async fn show(gw: &Gateway, req: Request) -> (Response, String) {
+async fn show(gw: &Gateway, caller: &Caller, req: Request) -> (Response, String) {
     let read = body::read(
         req.into_body(),
         None,
@@ -277,6 +300,10 @@ async fn show(gw: &Gateway, req: Request) -> (Response, String) {
         let missing = error(StatusCode::NOT_FOUND, format!("model '{model}' not found"));
         return (missing, String::new());
     };
+    if !caller.may_use(&model, &pool.model, &pool.fleets) {
+        gw.metrics.refused(&caller.tenant, Reason::Model);
+        return (pool.not_allowed(caller, &model), pool.label);
+    }
     let Some(url) = gw.pools.any_ready(&pool.pool) else {
         return (pool.none_ready(), pool.label);
     };
