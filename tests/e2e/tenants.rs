@@ -230,3 +230,78 @@ print("ok")
     assert!(counts["ok"].as_u64().unwrap_or(0) >= 40, "{counts}");
     eprintln!("keys replaced 20 times under load: {counts}");
 }
+
+/// Two nodes behind the shipped HAProxy share one etcd: each counts the nodes that serve the
+/// gateway (their node records say so) and takes half of every tenant limit, so a tenant's
+/// 20 requests a minute hold for the cluster, not 20 per node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_for_the_cluster() {
+    let one = World::new("tenants-cluster-1");
+    let mut two = World::new("tenants-cluster-2");
+    // Two machines: their own containerd (namespaces here), one etcd prefix.
+    two.prefix = one.prefix.clone();
+    let keys = one.dir.join("keys.yaml");
+    std::fs::write(
+        &keys,
+        "tenants:\n  shared: {requestsPerMinute: 20}\nkeys:\n  - {name: ci, tenant: shared, token: ci-0123456789abcdef}\n",
+    )
+    .expect("keys");
+    let gateways = [free_port(), free_port()];
+    let mut agents = Vec::new();
+    for (i, (world, fleet)) in [(&one, "a"), (&two, "b")].into_iter().enumerate() {
+        let selector = format!("  nodeSelector: {{n: \"{}\"}}\n", i + 1);
+        one.apply(&world.sim_fleet(fleet, 1, free_port_range(1), &selector));
+        let serve = format!("127.0.0.1:{}", gateways[i]);
+        let label = format!("n={}", i + 1);
+        let args = [
+            "--serve",
+            serve.as_str(),
+            "--serve-token-file",
+            &keys.display().to_string(),
+            "--label",
+            &label,
+        ];
+        agents.push(world.agent(&format!("node-{}", i + 1), &args));
+    }
+    for fleet in ["a", "b"] {
+        one.wait_status(fleet, "1 ready", 120, all_ready(1)).await;
+    }
+    for agent in &agents {
+        let metrics = format!("http://{}/metrics", agent.listen);
+        fleet_e2e::wait_for("both nodes counted", Duration::from_secs(30), || async {
+            let text = request("GET", &metrics, None, Duration::from_secs(5))
+                .await
+                .ok()?
+                .1;
+            text.contains("ollama_fleet_gateway_nodes 2").then_some(())
+        })
+        .await;
+    }
+    let dir = one.dir.join("proxy");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let port = free_port();
+    let _haproxy = fleet_e2e::proxy::shipped_haproxy(&dir, port, gateways);
+    fleet_e2e::answers(&format!("http://127.0.0.1:{port}")).await;
+    let url = format!("http://127.0.0.1:{port}/api/generate");
+    let ask = serde_json::json!({"model": "smollm2:135m", "prompt": "hi", "stream": false, "options": {"num_predict": 2}});
+    let auth = [("authorization", "Bearer ci-0123456789abcdef")];
+    let (mut ok, mut limited, mut other) = (0, 0, Vec::new());
+    for _ in 0..40 {
+        let answer =
+            fleet_e2e::http::request_as("POST", &url, &auth, Some(&ask), Duration::from_secs(10))
+                .await;
+        match answer.map(|a| a.0) {
+            Ok(200) => ok += 1,
+            Ok(429) => limited += 1,
+            got => other.push(format!("{got:?}")),
+        }
+    }
+    eprintln!(
+        "40 requests of a tenant limited to 20 a minute, over 2 nodes: {ok} served, {limited} refused (429), other {other:?}"
+    );
+    assert!(other.is_empty(), "{other:?}");
+    assert!(
+        (18..=22).contains(&ok),
+        "the cluster let {ok} of 40 in; the limit is 20 a minute"
+    );
+}

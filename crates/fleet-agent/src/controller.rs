@@ -629,6 +629,9 @@ impl<R: Runtime, S: Store> Agent<R, S> {
         stopping: &[&Action],
     ) {
         let node_info = self.node_info().await;
+        if let (Some(gw), Some(n)) = (&self.gateway, self.publisher.gateways()) {
+            gw.set_nodes(n);
+        }
         let seq = self.publisher.publish(Report {
             node: Some(node_info),
             statuses: self.settled.then(|| statuses.to_vec()),
@@ -761,6 +764,7 @@ impl<R: Runtime, S: Store> Agent<R, S> {
                 runtime: "io.containerd.runc.v2".into(),
             },
             heartbeat: String::new(),
+            gateway: self.gateway.is_some(),
         }
     }
 }

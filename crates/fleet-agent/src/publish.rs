@@ -9,7 +9,7 @@
 //! replaces the one waiting (latest value wins). It never touches containers.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use fleet_runtime::clock::{self, Instant};
@@ -52,6 +52,8 @@ struct Shared {
     up: AtomicBool,
     /// Status writes so far.
     writes: AtomicU64,
+    /// Nodes whose record says they serve the gateway (0: not counted yet).
+    gateways: AtomicU32,
 }
 
 /// The handle the loop holds.
@@ -78,6 +80,8 @@ const IDLE_ROUND: Duration = Duration::from_secs(5);
 /// First retry after a failed write; doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 const MAX_RETRY: Duration = Duration::from_secs(2);
+/// How often the nodes that serve the gateway are counted (tenants' limits are shared by them).
+const GATEWAYS_CHECK: Duration = Duration::from_secs(10);
 
 impl Publisher {
     /// Starts publishing to `store`.
@@ -123,6 +127,24 @@ impl Publisher {
     pub fn writes(&self) -> u64 {
         self.shared.writes.load(Ordering::SeqCst)
     }
+
+    /// The live nodes whose record says they serve the gateway, as last counted (`None`
+    /// before the first count).
+    pub fn gateways(&self) -> Option<u32> {
+        Some(self.shared.gateways.load(Ordering::SeqCst)).filter(|n| *n > 0)
+    }
+}
+
+/// Counts the live nodes that serve the gateway (from their records); `None` when the store
+/// does not answer.
+async fn count_gateways<S: Store>(store: &S) -> Option<u32> {
+    let nodes = store.list_nodes().await.ok()?;
+    let serving = nodes
+        .iter()
+        .filter_map(|e| serde_json::from_str::<NodeInfo>(&e.value).ok())
+        .filter(|n| n.gateway)
+        .count();
+    Some(u32::try_from(serving).unwrap_or(u32::MAX))
 }
 
 async fn run<S: Store>(
@@ -141,6 +163,7 @@ async fn run<S: Store>(
     let mut due = true;
     let mut last_round = Instant::now();
     let mut generation = store.session_generation();
+    let mut counted: Option<Instant> = None;
     loop {
         let now_generation = store.session_generation();
         if due || now_generation != generation || last_round.elapsed() >= IDLE_ROUND {
@@ -158,6 +181,14 @@ async fn run<S: Store>(
                     let _ = written.send(seq);
                     retry = FIRST_RETRY;
                     due = false;
+                    let serving = report.node.as_ref().is_some_and(|n| n.gateway);
+                    if serving && counted.is_none_or(|at| at.elapsed() >= GATEWAYS_CHECK) {
+                        counted = Some(Instant::now());
+                        if let Some(n) = count_gateways(&*store).await {
+                            // (This node's own record is written: at least 1.)
+                            shared.gateways.store(n.max(1), Ordering::SeqCst);
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?retry, "cannot write to the store; running instances are not affected");

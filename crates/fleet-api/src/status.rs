@@ -279,6 +279,9 @@ pub struct NodeInfo {
     pub versions: Versions,
     /// Last heartbeat (RFC 3339).
     pub heartbeat: String,
+    /// The node serves the gateway (`agent --serve`): tenants' limits are shared by these nodes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway: bool,
 }
 
 /// The parts of a spec that shape a container: a change to any of them rolls out.

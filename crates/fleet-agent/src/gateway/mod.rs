@@ -302,6 +302,17 @@ impl Gateway {
         })
     }
 
+    /// Sets how many nodes serve the gateway: each takes that share of every tenant's limits.
+    pub fn set_nodes(&self, nodes: u32) {
+        if nodes != self.ledger.nodes() {
+            tracing::info!(
+                nodes,
+                "tenant limits are shared by the nodes serving the gateway"
+            );
+        }
+        self.ledger.set_nodes(nodes);
+    }
+
     /// The pools (the executor drains through them).
     pub fn pools(&self) -> &Pools {
         &self.pools
