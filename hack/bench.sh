@@ -14,6 +14,7 @@
 #        hack/bench.sh --bodies BUDGET_MIB   (see hack/bench-gateway-memory.sh)
 #        hack/bench.sh --affinity N [--engine 1]   (see hack/bench-affinity.sh)
 #        hack/bench.sh --chaos 1 [--faults F,G]   (see hack/chaos.sh)
+#        hack/bench.sh --tenants N [--seconds S]   (see hack/bench-tenants.sh)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"

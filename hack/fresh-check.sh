@@ -122,7 +122,7 @@ else
   hack/test.sh -p fleet-e2e -- --exact sim_serves_on_its_ollama_host_port_within_its_limits \
     the_reconcile_loop_end_to_end registry_credentials tls_client_certificates_and_a_role_per_node \
     a_silent_partition_from_etcd_heals_by_itself nginx_and_haproxy_balance_over_two_gateways \
-    the_official_client_speaks_to_the_gateway
+    the_official_client_speaks_to_the_gateway each_refusal_reaches_the_official_clients_in_their_shape
   done_ "hack/test.sh (slice)"
 fi
 if [[ $FRESH_BENCH == 1 ]]; then

@@ -4,7 +4,8 @@
 # systemctl as an operator does, and checks, per configuration named in /mnt/share/configs:
 # limits in the v2 files, swap, OOMKilled (also when the event is lost), maxMemory rotation,
 # crash replacement, adoption across an agent restart, cpuset pinning, the gateway, and (once)
-# a host without /etc/hosts, loud refusals and a runc-less allowlist. Each result is a line
+# a host without /etc/hosts, loud refusals, a runc-less allowlist, the gateway's socket kept by
+# systemd across restarts and its keys file from LoadCredential. Each result is a line
 # CONFIG|CHECK|ok or MISS|DETAIL in /mnt/share/results.
 set -uo pipefail
 SHARE=/mnt/share
@@ -276,6 +277,27 @@ passed=$(journalctl -u ollama-fleet-agent --since "$since" | grep -c "serves on 
 check host "socket kept across restarts" "two restarts: --serve bound by the agent: $bound_refused of $((bound_ok + bound_refused)) connections refused; ollama-fleet-agent.socket: $kept_refused of $((kept_ok + kept_refused)); $passed start(s) on systemd's socket" \
   test "$kept_refused" = 0 -a "$passed" -ge 3 -a "$kept_ok" -ge 20
 systemctl disable --now ollama-fleet-agent.socket >/dev/null 2>&1
+
+# The gateway's keys file handed over by systemd's LoadCredential (a drop-in, as README
+# "Tenants" shows): a request with the key is served, one without is refused.
+mkdir -p /etc/ollama-fleet /etc/systemd/system/ollama-fleet-agent.service.d
+printf 'tenants:\n  ops: {}\nkeys:\n  - {name: vm, tenant: ops, token: vm-check-0123456789abcdef}\n' >/etc/ollama-fleet/keys.yaml
+chmod 600 /etc/ollama-fleet/keys.yaml
+cat >/etc/systemd/system/ollama-fleet-agent.service.d/keys.conf <<'UNIT'
+[Service]
+LoadCredential=keys:/etc/ollama-fleet/keys.yaml
+Environment=OLLAMA_FLEET_SERVE_TOKEN_FILE=%d/keys
+UNIT
+systemctl daemon-reload
+systemctl restart ollama-fleet-agent
+wait_for 60 agent_ready
+tags() { curl -s -o /dev/null -w '%{http_code}' -m 30 "$@" http://127.0.0.1:11400/api/tags; }
+with_key=$(tags -H 'Authorization: Bearer vm-check-0123456789abcdef')
+without_key=$(tags)
+check host "keys from LoadCredential" "/api/tags with the key: $with_key, without: $without_key; $(journalctl -u ollama-fleet-agent -n 200 | grep -c 'keys file has mistakes') start error(s)" \
+  test "$with_key" = 200 -a "$without_key" = 401
+rm -r /etc/systemd/system/ollama-fleet-agent.service.d
+systemctl daemon-reload
 
 journalctl -u ollama-fleet-agent --no-pager >"$SHARE/agent.log" 2>&1
 ! grep -q '|MISS|' "$RESULTS"

@@ -9,6 +9,7 @@
 //! 3. The agent's peak RSS, and its CPU use over 30 s of idling with N instances.
 //!
 //! `--serve N` (run by `hack/bench-serve.sh`): see `serve.rs`.
+//! `--tenants N` (run by `hack/bench-tenants.sh`): see `tenants.rs`.
 //! `--chaos 1 [--faults F,G]` (run by `hack/chaos.sh`): see `chaos.rs`.
 //! `--bodies BUDGET_MIB` (run by `hack/bench-gateway-memory.sh`): see `bodies.rs`.
 //! `--affinity N [--engine 1]` (run by `hack/bench-affinity.sh`): see `affinity.rs`.
@@ -26,6 +27,7 @@ mod bodies;
 mod chaos;
 mod scale;
 mod serve;
+mod tenants;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -423,6 +425,12 @@ async fn main() {
             single: arg("--single", "1") != "0",
         })
         .await;
+        return;
+    }
+    let tenants: u32 = arg("--tenants", "0").parse().unwrap_or(0);
+    if tenants > 0 {
+        let seconds = arg("--seconds", "30").parse().unwrap_or(30.0);
+        tenants::tenants_bench(tenants, seconds).await;
         return;
     }
     let serve: u32 = arg("--serve", "0").parse().unwrap_or(0);

@@ -82,9 +82,23 @@ pub(crate) async fn streamed(
     body: &Value,
     within: Duration,
 ) -> Result<(Duration, Vec<Value>), String> {
+    streamed_as(client, url, &[], body, within).await
+}
+
+/// [`streamed`], with extra request `headers`.
+pub(crate) async fn streamed_as(
+    client: &Http,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+    within: Duration,
+) -> Result<(Duration, Vec<Value>), String> {
     let started = Instant::now();
-    let req = hyper::Request::post(url)
-        .header("content-type", "application/json")
+    let mut req = hyper::Request::post(url).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
         .body(Full::new(Bytes::from(body.to_string())))
         .map_err(|e| e.to_string())?;
     let run = async {

@@ -65,10 +65,32 @@ keys:
   - {name: erin, tenant: few-tokens, token: erin-0123456789abcdef}
 "#;
 
+/// Then `ollama-fleet usage` prints who used what, from the agent's `/metrics` and from a real
+/// Prometheus that scraped it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_refusal_reaches_the_official_clients_in_their_shape() {
     let world = World::new("tenants-refusals");
     let (agent, url, _) = node(&world, KEYS).await;
+    let prom_dir = world.dir.join("prometheus");
+    std::fs::create_dir_all(&prom_dir).expect("mkdir");
+    let prom_port = free_port();
+    let scraped = agent.listen.to_string();
+    let _prometheus = fleet_e2e::proxy::prometheus(&prom_dir, prom_port, &[&scraped]);
+    let prom = format!("http://127.0.0.1:{prom_port}");
+    // Prometheus has the tenants' series (at 0) before the traffic: increase() sees it all.
+    let up = format!("{prom}/api/v1/query?query=ollama_fleet_tenant_refusals_total");
+    fleet_e2e::wait_for(
+        "Prometheus scrapes the agent",
+        Duration::from_secs(60),
+        || async {
+            let body = request("GET", &up, None, Duration::from_secs(2))
+                .await
+                .ok()?
+                .1;
+            body.contains("few-tokens").then_some(())
+        },
+    )
+    .await;
     let script = format!(
         r#"
 import threading, httpx, ollama, openai, sys
@@ -169,6 +191,55 @@ print("ok")
     ] {
         assert!(metrics.contains(series), "{series} in:\n{metrics}");
     }
+    // The usage table, from the agent.
+    let from_agent = format!("http://{}", agent.listen);
+    let table = world.cli_ok(&["usage", "--agent", &from_agent], None);
+    let row = |tenant: &str| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(tenant))
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("no row for {tenant} in:\n{table}"))
+    };
+    assert!(table.starts_with("TENANT"), "{table}");
+    // TENANT REQUESTS OK REFUSED PROMPT GENERATED TTFT-P50 TTFT-P99 QUEUE-P99
+    assert_eq!(row("editors")[1..4], ["2", "2", "0"], "{table}");
+    assert_eq!(row("few-tokens")[3], "tokens=2", "{table}");
+    assert_eq!(row("few-tokens")[5], "40", "{table}");
+    assert_eq!(row("(unknown)")[3], "unauthorized=3", "{table}");
+    // From Prometheus, over a window.
+    let asked = || {
+        world.cli(
+            &[
+                "usage",
+                "--prometheus",
+                &prom,
+                "--window",
+                "5m",
+                "-o",
+                "json",
+            ],
+            None,
+        )
+    };
+    let tokens_refused = fleet_e2e::wait_for(
+        "the refusals in Prometheus",
+        Duration::from_secs(30),
+        || async {
+            let out = asked();
+            let usage: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let few = usage
+                .as_array()?
+                .iter()
+                .find(|u| u["tenant"] == "few-tokens")?
+                .clone();
+            (few["refused"]["tokens"].as_f64()? >= 1.0).then_some(few)
+        },
+    )
+    .await;
+    // (A series that appears with its first request starts there: Prometheus' increase()
+    // counts from its second sample; the refusal series start at 0 with the agent.)
+    assert!(tokens_refused["requests"].is_number(), "{tokens_refused}");
 }
 
 /// The keys file is replaced (as `install`, Ansible or a secret manager write it) twenty times

@@ -96,3 +96,29 @@ pub fn shipped_haproxy(dir: &Path, listen: u16, gateways: [u16; 2]) -> Proxy {
         &shipped("manifests/haproxy/haproxy.cfg", listen, gateways),
     )
 }
+
+/// Debian's Prometheus scraping `targets` (host:port, their `/metrics`) every second, with its
+/// data in `dir`; listening on `listen`. Stopped when dropped.
+pub fn prometheus(dir: &Path, listen: u16, targets: &[&str]) -> Proxy {
+    let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+    let cfg = dir.join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: ollama-fleet\n    static_configs:\n      - targets: [{}]\n",
+            list.join(", ")
+        ),
+    )
+    .expect("write prometheus.yml");
+    let child = Command::new("prometheus")
+        .args([
+            &format!("--config.file={}", cfg.display()),
+            &format!("--storage.tsdb.path={}", dir.join("data").display()),
+            &format!("--web.listen-address=127.0.0.1:{listen}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start prometheus (Debian package prometheus; hack/install-deps.sh installs it)");
+    Proxy(child)
+}

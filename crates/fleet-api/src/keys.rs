@@ -201,7 +201,10 @@ impl Decode for Priority {
             Value::Str(s) if s == "interactive" => Some(Priority::Interactive),
             Value::Str(s) if s == "batch" => Some(Priority::Batch),
             _ => {
-                let got = crate::clip(&format!("{:?}", node.to_json()), 64).into_owned();
+                let got = match &node.value {
+                    Value::Str(s) => format!("{:?}", crate::clip(s, 64)),
+                    _ => node.kind().to_string(),
+                };
                 errs.add(
                     path,
                     node.pos,

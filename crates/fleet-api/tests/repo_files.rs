@@ -83,3 +83,24 @@ fn serialised_fleets_decode_to_themselves() {
         }
     }
 }
+
+/// Every keys file in `manifests/` (the gateway's example) reads without a mistake.
+#[test]
+fn every_keys_file_in_the_repository_is_valid() {
+    let mut files = Vec::new();
+    manifest_files(&repo_root().join("manifests"), &mut files);
+    let keys: Vec<&PathBuf> = files
+        .iter()
+        .filter(|f| {
+            f.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("keys"))
+        })
+        .collect();
+    assert!(!keys.is_empty(), "expected manifests/gateway/keys.yaml");
+    for file in keys {
+        let text = std::fs::read_to_string(file).expect("read");
+        let parsed = fleet_api::keys::parse_keys(&text)
+            .unwrap_or_else(|e| panic!("{} is invalid: {e:#?}", file.display()));
+        assert!(parsed.keys.len() >= 2, "{}", file.display());
+    }
+}

@@ -212,6 +212,16 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub allowed_origins: Vec<String>,
+    /// Free slots per model's pool kept from batch tenants' requests while interactive ones
+    /// come (one within 10s): an editor's next request then finds a slot at once instead of
+    /// waiting for a batch answer to end. 0: batch requests take every free slot.
+    #[arg(
+        long = "serve-batch-headroom",
+        env = "OLLAMA_FLEET_SERVE_BATCH_HEADROOM",
+        value_name = "SLOTS",
+        default_value_t = 1
+    )]
+    pub batch_headroom: u32,
     /// Connections one client address may hold at once (beyond: only the health check). A
     /// proxy in front is one client: raise it above the proxy's connection count.
     #[arg(
@@ -507,6 +517,7 @@ pub async fn run(
                 allowed_origins: args.serve.allowed_origins.clone(),
                 loopback: addr.ip().is_loopback(),
                 affinity: args.serve.affinity,
+                batch_headroom: args.serve.batch_headroom,
             });
             if args.serve.token_file.is_none() && !addr.ip().is_loopback() {
                 tracing::warn!(%addr, "the gateway serves without tokens on a non-loopback address: anyone who reaches it can use the models (see --serve-token-file)");

@@ -11,8 +11,10 @@ mod describe;
 mod get;
 mod global;
 mod input;
+mod keys;
 mod logs;
 mod table;
+mod usage;
 mod validate;
 
 use std::process::ExitCode;
@@ -66,6 +68,14 @@ enum Command {
         #[command(subcommand)]
         what: delete::What,
     },
+    /// The gateway's keys file: check one, or make a new key.
+    Keys {
+        #[command(subcommand)]
+        what: keys::What,
+    },
+    /// Who used what: requests, refusals, tokens and time to first token by tenant, from the
+    /// agents' /metrics (--agent, since each agent started) or from Prometheus (over --window).
+    Usage(usage::Args),
     /// Print the JSON Schema of the OllamaFleet manifest (the same bytes as
     /// schemas/ollamafleet.schema.json).
     Schema,
@@ -76,6 +86,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Validate(args) => validate::run(&args),
         Command::Logs(args) => logs::run(&args),
+        Command::Keys { what } => keys::run(&what),
         Command::Schema => {
             print!("{}", fleet_api::schema_json());
             Ok(ExitCode::SUCCESS)
@@ -105,7 +116,11 @@ fn main() -> ExitCode {
                     Command::Get(args) => get::run(&cli.global, &args).await,
                     Command::Describe { what } => describe::run(&cli.global, &what).await,
                     Command::Delete { what } => delete::run(&cli.global, &what).await,
-                    Command::Validate(_) | Command::Logs(_) | Command::Schema => {
+                    Command::Usage(args) => usage::run(&args).await,
+                    Command::Validate(_)
+                    | Command::Logs(_)
+                    | Command::Schema
+                    | Command::Keys { .. } => {
                         unreachable!("handled above")
                     }
                 }

@@ -199,3 +199,51 @@ fn an_unreachable_etcd_is_one_line_that_says_what_to_do() {
         assert!(err.contains("--etcd-endpoints"), "{err}");
     }
 }
+
+/// `keys check` reads a keys file as the agent does: a summary, or every mistake with its
+/// line; `keys new` prints an entry that reads back, and its token (once) on stderr.
+#[test]
+fn keys_check_and_new() {
+    let out = run(&["keys", "check", "manifests/gateway/keys.yaml"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("2 keys of 2 tenants"), "{summary}");
+    assert!(summary.contains("nightly-etl: 1 key, batch"), "{summary}");
+    let dir = fleet_e2e::temp_dir("cli-keys");
+    let bad = dir.join("keys.yaml");
+    std::fs::write(
+        &bad,
+        "tenants:\n  ed: {priority: soon}\nkeys:\n  - {name: a, tenant: nobody, token: short}\n",
+    )
+    .expect("write");
+    let out = run(&["keys", "check", &bad.display().to_string()], None);
+    assert_eq!(out.status.code(), Some(1));
+    let errors = stderr(&out);
+    for line in [
+        ":2:18: tenants.ed.priority: must be interactive or batch, got \"soon\"",
+        ":4:38: keys[0].token: must be at least 16",
+        ":4:23: keys[0].tenant: tenant \"nobody\" is not declared",
+    ] {
+        assert!(errors.contains(line), "{line:?} in:\n{errors}");
+    }
+    let out = run(&["keys", "new", "--name", "ci-bot", "--tenant", "ed"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let entry = String::from_utf8_lossy(&out.stdout).to_string();
+    let token = stderr(&out)
+        .lines()
+        .find(|l| l.starts_with("olf_"))
+        .expect("the token")
+        .to_string();
+    let file = format!("tenants:\n  ed: {{}}\nkeys:\n{entry}");
+    let keys = fleet_api::keys::parse_keys(&file).expect("the entry reads back");
+    assert_eq!(keys.keys[0].digest, fleet_api::keys::token_digest(&token));
+    assert_eq!(
+        run(
+            &["keys", "new", "--name", "Bad Name", "--tenant", "ed"],
+            None
+        )
+        .status
+        .code(),
+        Some(1)
+    );
+}

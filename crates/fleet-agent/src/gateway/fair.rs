@@ -7,7 +7,9 @@
 //! requests would not and a count of tokens would weigh a cached prompt as a fresh one. The next
 //! slot goes to the waiting tenant of the first class that has had the least; a tenant that
 //! comes back after a pause starts level with the least of those already there (as Linux's
-//! CFS places a task that wakes), so a pause earns no burst. Alone, a tenant gets every slot
+//! CFS places a task that wakes), so a pause earns no burst; and what was had long ago fades
+//! (halved every [`HALF_LIFE`]), so a tenant that used much an hour ago is not last in line
+//! for the next hour: turns are fair over the last minute or so. Alone, a tenant gets every slot
 //! (work-conserving). A full queue pushes out the newest request of the tenant with the most
 //! waiting in the lowest class when the newcomer's class is higher or its tenant waits with
 //! fewer: a flood fills the queue with its own requests only.
@@ -19,6 +21,9 @@ use std::sync::Arc;
 
 use fleet_api::keys::Priority;
 use fleet_runtime::clock::Instant;
+
+/// Instance time had fades by half in this long: fairness looks at about the last minute.
+pub const HALF_LIFE: f64 = 30.0;
 
 /// Whose a request is: its tenant and class.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,6 +79,8 @@ pub struct FairQueue<W> {
     classes: BTreeMap<Priority, Class<W>>,
     service: HashMap<Arc<str>, Service>,
     seq: u64,
+    /// When finished instance time last faded (seconds since the epoch).
+    faded_at: f64,
 }
 
 impl<W> Default for FairQueue<W> {
@@ -83,6 +90,7 @@ impl<W> Default for FairQueue<W> {
             classes: BTreeMap::new(),
             service: HashMap::new(),
             seq: 0,
+            faded_at: 0.0,
         }
     }
 }
@@ -90,6 +98,20 @@ impl<W> Default for FairQueue<W> {
 impl<W: Live> FairQueue<W> {
     fn secs(&self, now: Instant) -> f64 {
         now.saturating_duration_since(self.epoch).as_secs_f64()
+    }
+
+    /// Fades every tenant's finished instance time to `now` (seconds since the epoch): the
+    /// gaps between tenants halve every [`HALF_LIFE`], their order stays.
+    fn fade(&mut self, now: f64) {
+        let dt = now - self.faded_at;
+        if dt <= 0.0 {
+            return;
+        }
+        let keep = 0.5f64.powf(dt / HALF_LIFE);
+        for s in self.service.values_mut() {
+            s.done *= keep;
+        }
+        self.faded_at = now;
     }
 
     /// Forgets the requests that gave up.
@@ -166,6 +188,7 @@ impl<W: Live> FairQueue<W> {
     /// A tenant coming back starts level with the least instance time of those already here.
     fn place(&mut self, tenant: &Arc<str>, now: Instant) {
         let now = self.secs(now);
+        self.fade(now);
         let mut others: Vec<&Arc<str>> = self.classes.values().flat_map(BTreeMap::keys).collect();
         others.extend(
             self.service
@@ -220,6 +243,7 @@ impl<W: Live> FairQueue<W> {
     pub fn pop(&mut self, now: Instant) -> Option<(Who, W)> {
         self.prune();
         let now = self.secs(now);
+        self.fade(now);
         let (class, tenants) = self.classes.iter_mut().next()?;
         let service = &self.service;
         // Instance time in milliseconds: within one, the earlier request goes first.
@@ -279,6 +303,7 @@ impl<W: Live> FairQueue<W> {
     /// A request of `tenant` that got its slot at `at` gave it back at `now`.
     pub fn finished(&mut self, tenant: &Arc<str>, at: Instant, now: Instant) {
         let (at, now) = (self.secs(at), self.secs(now));
+        self.fade(now);
         if let Some(s) = self.service.get_mut(tenant)
             && s.running > 0
         {
@@ -363,6 +388,33 @@ mod tests {
             "now even: 1 and 1"
         );
         assert_eq!(q.len(), 3);
+    }
+
+    /// What a tenant had long ago fades: after twenty half-lives a 100 s lead is gone, and turns
+    /// alternate again.
+    #[test]
+    fn old_instance_time_fades() {
+        let t0 = Instant::now();
+        let mut q = FairQueue::default();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        q.started(&a, t0);
+        q.finished(&a, t0, t0 + Duration::from_secs(100));
+        let soon = t0 + Duration::from_secs(100);
+        let later = soon + Duration::from_secs_f64(20.0 * HALF_LIFE);
+        for at in [soon, later] {
+            // Both keep a request running, so neither is placed anew.
+            q.started(&a, at);
+            q.started(&b, at);
+            for (name, tenant) in [("a", "a"), ("b", "b")] {
+                assert!(q.push(&who(tenant, I), W(name), 10, at).is_ok());
+            }
+            let first = q.pop(at).map(|(_, w)| w.0);
+            let _ = q.pop(at);
+            let expect = if at == soon { "b" } else { "a" };
+            assert_eq!(first, Some(expect), "at {:?}", at - t0);
+            q.finished(&a, at, at);
+            q.finished(&b, at, at);
+        }
     }
 
     /// A tenant back after a pause starts level with the least served one there: it does not

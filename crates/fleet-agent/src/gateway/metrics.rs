@@ -5,8 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleet_api::keys::Priority;
-
 use crate::lock;
 use crate::prom::{Exposition, Histogram, Kind};
 
@@ -63,8 +61,8 @@ pub struct TenantsNow {
     pub known: Vec<String>,
     /// Requests in progress (waiting or answered), by tenant.
     pub in_flight: Vec<(String, u32)>,
-    /// Requests waiting for an instance, by tenant and class.
-    pub waiting: BTreeMap<(Arc<str>, Priority), usize>,
+    /// Requests waiting for an instance, by tenant.
+    pub waiting: BTreeMap<Arc<str>, usize>,
     /// The nodes each limit is shared by.
     pub nodes: u32,
 }
@@ -285,24 +283,28 @@ impl Metrics {
             }
         }
         drop(tenants);
-        let name = "ollama_fleet_tenant_inflight_requests";
-        out.family(
-            name,
-            Kind::Gauge,
-            "Requests in progress (waiting or answered), by tenant.",
-        );
+        // Every tenant of the keys file has its gauges, at 0 when idle.
+        let mut in_flight: BTreeMap<&str, f64> =
+            now.known.iter().map(|t| (t.as_str(), 0.0)).collect();
         for (tenant, n) in &now.in_flight {
-            out.sample(name, &[("tenant", tenant)], f64::from(*n));
+            *in_flight.entry(tenant.as_str()).or_default() += f64::from(*n);
+        }
+        let name = "ollama_fleet_tenant_inflight_requests";
+        let help = "Requests in progress (waiting or answered), by tenant.";
+        out.family(name, Kind::Gauge, help);
+        for (tenant, n) in in_flight {
+            out.sample(name, &[("tenant", tenant)], n);
+        }
+        let mut waiting: BTreeMap<&str, f64> =
+            now.known.iter().map(|t| (t.as_str(), 0.0)).collect();
+        for (tenant, n) in &now.waiting {
+            *waiting.entry(&**tenant).or_default() += *n as f64;
         }
         let name = "ollama_fleet_tenant_queue_depth";
-        out.family(
-            name,
-            Kind::Gauge,
-            "Requests waiting for a free instance, by tenant and priority class.",
-        );
-        for ((tenant, class), n) in &now.waiting {
-            let labels = [("tenant", &**tenant), ("priority", class.as_str())];
-            out.sample(name, &labels, *n as f64);
+        let help = "Requests waiting for a free instance, by tenant.";
+        out.family(name, Kind::Gauge, help);
+        for (tenant, n) in waiting {
+            out.sample(name, &[("tenant", tenant)], n);
         }
         let name = "ollama_fleet_gateway_nodes";
         out.family(
@@ -419,7 +421,7 @@ mod tests {
         let now = TenantsNow {
             known: vec!["editors".into(), "etl".into(), "idle".into()],
             in_flight: vec![("editors".into(), 4)],
-            waiting: BTreeMap::from([((Arc::from("etl"), Priority::Batch), 7)]),
+            waiting: BTreeMap::from([(Arc::from("etl"), 7)]),
             nodes: 3,
         };
         m.expose_tenants(&mut out, &now);
@@ -520,10 +522,13 @@ mod tests {
             value("ollama_fleet_tenant_inflight_requests", &editors),
             Some(4.0)
         );
-        let waiting = [("tenant", "etl"), ("priority", "batch")];
+        let etl = [("tenant", "etl")];
+        assert_eq!(value("ollama_fleet_tenant_queue_depth", &etl), Some(7.0));
+        let idle = [("tenant", "idle")];
+        assert_eq!(value("ollama_fleet_tenant_queue_depth", &idle), Some(0.0));
         assert_eq!(
-            value("ollama_fleet_tenant_queue_depth", &waiting),
-            Some(7.0)
+            value("ollama_fleet_tenant_inflight_requests", &idle),
+            Some(0.0)
         );
         assert_eq!(value("ollama_fleet_gateway_nodes", &[]), Some(3.0));
     }

@@ -77,6 +77,9 @@ pub struct GatewayConfig {
     pub loopback: bool,
     /// A conversation's next turn goes to the instance that holds its prefix ([`affinity`]).
     pub affinity: bool,
+    /// Free slots per pool kept from batch requests while interactive ones come
+    /// ([`Pools::set_batch_headroom`]).
+    pub batch_headroom: u32,
 }
 
 impl Default for GatewayConfig {
@@ -95,6 +98,7 @@ impl Default for GatewayConfig {
             allowed_origins: Vec::new(),
             loopback: false,
             affinity: true,
+            batch_headroom: 1,
         }
     }
 }
@@ -286,6 +290,8 @@ pub fn openai_error(mut r: Response) -> Response {
 impl Gateway {
     /// A gateway with `cfg`.
     pub fn new(cfg: GatewayConfig) -> Arc<Gateway> {
+        let pools = Pools::default();
+        pools.set_batch_headroom(cfg.batch_headroom);
         Arc::new(Gateway {
             keys: auth::Keys::new(cfg.token_file.clone()),
             ledger: limits::Ledger::default(),
@@ -293,7 +299,7 @@ impl Gateway {
             browsers: browser::Browsers::new(&cfg.allowed_origins, cfg.loopback),
             affinity: affinity::Affinity::default(),
             cfg,
-            pools: Pools::default(),
+            pools,
             routes: RwLock::new(Vec::new()),
             metrics: Metrics::default(),
             client: upstream::client(usize::MAX),

@@ -14,6 +14,7 @@ use tokio::sync::{Notify, oneshot};
 
 use super::fair::{FairQueue, Live, Who};
 use crate::lock;
+use fleet_api::keys::Priority;
 
 /// An instance the gateway may send requests to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,7 +150,15 @@ struct State {
     affine: HashMap<String, VecDeque<Affine>>,
     /// Round-robin position per pool, so that equally idle instances share the load.
     turn: HashMap<String, usize>,
+    /// When an interactive request last asked each pool for a slot.
+    interactive_at: HashMap<String, Instant>,
+    /// Free slots a pool keeps for interactive requests while they come (see
+    /// [`Pools::set_batch_headroom`]).
+    headroom: u32,
 }
+
+/// How long after the last interactive request a pool still keeps its headroom from batch ones.
+pub const HEADROOM_WINDOW: Duration = Duration::from_secs(10);
 
 /// Why a request gets no instance.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -260,6 +269,15 @@ impl Pools {
         self.idle.notify_waiters();
     }
 
+    /// Keeps `slots` free slots in each pool from batch requests while interactive requests
+    /// come (one asked within [`HEADROOM_WINDOW`]): a batch request does not take one of a
+    /// pool's last `slots` free ones then, so an editor's next request finds a slot at once
+    /// instead of waiting for a batch answer to end. Not in a pool of `slots` slots or fewer.
+    /// 0: batch requests take any free slot.
+    pub fn set_batch_headroom(&self, slots: u32) {
+        lock(&self.state).headroom = slots;
+    }
+
     /// Whether the pool has a ready instance that takes requests.
     pub fn has_ready(&self, pool: &str) -> bool {
         lock(&self.state)
@@ -280,14 +298,14 @@ impl Pools {
             .collect()
     }
 
-    /// Requests waiting, per tenant and class, over every pool.
-    pub fn tenant_depths(&self) -> BTreeMap<(Arc<str>, fleet_api::keys::Priority), usize> {
+    /// Requests waiting, per tenant, over every pool.
+    pub fn tenant_depths(&self) -> BTreeMap<Arc<str>, usize> {
         let mut s = lock(&self.state);
         let mut out = BTreeMap::new();
         for q in s.queues.values_mut() {
             q.prune();
-            for (tenant, class, n) in q.depths() {
-                *out.entry((tenant, class)).or_default() += n;
+            for (tenant, _, n) in q.depths() {
+                *out.entry(tenant).or_default() += n;
             }
         }
         out
@@ -344,6 +362,9 @@ impl Pools {
     ) -> Result<Lease, Refused> {
         let rx = {
             let mut s = lock(&self.state);
+            if who.priority == Priority::Interactive {
+                s.interactive_at.insert(pool.to_string(), Instant::now());
+            }
             if let Some(lease) = self.pick(&mut s, pool, who, exclude) {
                 return Ok(lease);
             }
@@ -408,6 +429,9 @@ impl Pools {
 
     /// The least busy open instance of `pool` (round robin among equals), counted as in use.
     fn pick(&self, s: &mut State, pool: &str, who: &Who, exclude: Option<&str>) -> Option<Lease> {
+        if who.priority == Priority::Batch && Self::kept_for_interactive(s, pool) {
+            return None;
+        }
         let open: Vec<(&String, u32)> = s
             .slots
             .iter()
@@ -424,6 +448,26 @@ impl Pools {
         *turn = turn.wrapping_add(1);
         let id = idle[*turn % idle.len()].clone();
         self.take(s, &id, who)
+    }
+
+    /// Whether the pool's free slots are its headroom, kept from batch requests while
+    /// interactive ones come.
+    fn kept_for_interactive(s: &State, pool: &str) -> bool {
+        let recent = s
+            .interactive_at
+            .get(pool)
+            .is_some_and(|at| at.elapsed() < HEADROOM_WINDOW);
+        if s.headroom == 0 || !recent {
+            return false;
+        }
+        let (mut capacity, mut free) = (0u32, 0u32);
+        for slot in s.slots.values() {
+            if slot.backend.pool == pool && slot.takes_requests() {
+                capacity += slot.backend.capacity;
+                free += slot.backend.capacity.saturating_sub(slot.in_flight);
+            }
+        }
+        capacity > s.headroom && free <= s.headroom
     }
 
     /// A slot on instance `id` (it must be open) for `who`, counted as in use.
@@ -454,7 +498,8 @@ impl Pools {
             .slots
             .get(id)
             .is_some_and(|x| x.backend.pool == pool && x.open());
-        if open {
+        let kept = who.priority == Priority::Batch && Self::kept_for_interactive(&s, pool);
+        if open && !kept {
             self.take(&mut s, id, who)
         } else {
             None
@@ -766,6 +811,55 @@ mod tests {
             }
             assert_eq!(*lock(&order), expect, "{case}");
         }
+    }
+
+    /// While interactive requests come, a batch flood leaves a pool's last free slot to them:
+    /// the next editor is served at once. Once none has come for [`HEADROOM_WINDOW`], batch
+    /// requests take every slot again (at the next slot freed).
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_flood_leaves_the_headroom_to_interactive_requests() {
+        use fleet_api::keys::Priority::{Batch, Interactive};
+        let pools = Pools::default();
+        pools.set_batch_headroom(1);
+        pools.update(vec![backend("a", 1), backend("b", 1), backend("c", 1)]);
+        let batch = Who {
+            tenant: Arc::from("etl"),
+            priority: Batch,
+        };
+        let editor = Who {
+            tenant: Arc::from("ed"),
+            priority: Interactive,
+        };
+        let first = pools
+            .acquire("f", &editor, None, 8, WAIT)
+            .await
+            .expect("editor");
+        drop(first);
+        let one = pools
+            .acquire("f", &batch, None, 8, WAIT)
+            .await
+            .expect("batch 1");
+        let _two = pools
+            .acquire("f", &batch, None, 8, WAIT)
+            .await
+            .expect("batch 2");
+        let third = {
+            let (p, w) = (pools.clone(), batch.clone());
+            tokio::spawn(async move { p.acquire("f", &w, None, 8, WAIT).await })
+        };
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(!third.is_finished(), "the last free slot is kept");
+        assert_eq!(pools.queue_depths(), [("f".to_string(), 1)]);
+        let next = pools.acquire("f", &editor, None, 8, Duration::ZERO).await;
+        assert!(next.is_ok(), "the editor is served at once");
+        drop(next);
+        // No editor for the window: the batch request takes the slot freed next.
+        tokio::time::sleep(HEADROOM_WINDOW).await;
+        drop(one);
+        let got = third.await.expect("join").expect("a slot at last");
+        assert_eq!(got.who.priority, Batch);
+        let all = pools.acquire("f", &batch, None, 8, Duration::ZERO).await;
+        assert!(all.is_ok(), "every slot goes to batch without editors");
     }
 
     /// A full queue takes a request of a higher class, or of a tenant with fewer waiting, in
