@@ -186,7 +186,15 @@ pub async fn serve_until(
         } else {
             routers.main.clone()
         };
-        let service = hyper_util::service::TowerToHyperService::new(router);
+        // Whether the connection has begun a request (one accepted just before a drain has not).
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let begun = started.clone();
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                begun.store(true, std::sync::atomic::Ordering::Relaxed);
+                let mut router = router.clone();
+                async move { tower_service::Service::call(&mut router, req).await }
+            });
         let mut drain = drain.clone();
         tokio::spawn(async move {
             let mut http = hyper::server::conn::http1::Builder::new();
@@ -203,9 +211,29 @@ pub async fn serve_until(
             let ended = tokio::select! {
                 ended = conn.as_mut() => ended,
                 () = async { let _ = drain.wait_for(|d| *d).await; } => {
-                    // The request in progress goes on to its end; an idle connection closes.
-                    conn.as_mut().graceful_shutdown();
-                    conn.as_mut().await
+                    // A connection accepted just before the drain may have its request on the
+                    // way (or in the socket, unread): it gets a moment to begin it, as closing
+                    // it now would lose that request.
+                    let deadline = tokio::time::Instant::now() + FIRST_REQUEST_GRACE;
+                    let mut early = None;
+                    while !started.load(std::sync::atomic::Ordering::Relaxed)
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        let step = Duration::from_millis(10);
+                        if let Ok(ended) = tokio::time::timeout(step, conn.as_mut()).await {
+                            early = Some(ended);
+                            break;
+                        }
+                    }
+                    match early {
+                        Some(ended) => ended,
+                        None => {
+                            // The request in progress goes on to its end; an idle connection
+                            // closes.
+                            conn.as_mut().graceful_shutdown();
+                            conn.as_mut().await
+                        }
+                    }
                 }
             };
             if let Err(e) = ended {
@@ -227,6 +255,9 @@ pub async fn serve_until(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// How long a connection accepted just before a drain may take to begin its first request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// The answer of the health reserve to anything but a health check.
 pub async fn too_many_connections() -> Response {
