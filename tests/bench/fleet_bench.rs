@@ -430,7 +430,8 @@ async fn main() {
     let tenants: u32 = arg("--tenants", "0").parse().unwrap_or(0);
     if tenants > 0 {
         let seconds = arg("--seconds", "30").parse().unwrap_or(30.0);
-        tenants::tenants_bench(tenants, seconds).await;
+        let headroom = arg("--headroom", "1").parse().unwrap_or(1);
+        tenants::tenants_bench(tenants, seconds, headroom).await;
         return;
     }
     let serve: u32 = arg("--serve", "0").parse().unwrap_or(0);

@@ -173,7 +173,7 @@ fn ms(d: Duration) -> String {
 }
 
 /// The benchmark.
-pub async fn tenants_bench(n: u32, seconds: f64) {
+pub async fn tenants_bench(n: u32, seconds: f64, headroom: u32) {
     let world = World::new("bench-tenants");
     let base = free_port_range(n as u16 + 2);
     let manifest = world
@@ -273,7 +273,7 @@ pub async fn tenants_bench(n: u32, seconds: f64) {
     let mut batch = Vec::new();
     for (name, fifo, headroom, schedule) in [
         ("no flood (tenants)", false, 1, &quiet),
-        ("flood, tenants", false, 1, &flood),
+        ("flood, tenants", false, headroom, &flood),
         ("flood, tenants, headroom 0", false, 0, &flood),
         ("flood, single FIFO", true, 1, &flood),
         ("batch alone (150%)", false, 1, &alone),
@@ -356,7 +356,12 @@ pub async fn tenants_bench(n: u32, seconds: f64) {
             })
             .collect();
         println!(
-            "editors' TTFT p99, {name}: {} = {:.2}x the run without the flood ({}) (target with tenants: <= 1.2x); each editor: {}",
+            "editors' TTFT p99, {name}{}: {} = {:.2}x the run without the flood ({}) (target with tenants: <= 1.2x); each editor: {}",
+            if *name == "flood, tenants" {
+                format!(" (headroom {headroom})")
+            } else {
+                String::new()
+            },
             ms(*p99),
             p99.as_secs_f64() / base,
             ms(p99s[0].1),
