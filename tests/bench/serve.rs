@@ -47,8 +47,14 @@ struct Arrival {
     tokens: u64,
 }
 
-/// Poisson arrivals at `rate` per second for `seconds`, 10% of them long.
-fn schedule(rate: f64, seconds: f64, seed: u64) -> Vec<Arrival> {
+/// Poisson arrivals at `rate` per second for `seconds` from a seeded generator: what `each`
+/// makes of each arrival's time (and the same generator, for its other draws).
+pub(crate) fn poisson<T>(
+    rate: f64,
+    seconds: f64,
+    seed: u64,
+    mut each: impl FnMut(Duration, &mut Rng) -> T,
+) -> Vec<T> {
     let mut rng = Rng(seed | 1);
     let mut t = 0.0;
     let mut out = Vec::new();
@@ -57,12 +63,16 @@ fn schedule(rate: f64, seconds: f64, seed: u64) -> Vec<Arrival> {
         if t >= seconds {
             return out;
         }
-        let tokens = if rng.next() < 0.1 { 200 } else { 10 };
-        out.push(Arrival {
-            at: Duration::from_secs_f64(t),
-            tokens,
-        });
+        out.push(each(Duration::from_secs_f64(t), &mut rng));
     }
+}
+
+/// Poisson arrivals at `rate` per second for `seconds`, 10% of them long.
+fn schedule(rate: f64, seconds: f64, seed: u64) -> Vec<Arrival> {
+    poisson(rate, seconds, seed, |at, rng| Arrival {
+        at,
+        tokens: if rng.next() < 0.1 { 200 } else { 10 },
+    })
 }
 
 /// What one request saw.

@@ -31,7 +31,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 
-use crate::serve::{Http, Rng, quantile, streamed_as};
+use crate::serve::{Http, Rng, poisson, quantile, streamed_as};
 
 const MODEL: &str = "smollm2:135m";
 const TOKENS_PER_SECOND: f64 = 200.0;
@@ -86,20 +86,11 @@ fn arrivals(
     seed: u64,
     tokens: impl Fn(&mut Rng) -> u64,
 ) -> Vec<Arrival> {
-    let mut rng = Rng(seed | 1);
-    let mut t = 0.0;
-    let mut out = Vec::new();
-    loop {
-        t += -(1.0 - rng.next()).ln() / rate;
-        if t >= seconds {
-            return out;
-        }
-        out.push(Arrival {
-            at: Duration::from_secs_f64(t),
-            tokens: tokens(&mut rng),
-            tenant,
-        });
-    }
+    poisson(rate, seconds, seed, |at, rng| Arrival {
+        at,
+        tokens: tokens(rng),
+        tenant,
+    })
 }
 
 /// What one request saw.
