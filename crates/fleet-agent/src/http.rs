@@ -506,3 +506,47 @@ fn expose_view(v: &View, out: &mut Exposition) {
         out.single(name, kind, help, value);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connection accepted just before a drain whose request comes a moment later is served,
+    /// not closed with it unread (a restart behind a kept socket would lose that request).
+    #[tokio::test]
+    async fn a_connection_accepted_just_before_a_drain_is_served() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let router = Router::new().route("/", get(|| async { "hi" }));
+        let routers = Routers {
+            main: router.clone(),
+            health: router,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_until(
+            listener,
+            routers,
+            ServerLimits::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // Accepted (the server takes it within this), then the drain, then the request.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.send(()).expect("stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut answer)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        let drained = tokio::time::timeout(Duration::from_secs(5), server).await;
+        assert!(matches!(drained, Ok(Ok(Ok(())))), "the drain ends");
+    }
+}

@@ -72,15 +72,6 @@ pub struct Limits {
     pub tokens_per_minute: Option<u64>,
 }
 
-impl Limits {
-    /// Whether any bound is set.
-    pub fn any(&self) -> bool {
-        self.concurrency.is_some()
-            || self.requests_per_minute.is_some()
-            || self.tokens_per_minute.is_some()
-    }
-}
-
 /// A tenant: the keys of one team or tool, counted and limited together.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tenant {
@@ -118,17 +109,6 @@ pub struct KeysFile {
     pub tenants: BTreeMap<String, Tenant>,
     /// The keys, in the file's order.
     pub keys: Vec<Key>,
-}
-
-impl KeysFile {
-    /// The key whose token has this digest.
-    pub fn index(&self) -> HashMap<[u8; 32], usize> {
-        self.keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (k.digest, i))
-            .collect()
-    }
 }
 
 /// The SHA-256 digest of a token.
@@ -488,7 +468,6 @@ keys:
         assert_eq!(nightly.digest[31], 1);
         assert_eq!(nightly.limits.concurrency, Some(8));
         assert_eq!(nightly.priority, Some(Priority::Interactive));
-        assert_eq!(file.index()[&token_digest("alice-0123456789abcdef")], 0);
     }
 
     #[test]
@@ -498,7 +477,7 @@ keys:
         assert_eq!(file.keys[1].digest, token_digest("second"));
         assert_eq!(file.keys[1].name, "line-4");
         assert!(file.keys.iter().all(|k| k.tenant == DEFAULT_TENANT));
-        assert!(!file.tenants[DEFAULT_TENANT].limits.any());
+        assert_eq!(file.tenants[DEFAULT_TENANT].limits, Limits::default());
         assert_eq!(parse_keys("").expect("empty").keys.len(), 0);
     }
 

@@ -5,10 +5,11 @@
 //!
 //! A file that cannot be read or holds a mistake keeps the keys read before (logged), so an
 //! edit at 3 AM locks nobody out; an empty file too (a file rewritten in place is empty for a
-//! moment; a comment line refuses every key).
+//! moment; a comment line refuses every key). The file is read on a blocking thread by the one
+//! request that finds a look due; the others go on with the keys as they are.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -72,9 +73,9 @@ pub enum Unknown {
 /// The keys a request may carry; with no file, every request is let in as [`Caller::anyone`].
 #[derive(Debug)]
 pub struct Keys {
-    file: Option<PathBuf>,
+    file: Option<Arc<PathBuf>>,
     anyone: Arc<Caller>,
-    read: Mutex<Read>,
+    read: Arc<Mutex<Read>>,
 }
 
 #[derive(Debug, Default)]
@@ -82,6 +83,8 @@ struct Read {
     checked: Option<Instant>,
     modified: Option<SystemTime>,
     len: u64,
+    /// The file has been read once (later mistakes and empty files keep what it gave).
+    loaded: bool,
     /// The callers by their token's digest.
     callers: HashMap<[u8; 32], Arc<Caller>>,
     /// Tenants by name, from the file (the metrics show each, used or not).
@@ -89,20 +92,25 @@ struct Read {
 }
 
 impl Keys {
-    /// The keys of `file` (`None`: no auth).
+    /// The keys of `file` (`None`: no auth), read once now (the agent's start).
     pub fn new(file: Option<PathBuf>) -> Keys {
-        Keys {
-            file,
+        let keys = Keys {
+            file: file.map(Arc::new),
             anyone: Arc::new(Caller::anyone()),
-            read: Mutex::new(Read::default()),
+            read: Arc::default(),
+        };
+        if let Some(file) = &keys.file {
+            reload(file, &keys.read);
         }
+        keys
     }
 
-    /// The caller whose key the request's `Authorization: Bearer` header carries.
-    pub fn identify(&self, headers: &HeaderMap) -> Result<Arc<Caller>, Unknown> {
-        if self.file.is_none() {
+    /// The caller whose key the request's `Authorization: Bearer` header carries (the file
+    /// read again first, off the async threads, when it is due).
+    pub async fn identify(&self, headers: &HeaderMap) -> Result<Arc<Caller>, Unknown> {
+        let Some(file) = &self.file else {
             return Ok(self.anyone.clone());
-        }
+        };
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -110,64 +118,75 @@ impl Keys {
             .map(str::trim)
             .ok_or(Unknown::Missing)?;
         let digest = token_digest(given);
-        let mut r = lock(&self.read);
-        self.refresh(&mut r);
+        if self.due() {
+            let (file, read) = (file.clone(), self.read.clone());
+            let _ = tokio::task::spawn_blocking(move || reload(&file, &read)).await;
+        }
+        let r = lock(&self.read);
         r.callers.get(&digest).cloned().ok_or(Unknown::Invalid)
     }
 
-    /// The tenants of the file (`default` without one).
+    /// The tenants of the file as last read (`default` without one).
     pub fn tenants(&self) -> Vec<String> {
         if self.file.is_none() {
             return vec![DEFAULT_TENANT.to_string()];
         }
-        let mut r = lock(&self.read);
-        self.refresh(&mut r);
-        r.tenants.clone()
+        lock(&self.read).tenants.clone()
     }
 
-    /// Reads the file again when it changed (at most once per [`RECHECK`]).
-    fn refresh(&self, r: &mut Read) {
-        let Some(file) = &self.file else {
-            return;
-        };
-        if r.checked.is_some_and(|at| at.elapsed() < RECHECK) {
+    /// Whether the file is to be looked at again (at most once per [`RECHECK`]); the request
+    /// that finds it due looks, the others go on with the keys as they are.
+    fn due(&self) -> bool {
+        let mut r = lock(&self.read);
+        let due = r.checked.is_none_or(|at| at.elapsed() >= RECHECK);
+        if due {
+            r.checked = Some(Instant::now());
+        }
+        due
+    }
+}
+
+/// Reads `file` again when it changed (blocking: file I/O and parsing), and keeps what it gives,
+/// unless it cannot be read, is empty after a first read, or has a mistake (logged).
+fn reload(file: &Path, read: &Mutex<Read>) {
+    let meta = std::fs::metadata(file).ok();
+    let modified = meta.as_ref().and_then(|m| m.modified().ok());
+    let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
+    let first = {
+        let mut r = lock(read);
+        if r.loaded && modified.is_some() && modified == r.modified && len == r.len {
             return;
         }
-        r.checked = Some(Instant::now());
-        let meta = std::fs::metadata(file).ok();
-        let modified = meta.as_ref().and_then(|m| m.modified().ok());
-        let len = meta.as_ref().map_or(0, std::fs::Metadata::len);
-        if modified.is_some() && modified == r.modified && len == r.len {
-            return;
-        }
-        let first = r.modified.is_none();
         r.modified = modified;
         r.len = len;
-        let text = match std::fs::read_to_string(file) {
-            Ok(text) => text,
-            Err(e) => {
-                tracing::error!(file = %file.display(), error = %e, "cannot read the keys file; the keys read before stay");
-                return;
-            }
-        };
-        if text.is_empty() && !first {
-            tracing::warn!(file = %file.display(), "the keys file is empty; the keys read before stay (write a comment line to refuse every key)");
+        !r.loaded
+    };
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) => {
+            tracing::error!(file = %file.display(), error = %e, "cannot read the keys file; the keys read before stay");
             return;
         }
-        match fleet_api::keys::parse_keys(&text) {
-            Ok(keys) => {
-                let (callers, tenants) = callers(&keys);
-                if !first {
-                    tracing::info!(file = %file.display(), keys = callers.len(), tenants = tenants.len(), "keys read again");
-                }
-                r.callers = callers;
-                r.tenants = tenants;
+    };
+    if text.is_empty() && !first {
+        tracing::warn!(file = %file.display(), "the keys file is empty; the keys read before stay (write a comment line to refuse every key)");
+        return;
+    }
+    match fleet_api::keys::parse_keys(&text) {
+        Ok(keys) => {
+            let (callers, tenants) = callers(&keys);
+            if !first {
+                tracing::info!(file = %file.display(), keys = callers.len(), tenants = tenants.len(), "keys read again");
             }
-            Err(errors) => {
-                for e in errors {
-                    let at = e.pos.map(|p| p.to_string()).unwrap_or_default();
-                    tracing::error!(file = %file.display(), at, error = %e, "the keys file has a mistake; the keys read before stay");
-                }
+            let mut r = lock(read);
+            r.callers = callers;
+            r.tenants = tenants;
+            r.loaded = true;
+        }
+        Err(errors) => {
+            for e in errors {
+                let at = e.pos.map(|p| p.to_string()).unwrap_or_default();
+                tracing::error!(file = %file.display(), at, error = %e, "the keys file has a mistake; the keys read before stay");
             }
         }
     }
@@ -221,19 +240,26 @@ mod tests {
         };
         write("old-token\n");
         let keys = Keys::new(Some(path.clone()));
-        let old = keys.identify(&bearer("old-token")).expect("a key");
+        let old = keys.identify(&bearer("old-token")).await.expect("a key");
         assert_eq!(
             (old.tenant.as_str(), old.key.as_str()),
             ("default", "line-1")
         );
-        assert_eq!(keys.identify(&HeaderMap::new()), Err(Unknown::Missing));
-        assert_eq!(keys.identify(&bearer("nope")), Err(Unknown::Invalid));
+        assert_eq!(
+            keys.identify(&HeaderMap::new()).await,
+            Err(Unknown::Missing)
+        );
+        assert_eq!(keys.identify(&bearer("nope")).await, Err(Unknown::Invalid));
         let named = "tenants:\n  etl: {priority: batch, models: [summaries]}\nkeys:\n  - {name: nightly, tenant: etl, token: nightly-0123456789abcdef, models: [smollm2]}\n";
         write(named);
         tokio::time::advance(RECHECK).await;
-        assert_eq!(keys.identify(&bearer("old-token")), Err(Unknown::Invalid));
+        assert_eq!(
+            keys.identify(&bearer("old-token")).await,
+            Err(Unknown::Invalid)
+        );
         let nightly = keys
             .identify(&bearer("nightly-0123456789abcdef"))
+            .await
             .expect("key");
         assert_eq!(nightly.priority, Priority::Batch);
         assert_eq!(keys.tenants(), ["etl"]);
@@ -246,14 +272,22 @@ mod tests {
         // A mistake, then an empty file: the keys read before stay.
         write("keys:\n  - {name: x}\n");
         tokio::time::advance(RECHECK).await;
-        assert!(keys.identify(&bearer("nightly-0123456789abcdef")).is_ok());
+        assert!(
+            keys.identify(&bearer("nightly-0123456789abcdef"))
+                .await
+                .is_ok()
+        );
         write("");
         tokio::time::advance(RECHECK).await;
-        assert!(keys.identify(&bearer("nightly-0123456789abcdef")).is_ok());
+        assert!(
+            keys.identify(&bearer("nightly-0123456789abcdef"))
+                .await
+                .is_ok()
+        );
         write("# nobody\n");
         tokio::time::advance(RECHECK).await;
         assert_eq!(
-            keys.identify(&bearer("nightly-0123456789abcdef")),
+            keys.identify(&bearer("nightly-0123456789abcdef")).await,
             Err(Unknown::Invalid)
         );
         let _ = std::fs::remove_dir_all(&dir);

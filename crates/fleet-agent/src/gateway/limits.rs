@@ -172,11 +172,6 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Whose request it is.
-    pub fn caller(&self) -> &Arc<Caller> {
-        &self.caller
-    }
-
     /// Charges the answer's tokens at `now`.
     pub fn charge(&self, tokens: u64, now: Instant) {
         if tokens == 0 {

@@ -142,7 +142,7 @@ async fn answer(
     if path == "/" && (method == Method::GET || method == Method::HEAD) {
         return (health(gw), none());
     }
-    let caller = match gw.keys.identify(req.headers()) {
+    let caller = match gw.keys.identify(req.headers()).await {
         Ok(caller) => caller,
         Err(_) => {
             gw.metrics.refused("", Reason::Unauthorized);
